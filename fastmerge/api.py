@@ -1,0 +1,122 @@
+"""The Python API: merge checkpoints on disk, or tensors / state dicts in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import backends
+from .backends.base import MergeJob
+from .config import MergeConfig
+from .errors import ConfigError
+from .io.writer import parse_size
+from .methods import get_method
+from .methods.base import REQUIRED, coerce
+from .plan import MergePlan, Options, build_plan
+from .runner import MergeReport, execute
+
+
+def _config(config: MergeConfig | Mapping[str, Any] | str | Path) -> MergeConfig:
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, Mapping):
+        return MergeConfig.from_dict(dict(config))
+    return MergeConfig.from_yaml(config)
+
+
+def _options(options: dict[str, Any]) -> Options:
+    names = {f.name for f in dataclasses.fields(Options)}
+    bad = set(options) - names
+    if bad:
+        raise ConfigError(f"unknown option '{sorted(bad)[0]}' (options: {', '.join(sorted(names))})")
+    if "out_shard_size" in options:
+        options = {**options, "out_shard_size": parse_size(options["out_shard_size"])}
+    return Options(**options)
+
+
+def plan(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path | None = None, **options: Any) -> MergePlan:
+    """Build the merge plan (headers only, nothing merged): see ``fastmerge.plan.build_plan``."""
+    return build_plan(_config(config), _options(options), out_dir)
+
+
+def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, **options: Any) -> MergeReport:
+    """Merge the checkpoints described by ``config`` (a YAML path, a dict in mergekit's schema, or a
+    MergeConfig) into ``out_dir``. Options: device, backend, out_shard_size, threads, seed, overwrite,
+    mergekit_compat, copy_tokenizer, progress."""
+    p = build_plan(_config(config), _options(options), out_dir)
+    return execute(p, out_dir)
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    mergekit_compat: bool = False,
+    out_dtype: torch.dtype | None = None,
+    threads: int = 0,
+    **params: Any,
+) -> torch.Tensor:
+    """Merge same-shape CPU tensors with ``method``. Per-model parameters (``weight``, ``density``) take
+    a list (one value per tensor) or a scalar for all; shared ones (``normalize``, ``lambda``...) a scalar.
+    Returns a new tensor in ``out_dtype`` (default: the base's dtype, else the first tensor's)."""
+    m = get_method(method)
+    if not tensors:
+        raise ConfigError("merge_tensors: no tensors given")
+    if m.base_policy == "required" and base is None:
+        raise ConfigError(f"merge_tensors: method '{m.name}' needs base=")
+    shape = tuple(tensors[0].shape)
+    for i, t in enumerate(tensors):
+        if tuple(t.shape) != shape:
+            raise ConfigError(f"merge_tensors: tensors[{i}] has shape {list(t.shape)}, tensors[0] {list(shape)}")
+    if base is not None and tuple(base.shape) != shape:
+        raise ConfigError(f"merge_tensors: base has shape {list(base.shape)}, tensors {list(shape)}")
+    specs = m.param_specs()
+    for k in params:
+        if k not in specs:
+            raise ConfigError(f"merge_tensors: method '{m.name}' has no parameter '{k}' (has: {', '.join(specs)})")
+    per_model: dict[str, list[Any]] = {}
+    shared: dict[str, Any] = {}
+    for spec in m.params:
+        v = params.get(spec.name, spec.default)
+        if v is REQUIRED:
+            raise ConfigError(f"merge_tensors: missing required parameter '{spec.name}'")
+        if spec.per_model:
+            vals = list(v) if isinstance(v, (list, tuple)) else [v] * len(tensors)
+            if len(vals) != len(tensors):
+                raise ConfigError(f"merge_tensors: '{spec.name}' has {len(vals)} values for {len(tensors)} tensors")
+            per_model[spec.name] = [coerce(spec, x, f"merge_tensors {spec.name}") for x in vals]
+        else:
+            shared[spec.name] = coerce(spec, v, f"merge_tensors {spec.name}")
+    p = m.make_params(per_model, shared)
+    m.check(p, "merge_tensors")
+    job = MergeJob("<tensor>", m, p, mergekit_compat)
+    device = "cpu"
+    name, _ = backends.select(job, device, backend)
+    dt = out_dtype or (base.dtype if base is not None else tensors[0].dtype)
+    out = torch.empty(shape, dtype=dt)
+    inputs = [t.detach().contiguous() for t in tensors]
+    b = None if base is None else base.detach().contiguous()
+    backends.BACKENDS[name].run(job, out, inputs, b, threads)
+    return out
+
+
+def merge_state_dicts(
+    method: str,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts key by key (keys of ``base``, else of the first state dict)."""
+    ref = base if base is not None else state_dicts[0]
+    out: dict[str, torch.Tensor] = {}
+    for key in ref:
+        for i, sd in enumerate(state_dicts):
+            if key not in sd:
+                raise ConfigError(f"merge_state_dicts: key '{key}' missing in state_dicts[{i}]")
+        out[key] = merge_tensors(method, [sd[key] for sd in state_dicts], None if base is None else base[key], **kwargs)
+    return out

@@ -1,0 +1,175 @@
+"""Command line: ``fastmerge merge|plan|methods|env|demo`` and the mergekit-style ``fastmerge-yaml``.
+
+mergekit's flags are accepted so that a mergekit command line works by changing the program name:
+``mergekit-yaml cfg.yml out --cuda -j 4`` → ``fastmerge-yaml cfg.yml out --cuda -j 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from .errors import FastMergeError
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    print(f"fastmerge: warning: {message}", file=sys.stderr)
+
+
+def _merge_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="mergekit-style YAML config")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to merge (default: cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"])
+    p.add_argument("--out-shard-size", default="5B", help="max bytes per output shard, K/M/B suffixes (default 5B)")
+    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=0, help="CPU threads (0: all)")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None, help="seed for random methods")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--mergekit-compat", action="store_true", help="reproduce mergekit 0.1.5's native-dtype arithmetic")
+    p.add_argument("--no-progress", "--quiet", "-q", dest="progress", action="store_false")
+    p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="mergekit flag: --device cuda")
+    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True)
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
+    # mergekit flags with nothing to do here: bounded memory, lazy loading and async writes are always on.
+    for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--no-cuda", "--async-write",
+                 "--clone-tensors", "--write-model-card", "--no-write-model-card", "--safe-serialization",
+                 "--trust-remote-code", "--read-to-gpu", "-v", "--verbose"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--write-threads", type=int, help=argparse.SUPPRESS)
+
+
+def _options(a: argparse.Namespace) -> dict:
+    return dict(
+        device=a.device, backend=a.backend, out_shard_size=a.out_shard_size, threads=a.threads, seed=a.seed,
+        overwrite=a.overwrite, mergekit_compat=a.mergekit_compat, copy_tokenizer=a.copy_tokenizer, progress=a.progress,
+    )
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .api import merge
+
+    report = merge(a.config, a.out, **_options(a))
+    print(report.summary())
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .api import plan
+
+    p = plan(a.config, None, device=a.device, backend=a.backend, mergekit_compat=a.mergekit_compat,
+             out_shard_size=a.out_shard_size)
+    if a.json:
+        print(p.dumps())
+        return 0
+    print(f"{p.method.name}: {len(p.tensors)} tensors, {p.in_bytes / 1e6:.1f} MB in, {p.out_bytes / 1e6:.1f} MB out, "
+          f"{len(p.shards)} shard(s), device {p.device}")
+    for t in p.tensors:
+        skipped = "; ".join(f"{k}: {', '.join(v)}" for k, v in t.skipped.items() if v)
+        print(f"  {t.name} {list(t.shape)} {t.out_dtype} -> {t.backend}" + (f"  (not {skipped})" if a.explain else ""))
+    return 0
+
+
+def cmd_methods(a: argparse.Namespace) -> int:
+    from .methods import list_methods
+    from .methods.base import REQUIRED
+
+    rows = []
+    for m in list_methods():
+        params = [
+            {"name": s.name, "scope": "per-model" if s.per_model else "global", "type": s.kind.__name__,
+             "default": "required" if s.default is REQUIRED else s.default, "doc": s.doc}
+            for s in m.params
+        ]
+        rows.append({"name": m.name, "base_model": m.base_policy, "paper": m.paper_url, "parameters": params,
+                     "doc": (type(m).__module__ and sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]})
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['name']}  (base_model: {r['base_model']})  {r['paper']}\n  {r['doc']}")
+        for p in r["parameters"]:
+            print(f"    {p['name']:<10} {p['scope']:<9} {p['type']:<5} default={p['default']!s:<9} {p['doc']}")
+    return 0
+
+
+def cmd_env(a: argparse.Namespace) -> int:
+    from .env import report
+
+    r = report()
+    if a.json:
+        print(json.dumps(r, indent=1, default=str))
+    else:
+        for k, v in r.items():
+            print(f"{k:<22} {v}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(cache=Path(a.dir) if a.dir else None, out=Path(a.out) if a.out else None, backend=a.backend,
+                    threads=a.threads)
+
+
+def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Fast, streaming, mergekit-compatible model merging.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _merge_flags(sub.add_parser("merge", help="merge checkpoints described by a YAML config"))
+    p = sub.add_parser("plan", help="dry run: what would be merged, how, by which backend")
+    p.add_argument("config")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--explain", action="store_true", help="also show why other backends were skipped")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"])
+    p.add_argument("--mergekit-compat", action="store_true")
+    p.add_argument("--out-shard-size", default="5B")
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("env", help="report versions, devices and native extensions")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", help="generate a small LLaMA-shaped family, merge it with ties, verify it")
+    p.add_argument("--dir", help="where to cache the generated family (default ~/.cache/fastmerge/demo)")
+    p.add_argument("--out", help="output folder (default: a folder in the cache)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native"])
+    p.add_argument("--threads", "-j", type=int, default=0)
+    return ap
+
+
+def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
+    warnings.showwarning = _one_line_warning
+    if yaml_mode:
+        ap = argparse.ArgumentParser(prog=prog, description="mergekit-yaml compatible entry point of fastmerge")
+        _merge_flags(ap)
+        a = ap.parse_args(argv)
+        handler = cmd_merge
+    else:
+        a = build_parser(prog).parse_args(argv)
+        handler = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "env": cmd_env, "demo": cmd_demo}[a.cmd]
+    try:
+        return handler(a)
+    except FastMergeError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was left at the output", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastmerge plan cfg | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(sys.argv[1:] if argv is None else argv, "fastmerge")
+
+
+def yaml_main(argv: Sequence[str] | None = None) -> int:
+    return _run(sys.argv[1:] if argv is None else argv, "fastmerge-yaml", yaml_mode=True)
+
+
+def _entry() -> None:  # pragma: no cover
+    sys.exit(main())

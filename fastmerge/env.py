@@ -1,0 +1,42 @@
+"""``fastmerge env``: what is installed, what was built, what is usable, and why not."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+from typing import Any
+
+
+def _v(pkg: str) -> str:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> dict[str, Any]:
+    import torch
+
+    from . import __version__, _native
+
+    ok, why = _native.cuda_usable()
+    r: dict[str, Any] = {
+        "fastmerge": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_cuda": torch.cuda.is_available(),
+        "safetensors": _v("safetensors"),
+        "triton": _v("triton"),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+        "FASTMERGE_BACKEND": os.environ.get("FASTMERGE_BACKEND", ""),
+        "native_cpu (_C)": _native.HAS_CPU_EXT,
+        "native_cuda (_C_cuda)": _native.HAS_CUDA_EXT,
+        "cuda_usable": ok if ok else f"no: {why}",
+    }
+    r.update({f"build.{k}": v for k, v in (_native.BUILD_INFO or {}).items()})
+    r.update({f"load_error.{k}": v for k, v in _native.LOAD_ERRORS.items()})
+    return r

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: validated indexes (headers only), streaming reads, streaming shard writes."""

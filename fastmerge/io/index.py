@@ -1,0 +1,231 @@
+"""Open a checkpoint and validate it before any tensor byte is read.
+
+Accepted inputs (as Hugging Face and accelerate resolve them):
+- a directory with ``model.safetensors``, or ``model.safetensors.index.json`` + its shards
+  (or exactly one other ``*.safetensors.index.json`` / ``*.safetensors``);
+- a single ``.safetensors`` file;
+- PyTorch ``pytorch_model.bin`` (single or indexed) or a ``.bin`` file, loaded only with
+  ``torch.load(weights_only=True, mmap=True)`` (no arbitrary unpickling).
+
+Validation: index paths relative, no ``..``, no drive/UNC, shard extension matching the format, every
+shard present, every tensor in exactly one shard, headers sane (length inside the file, JSON, offsets
+contiguous and inside the file, byte size == numel·itemsize, a supported dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from ..errors import CheckpointError
+
+#: safetensors dtype names this project merges (others are rejected up front, naming the tensor).
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+ALL_ST_DTYPES = {
+    "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
+    "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
+}
+#: A safetensors header is JSON of a few hundred bytes per tensor; 100 MB is the library's own cap.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is. ``begin``/``end`` are absolute byte offsets in ``file``."""
+
+    name: str
+    file: Path
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """Parse and validate one safetensors header; tensors returned in file (offset) order."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        try:
+            st_dtype, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(s) for s in shape)
+            b, e = int(b), int(e)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        if st_dtype not in ST_DTYPES:
+            kind = "unknown" if st_dtype not in ALL_ST_DTYPES else "unsupported"
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has {kind} dtype {st_dtype} (fastmerge merges F32, F16 and BF16)"
+            )
+        dtype = ST_DTYPES[st_dtype]
+        if any(s < 0 for s in shape) or e < b or e - b != math.prod(shape) * ITEMSIZE[dtype]:
+            raise CheckpointError(f"{path}: tensor '{name}' has inconsistent shape {list(shape)} and offsets [{b}, {e}]")
+        if data_start + e > size:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor '{name}' ends at byte {data_start + e}, file has {size}"
+            )
+        infos.append(TensorInfo(name, path, dtype, shape, data_start + b, data_start + e))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    for prev, cur in zip(infos, infos[1:]):
+        if cur.begin < prev.end:
+            raise CheckpointError(f"{path}: tensors '{prev.name}' and '{cur.name}' overlap in the file")
+    return meta, infos
+
+
+def _check_relative(index_path: Path, shard: str) -> None:
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index_path}: weight_map has an empty or non-string shard name")
+    pw, pp = PureWindowsPath(shard), PurePosixPath(shard)
+    if pp.is_absolute() or pw.is_absolute() or pw.drive or ".." in pp.parts or ".." in pw.parts:
+        raise CheckpointError(f"{index_path}: shard path '{shard}' must be relative and stay inside the model folder")
+
+
+@dataclasses.dataclass
+class CheckpointIndex:
+    """The tensors of one model checkpoint (headers only), in file order."""
+
+    root: Path  # the model folder (config.json / tokenizer files live here)
+    files: list[Path]
+    tensors: dict[str, TensorInfo]  # insertion order = shard order, then offset order
+    fmt: str  # "safetensors" | "bin"
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "CheckpointIndex":
+        p = Path(path)
+        if not p.exists():
+            raise CheckpointError(f"{p}: model path not found (fastmerge reads local checkpoints only; nothing is downloaded)")
+        if p.is_file():
+            if p.name.endswith(".index.json"):
+                return cls._from_index(p)
+            if p.suffix == ".safetensors":
+                return cls._from_safetensors(p.parent, [p])
+            if p.suffix in (".bin", ".pt", ".pth"):
+                return cls._from_bin(p.parent, [p])
+            raise CheckpointError(f"{p}: not a .safetensors, .bin or .index.json file")
+        for idx_name in ("model.safetensors.index.json",):
+            if (p / idx_name).is_file():
+                return cls._from_index(p / idx_name)
+        if (p / "model.safetensors").is_file():
+            return cls._from_safetensors(p, [p / "model.safetensors"])
+        st_idx = sorted(p.glob("*.safetensors.index.json"))
+        if len(st_idx) > 1:
+            raise CheckpointError(f"{p}: several safetensors index files ({', '.join(x.name for x in st_idx)}); pass one")
+        if st_idx:
+            return cls._from_index(st_idx[0])
+        st = sorted(p.glob("*.safetensors"))
+        if len(st) == 1:
+            return cls._from_safetensors(p, st)
+        if len(st) > 1:
+            raise CheckpointError(f"{p}: several .safetensors files and no index.json; pass one file or add an index")
+        if (p / "pytorch_model.bin.index.json").is_file():
+            return cls._from_index(p / "pytorch_model.bin.index.json")
+        if (p / "pytorch_model.bin").is_file():
+            return cls._from_bin(p, [p / "pytorch_model.bin"])
+        raise CheckpointError(f"{p}: no model.safetensors, *.index.json or pytorch_model.bin in this folder")
+
+    @classmethod
+    def _from_index(cls, index_path: Path) -> "CheckpointIndex":
+        try:
+            doc = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable index ({e})") from None
+        wmap = doc.get("weight_map", doc) if isinstance(doc, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise CheckpointError(f"{index_path}: index has no weight_map")
+        is_bin = ".bin." in index_path.name or index_path.name.startswith("pytorch_model")
+        ext = (".bin",) if is_bin else (".safetensors",)
+        shards: list[str] = []
+        for name, shard in wmap.items():
+            _check_relative(index_path, shard)
+            if not shard.endswith(ext):
+                raise CheckpointError(f"{index_path}: shard '{shard}' of tensor '{name}' is not a {ext[0]} file")
+            if shard not in shards:
+                shards.append(shard)
+        root = index_path.parent
+        files = [root / s for s in sorted(shards)]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {index_path.name} is missing")
+        ck = cls._from_bin(root, files) if is_bin else cls._from_safetensors(root, files)
+        for name, shard in wmap.items():
+            info = ck.tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"{root / shard}: tensor '{name}' listed in {index_path.name} is not in this shard")
+            if info.file != root / shard:
+                raise CheckpointError(f"{info.file}: tensor '{name}' is here but {index_path.name} maps it to '{shard}'")
+        extra = [n for n in ck.tensors if n not in wmap]
+        if extra:
+            raise CheckpointError(f"{ck.tensors[extra[0]].file}: tensor '{extra[0]}' is not in {index_path.name}'s weight_map")
+        return ck
+
+    @classmethod
+    def _from_safetensors(cls, root: Path, files: list[Path]) -> "CheckpointIndex":
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            meta, infos = read_safetensors_header(f)
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            if fmt not in (None, "pt", "mlx", "np", "flax", "tf"):
+                raise CheckpointError(f"{f}: safetensors format '{fmt}' is not a tensor checkpoint")
+            for t in infos:
+                if t.name in tensors:
+                    raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
+                tensors[t.name] = t
+        return cls(root=root, files=files, tensors=tensors, fmt="safetensors")
+
+    @classmethod
+    def _from_bin(cls, root: Path, files: list[Path]) -> "CheckpointIndex":
+        import torch
+
+        tensors: dict[str, TensorInfo] = {}
+        rev = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+        for f in files:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for corrupt pickles
+                raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True) ({type(e).__name__}: {e})".split("\n")[0]) from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f}: not a state dict")
+            for name, t in sd.items():
+                if not isinstance(t, torch.Tensor):
+                    raise CheckpointError(f"{f}: entry '{name}' is not a tensor")
+                if t.dtype not in rev:
+                    raise CheckpointError(f"{f}: tensor '{name}' has unsupported dtype {t.dtype} (fastmerge merges F32, F16 and BF16)")
+                if name in tensors:
+                    raise CheckpointError(f"{f}: tensor '{name}' is also in {tensors[name].file.name}")
+                # offsets are meaningless for pickles: keep order of appearance, sized by bytes
+                tensors[name] = TensorInfo(name, f, rev[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
+            del sd
+        return cls(root=root, files=files, tensors=tensors, fmt="bin")

@@ -1,0 +1,201 @@
+"""Streaming reads: read-only CPU views of input tensors, prefetched in file order on a background thread.
+
+Tensors come from the safetensors library (``safe_open``: zero-copy views of a private memory map) or,
+for ``.bin``, from ``torch.load(mmap=True, weights_only=True)``. They are read-only by contract: nothing
+here or in any backend writes to them.
+
+Bounded memory: a mapped file page counts in RSS once touched, so merging a model whose shard is 5 GB
+would otherwise grow RSS by 5 GB per model. The prefetcher populates the page tables of the next group
+ahead of use (``MADV_POPULATE_READ``, so the page-fault cost, ~5 GB/s here, overlaps the merge of the
+current group) and drops them after use (``MADV_DONTNEED``: pages of an unmodified file mapping are
+simply re-read from the page cache if ever touched again). Both are applied only to address ranges that
+``/proc/self/maps`` shows belong to the file's own mapping, never to heap memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import queue
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import CheckpointError
+from .index import CheckpointIndex, TensorInfo
+
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_MADV_WILLNEED = 3
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; older kernels answer EINVAL and we fall back to WILLNEED
+
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _libc.madvise.restype = ctypes.c_int
+except (OSError, AttributeError):  # non-Linux: no page management, still correct
+    _libc = None
+
+_populate_ok = True
+
+
+def _file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of ``path`` (Linux); [] elsewhere."""
+    target = str(path.resolve())
+    out: list[tuple[int, int]] = []
+    try:
+        with open("/proc/self/maps", "r") as f:
+            for line in f:
+                if line.rstrip().endswith(target):
+                    lo, hi = line.split(None, 1)[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    return out
+
+
+def _madvise(lo: int, hi: int, advice: int) -> bool:
+    start = lo - lo % _PAGE
+    length = hi - start
+    if _libc is None or length <= 0:
+        return False
+    return _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+
+
+class ModelReader:
+    """Opens one checkpoint's files lazily (a bounded LRU of handles) and returns read-only views."""
+
+    def __init__(self, index: CheckpointIndex, max_open: int = 4):
+        self.index = index
+        self.max_open = max_open
+        self._handles: OrderedDict[Path, Any] = OrderedDict()
+        self._maps: dict[Path, list[tuple[int, int]]] = {}
+
+    def _handle(self, file: Path) -> Any:
+        h = self._handles.get(file)
+        if h is not None:
+            self._handles.move_to_end(file)
+            return h
+        try:
+            if self.index.fmt == "safetensors":
+                from safetensors import safe_open
+
+                h = safe_open(str(file), framework="pt", device="cpu")
+            else:
+                h = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot open ({type(e).__name__}: {e})".split("\n")[0]) from None
+        self._handles[file] = h
+        self._maps.pop(file, None)
+        while len(self._handles) > self.max_open:
+            old, _ = self._handles.popitem(last=False)
+            self._maps.pop(old, None)
+        return h
+
+    def get(self, info: TensorInfo) -> torch.Tensor:
+        """A read-only CPU view of tensor ``info`` (never write to it)."""
+        h = self._handle(info.file)
+        try:
+            t = h.get_tensor(info.name) if self.index.fmt == "safetensors" else h[info.name]
+        except Exception as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor '{info.name}' ({e})".split("\n")[0]) from None
+        if tuple(t.shape) != info.shape:
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' changed shape since the header was read")
+        return t
+
+    def _mapped_range(self, info: TensorInfo, t: torch.Tensor) -> tuple[int, int] | None:
+        lo = t.data_ptr()
+        hi = lo + t.numel() * t.element_size()
+        maps = self._maps.get(info.file)
+        if maps is None or not any(a <= lo and hi <= b for a, b in maps):
+            maps = self._maps[info.file] = _file_mappings(info.file)
+        return (lo, hi) if any(a <= lo and hi <= b for a, b in maps) else None
+
+    def populate(self, info: TensorInfo, t: torch.Tensor) -> None:
+        """Fault in the pages of ``t`` now (on the prefetch thread), so the merge does not stall on them."""
+        global _populate_ok
+        r = self._mapped_range(info, t)
+        if r is None:
+            return
+        if _populate_ok and not _madvise(r[0], r[1], _MADV_POPULATE_READ):
+            _populate_ok = False
+        if not _populate_ok:
+            _madvise(r[0], r[1], _MADV_WILLNEED)
+
+    def drop(self, info: TensorInfo, t: torch.Tensor) -> None:
+        """Release the pages of ``t`` from this process (they stay in the page cache)."""
+        r = self._mapped_range(info, t)
+        if r is not None:
+            _madvise(r[0], r[1], _MADV_DONTNEED)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._maps.clear()
+
+
+class Prefetcher:
+    """Yields the tensors of each group in order, read ahead by a background thread.
+
+    ``groups`` is a sequence of lists of ``(reader, info)``. At most ``budget_bytes`` of tensors (but
+    always at least one whole group) are read ahead of the consumer. The consumer calls ``release(i)``
+    when it has finished with group ``i``; its pages are then dropped.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[tuple[ModelReader, TensorInfo]]], budget_bytes: int):
+        self.groups = groups
+        self.budget = budget_bytes
+        self._inflight = 0
+        self._cv = threading.Condition()
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._stop = False
+        self._loaded: dict[int, list[torch.Tensor]] = {}
+        self._thread = threading.Thread(target=self._run, name="fastmerge-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for i, group in enumerate(self.groups):
+                size = sum(info.nbytes for _, info in group)
+                with self._cv:
+                    while not self._stop and self._inflight > 0 and self._inflight + size > self.budget:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    self._inflight += size
+                tensors = []
+                for reader, info in group:
+                    t = reader.get(info)
+                    reader.populate(info, t)
+                    tensors.append(t)
+                self._q.put((i, tensors))
+        except BaseException as e:  # surfaced in the consumer thread
+            self._q.put(e)
+
+    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        for _ in range(len(self.groups)):
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                raise item
+            self._loaded[item[0]] = item[1]
+            yield item
+
+    def release(self, i: int) -> None:
+        tensors = self._loaded.pop(i)
+        for (reader, info), t in zip(self.groups[i], tensors):
+            reader.drop(info, t)
+        size = sum(info.nbytes for _, info in self.groups[i])
+        del tensors
+        with self._cv:
+            self._inflight -= size
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)

@@ -1,0 +1,167 @@
+"""Streaming output in the Hugging Face sharded-safetensors layout.
+
+The shard layout is planned from shapes and dtypes alone (``plan_shards``), before any tensor is read:
+each shard's header is therefore known up front, written first, and the tensors follow one by one as
+they are merged. Nothing holds a whole shard in memory. Shards get their final names
+(``model-0000i-of-0000N.safetensors``, or ``model.safetensors`` for one shard, as transformers and
+mergekit name them) inside a temporary directory beside OUT; the index is written last and the directory
+is renamed to OUT only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import torch
+
+from ..errors import FastMergeError, OutputError
+
+ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: mergekit's --out-shard-size default: 5 billion bytes
+DEFAULT_SHARD_BYTES = 5_000_000_000
+
+
+def parse_size(text: str | int) -> int:
+    """mergekit's size syntax: an integer with an optional K/M/B (or G/T) suffix, in bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+    try:
+        if s and s[-1] in mult:
+            v = int(float(s[:-1]) * mult[s[-1]])
+        else:
+            v = int(s)
+    except ValueError:
+        raise FastMergeError(f"--out-shard-size: cannot parse size '{text}' (use e.g. 5B, 500M, 1000000)") from None
+    if v <= 0:
+        raise FastMergeError(f"--out-shard-size: size must be positive, got '{text}'")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+@dataclasses.dataclass
+class Shard:
+    filename: str
+    tensors: list[OutTensor]
+
+    def header_bytes(self) -> bytes:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for t in self.tensors:
+            header[t.name] = {"dtype": ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors pads
+        return len(raw).to_bytes(8, "little") + raw
+
+
+def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[Shard]:
+    """Group tensors (in output order) into shards of at most ``max_shard_bytes``; a larger tensor gets
+    a shard of its own. Same rule as mergekit's writer, so layouts match."""
+    groups: list[list[OutTensor]] = []
+    cur: list[OutTensor] = []
+    cur_size = 0
+    for t in tensors:
+        if cur and cur_size + t.nbytes > max_shard_bytes:
+            groups.append(cur)
+            cur, cur_size = [], 0
+        cur.append(t)
+        cur_size += t.nbytes
+    if cur:
+        groups.append(cur)
+    n = len(groups)
+    if n == 1:
+        return [Shard("model.safetensors", groups[0])]
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def temp_dir_beside(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.fastmerge-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+class ShardWriter:
+    """Writes planned shards tensor by tensor, in plan order, into ``tmp_dir``."""
+
+    def __init__(self, tmp_dir: Path, shards: Sequence[Shard]):
+        self.dir = tmp_dir
+        self.shards = list(shards)
+        self._order = [(si, t) for si, s in enumerate(self.shards) for t in s.tensors]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan; ``tensor`` must be CPU, contiguous, of the planned dtype/shape."""
+        if self._next >= len(self._order):
+            raise FastMergeError(f"writer: unexpected extra tensor '{name}'")
+        si, planned = self._order[self._next]
+        if planned.name != name:
+            raise FastMergeError(f"writer: expected tensor '{planned.name}', got '{name}' (out of plan order)")
+        if tuple(tensor.shape) != planned.shape or str(tensor.dtype).removeprefix("torch.") != planned.dtype:
+            raise FastMergeError(
+                f"writer: tensor '{name}' is {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}"
+            )
+        if self._file is None:
+            self._file = open(self.dir / self.shards[si].filename, "wb")
+            self._file.write(self.shards[si].header_bytes())
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self.bytes_written += planned.nbytes
+        self._next += 1
+        if self._next == len(self._order) or self._order[self._next][0] != si:
+            self._file.close()
+            self._file = None
+
+    def finalize(self) -> None:
+        """Check every planned tensor was written; write the index (sharded output only)."""
+        if self._next != len(self._order):
+            raise FastMergeError(f"writer: {len(self._order) - self._next} planned tensors were never written")
+        if len(self.shards) > 1:
+            total = sum(t.nbytes for s in self.shards for t in s.tensors)
+            from .. import __version__
+
+            index = {
+                "metadata": {"total_size": total, "fastmerge_version": __version__},
+                "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
+            }
+            with open(self.dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only with ``overwrite``."""
+    if out.exists():
+        if not overwrite:
+            raise OutputError(f"{out}: output exists (pass --overwrite to replace it)")
+        old = out.parent / f".{out.name}.fastmerge-old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)

@@ -1,0 +1,66 @@
+"""Linear merge ("model soups"): a weighted average of the input models.
+
+Paper: Wortsman et al., "Model soups", https://arxiv.org/abs/2203.05482
+
+    out = Σ_i w_i·x_i / Σ_i w_i        (normalize=true, the default)
+    out = Σ_i w_i·x_i                   (normalize=false)
+
+fp32 accumulation in input order, one rounding to the output dtype. mergekit 0.1.5 accumulates in fp32
+too (``addcmul_`` into a zero fp32 buffer, then one division), so both modes agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from .base import REQUIRED, MergeMethod, ParamSpec, as_fp32
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearParams:
+    weight: tuple[float, ...]
+    normalize: bool = True
+
+
+def weight_divisor(weight: Sequence[float], normalize: bool) -> float | None:
+    """The fp32 sum of the weights (summed in order, as the kernels do), or None without normalize."""
+    if not normalize:
+        return None
+    acc = torch.zeros((), dtype=torch.float32)
+    for w in weight:
+        acc = acc + torch.tensor(w, dtype=torch.float32)
+    return float(acc)
+
+
+class Linear(MergeMethod):
+    name = "linear"
+    paper_url = "https://arxiv.org/abs/2203.05482"
+    base_policy = "ignored"
+    params = (
+        ParamSpec("weight", float, REQUIRED, per_model=True, doc="mixing weight of the model"),
+        ParamSpec("normalize", bool, True, per_model=False, doc="divide by the sum of the weights"),
+    )
+    params_type = LinearParams
+
+    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any]) -> LinearParams:
+        return LinearParams(weight=tuple(per_model["weight"]), normalize=shared["normalize"])
+
+    def check(self, params: LinearParams, where: str) -> None:
+        if params.normalize and weight_divisor(params.weight, True) == 0.0:
+            raise ConfigError(f"{where}: weights sum to 0 with normalize: true (division by zero)")
+
+    def reference(
+        self, inputs: Sequence[torch.Tensor], base: torch.Tensor | None, params: LinearParams, compat: bool = False
+    ) -> torch.Tensor:
+        acc = torch.zeros(inputs[0].shape, dtype=torch.float32)
+        for x, w in zip(inputs, params.weight):
+            acc = acc + torch.tensor(w, dtype=torch.float32) * as_fp32(x)
+        div = weight_divisor(params.weight, params.normalize)
+        if div is not None:
+            acc = acc / torch.tensor(div, dtype=torch.float32)
+        # mergekit 0.1.5 also accumulates in fp32 and casts back to the first input's dtype
+        return acc.to(inputs[0].dtype) if compat else acc

@@ -1,0 +1,238 @@
+"""Execute a plan: read (background thread) → merge (backend) → write (background thread), bounded memory.
+
+Peak host memory ≈ the current tensor group + one read-ahead group (input pages are dropped after use,
+see io.reader) + two reused output buffers of the largest output tensor. It does not grow with the
+number of tensors or the size of a shard. Output lands in a temporary directory beside OUT that is
+renamed into place only when every tensor and side file was written; on any error it is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import resource
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import backends
+from .backends.base import MergeJob
+from .errors import FastMergeError, OutputError
+from .io.reader import ModelReader, Prefetcher
+from .io.writer import ShardWriter, commit_dir, temp_dir_beside
+from .plan import MergePlan
+
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
+)
+
+
+@dataclasses.dataclass
+class MergeReport:
+    """What a merge did: sizes, times, memory, and how many tensors each backend ran."""
+
+    out_dir: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    wall_s: float
+    merge_s: float  # time in backends
+    peak_rss_mb: float
+    backends: dict[str, int]
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.wall_s / 1e9 if self.wall_s > 0 else 0.0
+
+    def summary(self) -> str:
+        per = ", ".join(f"{k}: {v}" for k, v in sorted(self.backends.items()))
+        return (
+            f"merged {self.tensors} tensors -> {self.out_dir}\n"
+            f"  read {self.bytes_read / 1e6:.1f} MB, wrote {self.bytes_written / 1e6:.1f} MB in {self.wall_s:.2f} s "
+            f"({self.gbps:.2f} GB/s of input; {self.merge_s:.2f} s in kernels)\n"
+            f"  peak RSS {self.peak_rss_mb:.0f} MB; tensors per backend: {per}"
+        )
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+class _BufferPool:
+    """Reused output buffers: no page faults on first touch after warm-up, bounded memory."""
+
+    def __init__(self, nbytes: int, count: int = 2):
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8))
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self._free.get()
+        n = 1
+        for s in shape:
+            n *= s
+        view = raw[: n * torch.empty((), dtype=dtype).element_size()].view(dtype).view(shape)
+        return raw, view
+
+    def give(self, raw: torch.Tensor) -> None:
+        self._free.put(raw)
+
+
+class _WriteThread:
+    def __init__(self, writer: ShardWriter, pool: _BufferPool):
+        self.writer, self.pool = writer, pool
+        self.q: queue.Queue[Any] = queue.Queue()
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, name="fastmerge-write", daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            name, view, raw = item
+            try:
+                if self.error is None:
+                    self.writer.write(name, view)
+            except BaseException as e:
+                self.error = e
+            finally:
+                self.pool.give(raw)
+
+    def put(self, name: str, view: torch.Tensor, raw: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((name, view, raw))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _write_side_files(plan: MergePlan, tmp: Path) -> None:
+    cfg = plan.config
+    ref_root = plan.base_index.root if plan.base_index else plan.indexes[0].root
+    src_cfg = ref_root / "config.json"
+    if src_cfg.is_file():
+        doc = json.loads(src_cfg.read_text(encoding="utf-8"))
+        out_dtype = cfg.out_dtype or cfg.dtype
+        if out_dtype:
+            keys = [k for k in ("torch_dtype", "dtype") if k in doc] or ["torch_dtype"]
+            for k in keys:
+                doc[k] = out_dtype
+        (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    if plan.options.copy_tokenizer:
+        src = ref_root
+        if cfg.tokenizer_source and cfg.tokenizer_source != "base":
+            src = Path(cfg.tokenizer_source)
+            if not src.is_dir():
+                raise FastMergeError(f"tokenizer_source: {src} is not a local model folder")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+    import yaml
+
+    (tmp / "fastmerge_config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def execute(plan: MergePlan, out: str | Path) -> MergeReport:
+    """Run ``plan`` and write the merged model to ``out`` (atomically: all or nothing)."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    opts = plan.options
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        tmp = temp_dir_beside(out)
+    except OSError as e:
+        raise OutputError(f"{out.parent}: cannot create output directory ({e.strerror or e})") from None
+    prefetch: Prefetcher | None = None
+    writer: ShardWriter | None = None
+    wthread: _WriteThread | None = None
+    merge_s = 0.0
+    counts: dict[str, int] = {}
+    try:
+        base_reader = ModelReader(plan.base_index) if plan.base_index else None
+        readers = [ModelReader(ix) for ix in plan.indexes]
+        groups = [
+            ([(base_reader, t.base)] if t.base is not None else []) + list(zip(readers, t.sources)) for t in plan.tensors
+        ]
+        largest = max((t.in_bytes for t in plan.tensors), default=0)
+        prefetch = Prefetcher(groups, budget_bytes=2 * largest)
+        writer = ShardWriter(tmp, plan.shards)
+        pool = _BufferPool(max((t.out_tensor.nbytes for t in plan.tensors), default=1))
+        wthread = _WriteThread(writer, pool)
+        bar = None
+        if opts.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=f"fastmerge {plan.method.name}", file=sys.stderr)
+        for i, tensors in prefetch:
+            tp = plan.tensors[i]
+            base = tensors[0] if tp.base is not None else None
+            inputs = tensors[1:] if tp.base is not None else tensors
+            if tp.compute_dtype:  # mergekit_compat: mergekit casts every input to the compute dtype at load
+                cd = TORCH_DTYPE[tp.compute_dtype]
+                inputs = [x.to(cd) for x in inputs]
+                base = None if base is None else base.to(cd)
+            raw, view = pool.take(tp.shape, TORCH_DTYPE[tp.out_dtype])
+            job = MergeJob(tp.name, plan.method, tp.params, opts.mergekit_compat)
+            ts = time.perf_counter()
+            backend = backends.BACKENDS[tp.backend]
+            if tp.backend == "torch":
+                backend.run(job, view, inputs, base, opts.threads, device=plan.device)
+            else:
+                backend.run(job, view, inputs, base, opts.threads)
+            merge_s += time.perf_counter() - ts
+            counts[tp.backend] = counts.get(tp.backend, 0) + 1
+            del inputs, base, tensors
+            prefetch.release(i)
+            wthread.put(tp.name, view, raw)
+            if bar is not None:
+                bar.update(tp.in_bytes)
+                el = time.perf_counter() - t0
+                bar.set_postfix_str(f"{bar.n / el / 1e9:.2f} GB/s", refresh=False)
+        wthread.close()
+        wthread = None
+        if bar is not None:
+            bar.close()
+        writer.finalize()
+        _write_side_files(plan, tmp)
+        commit_dir(tmp, out, opts.overwrite)
+    except OSError as e:
+        _cleanup(tmp, prefetch, wthread, writer)
+        raise OutputError(f"{getattr(e, 'filename', None) or out}: write failed ({e.strerror or e}); nothing was left at {out}") from None
+    except BaseException:
+        _cleanup(tmp, prefetch, wthread, writer)
+        raise
+    if prefetch is not None:
+        prefetch.close()
+    return MergeReport(
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=writer.bytes_written,
+        wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,
+    )
+
+
+def _cleanup(tmp: Path, prefetch: Prefetcher | None, wthread: _WriteThread | None, writer: ShardWriter | None) -> None:
+    if prefetch is not None:
+        prefetch.close()
+    if wthread is not None:
+        try:
+            wthread.close()
+        except BaseException:
+            pass
+    if writer is not None:
+        writer.abort()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,63 @@
+"""Test setup. TRITON_INTERPRET must be set before anything imports triton kernels (GPU-less machines)."""
+
+import os
+
+try:
+    import torch as _torch
+
+    _cuda = _torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers importable as `helpers`
+
+from fastmerge import _native  # noqa: E402
+from fastmerge.testing import LlamaShape, make_family  # noqa: E402
+
+TINY = LlamaShape(hidden=64, layers=3, intermediate=176, vocab=301, heads=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def available_backends() -> list[str]:
+    out = ["torch"]
+    if _native.HAS_CPU_EXT:
+        out.append("native")
+    return out
+
+
+@pytest.fixture(params=available_backends())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def family_bf16(tmp_path_factory):
+    """base + 3 fine-tunes, bf16, ~20 KB shards (several shards each)."""
+    root = tmp_path_factory.mktemp("fam_bf16")
+    return make_family(root, TINY, n_finetunes=3, dtype="bfloat16", shard_bytes=40_000)
+
+
+@pytest.fixture(scope="session")
+def family_fp32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fam_fp32")
+    return make_family(root, TINY, n_finetunes=3, dtype="float32", shard_bytes=80_000)

@@ -1,0 +1,36 @@
+"""Tolerance rule (flash-attn style): an accelerated result may be at most 2x as far from the fp32/fp64
+truth as the same computation done by torch in the output dtype, plus one output ulp for rounding."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ulp(dtype: torch.dtype) -> float:
+    return {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+
+
+def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality with a readable report (count, first index, values)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype}{list(got.shape)} vs {want.dtype}{list(want.shape)}"
+    iv = {4: torch.int32, 2: torch.int16, 8: torch.int64}[got.element_size()]
+    a, b = got.reshape(-1).view(iv), want.reshape(-1).view(iv)
+    diff = (a != b).nonzero()
+    if diff.numel():
+        i = int(diff[0])
+        raise AssertionError(
+            f"{what}: {diff.numel()}/{a.numel()} elements differ; first at {i}: "
+            f"got {float(got.reshape(-1)[i])!r}, want {float(want.reshape(-1)[i])!r}"
+        )
+
+
+def file_digest(path) -> str:
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

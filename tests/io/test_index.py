@@ -1,0 +1,119 @@
+"""CheckpointIndex: accepted layouts and every rejection, before any tensor byte is read."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastmerge.errors import CheckpointError
+from fastmerge.io.index import CheckpointIndex, read_safetensors_header
+from helpers.checkpoints import random_state, write_sharded
+
+
+def test_single_file_and_folder(tmp_path):
+    sd = random_state()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    for p in (tmp_path, tmp_path / "model.safetensors"):
+        ix = CheckpointIndex.open(p)
+        assert set(ix.tensors) == set(sd)
+        for k, t in sd.items():
+            assert ix.tensors[k].shape == tuple(t.shape) and ix.tensors[k].dtype == "float32"
+
+
+def test_sharded_index_in_file_order(tmp_path):
+    sd = random_state()
+    write_sharded(tmp_path, sd, [["model.layers.1.w", "a.weight"], ["b.bias", "model.layers.0.w"]])
+    ix = CheckpointIndex.open(tmp_path)
+    assert len(ix.files) == 2
+    # shard order, then offset order within the shard
+    offs = [(ix.files.index(t.file), t.begin) for t in ix.tensors.values()]
+    assert offs == sorted(offs)
+
+
+def test_bin_single_and_indexed(tmp_path):
+    sd = random_state(dtype=torch.bfloat16)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    ix = CheckpointIndex.open(tmp_path)
+    assert ix.fmt == "bin" and set(ix.tensors) == set(sd)
+    d2 = tmp_path / "idx"
+    d2.mkdir()
+    torch.save({k: sd[k] for k in ["a.weight", "b.bias"]}, d2 / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: sd[k] for k in ["model.layers.0.w", "model.layers.1.w"]}, d2 / "pytorch_model-00002-of-00002.bin")
+    wmap = {k: "pytorch_model-00001-of-00002.bin" for k in ["a.weight", "b.bias"]}
+    wmap.update({k: "pytorch_model-00002-of-00002.bin" for k in ["model.layers.0.w", "model.layers.1.w"]})
+    (d2 / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wmap}))
+    assert set(CheckpointIndex.open(d2).tensors) == set(sd)
+
+
+def _index(tmp_path, wmap):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+
+
+@pytest.mark.parametrize(
+    "shard,msg",
+    [
+        ("../evil.safetensors", "relative"),
+        ("/abs/model.safetensors", "relative"),
+        ("C:\\x\\model.safetensors", "relative"),
+        ("model.bin", "not a .safetensors"),
+        ("missing.safetensors", "missing"),
+    ],
+)
+def test_bad_index_entries(tmp_path, shard, msg):
+    save_file(random_state(), str(tmp_path / "real.safetensors"))
+    _index(tmp_path, {"a.weight": shard})
+    with pytest.raises(CheckpointError, match=msg):
+        CheckpointIndex.open(tmp_path)
+
+
+def test_index_maps_tensor_to_wrong_shard_and_duplicates(tmp_path):
+    sd = random_state()
+    write_sharded(tmp_path, sd, [["a.weight", "b.bias"], ["model.layers.0.w", "model.layers.1.w"]])
+    doc = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    doc["weight_map"]["a.weight"] = "model-00002-of-00002.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="a.weight"):
+        CheckpointIndex.open(tmp_path)
+    # the same tensor stored in two shards
+    d = tmp_path / "dup"
+    write_sharded(d, sd, [["a.weight", "b.bias"], ["a.weight", "model.layers.0.w", "model.layers.1.w"]])
+    with pytest.raises(CheckpointError, match="also in"):
+        CheckpointIndex.open(d)
+
+
+def test_tensor_missing_from_weight_map(tmp_path):
+    sd = random_state()
+    write_sharded(tmp_path, sd, [list(sd)])
+    doc = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    del doc["weight_map"]["b.bias"]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="b.bias"):
+        CheckpointIndex.open(tmp_path)
+
+
+def test_corrupt_headers(tmp_path):
+    f = tmp_path / "m.safetensors"
+    save_file(random_state(), str(f))
+    raw = f.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(raw[:5])
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 10**12) + raw[8:])
+    n = struct.unpack("<Q", raw[:8])[0]
+    (tmp_path / "json.safetensors").write_bytes(raw[:8] + b"{" * n + raw[8 + n :])
+    (tmp_path / "trunc.safetensors").write_bytes(raw[:-10])
+    for name, msg in [("short", "truncated"), ("huge", "corrupt"), ("json", "not JSON"), ("trunc", "truncated")]:
+        with pytest.raises(CheckpointError, match=msg) as e:
+            read_safetensors_header(tmp_path / f"{name}.safetensors")
+        assert f"{name}.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unsupported_dtype_names_tensor(tmp_path):
+    save_file({"ids": torch.arange(4), "w": torch.randn(3)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'ids'.*I64"):
+        CheckpointIndex.open(tmp_path)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        CheckpointIndex.open(tmp_path / "nope")

@@ -1,0 +1,80 @@
+"""ShardWriter: planned layout, streaming writes readable by safetensors, HF index, order checks."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fastmerge.errors import FastMergeError
+from fastmerge.io.writer import OutTensor, ShardWriter, parse_size, plan_shards
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x": torch.randn(10, 3, generator=g),
+        "y": torch.randn(5, generator=g).bfloat16(),
+        "z": torch.randn(7, 7, generator=g).half(),
+        "big": torch.randn(100, generator=g),
+    }
+
+
+def _spec(ts):
+    return [OutTensor(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in ts.items()]
+
+
+def test_plan_shards_rule():
+    ts = _spec(_tensors())  # sizes 120, 10, 98, 400 bytes
+    shards = plan_shards(ts, 200)
+    assert [[t.name for t in s.tensors] for s in shards] == [["x", "y"], ["z"], ["big"]]
+    assert [s.filename for s in shards] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert plan_shards(ts, 10**9)[0].filename == "model.safetensors"
+
+
+def test_round_trip_and_index(tmp_path):
+    ts = _tensors()
+    shards = plan_shards(_spec(ts), 200)
+    w = ShardWriter(tmp_path, shards)
+    for k, v in ts.items():
+        w.write(k, v)
+    w.finalize()
+    idx = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert idx["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in ts.values())
+    assert idx["weight_map"] == {"x": shards[0].filename, "y": shards[0].filename, "z": shards[1].filename, "big": shards[2].filename}
+    for k, v in ts.items():
+        with safe_open(str(tmp_path / idx["weight_map"][k]), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert torch.equal(f.get_tensor(k), v)
+
+
+def test_single_shard_has_no_index(tmp_path):
+    ts = _tensors()
+    w = ShardWriter(tmp_path, plan_shards(_spec(ts), 10**9))
+    for k, v in ts.items():
+        w.write(k, v)
+    w.finalize()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_order_and_dtype_checked(tmp_path):
+    ts = _tensors()
+    w = ShardWriter(tmp_path, plan_shards(_spec(ts), 200))
+    with pytest.raises(FastMergeError, match="expected tensor 'x'"):
+        w.write("y", ts["y"])
+    with pytest.raises(FastMergeError, match="planned"):
+        w.write("x", ts["x"].double())
+    w.write("x", ts["x"])
+    with pytest.raises(FastMergeError, match="never written"):
+        w.finalize()
+    w.abort()
+
+
+@pytest.mark.parametrize("text,val", [("5B", 5 * 10**9), ("500M", 5 * 10**8), ("1.5K", 1500), ("123", 123), (7, 7)])
+def test_parse_size(text, val):
+    assert parse_size(text) == val
+
+
+def test_parse_size_bad():
+    with pytest.raises(FastMergeError, match="--out-shard-size"):
+        parse_size("lots")
