@@ -16,7 +16,7 @@ import torch
 
 from .testing import LlamaShape, make_family
 
-DEMO_SHAPE = LlamaShape(hidden=512, layers=6, intermediate=1376, vocab=8000, heads=8)
+DEMO_SHAPE = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=4000, heads=6)
 DEMO_VERSION = "v1"
 
 

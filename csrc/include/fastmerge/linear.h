@@ -1,0 +1,77 @@
+// fastmerge/linear.h: the per-element formula of `weighted_delta_sum`, shared by csrc/cpu/linear.cpp and
+// csrc/cuda/linear.cu so that the two cannot drift apart.
+//
+// It serves `linear` (no base; divisor = fp32 sum of the weights when normalize) and `task_arithmetic`
+// (base; optional divisor; lambda). Per element, in fp32, one rounding per operation, in this order:
+//
+//     b   = base ? base[j] : 0
+//     acc = 0.0f
+//     for i in 0..T-1:  v = x_i[j];  if base: v = v - b;  acc = acc + w_i * v
+//     if divisor != 0:  acc = acc / divisor
+//     if lambda  != 1:  acc = acc * lambda
+//     if base:          acc = b + acc
+//     out[j] = round_to_nearest_even(acc)
+//
+// This is exactly the op order of the torch references in fastmerge/methods/{linear,task_arithmetic}.py
+// (`acc = acc + w * x`, starting from a zero fp32 tensor), so results are bit-identical. Note that
+// acc starts at +0.0f and the first step really adds: 0 + (-0) = +0, as torch computes it.
+#pragma once
+
+#include "fastmerge/common.h"
+
+namespace fastmerge {
+namespace linear {
+
+// One accumulation step: acc + w * (x - b)  (or acc + w * x without a base).
+FM_HOST_DEVICE float accumulate(float acc, float w, float x, float b, bool has_base) {
+  const float v = has_base ? fm_sub(x, b) : x;
+  return fm_add(acc, fm_mul(w, v));
+}
+
+// Loop-invariant scalars of the epilogue, already rounded to fp32.
+struct Finish {
+  float divisor;  // used when divide
+  float lam;      // used when scale
+  bool divide;    // divisor != 0
+  bool scale;     // lambda != 1
+  bool has_base;
+};
+
+FM_HOST_DEVICE float finish(float acc, float b, const Finish& f) {
+  if (f.divide) acc = fm_div(acc, f.divisor);
+  if (f.scale) acc = fm_mul(acc, f.lam);
+  return f.has_base ? fm_add(b, acc) : acc;
+}
+
+}  // namespace linear
+
+// Entry points (defined in csrc/cpu/linear.cpp and csrc/cuda/linear.cu, bound in csrc/bind_*.cpp). The
+// arguments are trusted: the bindings check list lengths and dtype codes, the Python wrappers check the
+// tensors behind the pointers.
+struct WdsArgs {
+  void* out;
+  int out_dtype;
+  int64_t n;
+  int num_inputs;
+  const void* const* inputs;  // num_inputs pointers
+  const int* input_dtypes;    // num_inputs dtype codes
+  const float* weights;       // num_inputs weights, already rounded to fp32
+  const void* base;           // nullptr: no base
+  int base_dtype;
+  linear::Finish fin;
+};
+
+namespace cpu {
+// `threads`: 0 = OpenMP default. The caller releases the GIL.
+void weighted_delta_sum(const WdsArgs& a, int threads);
+}  // namespace cpu
+
+namespace cuda {
+// Most inputs one launch takes: the pointers travel by value in the kernel's parameter block
+// (32 x 16 bytes = 512 B, well under the 4 KiB limit).
+constexpr int kMaxInputs = 32;
+// Device pointers; `stream` is a cudaStream_t (0 = legacy default stream). Returns a cudaError_t.
+int weighted_delta_sum(const WdsArgs& a, void* stream);
+}  // namespace cuda
+
+}  // namespace fastmerge

@@ -1,0 +1,127 @@
+"""Config validation and plan building: parameter resolution, errors that name the field, JSON plan."""
+
+import json
+import warnings
+
+import pytest
+
+from fastmerge import plan
+from fastmerge.config import MergeConfig, evaluate_setting
+from fastmerge.errors import ConfigError
+from fastmerge.plan import layer_index
+
+
+def _cfg(fam, method="ties", **over):
+    base, fts = fam
+    d = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(fts[0]), "parameters": {"weight": 0.33, "density": 0.5}},
+            {"model": str(fts[1]), "parameters": {"weight": [0, 0.5, 1], "density": 0.5}},
+            {"model": str(fts[2]), "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0.1}]}},
+        ],
+        "parameters": {"density": 0.7},
+        "dtype": "bfloat16",
+    }
+    d.update(over)
+    return d
+
+
+def test_evaluate_setting_gradient_and_filters():
+    assert evaluate_setting([0, 1], "x", 0.25) == 0.25
+    assert evaluate_setting([0.0, 0.3, 0.7, 1.0], "x", 1 / 3) == pytest.approx(0.3)
+    assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.75) == 0.5
+    conds = [{"filter": "mlp", "value": [0, 1]}, {"filter": "*", "value": 2}]
+    assert evaluate_setting(conds, "layers.1.mlp.up", 1.0) == 1
+    assert evaluate_setting(conds, "layers.1.attn", 1.0) == 2
+    assert evaluate_setting([{"filter": "mlp", "value": 1}], "attn", 0) is None
+
+
+@pytest.mark.parametrize(
+    "name,idx",
+    [("model.layers.12.mlp.up_proj.weight", 12), ("transformer.h.3.attn.c_attn.weight", 3),
+     ("encoder.layer.7.output.dense.weight", 7), ("blocks.0.norm1.weight", 0), ("model.embed_tokens.weight", None)],
+)
+def test_layer_index(name, idx):
+    assert layer_index(name) == idx
+
+
+def test_plan_resolves_gradients_filters_and_precedence(family_bf16):
+    p = plan(_cfg(family_bf16))
+    by = {t.name: t for t in p.tensors}
+    layers = 3  # TINY has 3 layers: t = 0, 0.5, 1
+    for i in range(layers):
+        t = by[f"model.layers.{i}.self_attn.q_proj.weight"].params
+        assert t.weight[1] == pytest.approx([0, 0.5, 1][i])  # gradient
+        assert t.weight[2] == 0.1  # filter fallback
+        assert t.density == (0.5, 0.5, 0.7)  # model value beats global, global beats default
+        assert by[f"model.layers.{i}.mlp.up_proj.weight"].params.weight[2] == 0.5  # filter match
+    # non-layer tensors are evaluated at t = 0, as mergekit does for pre- and post-layer weights
+    assert by["model.embed_tokens.weight"].params.weight[1] == 0
+    assert by["lm_head.weight"].params.weight[1] == 0
+    assert all(t.out_dtype == "bfloat16" for t in p.tensors)
+    doc = json.loads(p.dumps())
+    assert doc["tensors"][0]["params"]["weight"] and doc["tensors"][0]["backend"] in ("native", "torch")
+    assert set(doc["tensors"][0]["skipped"]) >= {"cuda", "triton"}
+
+
+def test_plan_order_is_base_file_order(family_bf16):
+    from fastmerge.io.index import CheckpointIndex
+
+    p = plan(_cfg(family_bf16))
+    assert [t.name for t in p.tensors] == list(CheckpointIndex.open(family_bf16[0]).tensors)
+
+
+def test_base_listed_among_models_is_the_base(family_bf16):
+    d = _cfg(family_bf16)
+    d["models"].insert(0, {"model": str(family_bf16[0])})
+    assert len(MergeConfig.from_dict(d).models) == 3
+
+
+def test_typo_parameter_suggests(family_bf16):
+    d = _cfg(family_bf16)
+    d["models"][0]["parameters"]["densty"] = 0.5
+    with pytest.raises(ConfigError, match="unknown parameter 'densty'.*did you mean 'density'"):
+        MergeConfig.from_dict(d)
+
+
+def test_parameter_of_another_method_warns(family_bf16):
+    d = _cfg(family_bf16, parameters={"gamma": 0.01})
+    with pytest.warns(UserWarning, match="gamma.*not used by merge_method 'ties'"):
+        MergeConfig.from_dict(d)
+
+
+def test_unknown_method_and_field(family_bf16):
+    with pytest.raises(ConfigError, match="did you mean 'ties'"):
+        MergeConfig.from_dict(_cfg(family_bf16, merge_method="tie"))
+    with pytest.raises(ConfigError, match="unknown field 'base_modle'.*base_model"):
+        MergeConfig.from_dict({**_cfg(family_bf16), "base_modle": "x"})
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [("slices", [{"sources": []}], "slices"), ("modules", {"a": {}}, "modules"), ("chat_template", "chatml", "chat_template"),
+     ("tokenizer_source", "union", "union"), ("dtype", "int8", "unsupported dtype")],
+)
+def test_unsupported_features_are_errors(family_bf16, field, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        MergeConfig.from_dict(_cfg(family_bf16, **{field: value}))
+
+
+def test_missing_required_and_base(family_bf16):
+    d = _cfg(family_bf16)
+    del d["models"][0]["parameters"]["weight"]
+    with pytest.raises(ConfigError, match="missing required parameter 'weight'"):
+        MergeConfig.from_dict(d)
+    d = _cfg(family_bf16)
+    del d["base_model"]
+    with pytest.raises(ConfigError, match="needs a base_model"):
+        MergeConfig.from_dict(d)
+
+
+def test_density_error_names_tensor(family_bf16):
+    d = _cfg(family_bf16)
+    d["models"][2]["parameters"]["density"] = [{"filter": "lm_head", "value": 1.5}, {"value": 0.5}]
+    with pytest.raises(ConfigError, match="lm_head.weight.*density"):
+        plan(d)
