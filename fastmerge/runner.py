@@ -213,7 +213,7 @@ def execute(plan: MergePlan, out: str | Path) -> MergeReport:
         commit_dir(tmp, out, opts.overwrite)
     except OSError as e:
         _cleanup(tmp, prefetch, wthread, writer)
-        raise OutputError(f"{getattr(e, 'filename', None) or out}: write failed ({e.strerror or e}); nothing was left at {out}") from None
+        raise OutputError(f"{getattr(e, 'filename', None) or out}: I/O error ({e.strerror or e}); nothing was left at {out}") from None
     except BaseException:
         _cleanup(tmp, prefetch, wthread, writer)
         raise

@@ -71,8 +71,9 @@ def test_demo_runs_and_verifies(tmp_path, capsys):
 
 
 def test_python_dash_m(tmp_path, family_bf16):
-    r = subprocess.run([sys.executable, "-m", "fastmerge", "methods"], capture_output=True, text=True)
+    # cwd outside the repo: `python -m` puts the cwd first on sys.path, and we want the installed package
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "methods"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and "ties" in r.stdout
     r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(tmp_path / "missing.yml"), str(tmp_path / "o")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "missing.yml" in r.stderr

@@ -2,7 +2,7 @@
 
 mergekit runs in-process (``mergekit.merge.run_merge`` with the options ``mergekit-yaml CFG OUT
 --no-copy-tokenizer --random-seed 42 --no-write-model-card`` builds): ``import mergekit`` costs ~8 s
-and every ``mergekit-yaml`` subprocess ~10 s on the 2-core machine, so 11 configs by subprocess
+and every ``mergekit-yaml`` subprocess ~10 s on the 2-core machine, so 10 configs by subprocess
 would blow the 90 s budget. One test runs the real ``mergekit-yaml`` CLI once and checks that it
 writes the very same bytes as the in-process call, so the shortcut cannot hide a difference.
 
@@ -11,7 +11,8 @@ What is asserted (numbers measured on generated LLaMA-shaped families, 3 fine-tu
   elements of every tensor (the spec expects 100%: the only legitimate difference is the tie order at
   the top-k boundary), and within 1 ulp elsewhere.
 - default mode (fp32 math, one rounding): linear bit-exact (mergekit 0.1.5 accumulates linear in fp32
-  too); task_arithmetic within the measured ulp bound documented at ``TA_DEFAULT_MAX_ULP``.
+  too); task_arithmetic bit-exact for fp32 compute and within 3 ulps at operand scale for bf16 compute
+  (measured, see ``TA_DEFAULT_OPERAND_ULPS``); ties bit-exact on ≥ 99.9% for fp32 inputs, reported otherwise.
 - layout: the same tensor names, shapes and dtypes, both readable, the same config.json dtype.
 """
 
@@ -21,7 +22,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +131,23 @@ def assert_within_ulp(diffs: list[TensorDiff], max_ulp: int, what: str) -> None:
     assert worst <= max_ulp, f"{what}: max {worst} ulp > {max_ulp} ulp allowed\n{describe(diffs)}"
 
 
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def ulp_at(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` values at magnitude ``scale`` (fp32 tensor; subnormal range clamped)."""
+    _, e = torch.frexp(scale.float().clamp_min(torch.finfo(dtype).tiny))  # scale = m·2^e, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(scale, dtype=torch.float32), e - 1 - MANTISSA_BITS[dtype])
+
+
+def max_operand_scale_ulps(got: torch.Tensor, want: torch.Tensor, operands: list[torch.Tensor]) -> float:
+    """max |got − want| in ulps of the output dtype taken at the largest magnitude among the operands
+    (base and inputs) and both results: the scale at which a chain of roundings makes its errors."""
+    scale = torch.stack([t.float().abs() for t in (*operands, got, want)]).amax(0)
+    d = (got.float() - want.float()).abs() / ulp_at(scale, want.dtype)
+    return float(d.max()) if d.numel() else 0.0
+
+
 def load_model(root: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors checkpoint (single file or sharded with an index)."""
     files = sorted(root.glob("*.safetensors"))
@@ -190,7 +207,7 @@ class Case:
                 p["density"] = DENSITIES[i]
             models.append({"model": str(ft), "parameters": p})
         doc = {"merge_method": self.method, "models": models, "dtype": self.dtype}
-        if self.method != "linear":  # linear ignores the base (mergekit would not even read it)
+        if self.method != "linear":  # linear takes no base model (both tools ignore one)
             doc["base_model"] = str(base)
         if self.out_dtype:
             doc["out_dtype"] = self.out_dtype
@@ -274,7 +291,8 @@ def test_compat_bit_exact(outputs, case_id):
 # TIES in compat mode: mergekit keeps exactly k = int(d·numel) entries per tensor picked by
 # torch.argsort(|δ|, descending); fastmerge's compat path does the same. A different (unstable) order
 # among equal |δ| at the boundary is the only legitimate source of difference, and bf16 deltas have
-# many equal magnitudes, hence a 99.9% floor per tensor rather than 100%.
+# many equal magnitudes, hence a 99.9% floor per tensor rather than 100%. Measured: 100% in all three
+# cases (same torch.argsort on the same |δ| in the same process gives the same order).
 TIES_MIN_EQUAL = 0.999
 
 
@@ -283,6 +301,7 @@ def test_compat_ties(outputs, case_id):
     c = CASE_BY_ID[case_id]
     diffs = compare_models(load_model(outputs.fastmerge(c, compat=True)), load_model(outputs.mergekit(c)))
     msg = f"{case_id} (mergekit_compat=True)\n{describe(diffs)}"
+    print("\n" + msg)
     tot, eq = sum(d.numel for d in diffs), sum(d.equal for d in diffs)
     assert eq / tot >= TIES_MIN_EQUAL, msg
     assert all(d.frac >= TIES_MIN_EQUAL for d in diffs), msg
@@ -296,30 +315,58 @@ def test_compat_ties(outputs, case_id):
 @pytest.mark.parametrize("backend", default_backends())
 @pytest.mark.parametrize("case_id", cases("linear"))
 def test_default_linear_bit_exact(outputs, case_id, backend):
-    # mergekit 0.1.5 accumulates linear in fp32 (in input order) and rounds once, as fastmerge does
+    # mergekit 0.1.5 accumulates linear in fp32, in input order, with ``acc.addcmul_(x, w)`` (on CPU a
+    # fused multiply-add: ONE rounding per step, checked against an fp64-emulated fma on 10M elements),
+    # divides by the fp32 sum of the weights and rounds once. A kernel that rounds w·x and then acc + w·x
+    # separately differs on ~15% of fp32 accumulators: 9% of fp32 outputs, ~1e-5 of bf16 outputs (1 ulp).
     c = CASE_BY_ID[case_id]
     diffs = compare_models(load_model(outputs.fastmerge(c, compat=False, backend=backend)), load_model(outputs.mergekit(c)))
     assert_bit_exact(diffs, f"{case_id} (default mode, backend {backend})")
 
 
-TA_DEFAULT_MAX_ULP = {"bfloat16": 1, "float32": 1}  # placeholder until measured
+# task_arithmetic, default mode. Measured on these families (torch backend):
+# - dtype float32 (mergekit computes in fp32 as well; also dtype float32 + out_dtype bfloat16): bit-exact,
+#   because both do δ = x − b, w·δ, the sum in model order, /Σw, ·λ, b + ·, each rounded to fp32.
+# - dtype bfloat16: mergekit rounds δ, w·δ, each partial sum, /Σw, ·λ and b + · to bf16, fastmerge only
+#   once at the end: 90.2% / 90.8% of the elements are bitwise equal (spec §3.4: 91%), 8% are 1 ulp apart,
+#   and the worst is 314 ulps OF THE OUTPUT. That is not a defect: where b + Σ ≈ 0 the output is tiny and
+#   bf16 errors made at the scale of b and x_i (~0.02) are huge relative to it. Measured against the
+#   operands' scale, ulp(max(|b|, |x_i|, |out|)), the worst difference is 2.0 ulp (normalize false, λ 1)
+#   and 2.5 ulp (normalize true, λ 0.7: the /Σw and ·λ roundings add). So "within 1 ulp of the output"
+#   does not hold for bf16 compute; the truthful bound is ≤ 3 ulps at operand scale, asserted below.
+TA_DEFAULT_OPERAND_ULPS = {"float32": 1.0, "bfloat16": 3.0}
 
 
 @pytest.mark.parametrize("backend", default_backends())
 @pytest.mark.parametrize("case_id", cases("task_arithmetic"))
-def test_default_task_arithmetic_bound(outputs, case_id, backend):
+def test_default_task_arithmetic_bound(outputs, families, case_id, backend):
     c = CASE_BY_ID[case_id]
-    diffs = compare_models(load_model(outputs.fastmerge(c, compat=False, backend=backend)), load_model(outputs.mergekit(c)))
-    print(f"\n{case_id} default/{backend}: {describe(diffs)}")
-    assert_within_ulp(diffs, TA_DEFAULT_MAX_ULP[c.out_dtype or c.dtype], f"{case_id} (default mode, backend {backend})")
+    fm, mk = load_model(outputs.fastmerge(c, compat=False, backend=backend)), load_model(outputs.mergekit(c))
+    diffs = compare_models(fm, mk)
+    base_dir, ft_dirs = families[c.family]
+    models = [load_model(base_dir)] + [load_model(d) for d in ft_dirs]
+    worst = max(max_operand_scale_ulps(fm[n], mk[n], [m[n] for m in models]) for n in mk)
+    msg = f"{case_id} (default mode, backend {backend}): max {worst} ulp at operand scale\n{describe(diffs)}"
+    print("\n" + msg)
+    assert worst <= TA_DEFAULT_OPERAND_ULPS[c.dtype], msg
+    if c.dtype == "float32" and backend == "torch":  # same operations in the same order (see above)
+        assert_bit_exact(diffs, msg)
 
 
+# ties, default mode (fp32 math, `selection: threshold` keeps every |δ| equal to the k-th largest):
+# measured 100% equal for fp32 inputs (no equal magnitudes at the boundary, the same fp32 operations),
+# 98.0% for bf16 inputs with dtype float32 (bf16-derived |δ| repeat, so the threshold keeps a few more
+# than k) and 89.8% with dtype bfloat16 (plus mergekit's bf16 rounding at every step; spec: 75-76% on the
+# benchmark family). Those two are differences by design, reported here, not bounded.
 @pytest.mark.parametrize("backend", default_backends())
 @pytest.mark.parametrize("case_id", cases("ties"))
-def test_default_ties_report(outputs, case_id, backend):
+def test_default_ties(outputs, case_id, backend):
     c = CASE_BY_ID[case_id]
     diffs = compare_models(load_model(outputs.fastmerge(c, compat=False, backend=backend)), load_model(outputs.mergekit(c)))
-    print(f"\n{case_id} default/{backend}: {describe(diffs)}")
+    msg = f"{case_id} (default mode, backend {backend}): {describe(diffs)}"
+    print("\n" + msg)
+    if c.family == "fp32":
+        assert all(d.frac >= TIES_MIN_EQUAL for d in diffs), msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,6 +377,11 @@ def test_default_ties_report(outputs, case_id, backend):
 def test_layout_equal(outputs, case_id):
     c = CASE_BY_ID[case_id]
     fm_dir, mk_dir = outputs.fastmerge(c, compat=True), outputs.mergekit(c)
+    # mergekit writes one model.safetensors under its 5B default shard size; so must fastmerge
+    assert sorted(f.name for f in fm_dir.glob("*.safetensors")) == sorted(f.name for f in mk_dir.glob("*.safetensors"))
+    for f in fm_dir.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:  # transformers refuses files without format=pt
+            assert (h.metadata() or {}).get("format") == "pt", f.name
     fm, mk = load_model(fm_dir), load_model(mk_dir)
     assert sorted(fm) == sorted(mk)
     for n in mk:
@@ -341,6 +393,17 @@ def test_layout_equal(outputs, case_id):
     fm_cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (fm_dir, mk_dir))
     for k in ("architectures", "hidden_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings"):
         assert fm_cfg.get(k) == mk_cfg.get(k), k
+
+
+def test_transformers_loads_both(outputs):
+    """Both outputs load as a LlamaForCausalLM with every weight taken from the checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    c = CASE_BY_ID["ta-bf16in-fp32math-bf16out-norm"]
+    for d in (outputs.fastmerge(c, compat=True), outputs.mergekit(c)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16)
+        sd, want = model.state_dict(), load_model(d)
+        assert sorted(sd) == sorted(want), d
+        assert all(torch.equal(sd[k], want[k]) for k in want), d
 
 
 def test_cli_matches_in_process(outputs, families, tmp_path):

@@ -177,13 +177,14 @@ FM_HOST_DEVICE void store_f32(void* p, int dt, int64_t i, float v) {
 #endif
 
 // The wheel is built for baseline x86-64 (SSE2; no -march=native, it must run on any x86-64 CPU). The hot
-// per-block functions are additionally cloned for x86-64-v3 (AVX2/F16C) and x86-64-v4 (AVX-512) and the
+// per-block functions are additionally cloned for x86-64-v2 (SSE4.2), v3 (AVX2) and v4 (AVX-512) and the
 // best clone is picked at load time (GNU ifunc). The clones compute bit-identical results: every float op
 // is still one IEEE operation on one element (-ffp-contract=off also forbids the FMA that v3/v4 offer),
 // and the dtype conversions are integer/select code. Off where ifunc is unavailable (non-Linux, clang).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(FASTMERGE_NO_TARGET_CLONES)
-#define FM_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FM_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
 #define FM_HAS_TARGET_CLONES 1
 #else
 #define FM_TARGET_CLONES

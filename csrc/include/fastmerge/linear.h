@@ -72,6 +72,9 @@ namespace cuda {
 constexpr int kMaxInputs = 32;
 // Device pointers; `stream` is a cudaStream_t (0 = legacy default stream). Returns a cudaError_t.
 int weighted_delta_sum(const WdsArgs& a, void* stream);
+// cudaSuccess if this binary holds code (SASS or PTX) that the current device can run, else the
+// cudaError_t of asking (cudaErrorNoKernelImageForDevice when built for other architectures).
+int check_kernel_image();
 }  // namespace cuda
 
 }  // namespace fastmerge

@@ -20,6 +20,8 @@
 // The additions of 0.0f are real additions (−0 + 0 = +0), as torch.where(..., 0.0) followed by `+`.
 #pragma once
 
+#include <cstddef>
+
 #include "fastmerge/common.h"
 
 namespace fastmerge {
@@ -61,4 +63,28 @@ FM_HOST_DEVICE float finish(float num, float div, float b, const Finish& f) {
 }
 
 }  // namespace ties
+
+// Entry point (csrc/cpu/ties.cpp, bound in csrc/bind_cpu.cpp; arguments checked there).
+struct TiesArgs {
+  void* out;
+  int out_dtype;
+  int64_t n;
+  int num_inputs;
+  const void* const* inputs;
+  const int* input_dtypes;
+  const float* weights;     // rounded to fp32
+  const double* densities;  // in (0, +inf); >= 1 keeps everything
+  const void* base;         // required
+  int base_dtype;
+  ties::Finish fin;
+  int election;  // ties::SUM or ties::COUNT
+  bool exact_k;  // false: keep every |δ| >= th; true: exactly k, ties at th broken by index order
+};
+
+namespace cpu {
+void ties(const TiesArgs& a, int threads);
+// Bytes of the calling thread's grow-only scratch (selection histograms + fused-pass blocks).
+size_t ties_scratch_bytes();
+}  // namespace cpu
+
 }  // namespace fastmerge

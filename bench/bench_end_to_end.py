@@ -1,0 +1,238 @@
+"""End-to-end merge benchmark: fastmerge vs mergekit 0.1.5, side by side, as a user runs them.
+
+Each tool runs as a child process on the same files (warm page cache), so the wall time includes
+interpreter start-up and imports (~5 s of every mergekit run, ~1.5 s of `import torch`): that is what
+a user waits for. Peak RSS is the child's own high-water mark from ``wait4`` (exact, no polling; not
+``getrusage(RUSAGE_CHILDREN)``, which is a max over every child ever waited for). fastmerge's
+in-process time is ``MergeReport.wall_s`` from the summary it prints. GB/s = input bytes / wall time.
+
+    pytest bench --benchmark-disable                                  # smoke: tiny family, 1 round (CI)
+    FASTMERGE_BENCH_FULL=1 pytest bench --benchmark-enable            # the perf-baselines family, 3 rounds
+
+The table of the last run goes to ``$FASTMERGE_BENCH_DIR/end_to_end.md`` (default bench/out/).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fastmerge
+from fastmerge.testing import LlamaShape, make_family
+
+# perf-baselines.md: hidden 1024, 8 layers, intermediate 2816, vocab 32000, 16 heads, untied: 168.3M
+# parameters, bf16, 100 MB shards; 1346 MB of input for base + 3 fine-tunes.
+FULL = dict(shape=LlamaShape(hidden=1024, layers=8, intermediate=2816, vocab=32000, heads=16), shard_bytes=100_000_000)
+# ~0.3 MB per model: the smoke run is dominated by the two tools' start-up (~10 s per mergekit run).
+SMOKE = dict(shape=LlamaShape(hidden=64, layers=2, intermediate=176, vocab=320, heads=4), shard_bytes=50_000)
+DTYPE = "bfloat16"
+ROUNDS_FULL = 3
+METHODS = ("linear", "task_arithmetic", "ties")
+TOOLS = ("mergekit", "fastmerge")
+HAS_MERGEKIT = importlib.util.find_spec("mergekit") is not None
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS: dict[tuple[str, str], dict] = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _warm(root: Path) -> int:
+    """Read every file once so that both tools start from a warm page cache (perf-baselines' setting)."""
+    n = 0
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    n += len(chunk)
+    return n
+
+
+@pytest.fixture(scope="session")
+def family(bench_full, bench_dir) -> dict:
+    mode = "full" if bench_full else "smoke"
+    spec = FULL if mode == "full" else SMOKE
+    root = bench_dir / f"family-{mode}"
+    stamp = {"shape": repr(spec["shape"]), "dtype": DTYPE, "shard_bytes": spec["shard_bytes"], "finetunes": 3, "seed": 0}
+    marker = root / "family.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == stamp):
+        shutil.rmtree(root, ignore_errors=True)
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_family(tmp, spec["shape"], n_finetunes=3, dtype=DTYPE, shard_bytes=spec["shard_bytes"], seed=0)
+        (tmp / "family.json").write_text(json.dumps(stamp))
+        tmp.rename(root)
+    _warm(root)
+    return {"mode": mode, "root": root, "base": root / "base", "fts": [root / f"ft{i}" for i in (1, 2, 3)],
+            "rounds": ROUNDS_FULL if mode == "full" else 1}
+
+
+def config_for(method: str, fam: dict) -> dict:
+    """perf-baselines: all weights 0.33 (linear: 1.0 each, no base), density 0.5."""
+    models = []
+    for ft in fam["fts"]:
+        p = {"weight": 1.0} if method == "linear" else {"weight": 0.33}
+        if method == "ties":
+            p["density"] = 0.5
+        models.append({"model": str(ft), "parameters": p})
+    doc = {"merge_method": method, "models": models, "dtype": DTYPE}
+    if method != "linear":
+        doc["base_model"] = str(fam["base"])
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------
+# running a child
+
+
+def run_child(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd``; wall seconds and the child's peak RSS (MB). stdout/stderr go to files (no pipe stalls)."""
+    env = {**os.environ, **CHILD_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    with open(log.with_suffix(".out"), "w") as fo, open(log.with_suffix(".err"), "w") as fe:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO)
+        if hasattr(os, "wait4"):
+            _, status, ru = os.wait4(p.pid, 0)
+            wall = time.perf_counter() - t0
+            p.returncode = os.waitstatus_to_exitcode(status)
+            rss_mb = ru.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+        else:  # pragma: no cover - Windows: poll
+            import psutil
+
+            ps, rss = psutil.Process(p.pid), 0
+            while p.poll() is None:
+                try:
+                    rss = max(rss, ps.memory_info().rss)
+                except psutil.Error:
+                    pass
+                time.sleep(0.02)
+            wall, rss_mb = time.perf_counter() - t0, rss / 2**20
+    out = log.with_suffix(".out").read_text()
+    if p.returncode != 0:
+        err = log.with_suffix(".err").read_text()
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{err[-4000:]}")
+    return {"wall_s": wall, "rss_mb": rss_mb, "stdout": out}
+
+
+SUMMARY_WALL = re.compile(r" in ([0-9.]+) s \(")
+SUMMARY_KERNELS = re.compile(r"; ([0-9.]+) s in kernels")
+SUMMARY_BACKENDS = re.compile(r"tensors per backend: (.*)")
+
+
+def command(tool: str, cfg: Path, out: Path) -> list[str]:
+    if tool == "mergekit":
+        exe = shutil.which("mergekit-yaml")
+        prog = [exe] if exe else [sys.executable, "-m", "mergekit.scripts.run_yaml"]
+        return [*prog, str(cfg), str(out), "--no-copy-tokenizer", "--random-seed", "42"]
+    return [sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out), "--no-progress", "--overwrite",
+            "--no-copy-tokenizer"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_table(machine, bench_dir):
+    yield
+    if RESULTS:
+        print(f"\nfastmerge bench: table written to {write_table(machine, bench_dir)}")
+
+
+@pytest.mark.parametrize(("method", "tool"), [(m, t) for m in METHODS for t in TOOLS], ids=lambda v: v)
+def test_end_to_end(benchmark, family, bench_dir, method, tool):
+    if tool == "mergekit" and not HAS_MERGEKIT:
+        pytest.skip("mergekit is not importable (pip install mergekit==0.1.5)")
+    work = bench_dir / "runs" / family["mode"]
+    work.mkdir(parents=True, exist_ok=True)
+    doc = config_for(method, family)
+    cfg = work / f"{method}.yml"
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = work / f"{method}.{tool}"
+    in_bytes = fastmerge.plan(doc).in_bytes
+    cmd = command(tool, cfg, out)
+    runs: list[dict] = []
+
+    def setup():  # untimed: both tools write into a folder that does not exist yet
+        shutil.rmtree(out, ignore_errors=True)
+
+    def once():
+        r = run_child(cmd, work / f"{method}.{tool}.run{len(runs)}.log")
+        if tool == "fastmerge":
+            m = SUMMARY_WALL.search(r["stdout"])
+            assert m, f"no summary in fastmerge output:\n{r['stdout'][-2000:]}"
+            r["inproc_s"] = float(m.group(1))
+            k = SUMMARY_KERNELS.search(r["stdout"])
+            r["kernels_s"] = float(k.group(1)) if k else None
+            b = SUMMARY_BACKENDS.search(r["stdout"])
+            r["backends"] = b.group(1).strip() if b else "?"
+        runs.append(r)
+
+    benchmark.pedantic(once, setup=setup, rounds=family["rounds"], iterations=1, warmup_rounds=0)
+    assert any(out.glob("*.safetensors")), f"{tool} wrote no safetensors to {out}"
+
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    res = {
+        "method": method, "tool": tool, "mode": family["mode"], "runs": len(runs), "wall_s": med("wall_s"),
+        "walls": [round(r["wall_s"], 2) for r in runs], "rss_mb": med("rss_mb"), "in_mb": in_bytes / 1e6,
+    }
+    res["gbps"] = in_bytes / res["wall_s"] / 1e9
+    if tool == "fastmerge":
+        res["inproc_s"] = med("inproc_s")
+        res["kernels_s"] = statistics.median(r["kernels_s"] for r in runs) if all(r["kernels_s"] is not None for r in runs) else None
+        res["backends"] = runs[-1]["backends"]
+        mk = RESULTS.get((method, "mergekit"))
+        if mk:
+            res["speedup"] = mk["wall_s"] / res["wall_s"]
+            res["rss_ratio"] = res["rss_mb"] / mk["rss_mb"]
+    RESULTS[(method, tool)] = res
+    benchmark.extra_info.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()})
+    benchmark.extra_info["command"] = " ".join(cmd)
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def write_table(machine: dict, root: Path) -> Path:
+    rows = [RESULTS[k] for m in METHODS for t in TOOLS if (k := (m, t)) in RESULTS]
+    mode = next(iter(RESULTS.values())).get("mode") or ""
+    lines = [
+        "# fastmerge vs mergekit: end-to-end merge",
+        "",
+        f"{machine['date_utc']}; {machine['cpu_count']} CPUs, {machine['mem_total_gb']} GiB, "
+        f"CUDA {'yes' if machine['cuda_available'] else 'no'}; torch {machine['torch']}, fastmerge {machine['fastmerge']} "
+        f"(native CPU extension: {machine['fastmerge_native_cpu_ext']}), mergekit {machine['mergekit']}.",
+        "",
+        "| method | tool | wall s (median) | runs (s) | in-process s | peak RSS MB | input MB | GB/s of input | speed-up vs mergekit | RSS vs mergekit | backends |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "–"  # noqa: E731
+        lines.append(
+            f"| {r['method']} | {r['tool']} | {r['wall_s']:.2f} | {', '.join(map(str, r['walls']))} | {f('inproc_s', '.2f')} | "
+            f"{r['rss_mb']:.0f} | {r['in_mb']:.0f} | {r['gbps']:.3g} | {f('speedup', '.2f')}{'×' if r.get('speedup') else ''} | "
+            f"{f('rss_ratio', '.2f')} | {r.get('backends', '')} |"
+        )
+    lines += ["", "wall: child process start to exit (includes imports); GB/s = input bytes / wall; "
+              "peak RSS: the child's ru_maxrss (wait4); in-process: fastmerge's MergeReport.wall_s.", ""]
+    path = root / "end_to_end.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + f"\nmode: {mode}\n")
+    (root / "end_to_end.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
+    return path

@@ -1,0 +1,168 @@
+// fastmerge._C_cuda: the CUDA kernels, bound on raw device pointers (same conventions as _C, see
+// bind_cpu.cpp), plus a runtime availability check.
+//
+// The module links the CUDA runtime statically (CMAKE_CUDA_RUNTIME_LIBRARY Static), so it imports on a
+// machine without a GPU or driver; importing therefore says nothing about usability. is_available() asks
+// the driver (cudaGetDeviceCount: cudaErrorInsufficientDriver without one) and checks that this binary
+// has code for the device (cudaFuncGetAttributes on the kernel). fastmerge._native.cuda_usable() gates on it.
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fastmerge/common.h"
+#include "fastmerge/linear.h"
+
+#ifndef FASTMERGE_VERSION
+#define FASTMERGE_VERSION "unknown"
+#endif
+#ifndef FASTMERGE_COMPILER
+#define FASTMERGE_COMPILER "unknown"
+#endif
+#ifndef FASTMERGE_CUDA_COMPILER
+#define FASTMERGE_CUDA_COMPILER "unknown"
+#endif
+#ifndef FASTMERGE_CUDA_ARCHS
+#define FASTMERGE_CUDA_ARCHS "unknown"
+#endif
+
+namespace py = pybind11;
+using namespace fastmerge;
+
+namespace {
+
+std::string err_text(cudaError_t e) { return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e); }
+
+std::pair<bool, std::string> is_available() {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return {false, err_text(e)};
+  }
+  if (count == 0) return {false, "no CUDA device"};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceProp prop;
+  e = cudaGetDeviceProperties(&prop, dev);
+  if (e != cudaSuccess) return {false, err_text(e)};
+  const std::string cc = std::to_string(prop.major) + "." + std::to_string(prop.minor);
+  e = static_cast<cudaError_t>(cuda::check_kernel_image());
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return {false, err_text(e) + " (device " + std::to_string(dev) + " is " + prop.name + ", compute capability " +
+                       cc + "; this build has code for CUDA archs " + FASTMERGE_CUDA_ARCHS +
+                       ": rebuild with FASTMERGE_CUDA_ARCHS=" + std::to_string(prop.major * 10 + prop.minor) + ")"};
+  }
+  return {true, std::to_string(count) + " device(s); device " + std::to_string(dev) + ": " + prop.name +
+                    " (compute capability " + cc + ")"};
+}
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+// A host pointer handed to a kernel is an illegal access that poisons the whole CUDA context, so check
+// each pointer's memory type first (one cheap driver query per buffer).
+void check_device_pointer(uintptr_t p, const std::string& name) {
+  cudaPointerAttributes attr;
+  const cudaError_t e = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(p));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw std::invalid_argument(name + ": not a CUDA pointer (" + err_text(e) + ")");
+  }
+  FM_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
+           name << ": must point to device memory (got a host pointer)");
+}
+
+void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+                           const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype,
+                           const std::vector<double>& weights, double divisor, double lam, uintptr_t stream) {
+  FM_CHECK(n >= 0, "n: element count must be >= 0, got " << n);
+  FM_CHECK(!inputs.empty(), "inputs: need at least one input buffer");
+  FM_CHECK(int(inputs.size()) <= cuda::kMaxInputs,
+           "inputs: at most " << cuda::kMaxInputs << " inputs per launch, got " << inputs.size());
+  FM_CHECK(input_dtypes.size() == inputs.size(), "input_dtypes: " << input_dtypes.size() << " dtype codes for "
+                                                                  << inputs.size() << " inputs");
+  FM_CHECK(weights.size() == inputs.size(),
+           "weights: " << weights.size() << " weights for " << inputs.size() << " inputs");
+  FM_CHECK_DTYPE(out_dtype, "out_dtype");
+  if (base != 0) FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  if (n == 0) return;
+  std::vector<const void*> ptrs;
+  std::vector<float> w;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    FM_CHECK_DTYPE(input_dtypes[i], "input_dtypes[" << i << "]");
+    check_device_pointer(inputs[i], "inputs[" + std::to_string(i) + "]");
+    ptrs.push_back(reinterpret_cast<const void*>(inputs[i]));
+    w.push_back(static_cast<float>(weights[i]));
+  }
+  check_device_pointer(out, "out");
+  if (base != 0) check_device_pointer(base, "base");
+  WdsArgs a{};
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.n = n;
+  a.num_inputs = int(ptrs.size());
+  a.inputs = ptrs.data();
+  a.input_dtypes = input_dtypes.data();
+  a.weights = w.data();
+  a.base = reinterpret_cast<const void*>(base);
+  a.base_dtype = base_dtype;
+  a.fin.divisor = static_cast<float>(divisor);
+  a.fin.divide = divisor != 0.0;
+  a.fin.lam = static_cast<float>(lam);
+  a.fin.scale = lam != 1.0;
+  a.fin.has_base = base != 0;
+  cudaError_t e;
+  {
+    py::gil_scoped_release nogil;  // the launch is asynchronous; this only covers the launch overhead
+    e = static_cast<cudaError_t>(cuda::weighted_delta_sum(a, reinterpret_cast<void*>(stream)));
+  }
+  if (e != cudaSuccess) throw std::runtime_error("weighted_delta_sum: kernel launch failed: " + err_text(e));
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["module"] = "fastmerge._C_cuda";
+  d["version"] = FASTMERGE_VERSION;
+  d["compiler"] = FASTMERGE_COMPILER;
+  d["cuda_compiler"] = FASTMERGE_CUDA_COMPILER;
+  d["cuda_archs"] = FASTMERGE_CUDA_ARCHS;
+  d["cudart_static"] = true;
+  d["cudart_build_version"] = long(CUDART_VERSION);
+  int v = 0;
+  d["cudart_version"] = cudaRuntimeGetVersion(&v) == cudaSuccess ? py::object(py::int_(v)) : py::object(py::none());
+  v = 0;
+  // 0 when no driver is installed
+  d["driver_version"] = cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+  d["max_inputs"] = cuda::kMaxInputs;
+  d["pybind11"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) + "." +
+                  std::to_string(PYBIND11_VERSION_PATCH);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "fastmerge CUDA kernels on raw device pointers (use fastmerge._native for checked wrappers)";
+  m.attr("__version__") = FASTMERGE_VERSION;
+  m.def("is_available", &is_available,
+        "(True, description) if a driver, a device and a kernel image for it are present; else (False, reason).");
+  m.def("device_count", &device_count, "Number of CUDA devices (0 without a driver).");
+  m.def("weighted_delta_sum", &py_weighted_delta_sum, py::arg("out"), py::arg("out_dtype"), py::arg("n"),
+        py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"),
+        py::arg("divisor"), py::arg("lam"), py::arg("stream") = 0,
+        "Same semantics as fastmerge._C.weighted_delta_sum on device pointers, enqueued on `stream` "
+        "(a cudaStream_t as int, e.g. torch.cuda.current_stream().cuda_stream; 0 = default stream).");
+  m.def("build_info", &build_info, "How this module was built (nvcc, archs, CUDA runtime/driver versions).");
+}
