@@ -14,7 +14,7 @@ from .config import MergeConfig
 from .errors import ConfigError
 from .io.writer import parse_size
 from .methods import get_method
-from .methods.base import REQUIRED, coerce
+from .methods.base import REQUIRED, ParamContext, coerce
 from .plan import MergePlan, Options, build_plan
 from .runner import MergeReport, execute
 
@@ -59,11 +59,14 @@ def merge_tensors(
     mergekit_compat: bool = False,
     out_dtype: torch.dtype | None = None,
     threads: int = 0,
+    seed: int = 0,
+    tensor_name: str = "",
     **params: Any,
 ) -> torch.Tensor:
     """Merge same-shape CPU tensors with ``method``. Per-model parameters (``weight``, ``density``) take
     a list (one value per tensor) or a scalar for all; shared ones (``normalize``, ``lambda``...) a scalar.
-    Returns a new tensor in ``out_dtype`` (default: the base's dtype, else the first tensor's)."""
+    Returns a new tensor in ``out_dtype`` (default: the base's dtype, else the first tensor's).
+    Random methods draw from (``seed``, hash of ``tensor_name``, element index): the same on every backend."""
     m = get_method(method)
     if not tensors:
         raise ConfigError("merge_tensors: no tensors given")
@@ -92,7 +95,7 @@ def merge_tensors(
             per_model[spec.name] = [coerce(spec, x, f"merge_tensors {spec.name}") for x in vals]
         else:
             shared[spec.name] = coerce(spec, v, f"merge_tensors {spec.name}")
-    p = m.make_params(per_model, shared)
+    p = m.make_params(per_model, shared, ParamContext(tensor_name, seed))
     m.check(p, "merge_tensors")
     job = MergeJob("<tensor>", m, p, mergekit_compat)
     device = "cpu"

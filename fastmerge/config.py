@@ -142,6 +142,8 @@ class MergeConfig:
             raise ConfigError(f"{where}: merge_method '{m.name}' needs a base_model")
         if len(self.models) < m.min_models:
             raise ConfigError(f"{where}: merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base")
+        if m.max_models is not None and len(self.models) > m.max_models:
+            raise ConfigError(f"{where}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, got {len(self.models)}")
         specs = m.param_specs()
         for scope, params in [("parameters", self.parameters)] + [
             (f"models[{i}] ({s.path}).parameters", s.parameters) for i, s in enumerate(self.models)

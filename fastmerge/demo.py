@@ -72,7 +72,9 @@ def run_demo(cache: Path | None = None, out: Path | None = None, backend: str = 
         srcs = [tp.base] + tp.sources
         vals = []
         for info in srcs:
-            r = readers.setdefault(info.file.parent, ModelReader(CheckpointIndex.open(info.file.parent)))
+            if info.file.parent not in readers:
+                readers[info.file.parent] = ModelReader(CheckpointIndex.open(info.file.parent))
+            r = readers[info.file.parent]
             vals.append(r.get(info))
         ref = p.method.reference(vals[1:], vals[0], tp.params).to(got.dtype)
         if not torch.equal(got.view(torch.int16), ref.view(torch.int16)):

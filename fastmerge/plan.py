@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchErro
 from .io.index import CheckpointIndex, TensorInfo
 from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, plan_shards
 from .methods import MergeMethod
-from .methods.base import REQUIRED
+from .methods.base import REQUIRED, ParamContext
 
 #: Layer index in common naming schemes: LLaMA/Mistral/Qwen/Gemma "model.layers.3.", GPT-2 "h.3.",
 #: BERT/T5 "layer.3." / "block.3.", ViT "blocks.3.", NeoX "gpt_neox.layers.3.".
@@ -138,7 +138,7 @@ def _num_layers(index: CheckpointIndex) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _resolve(method: MergeMethod, cfg: MergeConfig, name: str, t: float) -> Any:
+def _resolve(method: MergeMethod, cfg: MergeConfig, name: str, t: float, seed: int) -> Any:
     per_model: dict[str, list[Any]] = {}
     shared: dict[str, Any] = {}
     from .methods.base import coerce
@@ -162,7 +162,7 @@ def _resolve(method: MergeMethod, cfg: MergeConfig, name: str, t: float) -> Any:
         else:
             v = evaluate_setting(cfg.parameters[spec.name], name, t) if spec.name in cfg.parameters else None
             shared[spec.name] = coerce(spec, spec.default if v is None else v, f"parameters, tensor '{name}'")
-    params = method.make_params(per_model, shared)
+    params = method.make_params(per_model, shared, ParamContext(name, seed))
     method.check(params, f"tensor '{name}'")
     return params
 
@@ -205,7 +205,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             sources.append(s)
         layer = layer_index(name)
         t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
-        params = _resolve(method, config, name, t)
+        params = _resolve(method, config, name, t, options.seed or 0)
         first = base_index.tensors[name] if base_index else sources[0]
         out_dtype = config.out_dtype or config.dtype or first.dtype
         job = MergeJob(name, method, params, options.mergekit_compat)

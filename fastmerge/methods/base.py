@@ -31,6 +31,25 @@ class ParamSpec:
 REQUIRED = object()
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamContext:
+    """What a method may need besides its parameters: the output tensor's name and the run's seed.
+
+    Random methods (DARE, DELLA) draw their keep masks from a counter-based generator keyed by
+    (seed, ``key``, element index), so every backend gives the same output for the same seed,
+    whatever the tensor order, threading or device."""
+
+    tensor: str = ""
+    seed: int = 0
+
+    @property
+    def key(self) -> int:
+        """A stable 63-bit hash of the tensor name (not Python's salted ``hash``)."""
+        import hashlib
+
+        return int.from_bytes(hashlib.blake2b(self.tensor.encode(), digest_size=8).digest(), "little") >> 1
+
+
 def coerce(spec: ParamSpec, value: Any, where: str) -> Any:
     """Validate and convert one resolved scalar; errors name ``where`` (model / tensor / field)."""
     if spec.kind is bool:
@@ -68,15 +87,17 @@ class MergeMethod(ABC):
     base_policy: ClassVar[str]
     params: ClassVar[tuple[ParamSpec, ...]]
     params_type: ClassVar[type]
-    #: smallest number of non-base models
+    #: smallest / largest number of non-base models (None: no limit)
     min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {p.name: p for p in self.params}
 
     @abstractmethod
-    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any]) -> Any:
-        """Build the frozen Params from resolved values: per-model lists (one entry per non-base model)."""
+    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any], ctx: ParamContext) -> Any:
+        """Build the frozen Params from resolved values: per-model lists (one entry per non-base model),
+        shared scalars, and the tensor's context (name, seed)."""
 
     def check(self, params: Any, where: str) -> None:
         """Raise ConfigError for values no backend could merge with (density out of range, ...)."""

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Linear(MergeMethod):
     )
     params_type = LinearParams
 
-    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any]) -> LinearParams:
+    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any], ctx: ParamContext) -> LinearParams:
         return LinearParams(weight=tuple(per_model["weight"]), normalize=shared["normalize"])
 
     def check(self, params: LinearParams, where: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
 from .linear import weight_divisor
 
 
@@ -69,7 +69,7 @@ class TaskArithmetic(MergeMethod):
     )
     params_type = TaskArithmeticParams
 
-    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any]) -> TaskArithmeticParams:
+    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any], ctx: ParamContext) -> TaskArithmeticParams:
         return TaskArithmeticParams(
             weight=tuple(per_model["weight"]), normalize=shared["normalize"], lambda_=shared["lambda"]
         )

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
 from .task_arithmetic import compat_finish, compat_weights
 
 
@@ -85,7 +85,7 @@ class Ties(MergeMethod):
     )
     params_type = TiesParams
 
-    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any]) -> TiesParams:
+    def make_params(self, per_model: dict[str, list[Any]], shared: dict[str, Any], ctx: ParamContext) -> TiesParams:
         return TiesParams(
             weight=tuple(per_model["weight"]),
             density=tuple(per_model["density"]),
