@@ -41,7 +41,7 @@ std::pair<bool, std::string> is_available() {
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    cudaGetLastError();  // reset the (non-sticky) last-error state so later runtime calls start clean
     return {false, err_text(e)};
   }
   if (count == 0) return {false, "no CUDA device"};

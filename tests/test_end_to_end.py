@@ -42,7 +42,10 @@ def _reference_merge(cfg, compat=False):
     out = {}
     for tp in p.tensors:
         srcs = ([tp.base] if tp.base else []) + tp.sources
-        vals = [readers.setdefault(s.file.parent, ModelReader(CheckpointIndex.open(s.file.parent))).get(s) for s in srcs]
+        for s in srcs:
+            if s.file.parent not in readers:
+                readers[s.file.parent] = ModelReader(CheckpointIndex.open(s.file.parent))
+        vals = [readers[s.file.parent].get(s) for s in srcs]
         base, xs = (vals[0], vals[1:]) if tp.base else (None, vals)
         if compat:
             cd = getattr(torch, tp.compute_dtype)

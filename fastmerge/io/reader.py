@@ -44,17 +44,34 @@ except (OSError, AttributeError):  # non-Linux: no page management, still correc
 _populate_ok = True
 
 
-def _file_mappings(path: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of ``path`` (Linux); [] elsewhere."""
-    target = str(path.resolve())
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """(major, minor, inode) of ``path``, as /proc/self/maps prints them."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def _file_mappings(file_id: tuple[int, int, int] | None) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of the file ``file_id`` (Linux); [] elsewhere.
+
+    Matched by device and inode, not by path: a path can be renamed or deleted (a concurrent cleanup
+    of a temp folder) while the mapping lives on, shown as "(deleted)"."""
+    if file_id is None:
+        return []
     out: list[tuple[int, int]] = []
     try:
         with open("/proc/self/maps", "r") as f:
             for line in f:
-                if line.rstrip().endswith(target):
-                    lo, hi = line.split(None, 1)[0].split("-")
+                parts = line.split(None, 5)
+                if len(parts) < 6 or parts[4] != str(file_id[2]):
+                    continue
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                if (major, minor) == file_id[:2]:
+                    lo, hi = parts[0].split("-")
                     out.append((int(lo, 16), int(hi, 16)))
-    except OSError:
+    except (OSError, ValueError):
         return []
     return out
 
@@ -75,6 +92,7 @@ class ModelReader:
         self.max_open = max_open
         self._handles: OrderedDict[Path, Any] = OrderedDict()
         self._maps: dict[Path, list[tuple[int, int]]] = {}
+        self._ids: dict[Path, tuple[int, int, int] | None] = {}
 
     def _handle(self, file: Path) -> Any:
         h = self._handles.get(file)
@@ -91,6 +109,7 @@ class ModelReader:
         except Exception as e:
             raise CheckpointError(f"{file}: cannot open ({type(e).__name__}: {e})".split("\n")[0]) from None
         self._handles[file] = h
+        self._ids[file] = _file_id(file)  # taken when opened: the identity of what is mapped
         self._maps.pop(file, None)
         while len(self._handles) > self.max_open:
             old, _ = self._handles.popitem(last=False)
@@ -113,7 +132,7 @@ class ModelReader:
         hi = lo + t.numel() * t.element_size()
         maps = self._maps.get(info.file)
         if maps is None or not any(a <= lo and hi <= b for a, b in maps):
-            maps = self._maps[info.file] = _file_mappings(info.file)
+            maps = self._maps[info.file] = _file_mappings(self._ids.get(info.file))
         return (lo, hi) if any(a <= lo and hi <= b for a, b in maps) else None
 
     def populate(self, info: TensorInfo, t: torch.Tensor) -> None:

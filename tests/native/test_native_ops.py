@@ -85,6 +85,53 @@ def check_bit_exact(method: str, inputs, base, params, out_dtype, threads: int =
 
 
 # ---------------------------------------------------------------------------------------------------------
+# dtype conversions: every fp16 / bf16 bit pattern, and a dense sweep of fp32 patterns
+
+
+def assert_same_values(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit equality except NaN payloads (torch's own CPU conversions disagree on those between its scalar
+    and vectorised paths); NaN-ness must match."""
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan), f"{what}: NaN positions differ"
+    o, e = out[~nan], expected[~nan]
+    if not torch.equal(o.view(torch.int16 if o.element_size() == 2 else torch.int32),
+                       e.view(torch.int16 if e.element_size() == 2 else torch.int32)):
+        bad = (o != e) | (torch.signbit(o) != torch.signbit(e))
+        i = int(bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} values differ, e.g. {o[i].item()!r} vs {e[i].item()!r}")
+
+
+@pytest.mark.parametrize("in_dtype", [F16, BF16], ids=DT_ID.get)
+def test_every_half_pattern_converts_like_torch(in_dtype):
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(in_dtype)
+    p = LinearParams(weight=(1.0,), normalize=False)  # out = 0 + 1 * x: the conversions alone
+    for out_dtype in DTYPES:
+        expected = get_method("linear").reference([x], None, p).to(out_dtype)
+        out = poisoned(x.numel(), out_dtype)
+        run_native("linear", out, [x], None, p)
+        assert_same_values(out, expected, f"{DT_ID[in_dtype]} -> {DT_ID[out_dtype]}")
+
+
+def test_fp32_patterns_round_like_torch():
+    # every 251st fp32 bit pattern (17M values: all exponents, mantissas near every rounding boundary
+    # pattern modulo 251), plus the exact boundaries of fp16/bf16 overflow, subnormals and ties
+    sweep = torch.arange(0, 2**32, 251, dtype=torch.int64)
+    edges = torch.tensor(
+        [0x477FEFFF, 0x477FF000, 0x477FF001, 0x47800000, 0x33000000, 0x33000001, 0x387FFFFF, 0x38800000,
+         0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0x7F800000, 0x3F808000, 0x3F818000, 0x00000001, 0x00800000],
+        dtype=torch.int64,
+    )
+    bits = torch.cat([sweep, edges, edges | 0x80000000])
+    x = bits.to(torch.int32).view(F32)  # int64 -> int32 wraps to the same 32 bits
+    p = LinearParams(weight=(1.0,), normalize=False)
+    for out_dtype in (F16, BF16):
+        expected = get_method("linear").reference([x], None, p).to(out_dtype)
+        out = poisoned(x.numel(), out_dtype)
+        run_native("linear", out, [x], None, p)
+        assert_same_values(out, expected, f"f32 -> {DT_ID[out_dtype]}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # linear / task_arithmetic: weighted_delta_sum
 
 
@@ -96,7 +143,8 @@ def test_weighted_delta_sum_matches_reference(n, T, dtype):
     w = WEIGHTS[:T]
     check_bit_exact("linear", inputs, None, LinearParams(weight=w, normalize=True), dtype)
     check_bit_exact("linear", inputs, None, LinearParams(weight=w, normalize=False), dtype)
-    check_bit_exact("task_arithmetic", inputs, base, TaskArithmeticParams(weight=w, normalize=False, lambda_=1.0), dtype)
+    p = TaskArithmeticParams(weight=w, normalize=False, lambda_=1.0)
+    check_bit_exact("task_arithmetic", inputs, base, p, dtype)
     check_bit_exact("task_arithmetic", inputs, base, TaskArithmeticParams(weight=w, normalize=True, lambda_=0.6), dtype)
 
 
@@ -284,10 +332,8 @@ def test_thread_count_independence():
             run_native(method, out, xs, b, p, threads)
             outs.append(out)
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), name
-    assert all(
-        _native.kth_largest_abs_diff(inputs[0], base, 12345, threads=t) == _native.kth_largest_abs_diff(inputs[0], base, 12345, threads=1)
-        for t in (2, 3)
-    )
+    kth = [_native.kth_largest_abs_diff(inputs[0], base, 12345, threads=t) for t in (1, 2, 3)]
+    assert kth[0] == kth[1] == kth[2]
 
 
 def test_scratch_is_reused_in_steady_state():

@@ -6,15 +6,17 @@
 //
 //     b   = base ? base[j] : 0
 //     acc = 0.0f
-//     for i in 0..T-1:  v = x_i[j];  if base: v = v - b;  acc = acc + w_i * v
+//     for i in 0..T-1:  base: acc = acc + w_i * (x_i[j] - b)      (product rounded, then the sum)
+//                       no base: acc = fma(w_i, x_i[j], acc)        (one rounding, as torch's addcmul_)
 //     if divisor != 0:  acc = acc / divisor
 //     if lambda  != 1:  acc = acc * lambda
 //     if base:          acc = b + acc
 //     out[j] = round_to_nearest_even(acc)
 //
 // This is exactly the op order of the torch references in fastmerge/methods/{linear,task_arithmetic}.py
-// (`acc = acc + w * x`, starting from a zero fp32 tensor), so results are bit-identical. Note that
-// acc starts at +0.0f and the first step really adds: 0 + (-0) = +0, as torch computes it.
+// (linear: `acc.addcmul_(x, w)`, fused, as mergekit 0.1.5 computes it; task_arithmetic:
+// `acc = acc + w * (x - b)`, unfused, as mergekit's stacked multiply-then-sum), starting from a zero
+// fp32 tensor, so results are bit-identical. acc starts at +0.0f and the first step really adds.
 #pragma once
 
 #include "fastmerge/common.h"
@@ -22,10 +24,9 @@
 namespace fastmerge {
 namespace linear {
 
-// One accumulation step: acc + w * (x - b)  (or acc + w * x without a base).
+// One accumulation step: acc + w * (x - b) with two roundings, or fma(w, x, acc) without a base.
 FM_HOST_DEVICE float accumulate(float acc, float w, float x, float b, bool has_base) {
-  const float v = has_base ? fm_sub(x, b) : x;
-  return fm_add(acc, fm_mul(w, v));
+  return has_base ? fm_add(acc, fm_mul(w, fm_sub(x, b))) : fm_fma(w, x, acc);
 }
 
 // Loop-invariant scalars of the epilogue, already rounded to fp32.

@@ -1,0 +1,96 @@
+"""ModelReader / Prefetcher: read-only views, safe page release, order and read-ahead budget."""
+
+import threading
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastmerge.io.index import CheckpointIndex
+from fastmerge.io.reader import ModelReader, Prefetcher
+from helpers.checkpoints import random_state
+
+
+def _big(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    sd = {f"t{i}": torch.randn(300_000, generator=g) for i in range(4)}  # 1.2 MB each: many pages
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    return sd, ModelReader(CheckpointIndex.open(tmp_path))
+
+
+def test_get_matches_safetensors(tmp_path):
+    sd = random_state()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    r = ModelReader(CheckpointIndex.open(tmp_path))
+    for name, info in r.index.tensors.items():
+        assert torch.equal(r.get(info), sd[name])
+
+
+def test_drop_releases_pages_but_never_data(tmp_path):
+    sd, r = _big(tmp_path)
+    info = r.index.tensors["t1"]
+    t = r.get(info)
+    r.populate(info, t)
+    assert r._mapped_range(info, t) is not None
+    r.drop(info, t)
+    assert torch.equal(t, sd["t1"])  # re-faulted from the page cache
+    with safe_open(str(info.file), framework="pt") as f:
+        assert torch.equal(f.get_tensor("t1"), sd["t1"])  # file untouched
+
+
+def test_mapping_found_after_the_path_is_deleted(tmp_path):
+    # a concurrent cleanup can delete a mapped file ("(deleted)" in /proc/self/maps): match by inode
+    sd, r = _big(tmp_path)
+    info = r.index.tensors["t2"]
+    t = r.get(info)
+    info.file.unlink()
+    r._maps.clear()
+    assert r._mapped_range(info, t) is not None
+    r.drop(info, t)
+    assert torch.equal(t, sd["t2"])
+
+
+def test_heap_memory_is_never_advised(tmp_path):
+    sd, r = _big(tmp_path)
+    info = r.index.tensors["t0"]
+    heap = sd["t0"].clone()
+    assert r._mapped_range(info, heap) is None
+    r.drop(info, heap)
+    assert torch.equal(heap, sd["t0"])
+
+
+def test_prefetcher_order_and_budget(tmp_path):
+    sd, r = _big(tmp_path)
+    infos = list(r.index.tensors.values())
+    groups = [[(r, i)] for i in infos] * 3  # 12 groups of 1.2 MB
+    seen_inflight = []
+    pf = Prefetcher(groups, budget_bytes=int(2.5 * infos[0].nbytes))
+    orig = pf._q.put
+
+    def spy(item):
+        seen_inflight.append(pf._inflight)
+        orig(item)
+
+    pf._q.put = spy
+    order = []
+    for i, tensors in pf:
+        order.append(i)
+        assert torch.equal(tensors[0], sd[groups[i][0][1].name])
+        pf.release(i)
+    pf.close()
+    assert order == list(range(12))
+    assert max(seen_inflight) <= 2.5 * infos[0].nbytes
+
+
+def test_prefetcher_surfaces_reader_errors(tmp_path):
+    sd, r = _big(tmp_path)
+    bad = r.index.tensors["t3"]
+    info = type(bad)(bad.name, bad.file, bad.dtype, (7,), bad.begin, bad.end)  # header no longer matches
+    pf = Prefetcher([[(r, info)]], budget_bytes=1)
+    try:
+        for _ in pf:
+            raise AssertionError("should have raised")
+    except Exception as e:
+        assert "changed shape" in str(e)
+    pf.close()
+    assert not any(t.name == "fastmerge-read" and t.is_alive() for t in threading.enumerate())
