@@ -33,6 +33,8 @@ from safetensors import safe_open
 import fastmerge
 from fastmerge import _native
 from fastmerge.testing import LlamaShape, make_family
+from helpers.parity import *  # noqa: F403 (comparison helpers shared by every parity test)
+from helpers.parity import OFFLINE_ENV, run_mergekit
 
 pytestmark = [
     pytest.mark.parity,
@@ -43,132 +45,6 @@ pytestmark = [
 # intermediate 176 are not powers of two, which keeps top-k counts (k = int(d·numel)) irregular.
 SHAPE = LlamaShape(hidden=64, layers=4, intermediate=176, vocab=320, heads=4)
 MK_FLAGS = ["--no-copy-tokenizer", "--random-seed", "42", "--no-write-model-card"]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-for _k, _v in OFFLINE_ENV.items():  # mergekit (in-process too) must never reach the network
-    os.environ.setdefault(_k, _v)
-
-INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-# ------------------------------------------------------------------------------------------------
-# comparison helpers
-
-
-@dataclass
-class TensorDiff:
-    name: str
-    numel: int
-    equal: int  # bitwise-equal elements
-    max_ulp: int  # largest distance in units in the last place of the stored dtype
-    max_abs: float
-    first: str  # "index: got vs want" of the largest difference, for the failure message
-
-    @property
-    def frac(self) -> float:
-        return self.equal / self.numel if self.numel else 1.0
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|ordered(a) − ordered(b)| per element, where ``ordered`` maps the IEEE bit patterns of a floating
-    dtype to integers monotonically (so 1 means adjacent representable values; +0 and −0 are both 0)."""
-    iv = INT_VIEW[a.dtype]
-    bits = 8 * a.element_size()
-    mag_mask = (1 << (bits - 1)) - 1
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        i = t.contiguous().reshape(-1).view(iv).to(torch.int64)
-        mag = i & mag_mask
-        return torch.where(i < 0, -mag, mag)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def tensor_diff(name: str, got: torch.Tensor, want: torch.Tensor) -> TensorDiff:
-    assert got.dtype == want.dtype and got.shape == want.shape, (
-        f"{name}: fastmerge {got.dtype}{list(got.shape)} vs mergekit {want.dtype}{list(want.shape)}"
-    )
-    iv = INT_VIEW[got.dtype]
-    eq = int((got.reshape(-1).view(iv) == want.reshape(-1).view(iv)).sum())
-    d = ulp_distance(got, want)
-    i = int(d.argmax()) if d.numel() else 0
-    g, w = got.reshape(-1).float(), want.reshape(-1).float()
-    return TensorDiff(
-        name, got.numel(), eq, int(d[i]) if d.numel() else 0,
-        float((g - w).abs().max()) if d.numel() else 0.0,
-        f"[{i}]: fastmerge {float(g[i])!r} vs mergekit {float(w[i])!r}" if d.numel() else "",
-    )
-
-
-def compare_models(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> list[TensorDiff]:
-    assert sorted(got) == sorted(want), (
-        f"tensor names differ: only fastmerge {sorted(set(got) - set(want))[:5]}, "
-        f"only mergekit {sorted(set(want) - set(got))[:5]}"
-    )
-    return [tensor_diff(n, got[n], want[n]) for n in sorted(want)]
-
-
-def describe(diffs: list[TensorDiff], limit: int = 6) -> str:
-    bad = sorted((d for d in diffs if d.equal != d.numel), key=lambda d: (d.frac, -d.max_ulp))
-    tot = sum(d.numel for d in diffs)
-    eq = sum(d.equal for d in diffs)
-    lines = [f"{eq}/{tot} elements bitwise equal ({eq / tot:.5%}); {len(bad)}/{len(diffs)} tensors differ"]
-    for d in bad[:limit]:
-        lines.append(
-            f"  {d.name}: {d.numel - d.equal}/{d.numel} differ ({d.frac:.4%} equal), max {d.max_ulp} ulp, "
-            f"max |diff| {d.max_abs:.3g} at {d.first}"
-        )
-    if len(bad) > limit:
-        lines.append(f"  ... and {len(bad) - limit} more tensors")
-    return "\n".join(lines)
-
-
-def assert_bit_exact(diffs: list[TensorDiff], what: str) -> None:
-    assert all(d.equal == d.numel for d in diffs), f"{what}: not bit-exact vs mergekit 0.1.5\n{describe(diffs)}"
-
-
-def assert_within_ulp(diffs: list[TensorDiff], max_ulp: int, what: str) -> None:
-    worst = max(d.max_ulp for d in diffs)
-    assert worst <= max_ulp, f"{what}: max {worst} ulp > {max_ulp} ulp allowed\n{describe(diffs)}"
-
-
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-
-
-def ulp_at(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` values at magnitude ``scale`` (fp32 tensor; subnormal range clamped)."""
-    _, e = torch.frexp(scale.float().clamp_min(torch.finfo(dtype).tiny))  # scale = m·2^e, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(scale, dtype=torch.float32), e - 1 - MANTISSA_BITS[dtype])
-
-
-def max_operand_scale_ulps(got: torch.Tensor, want: torch.Tensor, operands: list[torch.Tensor]) -> float:
-    """max |got − want| in ulps of the output dtype taken at the largest magnitude among the operands
-    (base and inputs) and both results: the scale at which a chain of roundings makes its errors."""
-    scale = torch.stack([t.float().abs() for t in (*operands, got, want)]).amax(0)
-    d = (got.float() - want.float()).abs() / ulp_at(scale, want.dtype)
-    return float(d.max()) if d.numel() else 0.0
-
-
-def load_model(root: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint (single file or sharded with an index)."""
-    files = sorted(root.glob("*.safetensors"))
-    assert files, f"{root}: no .safetensors written"
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        listed = set(json.loads(index.read_text())["weight_map"].values())
-        assert listed == {f.name for f in files}, f"{root}: index lists {sorted(listed)}, folder has {[f.name for f in files]}"
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                assert k not in out, f"{root}: tensor {k} stored twice"
-                out[k] = h.get_tensor(k)
-    return out
-
-
-def config_dtype(root: Path) -> str | None:
-    doc = json.loads((root / "config.json").read_text())
-    return doc.get("dtype") or doc.get("torch_dtype")
-
 
 # ------------------------------------------------------------------------------------------------
 # families and configs
@@ -242,15 +118,7 @@ class Outputs:
     def mergekit(self, case: Case) -> Path:
         key = (case.id, "mergekit")
         if key not in self._done:
-            from mergekit.config import MergeConfiguration
-            from mergekit.merge import run_merge
-            from mergekit.options import MergeOptions
-
-            doc = case.doc(self.fams)
-            out = self.root / f"{case.id}.mergekit"
-            opts = MergeOptions(copy_tokenizer=False, random_seed=42, write_model_card=False, quiet=True)
-            run_merge(MergeConfiguration.model_validate(doc), str(out), options=opts, config_source=yaml.safe_dump(doc))
-            self._done[key] = out
+            self._done[key] = run_mergekit(case.doc(self.fams), self.root / f"{case.id}.mergekit")
         return self._done[key]
 
     def fastmerge(self, case: Case, compat: bool, backend: str = "auto") -> Path:
