@@ -28,7 +28,6 @@ TOP_LEVEL = {
     "tokenizer", "slices", "modules", "chat_template",
 }
 UNSUPPORTED = {
-    "slices": "'slices' (layer ranges / frankenmerges) is not supported yet; use 'models'",
     "modules": "'modules' (multi-module models) is not supported yet",
     "chat_template": "'chat_template' is not supported yet; remove it and set the template on the output",
 }
@@ -43,8 +42,31 @@ class ModelSpec:
 
 
 @dataclasses.dataclass
+class SourceSpec:
+    """One input of an output slice: a model, the layers it contributes [start, end), its parameters."""
+
+    path: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclasses.dataclass
+class SliceSpec:
+    """An output slice: its sources (the base model, if any, among them), base override and parameters."""
+
+    sources: list[SourceSpec]
+    base_model: str | None = None
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class MergeConfig:
-    """A validated merge configuration. ``models`` excludes the base model (mergekit's non-base inputs)."""
+    """A validated merge configuration: either ``models`` (whole models; the base model excluded, as
+    mergekit's non-base inputs) or ``slices`` (layer ranges, renumbered in the output)."""
 
     merge_method: str
     models: list[ModelSpec]
@@ -54,6 +76,7 @@ class MergeConfig:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     source: str | None = None  # where it was read from, for messages
+    slices: list[SliceSpec] | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -99,8 +122,14 @@ class MergeConfig:
         if base is not None:
             base = _model_ref(base, f"{where}: base_model")
         raw_models = doc.get("models")
-        if not isinstance(raw_models, list) or not raw_models:
-            raise ConfigError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        slices = None
+        if doc.get("slices") is not None:
+            if raw_models is not None:
+                raise ConfigError(f"{where}: give either 'models' or 'slices', not both")
+            slices = _parse_slices(doc["slices"], where)
+            raw_models = []
+        elif not isinstance(raw_models, list) or not raw_models:
+            raise ConfigError(f"{where}: 'models' (or 'slices') must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
         models: list[ModelSpec] = []
         for i, m in enumerate(raw_models):
             mw = f"{where}: models[{i}]"
@@ -130,6 +159,7 @@ class MergeConfig:
             out_dtype=_dtype(doc.get("out_dtype"), f"{where}: out_dtype"),
             tokenizer_source=None if tok is None else str(tok),
             source=source,
+            slices=slices,
         )
         cfg.validate()
         return cfg
@@ -138,16 +168,31 @@ class MergeConfig:
         """Static checks (no file access): base-model rules, model count, parameter names and shapes."""
         where = self.source or "config"
         m = self.method
-        if m.base_policy == "required" and not self.base_model:
-            raise ConfigError(f"{where}: merge_method '{m.name}' needs a base_model")
-        if len(self.models) < m.min_models:
-            raise ConfigError(f"{where}: merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base")
-        if m.max_models is not None and len(self.models) > m.max_models:
-            raise ConfigError(f"{where}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, got {len(self.models)}")
-        specs = m.param_specs()
-        for scope, params in [("parameters", self.parameters)] + [
+        groups: list[tuple[str, int]] = [("models", len(self.models))]  # (where, number of non-base inputs)
+        scopes = [("parameters", self.parameters)] + [
             (f"models[{i}] ({s.path}).parameters", s.parameters) for i, s in enumerate(self.models)
-        ]:
+        ]
+        if self.slices is not None:
+            groups = []
+            for i, sl in enumerate(self.slices):
+                base = sl.base_model or self.base_model
+                if m.base_policy == "required" and not base:
+                    raise ConfigError(f"{where}: merge_method '{m.name}' needs a base_model (globally or in slices[{i}])")
+                if m.base_policy != "ignored" and base and base not in [s.path for s in sl.sources]:
+                    raise ConfigError(f"{where}: slices[{i}]: base_model '{base}' must be one of the slice's sources")
+                n = sum(1 for s in sl.sources if m.base_policy == "ignored" or s.path != base)
+                groups.append((f"slices[{i}]", n))
+                scopes.append((f"slices[{i}].parameters", sl.parameters))
+                scopes += [(f"slices[{i}].sources[{j}] ({s.path}).parameters", s.parameters) for j, s in enumerate(sl.sources)]
+        elif m.base_policy == "required" and not self.base_model:
+            raise ConfigError(f"{where}: merge_method '{m.name}' needs a base_model")
+        for gw, n in groups:
+            if n < m.min_models:
+                raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base, got {n}")
+            if m.max_models is not None and n > m.max_models:
+                raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, got {n}")
+        specs = m.param_specs()
+        for scope, params in scopes:
             for name, setting in params.items():
                 _check_setting(setting, f"{where}: {scope}.{name}")
                 if name in specs:
@@ -163,17 +208,72 @@ class MergeConfig:
                 for i, s in enumerate(self.models):
                     if name not in s.parameters and name not in self.parameters:
                         raise ConfigError(f"{where}: models[{i}] ({s.path}): missing required parameter '{name}'")
+                for i, sl in enumerate(self.slices or []):
+                    base = sl.base_model or self.base_model
+                    for j, s in enumerate(sl.sources):
+                        if m.base_policy != "ignored" and s.path == base:
+                            continue
+                        if not any(name in d for d in (s.parameters, sl.parameters, self.parameters)):
+                            raise ConfigError(f"{where}: slices[{i}].sources[{j}] ({s.path}): missing required parameter '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model:
             d["base_model"] = self.base_model
-        d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models]
+        if self.slices is not None:
+            d["slices"] = [
+                {"sources": [{"model": s.path, "layer_range": list(s.layer_range), "parameters": s.parameters} for s in sl.sources],
+                 **({"base_model": sl.base_model} if sl.base_model else {}),
+                 **({"parameters": sl.parameters} if sl.parameters else {})}
+                for sl in self.slices
+            ]
+        else:
+            d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models]
         for k in ("parameters", "dtype", "out_dtype", "tokenizer_source"):
             v = getattr(self, k)
             if v:
                 d[k] = v
         return d
+
+
+def _parse_slices(raw: Any, where: str) -> list[SliceSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: 'slices' must be a non-empty list of {{sources: [...]}}")
+    out = []
+    for i, sl in enumerate(raw):
+        sw = f"{where}: slices[{i}]"
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ConfigError(f"{sw}: each slice needs a non-empty 'sources' list")
+        extra = set(sl) - {"sources", "base_model", "parameters", "residual_weight"}
+        if extra:
+            raise ConfigError(f"{sw}: unknown field '{sorted(extra)[0]}'")
+        if sl.get("residual_weight") is not None:
+            raise ConfigError(f"{sw}: 'residual_weight' is not supported yet")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            srw = f"{sw}.sources[{j}]"
+            if not isinstance(src, dict) or "model" not in src:
+                raise ConfigError(f"{srw}: each source needs 'model' and 'layer_range'")
+            extra = set(src) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise ConfigError(f"{srw}: unknown field '{sorted(extra)[0]}'")
+            lr = src.get("layer_range")
+            if (not isinstance(lr, (list, tuple)) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                    or lr[0] < 0 or lr[1] <= lr[0]):
+                raise ConfigError(f"{srw}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+            params = src.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"{srw}.parameters: must be a mapping")
+            sources.append(SourceSpec(_model_ref(src["model"], f"{srw}.model"), (lr[0], lr[1]), dict(params)))
+        lengths = {s.length for s in sources}
+        if len(lengths) > 1:
+            raise ConfigError(f"{sw}: all sources of a slice need the same number of layers, got {sorted(lengths)}")
+        params = sl.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{sw}.parameters: must be a mapping")
+        base = _model_ref(sl["base_model"], f"{sw}.base_model") if sl.get("base_model") is not None else None
+        out.append(SliceSpec(sources, base, dict(params)))
+    return out
 
 
 def _required() -> Any:

@@ -76,8 +76,9 @@ class MergePlan:
     config: MergeConfig
     options: Options
     device: str
-    base_index: CheckpointIndex | None
-    indexes: list[CheckpointIndex]  # non-base models, config order
+    indexes: dict[str, CheckpointIndex]  # every input model (base included), by config path
+    ref_root: Path  # the model whose config.json / tokenizer the output inherits
+    out_layers: int | None  # number of output layers when built from slices (config.json is updated)
     tensors: list[TensorPlan]
     shards: list[Shard]
 
@@ -138,29 +139,50 @@ def _num_layers(index: CheckpointIndex) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _resolve(method: MergeMethod, cfg: MergeConfig, name: str, t: float, seed: int) -> Any:
-    per_model: dict[str, list[Any]] = {}
-    shared: dict[str, Any] = {}
+#: Non-layer tensors that come before the layers (embeddings); every other non-layer tensor (final norm,
+#: heads) comes after. Used to order a slices-built output and to take pre/post tensors from the first
+#: and last slice, as mergekit does.
+PRE_RE = re.compile(r"(embed|wte|wpe|tok_embeddings|word_embeddings|position_embeddings|token_type_embeddings|patch_embed|cls_token|pos_embed|shared\.weight)")
+
+
+def with_layer(name: str, idx: int) -> str:
+    """``name`` with its layer index replaced by ``idx``."""
+    m = LAYER_RE.search(name)
+    assert m is not None, name
+    return name[: m.start(1)] + str(idx) + name[m.end(1):]
+
+
+def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slice_params: dict[str, Any],
+             global_params: dict[str, Any], name: str, t: float, seed: int) -> Any:
+    """Resolve every parameter for one output tensor. Precedence: the input's own (slice source or
+    model) parameters > the slice's > global; each value evaluated (filters, gradient at t)."""
     from .methods.base import coerce
 
+    per_model: dict[str, list[Any]] = {}
+    shared: dict[str, Any] = {}
     for spec in method.params:
         if spec.per_model:
             vals = []
-            for i, m in enumerate(cfg.models):
+            for i, (path, own) in enumerate(inputs):
                 v = None
-                for src in (m.parameters, cfg.parameters):
+                for src in (own, slice_params, global_params):
                     if spec.name in src:
                         v = evaluate_setting(src[spec.name], name, t)
                         if v is not None:
                             break
                 if v is None:
                     if spec.default is REQUIRED:
-                        raise ConfigError(f"models[{i}] ({m.path}): no value of '{spec.name}' applies to tensor '{name}' (add a fallback {{value: ...}})")
+                        raise ConfigError(f"model #{i + 1} ({path}): no value of '{spec.name}' applies to tensor '{name}' (add a fallback {{value: ...}})")
                     v = spec.default
-                vals.append(coerce(spec, v, f"models[{i}] ({m.path}), tensor '{name}'"))
+                vals.append(coerce(spec, v, f"model #{i + 1} ({path}), tensor '{name}'"))
             per_model[spec.name] = vals
         else:
-            v = evaluate_setting(cfg.parameters[spec.name], name, t) if spec.name in cfg.parameters else None
+            v = None
+            for src in (slice_params, global_params):
+                if spec.name in src:
+                    v = evaluate_setting(src[spec.name], name, t)
+                    if v is not None:
+                        break
             shared[spec.name] = coerce(spec, spec.default if v is None else v, f"parameters, tensor '{name}'")
     params = method.make_params(per_model, shared, ParamContext(name, seed))
     method.check(params, f"tensor '{name}'")
@@ -179,48 +201,128 @@ def check_output(out: Path, input_roots: list[Path], overwrite: bool) -> None:
         raise OutputError(f"{out}: exists and is not a directory")
 
 
+@dataclasses.dataclass
+class _Input:
+    """A model feeding one output slice, from layer ``start`` on, with its own parameters."""
+
+    path: str
+    index: CheckpointIndex
+    params: dict[str, Any]
+    start: int = 0
+
+
+@dataclasses.dataclass
+class _Slice:
+    inputs: list[_Input]  # non-base, config order
+    base: _Input | None
+    params: dict[str, Any]
+    length: int
+
+
+def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
+    """Both syntaxes as slices. ``models`` = one slice over every layer of every model."""
+    method = config.method
+    if config.slices is None:
+        base = _Input(config.base_model, open_index(config.base_model), {}) if config.base_model and method.base_policy != "ignored" else None
+        inputs = [_Input(m.path, open_index(m.path), m.parameters) for m in config.models]
+        ref = base or inputs[0]
+        return [_Slice(inputs, base, {}, _num_layers(ref.index))], False
+    out = []
+    for sl in config.slices:
+        base_path = sl.base_model or config.base_model
+        base, inputs = None, []
+        for src in sl.sources:
+            inp = _Input(src.path, open_index(src.path), src.parameters, src.layer_range[0])
+            if method.base_policy != "ignored" and src.path == base_path and base is None:
+                base = inp
+            else:
+                inputs.append(inp)
+        out.append(_Slice(inputs, base, sl.parameters, sl.sources[0].length))
+    return out, True
+
+
 def build_plan(config: MergeConfig, options: Options | None = None, out: str | Path | None = None) -> MergePlan:
     """Open every input's headers, resolve every tensor's parameters and backend, lay out the output."""
     options = options or Options()
     method = config.method
     device = backends.resolve_device(options.device)
-    base_index = CheckpointIndex.open(config.base_model) if config.base_model and method.base_policy != "ignored" else None
-    indexes = [CheckpointIndex.open(m.path) for m in config.models]
+    indexes: dict[str, CheckpointIndex] = {}
+
+    def open_index(path: str) -> CheckpointIndex:
+        if path not in indexes:
+            indexes[path] = CheckpointIndex.open(path)
+        return indexes[path]
+
+    slices, sliced = _slices(config, open_index)
     if out is not None:
-        roots = [ix.root for ix in indexes] + ([base_index.root] if base_index else [])
-        if config.base_model:
-            roots.append(Path(config.base_model) if Path(config.base_model).is_dir() else Path(config.base_model).parent)
+        roots = [ix.root for ix in indexes.values()] + [Path(p) if Path(p).is_dir() else Path(p).parent for p in indexes]
         check_output(Path(out), roots, options.overwrite)
-    ref = base_index or indexes[0]
-    n_layers = _num_layers(ref)
+    first = slices[0].base or slices[0].inputs[0]
+    seed = options.seed or 0
     plans: list[TensorPlan] = []
-    for name, info in ref.tensors.items():
-        sources: list[TensorInfo] = []
-        for m, ix in zip(config.models, indexes):
-            s = ix.tensors.get(name)
-            if s is None:
-                raise CheckpointError(f"{m.path}: tensor '{name}' is missing (present in {ref.root})")
-            if s.shape != info.shape:
-                raise ShapeMismatchError(f"tensor '{name}': shape {list(s.shape)} in {m.path} but {list(info.shape)} in {ref.root}")
-            sources.append(s)
-        layer = layer_index(name)
-        t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
-        params = _resolve(method, config, name, t, options.seed or 0)
-        first = base_index.tensors[name] if base_index else sources[0]
-        out_dtype = config.out_dtype or config.dtype or first.dtype
-        job = MergeJob(name, method, params, options.mergekit_compat)
+
+    def add(out_name: str, sl: _Slice, layer: int | None, t: float) -> None:
+        """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor."""
+        members = ([sl.base] if sl.base else []) + sl.inputs
+        infos = []
+        for m in members:
+            in_name = out_name if layer is None or not sliced else with_layer(out_name, m.start + layer)
+            info = m.index.tensors.get(in_name)
+            if info is None:
+                raise CheckpointError(f"{m.path}: tensor '{in_name}' is missing (needed for output '{out_name}')")
+            infos.append(info)
+        ref_info = infos[0]
+        for m, info in zip(members, infos):
+            if info.shape != ref_info.shape:
+                raise ShapeMismatchError(
+                    f"tensor '{info.name}': shape {list(info.shape)} in {m.path} but {list(ref_info.shape)} in {members[0].path}"
+                )
+        params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed)
+        base_info = infos[0] if sl.base else None
+        sources = infos[1:] if sl.base else infos
+        out_dtype = config.out_dtype or config.dtype or ref_info.dtype
+        job = MergeJob(out_name, method, params, options.mergekit_compat)
         backend, skipped = backends.select(job, device, options.backend)
-        plans.append(
-            TensorPlan(
-                name=name, shape=info.shape, out_dtype=out_dtype,
-                compute_dtype=(config.dtype or first.dtype) if options.mergekit_compat else None,
-                base=base_index.tensors[name] if base_index else None, sources=sources, params=params,
-                layer=layer, backend=backend, skipped=skipped,
-            )
-        )
-    for m, ix in zip(config.models, indexes):
-        extra = [n for n in ix.tensors if n not in ref.tensors]
-        if extra:
-            raise CheckpointError(f"{m.path}: tensor '{extra[0]}' is not in {ref.root} (models must share tensor names)")
+        plans.append(TensorPlan(
+            name=out_name, shape=ref_info.shape, out_dtype=out_dtype,
+            compute_dtype=(config.dtype or ref_info.dtype) if options.mergekit_compat else None,
+            base=base_info, sources=sources, params=params, layer=layer_index(out_name), backend=backend, skipped=skipped,
+        ))
+
+    if not sliced:
+        # whole models: output names = input names, in the reference model's file order (reads stay sequential)
+        sl = slices[0]
+        n_layers = sl.length
+        for name in first.index.tensors:
+            li = layer_index(name)
+            t = 0.0 if li is None else (li / (n_layers - 1) if n_layers > 1 else 1.0)
+            add(name, sl, li, t)
+        for m in sl.inputs:
+            extra = [n for n in m.index.tensors if n not in first.index.tensors]
+            if extra:
+                raise CheckpointError(f"{m.path}: tensor '{extra[0]}' is not in {first.path} (models must share tensor names)")
+    else:
+        names = list(first.index.tensors)
+        non_layer = [n for n in names if layer_index(n) is None]
+        for n in non_layer:  # embeddings, from the first slice (as mergekit's pre-weights)
+            if PRE_RE.search(n):
+                add(n, slices[0], None, 0.0)
+        last = slices[-1].base or slices[-1].inputs[0]
+        offset = 0
+        for si, sl in enumerate(slices):
+            ref = sl.base or sl.inputs[0]
+            for i in range(sl.length):
+                src_layer = ref.start + i
+                layer_names = [n for n in ref.index.tensors if layer_index(n) == src_layer]
+                if not layer_names:
+                    raise CheckpointError(f"{ref.path}: slices[{si}] asks for layer {src_layer}, which this model does not have")
+                t = i / (sl.length - 1) if sl.length > 1 else 1.0
+                for n in layer_names:
+                    add(with_layer(n, offset + i), sl, i, t)
+            offset += sl.length
+        for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n)]:  # final norm, heads
+            add(n, slices[-1], None, 0.0)
     shards = plan_shards([p.out_tensor for p in plans], options.out_shard_size)
-    return MergePlan(config, options, device, base_index, indexes, plans, shards)
+    ref_root = first.index.root
+    n_out_layers = sum(s.length for s in slices) if sliced else None
+    return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards)

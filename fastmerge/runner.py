@@ -123,7 +123,7 @@ class _WriteThread:
 
 def _write_side_files(plan: MergePlan, tmp: Path) -> None:
     cfg = plan.config
-    ref_root = plan.base_index.root if plan.base_index else plan.indexes[0].root
+    ref_root = plan.ref_root
     src_cfg = ref_root / "config.json"
     if src_cfg.is_file():
         doc = json.loads(src_cfg.read_text(encoding="utf-8"))
@@ -132,6 +132,9 @@ def _write_side_files(plan: MergePlan, tmp: Path) -> None:
             keys = [k for k in ("torch_dtype", "dtype") if k in doc] or ["torch_dtype"]
             for k in keys:
                 doc[k] = out_dtype
+        if plan.out_layers is not None:  # slices: the output has its own number of layers
+            for k in [k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in doc] or ["num_hidden_layers"]:
+                doc[k] = plan.out_layers
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if plan.options.copy_tokenizer:
         src = ref_root
@@ -164,10 +167,13 @@ def execute(plan: MergePlan, out: str | Path) -> MergeReport:
     merge_s = 0.0
     counts: dict[str, int] = {}
     try:
-        base_reader = ModelReader(plan.base_index) if plan.base_index else None
-        readers = [ModelReader(ix) for ix in plan.indexes]
+        by_file: dict[Path, ModelReader] = {}
+        for ix in plan.indexes.values():
+            reader = ModelReader(ix)
+            for f in ix.files:
+                by_file.setdefault(f, reader)
         groups = [
-            ([(base_reader, t.base)] if t.base is not None else []) + list(zip(readers, t.sources)) for t in plan.tensors
+            [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
         ]
         largest = max((t.in_bytes for t in plan.tensors), default=0)
         prefetch = Prefetcher(groups, budget_bytes=2 * largest)
