@@ -2,8 +2,8 @@
 
 Each tool runs as a child process on the same files (warm page cache), so the wall time includes
 interpreter start-up and imports (~5 s of every mergekit run, ~1.5 s of `import torch`): that is what
-a user waits for. Peak RSS is the child's own high-water mark from ``wait4`` (exact, no polling; not
-``getrusage(RUSAGE_CHILDREN)``, which is a max over every child ever waited for). fastmerge's
+a user waits for. Peak RSS is the child's own VmHWM, polled (not ru_maxrss, which Linux carries across
+execve from the spawning process; see ``run_child``). fastmerge's
 in-process time is ``MergeReport.wall_s`` from the summary it prints. GB/s = input bytes / wall time.
 
     pytest bench --benchmark-disable                                  # smoke: tiny family, 1 round (CI)
@@ -43,7 +43,6 @@ TOOLS = ("mergekit", "fastmerge")
 HAS_MERGEKIT = importlib.util.find_spec("mergekit") is not None
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
@@ -99,29 +98,37 @@ def config_for(method: str, fam: dict) -> dict:
 # running a child
 
 
+def _vmhwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_child(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd``; wall seconds and the child's peak RSS (MB). stdout/stderr go to files (no pipe stalls)."""
+    """Run ``cmd``; wall seconds and the child's peak RSS (MB). stdout/stderr go to files (no pipe stalls).
+
+    Peak RSS is the child's VmHWM (the high-water mark of its own address space), polled every 10 ms
+    while it runs; it only grows, so the last reading is the peak up to the last 10 ms. Not ``wait4``'s
+    ru_maxrss: Linux carries ru_maxrss across execve, so a child spawned by this (large) pytest process
+    would report at least the parent's own peak."""
     env = {**os.environ, **CHILD_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     with open(log.with_suffix(".out"), "w") as fo, open(log.with_suffix(".err"), "w") as fe:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=REPO)
-        if hasattr(os, "wait4"):
-            _, status, ru = os.wait4(p.pid, 0)
-            wall = time.perf_counter() - t0
-            p.returncode = os.waitstatus_to_exitcode(status)
-            rss_mb = ru.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-        else:  # pragma: no cover - Windows: poll
-            import psutil
-
-            ps, rss = psutil.Process(p.pid), 0
-            while p.poll() is None:
-                try:
-                    rss = max(rss, ps.memory_info().rss)
-                except psutil.Error:
-                    pass
-                time.sleep(0.02)
-            wall, rss_mb = time.perf_counter() - t0, rss / 2**20
+        # cwd outside the repository, so `python -m fastmerge` imports the installed package (with _C)
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=log.parent)
+        hwm = 0.0
+        while p.poll() is None:
+            v = _vmhwm_mb(p.pid)
+            if v is not None:
+                hwm = max(hwm, v)
+            time.sleep(0.01)
+        wall = time.perf_counter() - t0
+        rss_mb = hwm
     out = log.with_suffix(".out").read_text()
     if p.returncode != 0:
         err = log.with_suffix(".err").read_text()
@@ -231,7 +238,7 @@ def write_table(machine: dict, root: Path) -> Path:
             f"{f('rss_ratio', '.2f')} | {r.get('backends', '')} |"
         )
     lines += ["", "wall: child process start to exit (includes imports); GB/s = input bytes / wall; "
-              "peak RSS: the child's ru_maxrss (wait4); in-process: fastmerge's MergeReport.wall_s "
+              "peak RSS: the child's VmHWM (polled); in-process: fastmerge's MergeReport.wall_s "
               "(no interpreter start-up), in-process GB/s = input bytes / that.", ""]
     path = root / "end_to_end.md"
     path.parent.mkdir(parents=True, exist_ok=True)

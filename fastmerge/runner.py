@@ -63,6 +63,15 @@ class MergeReport:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux: VmHWM, the high-water mark of this address space. Not ru_maxrss:
+    it survives execve, so a process spawned by a large parent reports the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024 if sys.platform != "darwin" else r / 2**20
 

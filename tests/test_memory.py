@@ -18,21 +18,20 @@ SHAPE = LlamaShape(hidden=512, layers=24, intermediate=1024, vocab=2048, heads=8
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, psutil
+    import json, sys, psutil
     import fastmerge
     from fastmerge.plan import Options, build_plan
-    from fastmerge.runner import execute
+    from fastmerge.runner import execute, peak_rss_mb
     from fastmerge.config import MergeConfig
     cfg = MergeConfig.from_dict(json.loads(sys.argv[1]))
     p = build_plan(cfg, Options(backend=sys.argv[3], progress=False), sys.argv[2])
-    # warm-up merge of one tensor group's worth happens inside execute; measure from here
     rss0 = psutil.Process().memory_info().rss
-    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     r = execute(p, sys.argv[2])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: the latter survives execve and would report the (large) pytest parent's peak
+    peak = int(peak_rss_mb() * 2**20)
     largest_in = max(max(s.nbytes for s in t.sources) for t in p.tensors)
     largest_group = max(t.in_bytes for t in p.tensors)
-    print(json.dumps(dict(rss0=rss0, peak0=peak0, peak=peak, total=p.in_bytes, largest=largest_in,
+    print(json.dumps(dict(rss0=rss0, peak=peak, total=p.in_bytes, largest=largest_in,
                           largest_group=largest_group, backends=r.backends)))
     """
 )
@@ -51,8 +50,11 @@ def test_peak_rss_growth_bounded_by_largest_tensor(tmp_path, big_family, backend
     params = {"weight": 0.33, "density": 0.5} if method == "ties" else {"weight": 0.33}
     cfg = {"merge_method": method, "base_model": str(base),
            "models": [{"model": str(f), "parameters": params} for f in fts]}
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the child must import the
+    # installed package (with its native extension), not the source tree
     res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(tmp_path / "out"), backend],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
     assert m["backends"] == {backend: len(SHAPE.tensors())}
     growth = m["peak"] - m["rss0"]
