@@ -66,21 +66,9 @@ void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::v
   FM_CHECK(n == 0 || out != 0, "out: null data pointer");
   if (base != 0) FM_CHECK_DTYPE(base_dtype, "base_dtype");
   if (n == 0) return;
-  WdsArgs a{};
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.n = n;
-  a.num_inputs = int(in.ptrs.size());
-  a.inputs = in.ptrs.data();
-  a.input_dtypes = in.dtypes.data();
-  a.weights = in.weights.data();
-  a.base = reinterpret_cast<const void*>(base);
-  a.base_dtype = base_dtype;
-  a.fin.divisor = static_cast<float>(divisor);
-  a.fin.divide = divisor != 0.0;
-  a.fin.lam = static_cast<float>(lam);
-  a.fin.scale = lam != 1.0;
-  a.fin.has_base = base != 0;
+  const WdsArgs a = make_wds_args(reinterpret_cast<void*>(out), out_dtype, n, int(in.ptrs.size()), in.ptrs.data(),
+                                  in.dtypes.data(), in.weights.data(), reinterpret_cast<const void*>(base),
+                                  base_dtype, divisor, lam);
   py::gil_scoped_release nogil;
   cpu::weighted_delta_sum(a, threads);
 }

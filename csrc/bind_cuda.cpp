@@ -108,21 +108,9 @@ void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::v
   }
   check_device_pointer(out, "out");
   if (base != 0) check_device_pointer(base, "base");
-  WdsArgs a{};
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.n = n;
-  a.num_inputs = int(ptrs.size());
-  a.inputs = ptrs.data();
-  a.input_dtypes = input_dtypes.data();
-  a.weights = w.data();
-  a.base = reinterpret_cast<const void*>(base);
-  a.base_dtype = base_dtype;
-  a.fin.divisor = static_cast<float>(divisor);
-  a.fin.divide = divisor != 0.0;
-  a.fin.lam = static_cast<float>(lam);
-  a.fin.scale = lam != 1.0;
-  a.fin.has_base = base != 0;
+  const WdsArgs a = make_wds_args(reinterpret_cast<void*>(out), out_dtype, n, int(ptrs.size()), ptrs.data(),
+                                  input_dtypes.data(), w.data(), reinterpret_cast<const void*>(base), base_dtype,
+                                  divisor, lam);
   cudaError_t e;
   {
     py::gil_scoped_release nogil;  // the launch is asynchronous; this only covers the launch overhead

@@ -62,6 +62,28 @@ struct WdsArgs {
   linear::Finish fin;
 };
 
+// The argument block, filled the same way by the CPU and the CUDA bindings (host code only).
+inline WdsArgs make_wds_args(void* out, int out_dtype, int64_t n, int num_inputs, const void* const* inputs,
+                             const int* input_dtypes, const float* weights, const void* base, int base_dtype,
+                             double divisor, double lam) {
+  WdsArgs a{};
+  a.out = out;
+  a.out_dtype = out_dtype;
+  a.n = n;
+  a.num_inputs = num_inputs;
+  a.inputs = inputs;
+  a.input_dtypes = input_dtypes;
+  a.weights = weights;
+  a.base = base;
+  a.base_dtype = base_dtype;
+  a.fin.divisor = static_cast<float>(divisor);
+  a.fin.divide = divisor != 0.0;
+  a.fin.lam = static_cast<float>(lam);
+  a.fin.scale = lam != 1.0;
+  a.fin.has_base = base != nullptr;
+  return a;
+}
+
 namespace cpu {
 // `threads`: 0 = OpenMP default. The caller releases the GIL.
 void weighted_delta_sum(const WdsArgs& a, int threads);
