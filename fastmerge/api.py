@@ -72,6 +72,11 @@ def merge_tensors(
         raise ConfigError("merge_tensors: no tensors given")
     if m.base_policy == "required" and base is None:
         raise ConfigError(f"merge_tensors: method '{m.name}' needs base=")
+    if len(tensors) < m.min_models or (m.max_models is not None and len(tensors) > m.max_models):
+        words = {1: "one", 2: "two"}
+        want = (f"exactly {words.get(m.min_models, m.min_models)}" if m.max_models == m.min_models
+                else f"at least {m.min_models}" if m.max_models is None else f"{m.min_models} to {m.max_models}")
+        raise ConfigError(f"merge_tensors: method '{m.name}' takes {want} tensor(s) besides the base, got {len(tensors)}")
     shape = tuple(tensors[0].shape)
     for i, t in enumerate(tensors):
         if tuple(t.shape) != shape:
@@ -104,6 +109,8 @@ def merge_tensors(
     out = torch.empty(shape, dtype=dt)
     inputs = [t.detach().contiguous() for t in tensors]
     b = None if base is None else base.detach().contiguous()
+    if m.base_policy == "ignored":
+        b = None  # as mergekit: a base given to a method that does not use one is ignored
     backends.BACKENDS[name].run(job, out, inputs, b, threads)
     return out
 

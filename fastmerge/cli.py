@@ -93,7 +93,7 @@ def cmd_methods(a: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']}  (base_model: {r['base_model']})  {r['paper']}\n  {r['doc']}")
         for p in r["parameters"]:
-            print(f"    {p['name']:<10} {p['scope']:<9} {p['type']:<5} default={p['default']!s:<9} {p['doc']}")
+            print(f"    {p['name']:<18} {p['scope']:<9} {p['type']:<5} default={p['default']!s:<9} {p['doc']}")
     return 0
 
 

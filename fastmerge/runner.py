@@ -164,8 +164,17 @@ def execute(plan: MergePlan, out: str | Path) -> MergeReport:
     out = Path(out)
     t0 = time.perf_counter()
     opts = plan.options
+    saved_threads = torch.get_num_threads()
     if opts.threads:
-        torch.set_num_threads(opts.threads)
+        torch.set_num_threads(opts.threads)  # restored below: a library call must not change the caller's torch
+    try:
+        return _execute(plan, out, t0)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
+    opts = plan.options
     try:
         tmp = temp_dir_beside(out)
     except OSError as e:

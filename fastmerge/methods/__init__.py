@@ -9,11 +9,43 @@ from .base import MergeMethod, ParamSpec
 from .linear import Linear
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
+from .dare import DareLinear, DareTies
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .della import Della, DellaLinear
+from .sce import Sce
+from .arcee_fusion import ArceeFusion
+from .ram import Ram, RamPlusTL
+from .passthrough import Passthrough
+from .slerp import Slerp
+from .nuslerp import Nuslerp
+from .multislerp import Multislerp
+from .karcher import Karcher
+from .model_stock import ModelStock
+from .nearswap import Nearswap
+from .cart import Cart
 
 REGISTRY: dict[str, MergeMethod] = {
     "linear": Linear(),
     "task_arithmetic": TaskArithmetic(),
     "ties": Ties(),
+    "dare_linear": DareLinear(),
+    "dare_ties": DareTies(),
+    "breadcrumbs": Breadcrumbs(),
+    "breadcrumbs_ties": BreadcrumbsTies(),
+    "della": Della(),
+    "della_linear": DellaLinear(),
+    "sce": Sce(),
+    "arcee_fusion": ArceeFusion(),
+    "ram": Ram(),
+    "ramplus_tl": RamPlusTL(),
+    "passthrough": Passthrough(),
+    "slerp": Slerp(),
+    "nuslerp": Nuslerp(),
+    "multislerp": Multislerp(),
+    "karcher": Karcher(),
+    "model_stock": ModelStock(),
+    "nearswap": Nearswap(),
+    "cart": Cart(),
 }
 
 #: Every parameter name a mergekit 0.1.5 method (or a fastmerge method) accepts. A name in this set that

@@ -19,6 +19,9 @@ at the boundary are all kept (bf16 deltas have many equal values). ``topk`` keep
 boundary ties by index order. ``mergekit_compat`` reproduces mergekit 0.1.5 (bf16-native arithmetic,
 exactly k kept by a full ``argsort``, its tie order). ``rescale`` multiplies each trimmed δ_i by
 ‖δ_i‖₁/‖m_i·δ_i‖₁ (skipped when the latter is < 1e-7), as mergekit's ``rescale: true``.
+
+Everything after the trim (weights, election, disjoint mean, λ) is the tail that ties shares with
+dare_*, breadcrumbs* and della*: ``fastmerge.methods.gta``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
-from .task_arithmetic import compat_finish, compat_weights
+from .gta import compat_rescaled, merge_compat, merge_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,58 +108,17 @@ class Ties(MergeMethod):
         self, inputs: Sequence[torch.Tensor], base: torch.Tensor | None, params: TiesParams, compat: bool = False
     ) -> torch.Tensor:
         assert base is not None
-        if compat:
-            return self._reference_mergekit(inputs, base, params)
-        b = as_fp32(base)
-        wds = []
-        for x, w, d in zip(inputs, params.weight, params.density):
-            delta = as_fp32(x) - b
-            keep = trim_mask(delta, d, params.selection)
-            if params.rescale:
-                delta = _l1_rescaled(delta, keep)
-            wds.append(torch.where(keep, torch.tensor(w, dtype=torch.float32) * delta, 0.0))
-        if params.election == "sum":
-            total = torch.zeros_like(b)
-            for wd in wds:
-                total = total + wd
-        else:
-            total = torch.zeros_like(b)
-            for wd in wds:
-                total = total + torch.sign(wd)
-        majority = torch.where(total >= 0, 1.0, -1.0)
-        num = torch.zeros_like(b)
-        div = torch.zeros_like(b)
-        for wd, w in zip(wds, params.weight):
-            agree = torch.sign(wd) == majority
-            num = num + torch.where(agree, wd, 0.0)
-            div = div + torch.where(agree, torch.tensor(w, dtype=torch.float32), 0.0)
-        if params.normalize:
-            num = num / torch.where(div == 0, 1.0, div)
-        if params.lambda_ != 1:
-            num = num * torch.tensor(params.lambda_, dtype=torch.float32)
-        return b + num
+        p = params
+        if compat:  # mergekit 0.1.5: compute-dtype arithmetic, exactly k kept in ``argsort`` order
+            def sparsify(i: int, delta: torch.Tensor) -> torch.Tensor:
+                mask = torch.ones_like(delta) if p.density[i] >= 1 else _argsort_mask(delta, p.density[i])
+                return compat_rescaled(delta, mask, p.rescale)
 
-    def _reference_mergekit(self, inputs: Sequence[torch.Tensor], base: torch.Tensor, p: TiesParams) -> torch.Tensor:
-        """mergekit 0.1.5: compute-dtype arithmetic, exactly k kept in ``argsort`` order."""
-        deltas = torch.empty((len(inputs),) + tuple(base.shape), dtype=base.dtype)
-        for i, (x, d) in enumerate(zip(inputs, p.density)):
-            delta = x - base
-            mask = torch.ones_like(delta) if d >= 1 else _argsort_mask(delta, d)
-            masked = delta * mask
-            if p.rescale:
-                before, after = delta.abs().sum(), masked.abs().sum()
-                if after >= 1e-7:
-                    masked = masked * (before / after)
-            deltas[i] = masked
-        w = compat_weights(p.weight, deltas)
-        deltas = deltas * w
-        sign = deltas.sign()
-        if p.election == "sum":
-            majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        else:
-            majority = (sign.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        mask = (sign == majority).to(base.dtype)
-        return compat_finish(base, deltas, w, mask, p.normalize, p.lambda_)
+            return merge_compat(inputs, base, p.weight, sparsify, p.election, p.normalize, p.lambda_)
+        return merge_fp32(
+            inputs, base, p.weight, lambda i, delta: trim_mask(delta, p.density[i], p.selection),
+            p.rescale, p.election, p.normalize, p.lambda_,
+        )
 
 
 def _argsort_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -165,9 +127,3 @@ def _argsort_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     mask = torch.zeros(mag.numel(), dtype=delta.dtype)
     mask[torch.argsort(mag, descending=True)[:k]] = 1
     return mask.reshape(delta.shape)
-
-
-def _l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    masked = torch.where(keep, delta, 0.0)
-    before, after = delta.abs().sum(), masked.abs().sum()
-    return masked * (before / after) if after >= 1e-7 else masked
