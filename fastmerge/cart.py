@@ -132,7 +132,8 @@ def _check_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> lis
             raise ConfigError(f"state_dicts[{i}] lacks '{missing[0]}'")
         for k in keys:
             if sd[k].shape != state_dicts[0][k].shape:
-                raise ConfigError(f"state_dicts[{i}]['{k}'] has shape {list(sd[k].shape)}, state_dicts[0] {list(state_dicts[0][k].shape)}")
+                raise ConfigError(f"state_dicts[{i}]['{k}'] has shape {list(sd[k].shape)}, "
+                                  f"state_dicts[0] {list(state_dicts[0][k].shape)}")
     return keys
 
 

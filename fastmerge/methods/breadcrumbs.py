@@ -32,9 +32,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
-from .dare import check_density, check_divisor, gta_params
-from .gta import compat_rescaled, merge_compat, merge_fp32
+from .base import MergeMethod, ParamContext, ParamSpec, as_fp32
+from .gta import check_density, check_divisor, compat_rescaled, gta_params, merge_compat, merge_fp32
 
 
 @dataclasses.dataclass(frozen=True)

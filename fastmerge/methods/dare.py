@@ -30,11 +30,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError
 from . import rng
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec
-from .gta import compat_rescaled, merge_compat, merge_fp32
-from .linear import weight_divisor
+from .base import MergeMethod, ParamContext
+from .gta import check_density, check_divisor, compat_rescaled, gta_params, merge_compat, merge_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +51,13 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def dare_keep(shape: Sequence[int], density: float, seed: int, key: int, model: int) -> torch.Tensor | None:
+def dare_keep(
+    shape: Sequence[int], density: float, seed: int, key: int, model: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """The keep mask of model ``model``'s delta (bool, ``shape``); None for density ≥ 1 (kept whole)."""
     if density >= 1:
         return None
-    return rng.keep_mask(seed, key, model, density, shape)
+    return rng.keep_mask(seed, key, model, density, shape, device=device)
 
 
 def dare_compat(delta: torch.Tensor, density: float, rescale: bool, seed: int, key: int, model: int) -> torch.Tensor:
@@ -67,32 +67,8 @@ def dare_compat(delta: torch.Tensor, density: float, rescale: bool, seed: int, k
         return delta
     work = work_dtype(delta.dtype)
     p = float(torch.tensor(density, dtype=work))
-    mask = rng.keep_mask(seed, key, model, p, delta.shape).to(work)
+    mask = rng.keep_mask(seed, key, model, p, delta.shape, device=delta.device).to(work)
     return compat_rescaled(delta.to(work), mask, rescale).to(delta.dtype)
-
-
-def check_density(density: Sequence[float], where: str) -> None:
-    for i, d in enumerate(density):
-        if not (0.0 < d <= 1.0):
-            raise ConfigError(f"{where}: density of model #{i + 1} must be in (0, 1], got {d}")
-
-
-def check_divisor(weight: Sequence[float], normalize: bool, consensus: str | None, where: str) -> None:
-    # as task_arithmetic: without consensus, normalize divides every entry by Σw (mergekit silently uses 1)
-    if normalize and consensus is None and weight_divisor(weight, True) == 0.0:
-        raise ConfigError(f"{where}: weights sum to 0 with normalize: true (division by zero)")
-
-
-def gta_params(normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
-    """mergekit's parameters of every generalized-task-arithmetic method, with this method's defaults."""
-    return (
-        ParamSpec("weight", float, REQUIRED, per_model=True, doc="weight of the model's task vector"),
-        ParamSpec("density", float, 1.0, per_model=True, doc="fraction of each task vector kept, in (0, 1]"),
-        ParamSpec("normalize", bool, normalize, per_model=False, doc="divide by the (agreeing) weights' sum"),
-        ParamSpec("lambda", float, 1.0, per_model=False, doc="scale of the merged task vector"),
-        ParamSpec("rescale", bool, rescale, per_model=False, doc="L1-rescale each sparsified task vector"),
-        ParamSpec("int8_mask", bool, False, per_model=False, doc="accepted for mergekit configs; memory only"),
-    )
 
 
 class DareLinear(MergeMethod):
@@ -131,7 +107,7 @@ class DareLinear(MergeMethod):
 
             return merge_compat(inputs, base, p.weight, sparsify, self.consensus, p.normalize, p.lambda_)
         return merge_fp32(
-            inputs, base, p.weight, lambda i, delta: dare_keep(delta.shape, p.density[i], p.seed, p.key, i),
+            inputs, base, p.weight, lambda i, delta: dare_keep(delta.shape, p.density[i], p.seed, p.key, i, delta.device),
             p.rescale, self.consensus, p.normalize, p.lambda_,
         )
 

@@ -6,7 +6,8 @@ Sampling", https://arxiv.org/abs/2406.11617
 Per output tensor, for each non-base model i, per ROW of δ_i (2-D: each row; 1-D: the whole tensor is
 one row; N-D: along dim 1, as mergekit), n = the row length:
 
-    r         = ascending rank of |δ_i| in its row, 0 .. n−1 (equal magnitudes: by index order)
+    r         = ascending rank of |δ_i| in its row, 0 .. n−1 (equal magnitudes: by index order;
+                16-bit inputs: |δ_i| rounded to their dtype, see "ranking key" below)
     rank_norm = r / (n − 1)                    (n = 1: 1/2, see below)
     p         = (density_i − ε_i) + 2ε_i·rank_norm  ∈ [density − ε, density + ε]
     m_i       = [u_i < p]  element by element, u_i = rng.uniform(seed, hash(tensor name), i, ·)
@@ -24,13 +25,18 @@ p = fl(lo + fl(span·rank_norm)) with lo = fp32(density − ε) and span = fp32(
 double first). A row of one entry (mergekit: 0/0, then torch.bernoulli raises) gets rank_norm = 1/2,
 i.e. p = density.
 
-Ranks without a comparison sort where the magnitudes have 16 bits (mergekit_compat with bf16/fp16
-compute): the magnitude's bit pattern (sign cleared) orders like its value, so a stable least-significant-
-digit radix sort on those 16-bit keys (numpy's ``argsort(kind="stable")``, a counting sort of two
-8-bit digits, O(n)) gives each row's order with equal magnitudes in index order; its inverse
-permutation is the rank. fp32 magnitudes (default mode, and fp32 compute) take one stable
+The ranking key: |δ| at the inputs' precision. When the model and the base are both bf16 (or both
+fp16), r ranks |δ| rounded to that dtype (round to nearest even), which is exactly what mergekit ranks
+(it computes δ in the 16-bit compute dtype; the fp32 difference of two bf16 values is exact but for
+exponent gaps > 16, where double rounding can move a key by one ulp); fp32 inputs rank the exact fp32
+|δ|. A 16-bit key has ≤ 65536 values, so ranking needs no comparison sort: the key's bit pattern (sign
+cleared) orders like its value, and a stable radix sort on it (numpy's ``argsort(kind="stable")`` on
+uint16, i.e. counting sorts of two 8-bit digits, O(n)) gives each row's order with equal keys in
+index order; its inverse permutation (one scatter) is the rank. fp32 keys take one stable
 ``torch.argsort`` per row. mergekit breaks equal magnitudes in its unstable ``argsort`` order; any
-order that does not depend on the random draws gives the same distribution.
+order that does not depend on the random draws gives the same distribution. Cost on a 4096x1024
+row-major tensor, one core: radix + scatter ~25 ms, against ~230 ms for the argsort (and ~450 ms for
+mergekit's two).
 
 ``mergekit_compat`` reproduces mergekit's arithmetic with fastmerge's generator: ranks and
 probabilities in its work dtype (bf16 for bf16 compute: a rank of 1001 becomes 1000 and p is a bf16
@@ -48,8 +54,8 @@ import torch
 from ..errors import ConfigError
 from . import rng
 from .base import MergeMethod, ParamContext, ParamSpec, as_fp32
-from .dare import check_density, check_divisor, gta_params, work_dtype
-from .gta import compat_rescaled, merge_compat, merge_fp32
+from .dare import work_dtype
+from .gta import check_density, check_divisor, compat_rescaled, gta_params, merge_compat, merge_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,38 +88,49 @@ def from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def row_ranks(mag: torch.Tensor) -> torch.Tensor:
-    """Ascending rank (int64, 0 .. n−1) of each entry of the non-negative ``mag`` [rows, n] in its row,
-    equal values in index order. 16-bit floats: O(n) radix sort of the bit patterns; else argsort."""
+    """Ascending rank (int32, 0 .. n−1) of each entry of the non-negative ``mag`` [rows, n] in its row,
+    equal values in index order. 16-bit floats on the CPU: O(n) radix sort of the bit patterns; else a
+    stable argsort (the same order)."""
     mag = mag.contiguous()
-    if mag.dtype in (torch.bfloat16, torch.float16):
+    if mag.dtype in (torch.bfloat16, torch.float16) and mag.device.type == "cpu":
         # |x| has the sign bit clear, so its bits read as uint16 order like the values (NaN last)
         keys = mag.view(torch.int16).numpy().view(np.uint16)
         order = torch.from_numpy(np.argsort(keys, axis=1, kind="stable"))
     else:
         order = torch.argsort(mag, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(mag.shape[1], dtype=order.dtype).expand_as(order))
+    # int32 ranks: the scatter moves half the bytes and runs ~4x faster than with int64
+    ranks = torch.empty(order.shape, dtype=torch.int32, device=order.device)
+    ranks.scatter_(1, order, torch.arange(mag.shape[1], dtype=torch.int32, device=order.device).expand_as(order))
     return ranks
 
 
-def della_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """Keep probabilities (fp32, ``delta``'s shape) of the default mode; see the module docstring."""
-    rows = to_rows(as_fp32(delta).abs())
+def rank_dtype(x: torch.Tensor, base: torch.Tensor) -> torch.dtype:
+    """The precision DELLA ranks |δ| at: the inputs' dtype when both are the same 16-bit float, else fp32."""
+    return x.dtype if x.dtype == base.dtype and x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def della_probs(delta: torch.Tensor, density: float, epsilon: float, key_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Keep probabilities (fp32, ``delta``'s shape) of the default mode, ranking |δ| rounded to
+    ``key_dtype``; see the module docstring."""
+    rows = to_rows(as_fp32(delta).abs().to(key_dtype))
     n = rows.shape[1]
     if n > 1:
-        rank_norm = row_ranks(rows).to(torch.float32) / torch.tensor(n - 1, dtype=torch.float32)
+        rank_norm = row_ranks(rows).to(torch.float32) / float(n - 1)  # n − 1 < 2^24: exact in fp32
     else:
-        rank_norm = torch.full(rows.shape, 0.5)
-    lo = torch.tensor(density - epsilon, dtype=torch.float32)
-    span = torch.tensor(2 * epsilon, dtype=torch.float32)
+        rank_norm = torch.full(rows.shape, 0.5, device=rows.device)
+    lo = torch.tensor(density - epsilon, dtype=torch.float32, device=rows.device)
+    span = torch.tensor(2 * epsilon, dtype=torch.float32, device=rows.device)
     return from_rows(lo + span * rank_norm, delta.shape)
 
 
-def della_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int, key: int, model: int) -> torch.Tensor | None:
+def della_keep(
+    delta: torch.Tensor, density: float, epsilon: float, seed: int, key: int, model: int,
+    key_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
     """The keep mask of model ``model``'s delta (bool, its shape); None for density ≥ 1 (kept whole)."""
     if density >= 1:
         return None
-    return rng.keep_mask(seed, key, model, della_probs(delta, density, epsilon), delta.shape)
+    return rng.keep_mask(seed, key, model, della_probs(delta, density, epsilon, key_dtype), delta.shape)
 
 
 def della_compat_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -187,7 +204,9 @@ class Della(MergeMethod):
             return merge_compat(inputs, base, p.weight, sparsify, self.consensus, p.normalize, p.lambda_)
         return merge_fp32(
             inputs, base, p.weight,
-            lambda i, delta: della_keep(delta, p.density[i], p.epsilon[i], p.seed, p.key, i),
+            lambda i, delta: della_keep(
+                delta, p.density[i], p.epsilon[i], p.seed, p.key, i, rank_dtype(inputs[i], base)
+            ),
             p.rescale, self.consensus, p.normalize, p.lambda_,
         )
 

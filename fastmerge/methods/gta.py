@@ -15,7 +15,8 @@ Every method of the family sparsifies each task vector on its own, then merges t
                                       consensus) becomes 1]
 
 A sparsifier that is given density ≥ 1 leaves δ_i untouched (no rescale), as mergekit does: its
-keep function returns ``None``.
+keep function returns ``None``. The consensus is fixed by the method name (a class attribute:
+dare_ties, breadcrumbs_ties and della "sum"; the others none), ties alone exposes ``election``.
 
 Default mode (``merge_fp32``): fp32 math, the caller rounds once. ``mergekit_compat``
 (``merge_compat``): mergekit's arithmetic in the compute dtype, where δ, w·δ, the sums and the
@@ -28,7 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .base import as_fp32
+from ..errors import ConfigError
+from .base import REQUIRED, ParamSpec, as_fp32
 from .linear import weight_divisor
 from .task_arithmetic import compat_finish, compat_weights
 
@@ -42,8 +44,8 @@ CompatSparsifyFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``keep·δ`` times ‖δ‖₁/‖keep·δ‖₁ (fp32), unless either norm is < 1e-7 (mergekit's L1 rule:
-    the L1 norm is preserved exactly, which equals 1/density only in expectation)."""
+    """``keep·δ`` times ‖δ‖₁/‖keep·δ‖₁ (fp32), unless either norm is < 1e-7 (mergekit's L1 rule: the
+    factor preserves the L1 norm; for a random mask it equals 1/density only in expectation)."""
     masked = torch.where(keep, delta, 0.0)
     before, after = delta.abs().sum(), masked.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
@@ -136,7 +138,31 @@ def merge_compat(
     consensus: str | None, normalize: bool, lambda_: float,
 ) -> torch.Tensor:
     """mergekit_compat: δ_i = x_i − base and ``sparsify_fn(i, δ_i)`` in the compute dtype, then the tail."""
-    deltas = torch.empty((len(inputs),) + tuple(base.shape), dtype=base.dtype)
+    deltas = torch.empty((len(inputs),) + tuple(base.shape), dtype=base.dtype, device=base.device)
     for i, x in enumerate(inputs):
         deltas[i] = sparsify_fn(i, x - base)
     return compat_combine(base, deltas, weight, consensus, normalize, lambda_)
+
+
+def check_density(density: Sequence[float], where: str) -> None:
+    for i, d in enumerate(density):
+        if not (0.0 < d <= 1.0):
+            raise ConfigError(f"{where}: density of model #{i + 1} must be in (0, 1], got {d}")
+
+
+def check_divisor(weight: Sequence[float], normalize: bool, consensus: str | None, where: str) -> None:
+    # as task_arithmetic: without consensus, normalize divides every entry by Σw (mergekit silently uses 1)
+    if normalize and consensus is None and weight_divisor(weight, True) == 0.0:
+        raise ConfigError(f"{where}: weights sum to 0 with normalize: true (division by zero)")
+
+
+def gta_params(normalize: bool, rescale: bool) -> tuple[ParamSpec, ...]:
+    """mergekit's parameters of every generalized-task-arithmetic method, with this method's defaults."""
+    return (
+        ParamSpec("weight", float, REQUIRED, per_model=True, doc="weight of the model's task vector"),
+        ParamSpec("density", float, 1.0, per_model=True, doc="fraction of each task vector kept, in (0, 1]"),
+        ParamSpec("normalize", bool, normalize, per_model=False, doc="divide by the (agreeing) weights' sum"),
+        ParamSpec("lambda", float, 1.0, per_model=False, doc="scale of the merged task vector"),
+        ParamSpec("rescale", bool, rescale, per_model=False, doc="L1-rescale each sparsified task vector"),
+        ParamSpec("int8_mask", bool, False, per_model=False, doc="accepted for mergekit configs; memory only"),
+    )

@@ -141,9 +141,12 @@ class Karcher(MergeMethod):
         return KarcherParams(max_iter=shared["max_iter"], tol=shared["tol"])
 
     def check(self, params: KarcherParams, where: str) -> None:
-        # mergekit silently runs no iteration for a negative count; it is always a typo
+        # mergekit accepts both (a negative count runs no iteration, a negative tol keeps zero tensors in the
+        # mean as zero "unit" vectors): always a typo, so refused
         if params.max_iter < 0:
             raise ConfigError(f"{where}: max_iter must be >= 0, got {params.max_iter}")
+        if params.tol < 0:
+            raise ConfigError(f"{where}: tol must be >= 0, got {params.tol}")
 
     def reference(
         self, inputs: Sequence[torch.Tensor], base: torch.Tensor | None, params: KarcherParams, compat: bool = False

@@ -63,9 +63,18 @@ class Nearswap(MergeMethod):
             return w * x + (1 - w) * b
         # default, fp32: where t ≥ 1e-6, w·x + (1 − w)·b = b + clamp(x − b, −t, t) = clamp(x, b − t, b + t),
         # which returns x itself (no arithmetic) where |x − b| ≤ t
-        x, b = as_fp32(inputs[0]), as_fp32(base)
-        if params.t >= DIFF_FLOOR:
-            return torch.clamp(x, b - params.t, b + params.t)
-        d = x - b
+        x, t = inputs[0], params.t
+        if t >= DIFF_FLOOR:
+            # clamp = min(max(x, b − t), b + t), in place in the b − t buffer: two fp32 allocations (each
+            # fresh 4-byte-per-element tensor costs page faults), x read in its own dtype
+            if base.dtype == torch.float32:
+                lo, hi = base - t, base + t
+            else:
+                lo = base.float()
+                hi = lo + t
+                lo.sub_(t)
+            return torch.minimum(torch.maximum(lo, x, out=lo), hi, out=lo)
+        b = as_fp32(base)
+        d = as_fp32(x) - b
         w = (params.t / d.abs().clamp(min=DIFF_FLOOR)).clamp_(min=0, max=1)
         return w.mul_(d).add_(b)

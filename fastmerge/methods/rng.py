@@ -4,8 +4,8 @@ Every random keep decision is a pure function of (``seed``, ``key`` = stable has
 ``model`` = the input's index among the non-base models, ``i`` = the element's index in the flattened
 tensor). No state is carried from one tensor or one element to the next, so torch, C++ (``uint32_t``)
 and Triton (``tl.uint32``) give the same mask for one seed, whatever the tensor order, the chunking,
-the threading or the device. Only 32-bit unsigned arithmetic is used: ``*`` and ``+`` modulo 2^32,
-``^``, logical ``>>``.
+the threading or the device. Only 32-bit unsigned arithmetic is used: ``*`` modulo 2^32, ``^`` and
+logical ``>>``.
 
 THE ALGORITHM (all values unsigned 32-bit; ``M = 0xFFFFFFFF``)::
 
@@ -30,13 +30,14 @@ THE ALGORITHM (all values unsigned 32-bit; ``M = 0xFFFFFFFF``)::
 ``u < p`` is the same test as ``h < ceil(p * 2^24) * 256`` (p·2^24 is exact for an fp32 p; ``h >> 8 < T``
 iff ``h < 256·T`` for an integer T), which is what the scalar-``p`` path below computes. Porting notes:
 C++ ``uint32_t`` arithmetic wraps as above; in Triton use ``tl.uint32`` (``>>`` is logical on
-unsigned types); a C++ port must not let the compiler fuse anything into the fp32 comparison (there is
-nothing to fuse: it is one compare). ``tests/methods/test_rng.py`` holds a table of the first outputs
-for (seed=0, key=1, model=0), computed there by independent pure-Python integer code.
+unsigned types). ``tests/methods/test_rng.py`` holds a table of the first outputs for (seed=0, key=1,
+model=0) and a few more, computed there by independent pure-Python integer code.
 
-Why two rounds: one ``mix32`` of consecutive counters leaves measurable correlations between
-neighbouring elements (its avalanche bias is ~0.17); two keyed rounds are in the quality class of
-``triple32`` (bias ~0.02), ample for Bernoulli masks, at ~10 integer ops per element.
+Why two rounds: a single ``mix32`` of consecutive counters is a weak mixer (avalanche bias ~0.17 by
+hash-prospector's measure); two rounds with a key between them cost ~10 integer ops per element.
+Measured on 20 streams of 2^20 outputs: the 32 bit frequencies, lag 1-256 autocorrelations and
+cross-stream (seed, model) correlations were all within sampling error (640 + 140 z-scores, sd 1.01,
+max |z| 3.4); ``test_rng.py`` keeps lighter versions of these checks.
 
 Speed: torch has no ``uint32`` shifts, so the torch path holds the values in int64 tensors (always
 < 2^32 after the ``& M``; int64 multiplication wraps modulo 2^64, so the low 32 bits of a product are
@@ -140,11 +141,13 @@ def fp32(x: float) -> float:
 
 
 def keep_mask(
-    seed: int, key: int, model: int, p: float | torch.Tensor, shape: Sequence[int] | int, start: int = 0
+    seed: int, key: int, model: int, p: float | torch.Tensor, shape: Sequence[int] | int, start: int = 0,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Bernoulli keep mask: element i kept iff u_i < fp32(p) (``p``: a float, or an fp32 tensor of
-    probabilities with ``shape``'s number of elements, compared element by element). Returns a bool
-    tensor of ``shape`` covering elements ``start ..``."""
+    """Bernoulli keep mask: element i kept iff u_i < fp32(p) (``p``: a float, or a tensor of
+    probabilities with ``shape``'s number of elements, compared element by element in fp32). Returns a
+    bool tensor of ``shape`` covering elements ``start ..``, generated on the CPU and moved to ``device``
+    (default: ``p``'s device, else the CPU): this torch path is the reference, GPU kernels port it."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=torch.bool)
@@ -155,7 +158,9 @@ def keep_mask(
         pf = p.reshape(-1)
         if pf.numel() != numel:
             raise ValueError(f"p has {pf.numel()} elements, shape {list(shape)} has {numel}")
-        pf = pf.to(torch.float32)
+        if device is None:
+            device = p.device
+        pf = pf.to("cpu", torch.float32)
         u = torch.empty(buf.numel(), dtype=torch.float32)
         for off, lo, n, hi in _chunks(start, numel):
             h = _fill_hash(buf[:n], tmp[:n], lo, hi, k0, k1)
@@ -168,4 +173,5 @@ def keep_mask(
         for off, lo, n, hi in _chunks(start, numel):
             h = _fill_hash(buf[:n], tmp[:n], lo, hi, k0, k1)
             torch.lt(h, threshold, out=out[off:off + n])
-    return out.reshape(shape)
+    out = out.reshape(shape)
+    return out if device is None else out.to(device)

@@ -50,9 +50,8 @@ class SlerpParams:
 
 
 def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ca, cb), fp32 tensors of shape [1, 1], such that slerp(a, b, t) = ca·a + cb·b.
-
-    ``a``, ``b``: [1, n] (any float dtype; chunks are upcast to fp32 one at a time)."""
+    """mergekit 0.1.5's (ca, cb), [1, 1] tensors such that slerp(a, b, t) = ca·a + cb·b, in its working
+    dtype (fp32; fp64 for fp64 inputs). ``a``, ``b``: [1, n], upcast one 2^20-element chunk at a time."""
     n = a.shape[1]
     starts = range(0, n, CHUNK)
     work = torch.float64 if a.dtype == torch.float64 else torch.float32  # mergekit: fp64 stays fp64

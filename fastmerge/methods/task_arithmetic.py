@@ -51,7 +51,7 @@ def compat_finish(
 
 def compat_weights(weight: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Weights as mergekit builds them: a tensor in the compute dtype (0.33 becomes bf16 0.330078125)."""
-    w = torch.tensor(list(weight), dtype=like.dtype)
+    w = torch.tensor(list(weight), dtype=like.dtype, device=like.device)
     return w.reshape((-1,) + (1,) * (like.dim() - 1))
 
 

@@ -172,9 +172,10 @@ class _TritonCentered:
         return torch.stack([(x - self.avg).square().sum(dim=(-2, -1)) for x in self.xs])
 
 
-def _sketch_svd(op, n: int, l: int, power_iters: int, seed: int, device: torch.device):
-    """Randomized SVD of every Δ_t of ``op`` at l columns: U (T', *B, m, l), S (T', *B, l), V (T', *B, n, l)."""
-    q = _orth(op.mm(_omega(n, l, seed, device)))
+def _sketch_svd(op, omega: torch.Tensor, power_iters: int):
+    """Randomized SVD of every Δ_t of ``op`` at l = omega.shape[1] columns:
+    U (T', *B, m, l), S (T', *B, l), V (T', *B, n, l)."""
+    q = _orth(op.mm(omega))
     for _ in range(power_iters):
         q = _orth(op.mm(_orth(op.mm_t(q))))
     w = op.mm_t(q)  # = (QᵀΔ)ᵀ
@@ -320,10 +321,11 @@ def centered_factors(
         """(U, S, V, ‖Δ‖²) for the tasks ``idx`` at l sketch columns."""
         outs = []
         step = len(idx) if be == "triton" else chunk
+        omega = _omega(n, l, seed, device)  # one test matrix for every task (each sketch is still valid)
         for c0 in range(0, len(idx), step):
             sub = [xs[i] for i in idx[c0:c0 + step]]
             op = _TritonCentered(sub, avg) if be == "triton" else _TorchCentered(sub, avg)
-            u, s, v = _sketch_svd(op, n, l, power_iters, seed, device)
+            u, s, v = _sketch_svd(op, omega, power_iters)
             outs.append((u, s, v, op.sq_norms() if energy > 0 else None))
             del op
         cat = lambda j: None if outs[0][j] is None else torch.cat([o[j] for o in outs])  # noqa: E731
@@ -375,7 +377,7 @@ def randomized_svd(
         return u[..., :k], s[..., :k], vh[..., :k, :].mT
     be = _resolve_backend(backend, a.device)
     op = _TritonCentered([a], None) if be == "triton" else _TorchCentered([a], None)  # no centering
-    u, s, v = _sketch_svd(op, a.shape[-1], k + oversample, power_iters, seed, a.device)
+    u, s, v = _sketch_svd(op, _omega(a.shape[-1], k + oversample, seed, a.device), power_iters)
     return u[0, ..., :k], s[0, ..., :k], v[0, ..., :k]
 
 

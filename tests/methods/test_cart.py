@@ -201,5 +201,7 @@ def test_engine_merge_matches_per_tensor_reference(tmp_path, family_fp32):
         n_low += int(tp.params.selected and len(tp.shape) == 2)
         assert torch.equal(merged[tp.name], want.to(merged[tp.name].dtype)), tp.name
     assert n_low == 3 * 7  # 3 layers × (q, k, v, o, gate, up, down)
-    # the gradient reached the tensors: layer 0 at 0.05, layer 2 at 0.2
-    assert plan.tensors[[t.name for t in plan.tensors].index("model.layers.2.mlp.up_proj.weight")].params.rank_ratio == pytest.approx(0.2)
+    # the gradient reached the tensors: layer 0 at 0.05, layer 2 (the last) at 0.2
+    by_name = {t.name: t for t in plan.tensors}
+    assert by_name["model.layers.0.mlp.up_proj.weight"].params.rank_ratio == pytest.approx(0.05)
+    assert by_name["model.layers.2.mlp.up_proj.weight"].params.rank_ratio == pytest.approx(0.2)

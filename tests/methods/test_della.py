@@ -10,7 +10,7 @@ import torch
 from fastmerge import merge_tensors
 from fastmerge.errors import BackendUnavailableError, ConfigError
 from fastmerge.methods import get_method, rng
-from fastmerge.methods.della import DellaParams, della_compat_probs, della_probs, row_ranks, to_rows
+from fastmerge.methods.della import DellaParams, della_compat_probs, della_probs, rank_dtype, row_ranks, to_rows
 from fastmerge.methods.ties import TiesParams
 from helpers.tolerance import assert_bitwise_equal
 
@@ -41,6 +41,19 @@ def test_probabilities_by_hand():
     assert torch.allclose(p, want, atol=1e-7, rtol=0)
 
 
+def test_default_probabilities_are_the_documented_fp32_formula():
+    # the cross-backend contract, in numpy fp32 (each operation rounded, no fma): p = lo + span·(r / (n−1))
+    import numpy as np
+
+    delta = torch.randn(3, 1001)
+    d, eps = 0.33, 0.12
+    r = np.argsort(np.argsort(delta.abs().numpy(), axis=1, kind="stable"), axis=1, kind="stable").astype(np.float32)
+    lo, span = np.float32(d - eps), np.float32(2 * eps)
+    want = lo + span * (r / np.float32(1000))
+    assert want.dtype == np.float32
+    assert torch.equal(della_probs(delta, d, eps), torch.from_numpy(want))
+
+
 def test_equal_magnitudes_ranked_by_index():
     assert row_ranks(torch.tensor([[1.0, 1.0, 1.0, 0.5]])).tolist() == [[1, 2, 3, 0]]
     assert row_ranks(torch.tensor([[1.0, 1.0, 1.0, 0.5]]).bfloat16()).tolist() == [[1, 2, 3, 0]]
@@ -52,8 +65,27 @@ def test_radix_ranks_equal_a_stable_argsort(dtype):
     mag = (0.01 * torch.randn(37, 1001)).to(dtype).abs()
     mag[0, :10] = 0
     want = torch.argsort(torch.argsort(mag.float(), dim=1, stable=True), dim=1)
-    assert torch.equal(row_ranks(mag), want)
+    assert torch.equal(row_ranks(mag).long(), want)
     assert (mag[:, :, None] == mag[:, None, :10]).sum() > 37 * 10  # there were ties to break
+
+
+def test_16_bit_inputs_rank_magnitudes_rounded_to_their_dtype():
+    # base 1, x = [2^-10, 2^-9] (bf16): fp32 |δ| = [0.9990234375, 0.998046875] ranks [1, 0]; rounded to
+    # bf16 (spacing 2^-8 below 1) both are 1.0 (the second is a halfway case, to even), so they tie and
+    # rank by index, [0, 1] -- what mergekit ranks, its δ being computed in bf16
+    b = torch.ones(2, dtype=torch.bfloat16)
+    x = torch.tensor([2.0**-10, 2.0**-9], dtype=torch.bfloat16)
+    delta = x.float() - b.float()
+    assert delta.abs().tolist() == [0.9990234375, 0.998046875]
+    assert rank_dtype(x, b) == torch.bfloat16 and rank_dtype(x, b.float()) == torch.float32
+    assert rank_dtype(x.float(), b.float()) == torch.float32 and rank_dtype(x.half(), b.half()) == torch.float16
+    assert della_probs(delta, 0.5, 0.1).tolist() == pytest.approx([0.6, 0.4])
+    assert della_probs(delta, 0.5, 0.1, torch.bfloat16).tolist() == pytest.approx([0.4, 0.6])
+    # and the method uses it: seed 30 draws u = [0.467, 0.572], inside [0.4, 0.6) for both entries, so
+    # the bf16 key (p = [0.4, 0.6]) keeps [False, True] where the fp32 key (p = [0.6, 0.4]) would keep [True, False]
+    assert rng.uniform(30, 9, 0, 2).tolist() == pytest.approx([0.467, 0.572], abs=1e-3)
+    out = linear([x], b, params(1, 1.0, 0.5, 0.1, normalize=False, rescale=False, seed=30, key=9))
+    assert torch.equal(out, b.float() + torch.where(torch.tensor([False, True]), delta, 0.0))
 
 
 def test_nd_tensors_rank_along_dim_1_and_1d_is_one_row():

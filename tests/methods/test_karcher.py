@@ -14,6 +14,7 @@ from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("karcher")
 ref = METHOD.reference
+BOUND = {torch.float32: 2 * 2**-24, torch.bfloat16: 8 * 2**-24}  # × max|result|: fp32-level errors (16-bit inputs: fp32 Gram blocks)
 R2 = 2**-0.5
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 
@@ -70,22 +71,25 @@ def test_base_is_not_read():
         assert torch.equal(ref(xs, torch.randn(10), KarcherParams(), compat), ref(xs, None, KarcherParams(), compat))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_models", [2, 3, 5])
-def test_default_mode_is_the_formula_in_float64(n_models):
+def test_default_mode_is_the_formula_in_float64(n_models, dtype):
     # the coordinate iteration (fp64, from the Gram matrix) vs mergekit's full-size iteration run in fp64
     c = torch.randn(500)
-    xs = [c + 0.3 * torch.randn(500) for _ in range(n_models)]
+    xs = [(c + 0.3 * torch.randn(500)).to(dtype) for _ in range(n_models)]
     p = KarcherParams(max_iter=20, tol=1e-9)
     want = ref([x.double() for x in xs], None, p, compat=True)
     got = ref(xs, None, p)
     assert got.dtype == torch.float32
-    assert float((got.double() - want).abs().max()) <= 2 * 2**-24 * float(want.abs().max())
+    assert float((got.double() - want).abs().max()) <= BOUND[dtype] * float(want.abs().max())
 
 
 def test_validation():
     x = torch.randn(4)
     with pytest.raises(ConfigError, match="max_iter must be >= 0"):
         merge_tensors("karcher", [x, x], max_iter=-1)
+    with pytest.raises(ConfigError, match="tol must be >= 0"):
+        merge_tensors("karcher", [x, x], tol=-1e-5)
     with pytest.raises(ConfigError, match="must be a number"):
         merge_tensors("karcher", [x, x], tol="small")
     with pytest.raises(ConfigError, match="no parameter 'weight'"):

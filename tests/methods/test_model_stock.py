@@ -14,6 +14,7 @@ from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("model_stock")
 ref = METHOD.reference
+BOUND = {torch.float32: 2 * 2**-24, torch.bfloat16: 8 * 2**-24}  # × max|result|: fp32-level errors (16-bit inputs: fp32 Gram blocks)
 P = ModelStockParams()
 
 
@@ -76,15 +77,17 @@ def test_filter_wise_on_a_vector_is_the_whole_tensor():
     assert torch.allclose(ref(xs, base, ModelStockParams(filter_wise=True)), ref(xs, base, P), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("filter_wise", [False, True])
-def test_default_mode_is_the_formula_in_float64(filter_wise):
+def test_default_mode_is_the_formula_in_float64(filter_wise, dtype):
     b = torch.randn(40, 24)
-    xs = [b + 0.1 * torch.randn(40, 24) + 0.05 for _ in range(3)]
+    xs = [(b + 0.1 * torch.randn(40, 24) + 0.05).to(dtype) for _ in range(3)]
+    b = b.to(dtype)
     p = ModelStockParams(filter_wise)
     want = ref([x.double() for x in xs], b.double(), p, compat=True)  # mergekit's sequence, in fp64
     got = ref(xs, b, p)
     assert got.dtype == torch.float32
-    assert float((got.double() - want).abs().max()) <= 2 * 2**-24 * float(want.abs().max())
+    assert float((got.double() - want).abs().max()) <= BOUND[dtype] * float(want.abs().max())
 
 
 def test_validation():

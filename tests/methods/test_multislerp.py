@@ -12,6 +12,7 @@ from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("multislerp")
 ref = METHOD.reference
+BOUND = {torch.float32: 2 * 2**-24, torch.bfloat16: 8 * 2**-24}  # × max|result|: fp32-level errors (16-bit inputs: fp32 Gram blocks)
 R2 = 2**-0.5
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
 
@@ -67,17 +68,19 @@ def test_more_antipodal_models_are_an_error():
         ref([d, -d, torch.tensor([1.0, 0.0, 0.0])], None, MultislerpParams((1.0, 1.0, 0.0)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_default_mode_is_the_formula_in_float64(with_base):
+def test_default_mode_is_the_formula_in_float64(with_base, dtype):
     # mergekit's exp-map sequence in fp64 (its τ is then ~1e-16 instead of fp32 noise) vs the closed form
     b = torch.randn(40, 24)
-    xs = [b + 0.1 * torch.randn(40, 24) for _ in range(3)]
+    xs = [(b + 0.1 * torch.randn(40, 24)).to(dtype) for _ in range(3)]
+    b = b.to(dtype)
     base = b if with_base else None
     p = MultislerpParams((0.2, 0.5, 0.4))
     want = ref([x.double() for x in xs], None if base is None else base.double(), p, compat=True)
     got = ref(xs, base, p)
     assert got.dtype == torch.float32
-    assert float((got.double() - want).abs().max()) <= 2 * 2**-24 * float(want.abs().max())
+    assert float((got.double() - want).abs().max()) <= BOUND[dtype] * float(want.abs().max())
 
 
 def test_validation():

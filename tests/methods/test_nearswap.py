@@ -12,6 +12,7 @@ from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("nearswap")
 ref = METHOD.reference
+BOUND = {torch.float32: 2 * 2**-24, torch.bfloat16: 8 * 2**-24}  # × max|result|: fp32-level errors (16-bit inputs: fp32 Gram blocks)
 
 
 def test_four_elements_by_hand():
@@ -39,18 +40,20 @@ def test_t_extremes():
     assert torch.equal(ref([x], b, NearswapParams(1e9)), x)  # w = 1 everywhere
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [0.05, 3e-7])
-def test_default_mode_is_the_formula_in_float64(t):
+def test_default_mode_is_the_formula_in_float64(t, dtype):
     # t ≥ 1e-6: the clamp form; below: b + w·(x − b)
     b = torch.randn(2000)
-    x = b + 0.1 * torch.randn(2000) * (torch.rand(2000) < 0.5) + 1e-6 * torch.randn(2000)
+    x = (b + 0.1 * torch.randn(2000) * (torch.rand(2000) < 0.5) + 1e-6 * torch.randn(2000)).to(dtype)
+    b = b.to(dtype)
     want = ref([x.double()], b.double(), NearswapParams(t), compat=True)
     got = ref([x], b, NearswapParams(t))
     assert got.dtype == torch.float32
-    assert float((got.double() - want).abs().max()) <= 2 * 2**-24 * float(want.abs().max())
+    assert float((got.double() - want).abs().max()) <= BOUND[dtype] * float(want.abs().max())
     if t >= 1e-6:  # x itself where it is within t of the base
-        near = (x - b).abs() < 0.99 * t
-        assert torch.equal(got[near], x[near])
+        near = (x.double() - b.double()).abs() < 0.99 * t
+        assert torch.equal(got[near], x[near].float())
 
 
 def test_validation():

@@ -14,6 +14,7 @@ from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("nuslerp")
 ref = METHOD.reference
+BOUND = {torch.float32: 2 * 2**-24, torch.bfloat16: 8 * 2**-24}  # × max|result|: fp32-level errors (16-bit inputs: fp32 Gram blocks)
 R2 = 2**-0.5
 
 
@@ -74,15 +75,18 @@ def test_flatten_wins_over_row_wise():
     assert torch.allclose(flat, c * (V0 + V1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(40, 24), (6, 5, 4)])
 @pytest.mark.parametrize("flatten,row_wise", [(True, False), (False, False), (False, True)])
-def test_default_mode_is_the_formula_in_float64(flatten, row_wise):
-    b = torch.randn(40, 24)
-    xs = [b + 0.1 * torch.randn(40, 24) for _ in range(2)]
+def test_default_mode_is_the_formula_in_float64(shape, flatten, row_wise, dtype):
+    b = torch.randn(shape)
+    xs = [(b + 0.1 * torch.randn(shape)).to(dtype) for _ in range(2)]
+    b = b.to(dtype)
     p = NuslerpParams((0.3, 0.5), flatten, row_wise)
     want = ref([x.double() for x in xs], b.double(), p, compat=True)  # mergekit's sequence, in fp64
     got = ref(xs, b, p)
     assert got.dtype == torch.float32
-    assert float((got.double() - want).abs().max()) <= 2 * 2**-24 * float(want.abs().max())
+    assert float((got.double() - want).abs().max()) <= BOUND[dtype] * float(want.abs().max())
 
 
 def test_compat_stays_in_the_compute_dtype():
