@@ -180,7 +180,7 @@ def _fp64_result(plan, tp) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 # Default mode (fp32 maths, coefficients from an fp64 Gram matrix, one rounding) is not mergekit's
 # sequence of roundings, so it is judged by accuracy against the fp64 evaluation of the same formula:
-# - its mean |error| does not exceed mergekit's (measured: equal for bf16 slerp, 1.07-4.9x smaller otherwise);
+# - its mean |error| does not exceed mergekit's (measured: equal for bf16 slerp, 1.07-5.1x smaller otherwise);
 # - its worst |error|, in ulps of the output dtype at the operands' scale (max |input|, |result|), is
 #   0.50 for bf16 outputs, i.e. correctly rounded (mergekit: up to 5.27), and at most 1.76 for fp32
 #   outputs (mergekit: up to 12.4; part of it is t itself rounded to fp32, e.g. nearswap's clamp bound);

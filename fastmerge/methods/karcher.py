@@ -100,8 +100,12 @@ def karcher_coefficients(g: torch.Tensor, alphas: Sequence[float], max_iter: int
     total = sum(alphas[i] for i in keep)
     a = torch.tensor([alphas[i] / total for i in keep], dtype=torch.float64)
 
+    # N×N products as elementwise torch ops, not BLAS: MKL's threaded gemv stalls on a busy machine
+    def apply(v: torch.Tensor) -> torch.Tensor:  # G_u v
+        return (gu * v[None, :]).sum(dim=1)
+
     def norm(v: torch.Tensor) -> torch.Tensor:
-        return (v @ gu @ v).clamp(min=0).sqrt()
+        return (v * apply(v)).sum().clamp(min=0).sqrt()
 
     mu = a.clone()
     mnorm = norm(mu)
@@ -111,7 +115,7 @@ def karcher_coefficients(g: torch.Tensor, alphas: Sequence[float], max_iter: int
     else:
         mu = mu / mnorm
     for _ in range(max_iter):
-        dot = (gu @ mu).clamp(-1.0, 1.0)
+        dot = apply(mu).clamp(-1.0, 1.0)
         theta = torch.arccos(dot)
         c = torch.where(theta < tol, 0.0, a * theta / torch.sin(theta))  # skipped: θ_k < tol
         tangent = c - (c * dot).sum() * mu  # Σ c_k (u_k − dot_k·μ)

@@ -87,7 +87,7 @@ class Multislerp(MergeMethod):
             w = w / w.sum()
         norms = g.diagonal().sqrt()
         a = w / (norms + eps)  # m = Σ a_i v_i
-        m_norm = (a @ g @ a).clamp(min=0).sqrt()
+        m_norm = (a[:, None] * g * a[None, :]).sum().clamp(min=0).sqrt()  # |Σ a_i v_i|, no BLAS call
         if m_norm < eps:
             _antipodal_check(len(inputs))
             coef = w  # two antipodal models: mergekit lerps

@@ -26,12 +26,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-#: elements per block of the Gram pass: the T fp64 rows of a block (3 MiB for T = 3) stay in cache
-#: between the upcast and the product. Measured on a 4M-element bf16 tensor, 2 task vectors, one thread:
-#: 2^14 → 12.3 ms, 2^16 → 8.4 ms, 2^17 → 6.9 ms; whole-tensor fp64 copies (2^22) → ~28 ms.
-GRAM_BLOCK = 1 << 17
-#: elements per block of the combination pass (fp32 accumulator of 1 MiB)
-BLOCK = 1 << 18
+#: elements per block of the two passes. Small enough for a block of T fp32 vectors to stay in L2/L3
+#: between its operations, large enough that a 4M-element tensor is only 8 blocks: every torch call is
+#: an OpenMP parallel region, and on an oversubscribed machine each one can wait a scheduler time slice
+#: for its second thread (2^17-element blocks, ~600 regions per tensor, measured 2-7 s stalls on the busy
+#: 2-core box). Measured on a 4096x1024 bf16 tensor, one thread, model_stock / nuslerp / slerp:
+#: 2^17 (gram) + 2^18 (combine) → 20.0 / 14.0 / 10.8 ms; 2^19 → 17.4 / 12.1 / 9.2 ms; 2^20 → 22.2 / 14.3 / 9.2 ms.
+GRAM_BLOCK = 1 << 19
+BLOCK = 1 << 19
 
 
 def to_rows(x: torch.Tensor, flatten: bool = True, row_wise: bool = False) -> torch.Tensor:
@@ -101,7 +103,7 @@ def gram(vs: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.
         if base is not None:
             c.sub_(base[rs, cs])  # exact unless the exponents of x and base differ by more than 16 (fp32) / 29
         # T(T+1)/2 products summed by torch, not BLAS (c @ cᵀ or ddot): MKL's threaded gemm / dot stall
-        # for milliseconds per call when the 2 cores are busy (measured: a 4M-element nuslerp took 3.6 s)
+        # for ~16 ms per call when the 2 cores are busy (measured: a 4M-element nuslerp took 3.6 s)
         for i in range(t):
             for j in range(i, t):
                 d = torch.mul(c[i], c[j], out=p).sum(dim=-1)

@@ -126,6 +126,29 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
+def _lu_basis(y: torch.Tensor) -> torch.Tensor:
+    """A well-conditioned basis of span(y) (…, m, l), m ≥ l: P·L of the pivoted LU y = P·L·U
+    (unit lower-trapezoidal L, |L_ij| ≤ 1). Used between power iterations instead of a QR, as
+    scikit-learn's randomized range finder does: only the final basis must be orthonormal, and
+    ``lu_factor`` costs 3 ms where ``qr`` (which also forms Q) costs 10 ms on a 2816×162 matrix
+    (1 thread; 12 vs 220 ms with 2 threads on a busy 2-core machine)."""
+    lu, piv = torch.linalg.lu_factor(y)
+    m, l = y.shape[-2], y.shape[-1]
+    basis = lu.tril(-1)
+    basis.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    # LAPACK pivots: row i was swapped with row piv[i] - 1, in order; rows of y in L's order = perm
+    flat = piv.reshape(-1, l).cpu().tolist()
+    perms = []
+    for p in flat:
+        perm = list(range(m))
+        for i, j in enumerate(p):
+            j -= 1
+            perm[i], perm[j] = perm[j], perm[i]
+        perms.append(perm)
+    idx = torch.tensor(perms, device=y.device).reshape(y.shape[:-2] + (m, 1)).expand(y.shape)
+    return torch.empty_like(basis).scatter_(-2, idx, basis)  # row perm[i] of P·L is row i of L
+
+
 # --------------------------------------------------------------------------------------------
 # products with the centered task vectors
 
@@ -175,9 +198,10 @@ class _TritonCentered:
 def _sketch_svd(op, omega: torch.Tensor, power_iters: int):
     """Randomized SVD of every Δ_t of ``op`` at l = omega.shape[1] columns:
     U (T', *B, m, l), S (T', *B, l), V (T', *B, n, l)."""
-    q = _orth(op.mm(omega))
+    q = op.mm(omega)
     for _ in range(power_iters):
-        q = _orth(op.mm(_orth(op.mm_t(q))))
+        q = op.mm(_lu_basis(op.mm_t(_lu_basis(q))))
+    q = _orth(q)
     w = op.mm_t(q)  # = (QᵀΔ)ᵀ
     qw, rw = torch.linalg.qr(w, mode="reduced")
     ut, s, vth = torch.linalg.svd(rw.mT, full_matrices=False)  # l×l
