@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from .methods import get_method
 from .methods.base import REQUIRED, ParamContext, coerce
 from .plan import MergePlan, Options, build_plan
 from .runner import MergeReport, execute
+
+if TYPE_CHECKING:
+    from .cart import SweepReport
 
 
 def _config(config: MergeConfig | Mapping[str, Any] | str | Path) -> MergeConfig:
@@ -42,11 +45,16 @@ def plan(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Pa
     return build_plan(_config(config), _options(options), out_dir)
 
 
-def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, **options: Any) -> MergeReport:
+def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, **options: Any) -> "MergeReport | SweepReport":
     """Merge the checkpoints described by ``config`` (a YAML path, a dict in mergekit's schema, or a
     MergeConfig) into ``out_dir``. Options: device, backend, out_shard_size, threads, seed, overwrite,
     mergekit_compat, copy_tokenizer, progress."""
-    p = build_plan(_config(config), _options(options), out_dir)
+    cfg = _config(config)
+    if cfg.rank_sweep:  # cart: one factorization pass, one output model per rank ratio
+        from .cart import rank_sweep
+
+        return rank_sweep(cfg, out_dir, cfg.rank_sweep, **options)
+    p = build_plan(cfg, _options(options), out_dir)
     return execute(p, out_dir)
 
 

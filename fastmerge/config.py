@@ -25,7 +25,7 @@ DTYPES = {
 }
 TOP_LEVEL = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-    "tokenizer", "slices", "modules", "chat_template",
+    "tokenizer", "slices", "modules", "chat_template", "rank_sweep",
 }
 UNSUPPORTED = {
     "modules": "'modules' (multi-module models) is not supported yet",
@@ -77,6 +77,8 @@ class MergeConfig:
     tokenizer_source: str | None = None
     source: str | None = None  # where it was read from, for messages
     slices: list[SliceSpec] | None = None
+    #: cart only: one output model per rank ratio, from one factorization (OUT/rank-<value>/)
+    rank_sweep: list[float] | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -160,6 +162,7 @@ class MergeConfig:
             tokenizer_source=None if tok is None else str(tok),
             source=source,
             slices=slices,
+            rank_sweep=_rank_sweep(doc.get("rank_sweep"), method.name, where),
         )
         cfg.validate()
         return cfg
@@ -229,11 +232,22 @@ class MergeConfig:
             ]
         else:
             d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models]
-        for k in ("parameters", "dtype", "out_dtype", "tokenizer_source"):
+        for k in ("parameters", "dtype", "out_dtype", "tokenizer_source", "rank_sweep"):
             v = getattr(self, k)
             if v:
                 d[k] = v
         return d
+
+
+def _rank_sweep(v: Any, method: str, where: str) -> list[float] | None:
+    if v is None:
+        return None
+    if method != "cart":
+        raise ConfigError(f"{where}: rank_sweep is a cart option (merge_method is '{method}')")
+    if (not isinstance(v, list) or not v
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in v)):
+        raise ConfigError(f"{where}: rank_sweep must be a non-empty list of rank ratios in [0, 1], got {v!r}")
+    return [float(x) for x in v]
 
 
 def _parse_slices(raw: Any, where: str) -> list[SliceSpec]:

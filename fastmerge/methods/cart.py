@@ -21,7 +21,7 @@ Choices, with the reasons:
 - **``svd: randomized`` (default) vs ``exact``.** ``exact`` is the specification: one full
   ``torch.linalg.svd`` per matrix per task in fp32, as the official code. ``randomized`` is the fast
   path (``fastmerge.ops.randomized_svd``: sketch with ``oversample`` extra columns, ``power_iters``
-  re-orthonormalised power iterations, centering fused into the sketch, the T·k-inner-dimension
+  power iterations, centering fused into the sketch, the T·k-inner-dimension
   reconstruction added to θ_avg in one GEMM; fused Triton kernels on CUDA). Because the engine's torch
   backend runs ``reference``, **``reference(compat=False)`` is the fast randomized path when the
   parameter says ``randomized``**; the tests use ``svd: exact`` as the spec and check the randomized

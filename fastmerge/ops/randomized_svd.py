@@ -6,13 +6,13 @@ Used by CART (``fastmerge.methods.cart``): for T same-shape matrices X_1..X_T wi
     Δ_t ≈ U_t·diag(S_t)·V_tᵀ                   (top-k, randomized or exact)
     out = A + λ · Σ_t U_t·diag(S_t)·V_tᵀ       (one product with inner dimension T·k, added to A)
 
-Randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4 with re-orthonormalised power
+Randomized range finder (Halko, Martinsson, Tropp 2011, Alg. 4.4 with re-normalised power
 iterations, then Alg. 5.1), with l = k + oversample sketch columns and a Gaussian test matrix Ω (n×l)
 drawn on the CPU from ``seed`` (the same Ω on every device and backend):
 
-    Q = qr(Δ·Ω)
-    repeat power_iters times:  Q = qr(Δ·qr(Δᵀ·Q))
-    W = Δᵀ·Q  (n×l, = Bᵀ with B = QᵀΔ);  W = Q_w·R_w;  R_wᵀ = Ũ·diag(S)·Ṽᵀ
+    Y = Δ·Ω
+    repeat power_iters times:  Y = Δ·lu(Δᵀ·lu(Y))      (lu(Y) = P·L of Y = P·L·U: same span, cheap)
+    Q = qr(Y);  W = Δᵀ·Q  (n×l, = Bᵀ with B = QᵀΔ);  W = Q_w·R_w;  R_wᵀ = Ũ·diag(S)·Ṽᵀ
     U = Q·Ũ,  V = Q_w·Ṽ                     (Δ ≈ U·diag(S)·Vᵀ, exact when Δ has rank ≤ l)
 
 Only the products with Δ touch full-size data; everything else is an l-column matrix. Those products
@@ -23,8 +23,8 @@ run on one of two backends:
   chunk reads it. Peak extra memory: A + one m×n buffer per task of the chunk, whatever T is.
 - ``triton`` (CUDA; on CPU only under ``TRITON_INTERPRET=1``, for tests): ``kernels/cart.py`` loads a
   tile of X_t and of A, subtracts in registers and multiplies, so Δ_t never exists in memory; the
-  reconstruction adds A and scales by λ in the GEMM epilogue. The small factorizations (QR of m×l /
-  n×l, SVD of l×l) are batched over all T tasks with ``torch.linalg``.
+  reconstruction adds A and scales by λ in the GEMM epilogue. The small factorizations (LU / QR of
+  m×l and n×l, SVD of l×l) are batched over all T tasks with ``torch.linalg``.
 
 When l ≥ min(m, n)/2 the randomized path has no advantage (and is no longer a sketch): the exact SVD
 is used instead (``svd_kind`` of the result says which ran).
