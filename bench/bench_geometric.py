@@ -50,12 +50,6 @@ RESULTS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def timed(request) -> bool:
-    cfg = request.config
-    return not (cfg.getoption("benchmark_disable", False) and not cfg.getoption("benchmark_enable", False))
-
-
-@pytest.fixture(scope="module")
 def tensors(timed) -> tuple[torch.Tensor, list[torch.Tensor]]:
     shape = SHAPE_TIMED if timed else SHAPE_SMOKE
     g = torch.Generator().manual_seed(0)

@@ -101,3 +101,11 @@ def _record_machine(request, machine):
 def pytest_report_header(config):
     mode = "full (FASTMERGE_BENCH_FULL=1)" if full_mode(config) else "smoke (tiny family, 1 round)"
     return [f"fastmerge bench: {mode}; cache {bench_dir()}"]
+
+
+@pytest.fixture(scope="module")
+def timed(request) -> bool:
+    """Whether this run measures (``--benchmark-enable``) or is the CI smoke run (``--benchmark-disable``):
+    per-tensor benches pick their tensor shape and rounds from it."""
+    cfg = request.config
+    return not (cfg.getoption("benchmark_disable", False) and not cfg.getoption("benchmark_enable", False))
