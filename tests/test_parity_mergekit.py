@@ -34,7 +34,7 @@ import fastmerge
 from fastmerge import _native
 from fastmerge.testing import LlamaShape, make_family
 from helpers.parity import *  # noqa: F403 (comparison helpers shared by every parity test)
-from helpers.parity import OFFLINE_ENV, run_mergekit
+from helpers.parity import OFFLINE_ENV, ParityRuns
 
 pytestmark = [
     pytest.mark.parity,
@@ -108,27 +108,7 @@ CASES = [
 CASE_BY_ID = {c.id: c for c in CASES}
 
 
-class Outputs:
-    """Runs each (case, tool, mode) merge once per session, on first use."""
-
-    def __init__(self, fams, root: Path):
-        self.fams, self.root = fams, root
-        self._done: dict[tuple, Path] = {}
-
-    def mergekit(self, case: Case) -> Path:
-        key = (case.id, "mergekit")
-        if key not in self._done:
-            self._done[key] = run_mergekit(case.doc(self.fams), self.root / f"{case.id}.mergekit")
-        return self._done[key]
-
-    def fastmerge(self, case: Case, compat: bool, backend: str = "auto") -> Path:
-        key = (case.id, "fastmerge", compat, backend)
-        if key not in self._done:
-            out = self.root / f"{case.id}.fastmerge.{'compat' if compat else 'default'}.{backend}"
-            fastmerge.merge(case.doc(self.fams), out, mergekit_compat=compat, backend=backend, copy_tokenizer=False,
-                            progress=False, overwrite=True)
-            self._done[key] = out
-        return self._done[key]
+Outputs = ParityRuns  # each (case, tool, mode) merge once per session
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ import torch
 
 import fastmerge
 from fastmerge.testing import LlamaShape, make_family
-from helpers.parity import compare_models, config_dtype, describe, load_model, run_mergekit, ulp_distance
+from helpers.parity import ParityRuns, compare_models, config_dtype, describe, load_model, ulp_distance
 
 pytestmark = [
     pytest.mark.parity,
@@ -128,27 +128,7 @@ CASES = [
 CASE_BY_ID = {c.id: c for c in CASES}
 
 
-class Outputs:
-    """Runs each (case, tool, mode) merge once per session, on first use."""
-
-    def __init__(self, fams, root: Path):
-        self.fams, self.root = fams, root
-        self._done: dict[tuple, Path] = {}
-
-    def mergekit(self, case: Case) -> Path:
-        key = (case.id, "mergekit")
-        if key not in self._done:
-            self._done[key] = run_mergekit(case.doc(self.fams), self.root / f"{case.id}.mergekit")
-        return self._done[key]
-
-    def fastmerge(self, case: Case, compat: bool) -> Path:
-        key = (case.id, "fastmerge", compat)
-        if key not in self._done:
-            out = self.root / f"{case.id}.fastmerge.{'compat' if compat else 'default'}"
-            fastmerge.merge(case.doc(self.fams), out, mergekit_compat=compat, copy_tokenizer=False, progress=False,
-                            overwrite=True)
-            self._done[key] = out
-        return self._done[key]
+Outputs = ParityRuns  # each (case, tool, mode) merge once per session
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,32 @@ def run_mergekit(doc: dict, out: Path) -> Path:
     return out
 
 
+class ParityRuns:
+    """Runs each (case, tool, options) merge once per session, on first use; returns the output folder.
+    A case has ``.id`` and ``.doc(families) -> config dict``."""
+
+    def __init__(self, fams, root: Path):
+        self.fams, self.root = fams, root
+        self._done: dict[tuple, Path] = {}
+
+    def mergekit(self, case) -> Path:
+        key = (case.id, "mergekit")
+        if key not in self._done:
+            self._done[key] = run_mergekit(case.doc(self.fams), self.root / f"{case.id}.mergekit")
+        return self._done[key]
+
+    def fastmerge(self, case, compat: bool, backend: str = "auto") -> Path:
+        key = (case.id, "fastmerge", compat, backend)
+        if key not in self._done:
+            import fastmerge
+
+            out = self.root / f"{case.id}.fastmerge.{'compat' if compat else 'default'}.{backend}"
+            fastmerge.merge(case.doc(self.fams), out, mergekit_compat=compat, backend=backend, copy_tokenizer=False,
+                            progress=False, overwrite=True)
+            self._done[key] = out
+        return self._done[key]
+
+
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
