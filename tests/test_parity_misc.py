@@ -37,7 +37,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastmerge
 from fastmerge.testing import LlamaShape, make_family
 from helpers.parity import ParityRuns, compare_models, config_dtype, describe, load_model, ulp_distance
 
