@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+from ._lazy import torch
 
 from . import backends
 from .backends.base import MergeJob
@@ -16,10 +16,10 @@ from .io.writer import parse_size
 from .methods import get_method
 from .methods.base import REQUIRED, ParamContext, coerce
 from .plan import MergePlan, Options, build_plan
-from .runner import MergeReport, execute
 
 if TYPE_CHECKING:
     from .cart import SweepReport
+    from .runner import MergeReport
 
 
 def _config(config: MergeConfig | Mapping[str, Any] | str | Path) -> MergeConfig:
@@ -55,6 +55,13 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
 
         return rank_sweep(cfg, out_dir, cfg.rank_sweep, **options)
     p = build_plan(cfg, _options(options), out_dir)
+    from .fastpath import try_execute
+
+    report = try_execute(p, out_dir)  # the torch-free native engine, when every tensor runs on it
+    if report is not None:
+        return report
+    from .runner import execute
+
     return execute(p, out_dir)
 
 

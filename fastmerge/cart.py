@@ -369,7 +369,7 @@ def rank_sweep(config: Any, out_dir: str | Path, ratios: Sequence[float] | None 
     from .io.reader import ModelReader, Prefetcher
     from .io.writer import ShardWriter, commit_dir, temp_dir_beside
     from .plan import build_plan, check_output
-    from .runner import TORCH_DTYPE, _write_side_files, peak_rss_mb
+    from .runner import _write_side_files, peak_rss_mb
 
     t0 = time.perf_counter()
     cfg = api._config(config)
@@ -426,10 +426,10 @@ def rank_sweep(config: Any, out_dir: str | Path, ratios: Sequence[float] | None 
         for i, tensors in prefetch:
             tp = plan.tensors[i]
             p = tp.params
-            xs = [x.to(TORCH_DTYPE[tp.compute_dtype]) if tp.compute_dtype else x for x in tensors]
+            xs = [x.to(getattr(torch, tp.compute_dtype)) if tp.compute_dtype else x for x in tensors]
             if device.type != "cpu":
                 xs = [x.to(device, non_blocking=True) for x in xs]
-            dt = TORCH_DTYPE[tp.out_dtype]
+            dt = getattr(torch, tp.out_dtype)
             if lowrank_selected(xs[0], p):
                 n_low += 1
                 ks = {r: target_rank(xs[0].shape, r, 0) for r in vals}

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from ._lazy import torch
 
 from . import backends
 from .backends.base import MergeJob
@@ -28,7 +28,6 @@ from .io.reader import ModelReader, Prefetcher
 from .io.writer import ShardWriter, commit_dir, temp_dir_beside
 from .plan import MergePlan
 
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
@@ -208,10 +207,10 @@ def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
             base = tensors[0] if tp.base is not None else None
             inputs = tensors[1:] if tp.base is not None else tensors
             if tp.compute_dtype:  # mergekit_compat: mergekit casts every input to the compute dtype at load
-                cd = TORCH_DTYPE[tp.compute_dtype]
+                cd = getattr(torch, tp.compute_dtype)  # float32 / float16 / bfloat16
                 inputs = [x.to(cd) for x in inputs]
                 base = None if base is None else base.to(cd)
-            raw, view = pool.take(tp.shape, TORCH_DTYPE[tp.out_dtype])
+            raw, view = pool.take(tp.shape, getattr(torch, tp.out_dtype))
             job = MergeJob(tp.name, plan.method, tp.params, opts.mergekit_compat)
             ts = time.perf_counter()
             backend = backends.BACKENDS[tp.backend]

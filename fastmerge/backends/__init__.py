@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import BackendUnavailableError
 from .base import Backend, MergeJob

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..methods import MergeMethod
 

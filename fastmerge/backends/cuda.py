@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from .._lazy import torch
 
 from .. import _native
 from .base import MergeJob

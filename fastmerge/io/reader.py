@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import mmap
 import os
 import queue
@@ -24,8 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
-
+from .._lazy import torch
 from ..errors import CheckpointError
 from .index import CheckpointIndex, TensorInfo
 
@@ -154,6 +154,85 @@ class ModelReader:
 
     def close(self) -> None:
         self._handles.clear()
+        self._maps.clear()
+
+
+_PROT_READ, _MAP_SHARED = 1, 1
+if _libc is not None:
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _libc.munmap.restype = ctypes.c_int
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@dataclasses.dataclass(frozen=True)
+class RawView:
+    """Where one input tensor's bytes are mapped: ``nbytes`` read-only bytes at address ``ptr``."""
+
+    ptr: int
+    nbytes: int
+    dtype: str
+    numel: int
+
+
+class RawReader:
+    """``ModelReader`` without torch or safetensors: each safetensors file is mapped read-only
+    (``PROT_READ``: a write through a bad pointer faults instead of corrupting an input) and tensors
+    are addresses into the mapping, found from the header offsets the index already validated.
+
+    Used by the torch-free native fast path (``fastmerge.fastpath``); same ``get``/``populate``/``drop``
+    interface as ``ModelReader``, so the same ``Prefetcher`` drives both. Linux/POSIX only
+    (``available()``); files stay mapped until ``close()`` (address space only: pages are dropped
+    after use)."""
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self._maps: dict[Path, tuple[int, int]] = {}  # file -> (address, length)
+
+    @staticmethod
+    def available() -> bool:
+        return _libc is not None and os.name == "posix"
+
+    def _map(self, file: Path) -> int:
+        m = self._maps.get(file)
+        if m is not None:
+            return m[0]
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot open ({e.strerror or e})") from None
+        try:
+            length = os.fstat(fd).st_size
+            addr = _libc.mmap(None, max(length, 1), _PROT_READ, _MAP_SHARED, fd, 0)
+        finally:
+            os.close(fd)  # the mapping keeps the file alive
+        if addr is None or addr == _MAP_FAILED:
+            raise CheckpointError(f"{file}: cannot map ({os.strerror(ctypes.get_errno())})")
+        self._maps[file] = (addr, length)
+        return addr
+
+    def get(self, info: TensorInfo) -> RawView:
+        addr = self._map(info.file)
+        if info.end > self._maps[info.file][1]:  # the file shrank since its header was read
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' lies past the end of the file")
+        return RawView(addr + info.begin, info.nbytes, info.dtype, info.numel)
+
+    def populate(self, info: TensorInfo, v: RawView) -> None:
+        global _populate_ok
+        if _populate_ok and not _madvise(v.ptr, v.ptr + v.nbytes, _MADV_POPULATE_READ):
+            _populate_ok = False
+        if not _populate_ok:
+            _madvise(v.ptr, v.ptr + v.nbytes, _MADV_WILLNEED)
+
+    def drop(self, info: TensorInfo, v: RawView) -> None:
+        # _madvise rounds the start down to a page, so the partial pages at both ends go too: harmless,
+        # an unmodified page of a shared file mapping is re-read from the page cache if touched again.
+        _madvise(v.ptr, v.ptr + v.nbytes, _MADV_DONTNEED)
+
+    def close(self) -> None:
+        for addr, length in self._maps.values():
+            _libc.munmap(addr, max(length, 1))
         self._maps.clear()
 
 

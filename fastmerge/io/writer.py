@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import FastMergeError, OutputError
 
@@ -111,22 +111,28 @@ class ShardWriter:
         self._file: BinaryIO | None = None
         self.bytes_written = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor of the plan; ``tensor`` must be CPU, contiguous, of the planned dtype/shape."""
+    def write(self, name: str, tensor: "torch.Tensor | memoryview") -> None:
+        """Append the next tensor of the plan: a CPU tensor of the planned dtype and shape, or (the
+        torch-free fast path) a memoryview of exactly the planned number of bytes, in the planned dtype."""
         if self._next >= len(self._order):
             raise FastMergeError(f"writer: unexpected extra tensor '{name}'")
         si, planned = self._order[self._next]
         if planned.name != name:
             raise FastMergeError(f"writer: expected tensor '{planned.name}', got '{name}' (out of plan order)")
-        if tuple(tensor.shape) != planned.shape or str(tensor.dtype).removeprefix("torch.") != planned.dtype:
-            raise FastMergeError(
-                f"writer: tensor '{name}' is {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}"
-            )
+        if isinstance(tensor, memoryview):
+            data = tensor.cast("B")
+            if data.nbytes != planned.nbytes:
+                raise FastMergeError(f"writer: tensor '{name}' has {data.nbytes} bytes, planned {planned.nbytes}")
+        else:
+            if tuple(tensor.shape) != planned.shape or str(tensor.dtype).removeprefix("torch.") != planned.dtype:
+                raise FastMergeError(
+                    f"writer: tensor '{name}' is {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}"
+                )
+            data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         if self._file is None:
             self._file = open(self.dir / self.shards[si].filename, "wb")
             self._file.write(self.shards[si].header_bytes())
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write(data)
         self.bytes_written += planned.nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != si:

@@ -35,8 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
-import torch.nn.functional as F
+from .._lazy import torch
 
 from ..errors import ConfigError
 from .base import MergeMethod, ParamContext
@@ -60,8 +59,8 @@ def sample_seed(seed: int, key: int) -> int:
 
 def importance(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|x − b| scaled by the row-wise KL(softmax(x) ‖ softmax(b)), in the inputs' dtype."""
-    p = F.softmax(x, dim=-1) + EPS
-    q = F.softmax(b, dim=-1) + EPS
+    p = torch.nn.functional.softmax(x, dim=-1) + EPS
+    q = torch.nn.functional.softmax(b, dim=-1) + EPS
     kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
     return (x - b).abs() * kl
 

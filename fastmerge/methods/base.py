@@ -8,10 +8,12 @@ accelerated backend (C++, Triton, CUDA) is tested against ``reference``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import struct
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 
@@ -48,6 +50,14 @@ class ParamContext:
         import hashlib
 
         return int.from_bytes(hashlib.blake2b(self.tensor.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def round_fp32(x: float) -> float:
+    """``x`` rounded to the nearest fp32 (ties to even, as a C cast); ±inf beyond fp32's range."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def coerce(spec: ParamSpec, value: Any, where: str) -> Any:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 from ..ops.randomized_svd import (

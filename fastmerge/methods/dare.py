@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from . import rng
 from .base import MergeMethod, ParamContext

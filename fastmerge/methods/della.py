@@ -49,7 +49,7 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 from . import rng
@@ -109,10 +109,10 @@ def rank_dtype(x: torch.Tensor, base: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype == base.dtype and x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def della_probs(delta: torch.Tensor, density: float, epsilon: float, key_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def della_probs(delta: torch.Tensor, density: float, epsilon: float, key_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Keep probabilities (fp32, ``delta``'s shape) of the default mode, ranking |δ| rounded to
-    ``key_dtype``; see the module docstring."""
-    rows = to_rows(as_fp32(delta).abs().to(key_dtype))
+    ``key_dtype`` (default fp32); see the module docstring."""
+    rows = to_rows(as_fp32(delta).abs().to(key_dtype or torch.float32))
     n = rows.shape[1]
     if n > 1:
         rank_norm = row_ranks(rows).to(torch.float32) / float(n - 1)  # n − 1 < 2^24: exact in fp32
@@ -125,7 +125,7 @@ def della_probs(delta: torch.Tensor, density: float, epsilon: float, key_dtype: 
 
 def della_keep(
     delta: torch.Tensor, density: float, epsilon: float, seed: int, key: int, model: int,
-    key_dtype: torch.dtype = torch.float32,
+    key_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """The keep mask of model ``model``'s delta (bool, its shape); None for density ≥ 1 (kept whole)."""
     if density >= 1:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 from .base import REQUIRED, ParamSpec, as_fp32
@@ -38,9 +38,9 @@ from .task_arithmetic import compat_finish, compat_weights
 RESCALE_EPS = 1e-7
 
 #: (model index, fp32 delta) -> bool keep mask of the delta's shape, or None to keep it whole
-KeepFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+KeepFn = Callable[[int, "torch.Tensor"], "torch.Tensor | None"]
 #: (model index, delta in the compute dtype) -> sparsified (and rescaled) delta in the same dtype
-CompatSparsifyFn = Callable[[int, torch.Tensor], torch.Tensor]
+CompatSparsifyFn = Callable[[int, "torch.Tensor"], "torch.Tensor"]
 
 
 def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32, round_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +31,12 @@ def weight_divisor(weight: Sequence[float], normalize: bool) -> float | None:
     """The fp32 sum of the weights (summed in order, as the kernels do), or None without normalize."""
     if not normalize:
         return None
-    acc = torch.zeros((), dtype=torch.float32)
+    acc = 0.0
     for w in weight:
-        acc = acc + torch.tensor(w, dtype=torch.float32)
-    return float(acc)
+        # fp32 addition without torch (the fast path never imports it): the double sum of two fp32
+        # values is exact or off only below fp32's sticky bit, so one rounding to fp32 is fp32's sum.
+        acc = round_fp32(acc + round_fp32(w))
+    return acc
 
 
 class Linear(MergeMethod):

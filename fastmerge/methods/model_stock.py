@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 from .base import MergeMethod, ParamContext, ParamSpec

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 from .base import MergeMethod, ParamContext, ParamSpec, as_fp32

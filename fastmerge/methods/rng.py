@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
+from .._lazy import torch
 
 M32 = 0xFFFFFFFF
 MUL1 = 0x7FEB352D

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
+from .._lazy import torch
 
 from ..errors import ConfigError
 from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-import torch
+from .._lazy import torch
 
 #: elements per block of the two passes. Small enough for a block of T fp32 vectors to stay in L2/L3
 #: between its operations, large enough that a 4M-element tensor is only 8 blocks: every torch call is

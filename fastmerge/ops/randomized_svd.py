@@ -37,7 +37,7 @@ import math
 import os
 from typing import Sequence
 
-import torch
+from .._lazy import torch
 
 #: Oversampling p (l = k + p). ``None`` = auto: p = max(10, k), i.e. l = 2k. Halko et al.'s p = 10 is
 #: enough for the truncation error (‖Δ − Δ̃_k‖_F ≤ 1.01× optimal with 2 power iterations on 768×3072,

@@ -1,0 +1,160 @@
+"""The torch-free native engine: read (mapped files) → C++ kernel → write, without importing torch.
+
+Why a second engine: on the 2-core reference machine ``import torch`` takes 1.2-1.7 s, more than the
+whole native merge of the 1.3 GB benchmark family (bench/RESULTS.md), and torch's own allocations add
+~265 MB of RSS. When every tensor of a plan runs on the native backend, nothing needs torch: the
+inputs are read-only mappings of the safetensors files (``io.reader.RawReader``, addresses from the
+validated headers), the kernels take raw pointers (``fastmerge._C``), and the outputs are two reused
+anonymous-memory buffers handed to the same streaming writer. Everything else - the plan, the
+prefetcher (page population ahead, page release after use), the writer thread, the atomic commit and
+the side files - is shared with ``fastmerge.runner``, so both engines write identical output (tested).
+
+``try_execute`` returns None, and the caller falls back to ``runner.execute``, when any tensor needs
+another backend, mergekit-compat casting, a ``.bin`` input, or when ``FASTMERGE_FASTPATH=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import queue
+import sys
+import time
+from pathlib import Path
+
+from .backends.base import MergeJob
+from .errors import OutputError
+from .io.reader import Prefetcher, RawReader, RawView
+from .io.writer import ShardWriter, commit_dir, temp_dir_beside
+from .plan import MergePlan
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def why_not(plan: MergePlan) -> str | None:
+    """Why ``plan`` cannot run on the fast path (None: it can)."""
+    if os.environ.get("FASTMERGE_FASTPATH", "1") == "0":
+        return "FASTMERGE_FASTPATH=0"
+    if not RawReader.available():
+        return "no POSIX mmap/madvise here"
+    from .backends import BACKENDS
+
+    native = BACKENDS.get("native")
+    if native is None or not hasattr(native, "run_raw"):
+        return "the native backend has no raw-pointer entry point"
+    if plan.device != "cpu":
+        return f"device {plan.device}"
+    if any(ix.fmt != "safetensors" for ix in plan.indexes.values()):
+        return "a .bin checkpoint (read through torch.load)"
+    for t in plan.tensors:
+        if t.backend != "native":
+            return f"tensor '{t.name}' runs on {t.backend}"
+        if t.compute_dtype:
+            return "mergekit_compat casts inputs to the compute dtype"
+        if getattr(t, "input_transform", None):  # e.g. vocabulary remapping of embedding rows
+            return f"tensor '{t.name}' has an input transform"
+    return None
+
+
+class _RawPool:
+    """Two reused output buffers (anonymous mappings: no zero-fill pass, page-aligned, first-touch
+    faults only on the first two tensors)."""
+
+    def __init__(self, nbytes: int, count: int = 2):
+        self._free: queue.Queue[tuple[mmap.mmap, int]] = queue.Queue()
+        self._all = []
+        for _ in range(count):
+            m = mmap.mmap(-1, max(nbytes, 1))
+            holder = ctypes.c_char.from_buffer(m)  # pins the mapping while we use its address
+            self._all.append((m, holder))
+            self._free.put((m, ctypes.addressof(holder)))
+
+    def take(self, nbytes: int, dtype: str) -> tuple[tuple[mmap.mmap, int], RawView, memoryview]:
+        m, addr = self._free.get()
+        return (m, addr), RawView(addr, nbytes, dtype, nbytes // ITEMSIZE[dtype]), memoryview(m)[:nbytes]
+
+    def give(self, raw: tuple[mmap.mmap, int]) -> None:
+        self._free.put(raw)
+
+
+def try_execute(plan: MergePlan, out: str | Path):  # -> MergeReport | None
+    """Run ``plan`` on the fast path if it can (see ``why_not``); else None, having done nothing."""
+    if why_not(plan) is not None:
+        return None
+    return execute(plan, Path(out))
+
+
+def execute(plan: MergePlan, out: Path):  # -> MergeReport
+    """Run ``plan`` (every tensor on the native backend) and write the merged model to ``out``, atomically."""
+    from .backends import BACKENDS
+    from .runner import MergeReport, _cleanup, _WriteThread, _write_side_files, peak_rss_mb
+
+    reason = why_not(plan)
+    if reason is not None:
+        raise ValueError(f"fastpath.execute: this plan cannot run here ({reason})")
+    t0 = time.perf_counter()
+    opts = plan.options
+    native = BACKENDS["native"]
+    try:
+        tmp = temp_dir_beside(out)
+    except OSError as e:
+        raise OutputError(f"{out.parent}: cannot create output directory ({e.strerror or e})") from None
+    readers: list[RawReader] = []
+    prefetch = writer = wthread = pool = None
+    merge_s = 0.0
+    try:
+        by_file: dict[Path, RawReader] = {}
+        for ix in plan.indexes.values():
+            reader = RawReader(ix)
+            readers.append(reader)
+            for f in ix.files:
+                by_file.setdefault(f, reader)
+        groups = [
+            [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
+        ]
+        largest = max((t.in_bytes for t in plan.tensors), default=0)
+        prefetch = Prefetcher(groups, budget_bytes=2 * largest)
+        writer = ShardWriter(tmp, plan.shards)
+        pool = _RawPool(max((t.out_tensor.nbytes for t in plan.tensors), default=1))
+        wthread = _WriteThread(writer, pool)
+        bar = None
+        if opts.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=f"fastmerge {plan.method.name}", file=sys.stderr)
+        for i, views in prefetch:
+            tp = plan.tensors[i]
+            base = views[0] if tp.base is not None else None
+            inputs = views[1:] if tp.base is not None else views
+            raw, view, mv = pool.take(tp.out_tensor.nbytes, tp.out_dtype)
+            job = MergeJob(tp.name, plan.method, tp.params, False)
+            ts = time.perf_counter()
+            native.run_raw(job, view, inputs, base, opts.threads)
+            merge_s += time.perf_counter() - ts
+            prefetch.release(i)
+            wthread.put(tp.name, mv, raw)
+            if bar is not None:
+                bar.update(tp.in_bytes)
+        wthread.close()
+        wthread = None
+        if bar is not None:
+            bar.close()
+        writer.finalize()
+        _write_side_files(plan, tmp)
+        commit_dir(tmp, out, opts.overwrite)
+    except OSError as e:
+        _cleanup(tmp, prefetch, wthread, writer)
+        raise OutputError(f"{getattr(e, 'filename', None) or out}: I/O error ({e.strerror or e}); nothing was left at {out}") from None
+    except BaseException:
+        _cleanup(tmp, prefetch, wthread, writer)
+        raise
+    finally:
+        if prefetch is not None:
+            prefetch.close()  # its thread holds views into the mappings: stop it before unmapping
+        for r in readers:
+            r.close()
+    return MergeReport(
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=writer.bytes_written,
+        wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends={"native": len(plan.tensors)},
+    )
