@@ -1,8 +1,8 @@
 """The mergekit YAML schema (the subset fastmerge runs today), validated up front.
 
 Every error names the field (and model) at fault. A mergekit feature fastmerge does not run yet
-(``slices``, ``modules``, ``tokenizer`` options, ``chat_template``, LoRA ``model+lora`` references) is
-a clear error, never silently ignored.
+(``modules``, ``residual_weight``, ``tokenizer_source: union``, ``tokenizer.tokens``, ``chat_template``,
+LoRA ``model+lora`` references) is a clear error, never silently ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ TOP_LEVEL = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
     "tokenizer", "slices", "modules", "chat_template", "rank_sweep",
 }
+#: mergekit 0.1.5 methods whose base policy is "ignored": its planner (``MergePlanner.normalize_config``)
+#: appends ``base_model`` to the ``models`` inputs when it is not listed, and these methods then merge it
+#: like any other input (karcher averages it in; linear needs a ``weight`` for it; passthrough, which
+#: takes one input, refuses the config). Slices are used as written. ``cart`` is fastmerge's own method
+#: and documents base_model as ignored.
+BASE_AS_INPUT = frozenset({"linear", "karcher", "passthrough"})
 UNSUPPORTED = {
     "modules": "'modules' (multi-module models) is not supported yet",
     "chat_template": "'chat_template' is not supported yet; remove it and set the template on the output",
@@ -39,6 +45,8 @@ class ModelSpec:
 
     path: str
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the base_model, appended as one more input (``BASE_AS_INPUT``); not written back by ``to_dict``
+    implicit_base: bool = False
 
 
 @dataclasses.dataclass
@@ -74,7 +82,8 @@ class MergeConfig:
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # "base" or a model path (vocabularies aligned, see fastmerge.tokenizer)
+    tokenizer_pad_to_multiple_of: int | None = None  # ``tokenizer: {pad_to_multiple_of: N}``
     source: str | None = None  # where it was read from, for messages
     slices: list[SliceSpec] | None = None
     #: cart only: one output model per rank ratio, from one factorization (OUT/rank-<value>/)
@@ -110,16 +119,7 @@ class MergeConfig:
         if "merge_method" not in doc:
             raise ConfigError(f"{where}: missing field 'merge_method'")
         method = get_method(str(doc["merge_method"]))
-        tok = doc.get("tokenizer_source")
-        if doc.get("tokenizer") is not None:
-            t = doc["tokenizer"]
-            if not isinstance(t, dict) or set(t) - {"source"}:
-                raise ConfigError(f"{where}: tokenizer: only 'source' is supported (tokens / pad_to_multiple_of are not yet)")
-            if tok is not None:
-                raise ConfigError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both")
-            tok = t.get("source")
-        if tok is not None and str(tok) == "union":
-            raise ConfigError(f"{where}: tokenizer_source: 'union' (vocabulary merging) is not supported yet; use 'base' or a model")
+        tok, pad_to = _tokenizer(doc, where)
         base = doc.get("base_model")
         if base is not None:
             base = _model_ref(base, f"{where}: base_model")
@@ -149,6 +149,9 @@ class MergeConfig:
             if base is not None and path == base and method.base_policy != "ignored":
                 continue  # mergekit: a base model listed among the models is the base, not an input
             models.append(ModelSpec(path, dict(params)))
+        if (slices is None and base is not None and method.name in BASE_AS_INPUT
+                and base not in [m.path for m in models]):
+            models.append(ModelSpec(base, {}, implicit_base=True))
         gparams = doc.get("parameters") or {}
         if not isinstance(gparams, dict):
             raise ConfigError(f"{where}: parameters: must be a mapping")
@@ -159,7 +162,8 @@ class MergeConfig:
             parameters=dict(gparams),
             dtype=_dtype(doc.get("dtype"), f"{where}: dtype"),
             out_dtype=_dtype(doc.get("out_dtype"), f"{where}: out_dtype"),
-            tokenizer_source=None if tok is None else str(tok),
+            tokenizer_source=tok,
+            tokenizer_pad_to_multiple_of=pad_to,
             source=source,
             slices=slices,
             rank_sweep=_rank_sweep(doc.get("rank_sweep"), method.name, where),
@@ -189,11 +193,14 @@ class MergeConfig:
                 scopes += [(f"slices[{i}].sources[{j}] ({s.path}).parameters", s.parameters) for j, s in enumerate(sl.sources)]
         elif m.base_policy == "required" and not self.base_model:
             raise ConfigError(f"{where}: merge_method '{m.name}' needs a base_model")
+        implicit = next((s.path for s in self.models if s.implicit_base), None)
+        why = (f" (mergekit merges base_model '{implicit}' as one more input of '{m.name}'; list the models you mean "
+               "and drop base_model)") if implicit else ""
         for gw, n in groups:
             if n < m.min_models:
                 raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base, got {n}")
             if m.max_models is not None and n > m.max_models:
-                raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, got {n}")
+                raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, got {n}{why}")
         specs = m.param_specs()
         for scope, params in scopes:
             for name, setting in params.items():
@@ -210,6 +217,11 @@ class MergeConfig:
             if spec.per_model and spec.default is _required():
                 for i, s in enumerate(self.models):
                     if name not in s.parameters and name not in self.parameters:
+                        if s.implicit_base:
+                            raise ConfigError(
+                                f"{where}: base_model ({s.path}): missing required parameter '{name}': mergekit merges the "
+                                f"base_model as one more input of '{m.name}', so it needs a '{name}' too (set it in the global "
+                                "parameters or list the base among the models), or drop base_model")
                         raise ConfigError(f"{where}: models[{i}] ({s.path}): missing required parameter '{name}'")
                 for i, sl in enumerate(self.slices or []):
                     base = sl.base_model or self.base_model
@@ -231,12 +243,41 @@ class MergeConfig:
                 for sl in self.slices
             ]
         else:
-            d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models]
+            d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models if not s.implicit_base]
         for k in ("parameters", "dtype", "out_dtype", "tokenizer_source", "rank_sweep"):
             v = getattr(self, k)
             if v:
                 d[k] = v
+        if self.tokenizer_pad_to_multiple_of:
+            d["tokenizer"] = {"source": d.pop("tokenizer_source"), "pad_to_multiple_of": self.tokenizer_pad_to_multiple_of}
         return d
+
+
+def _tokenizer(doc: dict[str, Any], where: str) -> tuple[str | None, int | None]:
+    """``tokenizer_source: X`` or ``tokenizer: {source: X, pad_to_multiple_of: N}`` -> (X, N). X is "base"
+    or a model; in the ``tokenizer`` form a missing source means mergekit's default, ``union``."""
+    tok, pad_to = doc.get("tokenizer_source"), None
+    t = doc.get("tokenizer")
+    if t is not None:
+        if tok is not None:
+            raise ConfigError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both")
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: tokenizer: expected a mapping {{source: base | MODEL, pad_to_multiple_of: N}}")
+        extra = set(t) - {"source", "tokens", "pad_to_multiple_of"}
+        if extra:
+            raise ConfigError(f"{where}: tokenizer: unknown field '{sorted(extra)[0]}'")
+        if t.get("tokens"):
+            raise ConfigError(f"{where}: tokenizer.tokens (per-token embedding sources) is not supported yet")
+        tok = t.get("source", "union")
+        pad_to = t.get("pad_to_multiple_of")
+        if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to <= 0):
+            raise ConfigError(f"{where}: tokenizer.pad_to_multiple_of: expected a positive integer, got {pad_to!r}")
+    if tok is None:
+        return None, None
+    tok = _model_ref(tok, f"{where}: tokenizer_source")
+    if tok == "union":
+        raise ConfigError(f"{where}: tokenizer_source: 'union' (vocabulary merging) is not supported yet; use 'base' or a model")
+    return tok, pad_to
 
 
 def _rank_sweep(v: Any, method: str, where: str) -> list[float] | None:

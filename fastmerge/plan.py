@@ -61,6 +61,9 @@ class TensorPlan:
     layer: int | None
     backend: str
     skipped: dict[str, list[str]]
+    #: tokenizer_source: the rows of this vocabulary tensor, per input, in the output vocabulary
+    #: (a ``fastmerge.tokenizer.RowMap``, applied by the runner before the method); None otherwise
+    input_transform: Any = None
 
     @property
     def in_bytes(self) -> int:
@@ -81,6 +84,8 @@ class MergePlan:
     out_layers: int | None  # number of output layers when built from slices (config.json is updated)
     tensors: list[TensorPlan]
     shards: list[Shard]
+    #: tokenizer_source: the output tokenizer (``fastmerge.tokenizer.OutputTokenizer``), else None
+    tokenizer: Any = None
 
     @property
     def method(self) -> MergeMethod:
@@ -117,9 +122,12 @@ class MergePlan:
                     "shard": shard_of[t.name],
                     "backend": t.backend,
                     "skipped": t.skipped,
+                    **({"vocab_remap": t.input_transform.summary()} if t.input_transform is not None else {}),
                 }
                 for t in self.tensors
             ],
+            **({"tokenizer": {"source": str(self.tokenizer.source), "vocab_size": self.tokenizer.n_rows,
+                              "tokens": self.tokenizer.n_vocab}} if self.tokenizer is not None else {}),
         }
 
     def dumps(self) -> str:
@@ -217,6 +225,7 @@ class _Slice:
     base: _Input | None
     params: dict[str, Any]
     length: int
+    base_path: str | None = None  # the configured base model (also for base-ignoring methods): preferred row donor
 
 
 def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
@@ -226,7 +235,7 @@ def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
         base = _Input(config.base_model, open_index(config.base_model), {}) if config.base_model and method.base_policy != "ignored" else None
         inputs = [_Input(m.path, open_index(m.path), m.parameters) for m in config.models]
         ref = base or inputs[0]
-        return [_Slice(inputs, base, {}, _num_layers(ref.index))], False
+        return [_Slice(inputs, base, {}, _num_layers(ref.index), config.base_model)], False
     out = []
     for sl in config.slices:
         base_path = sl.base_model or config.base_model
@@ -237,7 +246,7 @@ def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
                 base = inp
             else:
                 inputs.append(inp)
-        out.append(_Slice(inputs, base, sl.parameters, sl.sources[0].length))
+        out.append(_Slice(inputs, base, sl.parameters, sl.sources[0].length, base_path))
     return out, True
 
 
@@ -260,6 +269,11 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     first = slices[0].base or slices[0].inputs[0]
     seed = options.seed or 0
     plans: list[TensorPlan] = []
+    vocabs = None
+    if config.tokenizer_source:
+        from .tokenizer import Vocabularies
+
+        vocabs = Vocabularies(config.tokenizer_source, config.base_model or first.path, config.tokenizer_pad_to_multiple_of)
 
     def add(out_name: str, sl: _Slice, layer: int | None, t: float) -> None:
         """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor."""
@@ -272,10 +286,15 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                 raise CheckpointError(f"{m.path}: tensor '{in_name}' is missing (needed for output '{out_name}')")
             infos.append(info)
         ref_info = infos[0]
+        out_shape = ref_info.shape
+        remap = _vocab_remap(vocabs, out_name, layer, members, infos, sl.base_path) if vocabs else None
+        if remap is not None:
+            out_shape = (remap.n_rows, *ref_info.shape[1:])
         for m, info in zip(members, infos):
-            if info.shape != ref_info.shape:
+            if info.shape != ref_info.shape and (remap is None or info.shape[1:] != ref_info.shape[1:]):
                 raise ShapeMismatchError(
                     f"tensor '{info.name}': shape {list(info.shape)} in {m.path} but {list(ref_info.shape)} in {members[0].path}"
+                    + _vocab_hint(out_name, vocabs is not None)
                 )
         params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed)
         base_info = infos[0] if sl.base else None
@@ -284,9 +303,10 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         job = MergeJob(out_name, method, params, options.mergekit_compat)
         backend, skipped = backends.select(job, device, options.backend)
         plans.append(TensorPlan(
-            name=out_name, shape=ref_info.shape, out_dtype=out_dtype,
+            name=out_name, shape=out_shape, out_dtype=out_dtype,
             compute_dtype=(config.dtype or ref_info.dtype) if options.mergekit_compat else None,
             base=base_info, sources=sources, params=params, layer=layer_index(out_name), backend=backend, skipped=skipped,
+            input_transform=remap,
         ))
 
     if not sliced:
@@ -323,6 +343,41 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n)]:  # final norm, heads
             add(n, slices[-1], None, 0.0)
     shards = plan_shards([p.out_tensor for p in plans], options.out_shard_size)
-    ref_root = first.index.root
+    # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
+    ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None
-    return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards)
+    return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards,
+                     tokenizer=vocabs.output if vocabs else None)
+
+
+def _vocab_hint(name: str, aligning: bool) -> str:
+    """What to add to a shape error on an embedding / head tensor."""
+    from .tokenizer import is_vocab_tensor
+
+    if not is_vocab_tensor(name):
+        return ""
+    if aligning:
+        return " (a vocabulary tensor, but its rows do not match its model's config.json vocab_size)"
+    return " (vocabularies differ: set tokenizer_source: base, or a model, to align the rows as mergekit does)"
+
+
+def _vocab_remap(vocabs: Any, name: str, layer: int | None, members: list[_Input], infos: list[TensorInfo],
+                 base_path: str | None) -> Any:
+    """The row map of ``name`` if it is a vocabulary tensor (by name, and its rows equal each model's
+    config.json vocab_size when that is given), else None."""
+    from .tokenizer import config_vocab_size, is_vocab_tensor
+
+    if layer is not None or not is_vocab_tensor(name) or any(len(i.shape) == 0 for i in infos):
+        return None
+    for m, info in zip(members, infos):
+        n = config_vocab_size(m.index.root)
+        if n is not None and info.shape[0] != n:
+            return None
+    rm = vocabs.row_map([m.path for m in members], base_path)
+    if rm.n_rows == rm.n_vocab and all(i.shape[0] == rm.n_vocab and rm.is_identity(k) for k, i in enumerate(infos)):
+        return None  # same ids everywhere, no row added or dropped: a plain tensor (the native fast path can run it)
+    for k, (m, info) in enumerate(zip(members, infos)):
+        need = rm.src_rows_needed(k)
+        if need > info.shape[0]:
+            raise CheckpointError(f"{m.path}: tensor '{info.name}' has {info.shape[0]} rows but its tokenizer has ids up to {need - 1}")
+    return rm

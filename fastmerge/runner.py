@@ -27,11 +27,7 @@ from .errors import FastMergeError, OutputError
 from .io.reader import ModelReader, Prefetcher
 from .io.writer import ShardWriter, commit_dir, temp_dir_beside
 from .plan import MergePlan
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model",
-)
+from .tokenizer import TOKENIZER_FILES, model_root
 
 
 @dataclasses.dataclass
@@ -95,6 +91,32 @@ class _BufferPool:
         self._free.put(raw)
 
 
+class _RemapBuffers:
+    """Buffers for remapped vocabulary rows, one per input slot that needs a copy (an input whose ids
+    already match is used in place). Kept while consecutive tensors are remapped (``lm_head.weight`` and
+    ``lm_head.bias``, or a tied pair), released before any other tensor: at most one buffer per input of
+    the largest vocabulary tensor, and only while vocabulary tensors are being merged."""
+
+    def __init__(self) -> None:
+        self._raw: dict[int, torch.Tensor] = {}
+
+    def _take(self, k: int, shape: tuple[int, ...], dtype: "torch.dtype") -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        raw = self._raw.get(k)
+        if raw is None or raw.numel() < nbytes:
+            raw = self._raw[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return raw[:nbytes].view(dtype).view(shape)
+
+    def apply(self, remap: Any, tensors: list, compat: bool) -> list:
+        return remap.apply(tensors, compat, out=self._take)
+
+    def release(self) -> None:
+        self._raw.clear()
+
+
 class _WriteThread:
     def __init__(self, writer: ShardWriter, pool: _BufferPool):
         self.writer, self.pool = writer, pool
@@ -143,11 +165,22 @@ def _write_side_files(plan: MergePlan, tmp: Path) -> None:
         if plan.out_layers is not None:  # slices: the output has its own number of layers
             for k in [k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in doc] or ["num_hidden_layers"]:
                 doc[k] = plan.out_layers
+        if plan.tokenizer is not None:  # the output vocabulary sets the embedding rows (mergekit's _update_config_vocab)
+            nested = "vocab_size" not in doc and isinstance(doc.get("text_config"), dict) and "vocab_size" in doc["text_config"]
+            (doc["text_config"] if nested else doc)["vocab_size"] = plan.tokenizer.n_rows
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    if plan.options.copy_tokenizer:
+    if plan.tokenizer is not None:
+        # tokenizer_source: always written, as mergekit saves the tokenizer it built whatever --copy-tokenizer says
+        tok = plan.tokenizer
+        for name in tok.files():
+            if name in tok.rewritten:
+                (tmp / name).write_text(tok.rewritten[name], encoding="utf-8")
+            else:
+                shutil.copyfile(tok.source / name, tmp / name)
+    elif plan.options.copy_tokenizer:
         src = ref_root
         if cfg.tokenizer_source and cfg.tokenizer_source != "base":
-            src = Path(cfg.tokenizer_source)
+            src = model_root(cfg.tokenizer_source)
             if not src.is_dir():
                 raise FastMergeError(f"tokenizer_source: {src} is not a local model folder")
         for name in TOKENIZER_FILES:
@@ -202,14 +235,16 @@ def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
             from tqdm import tqdm
 
             bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=f"fastmerge {plan.method.name}", file=sys.stderr)
+        remap_bufs = _RemapBuffers()
         for i, tensors in prefetch:
             tp = plan.tensors[i]
-            base = tensors[0] if tp.base is not None else None
-            inputs = tensors[1:] if tp.base is not None else tensors
             if tp.compute_dtype:  # mergekit_compat: mergekit casts every input to the compute dtype at load
                 cd = getattr(torch, tp.compute_dtype)  # float32 / float16 / bfloat16
-                inputs = [x.to(cd) for x in inputs]
-                base = None if base is None else base.to(cd)
+                tensors = [x.to(cd) for x in tensors]
+            if tp.input_transform is not None:  # tokenizer_source: rows moved to the output vocabulary
+                tensors = remap_bufs.apply(tp.input_transform, tensors, opts.mergekit_compat)
+            base = tensors[0] if tp.base is not None else None
+            inputs = tensors[1:] if tp.base is not None else tensors
             raw, view = pool.take(tp.shape, getattr(torch, tp.out_dtype))
             job = MergeJob(tp.name, plan.method, tp.params, opts.mergekit_compat)
             ts = time.perf_counter()
@@ -221,6 +256,8 @@ def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
             merge_s += time.perf_counter() - ts
             counts[tp.backend] = counts.get(tp.backend, 0) + 1
             del inputs, base, tensors
+            if i + 1 >= len(plan.tensors) or plan.tensors[i + 1].input_transform is None:
+                remap_bufs.release()  # the next tensor is a plain one: no remap memory held through the layers
             prefetch.release(i)
             wthread.put(tp.name, view, raw)
             if bar is not None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -88,16 +90,23 @@ def _base_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch
 
 def write_model(
     out: Path, shape: LlamaShape, dtype: str, shard_bytes: int, seed: int, base_seed: int | None = None,
-    noise: float = 0.002,
+    noise: float = 0.002, tokens: Sequence[str] | None = None,
 ) -> Path:
     """Write one model. With ``base_seed`` it is a "fine-tune": the base (regenerated from ``base_seed``)
-    plus N(0, noise²) and, on 1% of entries, larger task-specific changes (so TIES has signal to keep)."""
+    plus N(0, noise²) and, on 1% of entries, larger task-specific changes (so TIES has signal to keep).
+
+    With ``tokens`` (token of id i = ``tokens[i]``), the embedding and lm_head rows are drawn per token
+    (``_token_rows``), so models whose tokenizers number the same token differently still agree on its
+    row; rows beyond ``len(tokens)`` (``shape.vocab`` larger) are padding rows of their own."""
     out.mkdir(parents=True, exist_ok=True)
     dt = TORCH_DTYPE[dtype]
     specs = shape.tensors()
     shards = plan_shards([OutTensor(n, dtype, s) for n, s in specs], shard_bytes)
     w = ShardWriter(out, shards)
     for k, (name, s) in enumerate(specs):
+        if tokens is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w.write(name, _token_rows(name, tokens, s, seed, base_seed, noise).to(dt).contiguous())
+            continue
         g = torch.Generator().manual_seed((base_seed if base_seed is not None else seed) * 100_003 + k)
         t = _base_tensor(name, s, g)
         if base_seed is not None:
@@ -109,6 +118,101 @@ def write_model(
     w.finalize()
     (out / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}))
+    return out
+
+
+def _token_rows(name: str, tokens: Sequence[str], shape: tuple[int, ...], seed: int, base_seed: int | None,
+                noise: float) -> torch.Tensor:
+    """Rows of a vocabulary tensor, one generator per (tensor, token): the base row of token ``tok``
+    depends only on (base seed, name, tok); a fine-tune adds its own N(0, noise²) + 1% spikes."""
+    rows, hidden = shape
+    out = torch.empty(shape)
+    root = base_seed if base_seed is not None else seed
+    for i in range(rows):
+        key = tokens[i] if i < len(tokens) else f"<row {i}>"
+        g = torch.Generator().manual_seed(zlib.crc32(f"{root}|{name}|{key}".encode()))
+        r = torch.randn(hidden, generator=g) * 0.02
+        if base_seed is not None:
+            g2 = torch.Generator().manual_seed(zlib.crc32(f"{seed}|ft|{name}|{key}".encode()))
+            r = r + noise * torch.randn(hidden, generator=g2)
+            r = r + (torch.rand(hidden, generator=g2) < 0.01) * (10 * noise) * torch.randn(hidden, generator=g2)
+        out[i] = r
+    return out
+
+
+def vocab_tokens(n: int, kind: str = "wordlevel", specials: Sequence[str] = ("<unk>", "<s>", "</s>")) -> list[str]:
+    """``n`` distinct tokens, the specials first. ``wordlevel``: ``t0, t1, ...``; ``bpe``: single letters,
+    then letter pairs ``aa, ab, ...`` (so BPE merges exist), then triples."""
+    out = list(specials)
+    if kind == "wordlevel":
+        i = 0
+        while len(out) < n:
+            out.append(f"t{i}")
+            i += 1
+        return out[:n]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pool = list(letters) + [a + b for a in letters for b in letters] + [a + b + c for a in letters for b in letters for c in letters]
+    return (out + pool)[:n]
+
+
+def write_tokenizer(
+    out: Path, tokens: Sequence[str], kind: str = "wordlevel", n_added: int = 0,
+    special: dict[str, str] | None = None, unk: str | None = "<unk>",
+) -> Path:
+    """A Hugging Face fast tokenizer in ``out``: ``tokenizer.json`` (WordLevel or BPE model) where
+    ``tokens[i]`` has id i, the last ``n_added`` of them as added tokens (not in the model vocabulary),
+    and ``tokenizer_config.json`` (``PreTrainedTokenizerFast``, special tokens from ``special``, default
+    bos ``<s>`` / eos ``</s>`` / unk ``<unk>`` when present). Loads offline with transformers."""
+    out.mkdir(parents=True, exist_ok=True)
+    n_model = len(tokens) - n_added
+    vocab = {t: i for i, t in enumerate(tokens[:n_model])}
+    specials = {"<unk>", "<s>", "</s>", "<pad>"}
+    added = [
+        {"id": n_model + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": t in specials}
+        for k, t in enumerate(tokens[n_model:])
+    ] + [
+        {"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for t in tokens[:n_model] if t in specials
+    ]
+    if kind == "wordlevel":
+        model: dict = {"type": "WordLevel", "vocab": vocab, "unk_token": unk if unk in vocab else None}
+        pre = {"type": "Whitespace"}
+    elif kind == "bpe":
+        merges = [[t[:-1], t[-1]] for t in tokens[:n_model] if len(t) >= 2 and not t.startswith("<")
+                  and t[:-1] in vocab and t[-1] in vocab]
+        model = {"type": "BPE", "dropout": None, "unk_token": unk if unk in vocab else None,
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                 "byte_fallback": False, "ignore_merges": False, "vocab": vocab, "merges": merges}
+        pre = {"type": "Whitespace"}
+    else:
+        raise ValueError(f"kind must be 'wordlevel' or 'bpe', got {kind!r}")
+    doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+           "pre_tokenizer": pre, "post_processor": None, "decoder": None, "model": model}
+    (out / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+    if special is None:
+        special = {k: v for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")) if v in tokens}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, **special}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    return out
+
+
+def make_vocab_family(
+    root: Path, shape: LlamaShape, vocabs: dict[str, Sequence[str]], dtype: str = "bfloat16",
+    kind: str = "wordlevel", shard_bytes: int = 20_000_000, seed: int = 0, rows: dict[str, int] | None = None,
+    n_added: dict[str, int] | None = None,
+) -> dict[str, Path]:
+    """Models under ``root/<name>`` with their own tokenizers: the first entry of ``vocabs`` is the base,
+    the others fine-tunes of it. Each gets ``shape`` with ``vocab`` = ``rows[name]`` (default: its number
+    of tokens) and per-token embedding / lm_head rows (see ``write_model``). Returns {name: folder}."""
+    out: dict[str, Path] = {}
+    for i, (name, toks) in enumerate(vocabs.items()):
+        n = (rows or {}).get(name, len(toks))
+        sh = dataclasses.replace(shape, vocab=n)
+        p = write_model(root / name, sh, dtype, shard_bytes, seed + i, base_seed=None if i == 0 else seed, tokens=toks)
+        write_tokenizer(p, toks, kind, n_added=(n_added or {}).get(name, 0))
+        out[name] = p
     return out
 
 

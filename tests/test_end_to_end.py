@@ -22,7 +22,9 @@ def _config(fam, method, **extra):
     base, fts = fam
     models = [{"model": str(f), "parameters": dict(METHODS[method])} for f in fts]
     models[1]["parameters"]["weight"] = [0.1, 0.9]  # a gradient
-    d = {"merge_method": method, "base_model": str(base), "models": models}
+    d = {"merge_method": method, "models": models}
+    if method != "linear":  # mergekit merges a base_model as one more input of linear, which then needs a weight
+        d["base_model"] = str(base)
     d.update(extra)
     return d
 
