@@ -37,6 +37,8 @@ def _options(options: dict[str, Any]) -> Options:
         raise ConfigError(f"unknown option '{sorted(bad)[0]}' (options: {', '.join(sorted(names))})")
     if "out_shard_size" in options:
         options = {**options, "out_shard_size": parse_size(options["out_shard_size"])}
+    if options.get("max_gpu_memory") is not None:
+        options = {**options, "max_gpu_memory": parse_size(options["max_gpu_memory"], "--max-gpu-memory")}
     return Options(**options)
 
 
@@ -54,7 +56,15 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
         from .cart import rank_sweep
 
         return rank_sweep(cfg, out_dir, cfg.rank_sweep, **options)
+    if cfg.merge_method == "m_ties":  # M-Loss needs forward passes: the layer-by-layer engine (fastmerge.mloss)
+        from .mloss.engine import merge_mties
+
+        return merge_mties(cfg, out_dir, **options)
     p = build_plan(cfg, _options(options), out_dir)
+    if p.device == "cuda":  # the streaming GPU engine: pinned staging, copy streams, bounded GPU memory
+        from .gpu_runner import execute_cuda
+
+        return execute_cuda(p, out_dir, max_gpu_memory=p.options.max_gpu_memory)
     from .fastpath import try_execute
 
     report = try_execute(p, out_dir)  # the torch-free native engine, when every tensor runs on it

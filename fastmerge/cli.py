@@ -27,6 +27,8 @@ def _merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to merge (default: cpu)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"])
     p.add_argument("--out-shard-size", default="5B", help="max bytes per output shard, K/M/B suffixes (default 5B)")
+    p.add_argument("--max-gpu-memory", default=None,
+                   help="--device cuda: GPU memory the merge may hold, e.g. 8G (default: the largest tensor group)")
     p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=0, help="CPU threads (0: all)")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None, help="seed for random methods")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -47,6 +49,7 @@ def _options(a: argparse.Namespace) -> dict:
     return dict(
         device=a.device, backend=a.backend, out_shard_size=a.out_shard_size, threads=a.threads, seed=a.seed,
         overwrite=a.overwrite, mergekit_compat=a.mergekit_compat, copy_tokenizer=a.copy_tokenizer, progress=a.progress,
+        max_gpu_memory=a.max_gpu_memory,
     )
 
 
@@ -116,6 +119,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
                     threads=a.threads)
 
 
+def cmd_lab(a: argparse.Namespace) -> int:
+    from . import lab  # imported here: the lab's experiments load torch, sklearn and matplotlib
+
+    if a.experiment == "list":
+        for name, doc in lab.describe():
+            print(f"{name:<16} {doc}")
+        return 0
+    if a.experiment not in lab.EXPERIMENTS:
+        print(f"fastmerge lab: unknown experiment '{a.experiment}' (experiments: {', '.join(lab.EXPERIMENTS)})",
+              file=sys.stderr)
+        return 2
+    print(lab.run(a.experiment, a.out, a.cache, a.smoke))
+    return 0
+
+
 def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Fast, streaming, mergekit-compatible model merging.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -137,6 +155,11 @@ def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: a folder in the cache)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "native"])
     p.add_argument("--threads", "-j", type=int, default=0)
+    p = sub.add_parser("lab", help="merge-quality lab: an experiment on small models trained on sklearn's digits")
+    p.add_argument("experiment", help="experiment name, or 'list'")
+    p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 epochs: checks the pipeline in seconds")
+    p.add_argument("--out", default="docs/lab", help="where tables and plots go (default docs/lab)")
+    p.add_argument("--cache", default=None, help="checkpoint cache (default $FASTMERGE_LAB_CACHE or ~/.cache/fastmerge/lab)")
     return ap
 
 
@@ -149,7 +172,8 @@ def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
         handler = cmd_merge
     else:
         a = build_parser(prog).parse_args(argv)
-        handler = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "env": cmd_env, "demo": cmd_demo}[a.cmd]
+        handler = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "env": cmd_env, "demo": cmd_demo,
+                   "lab": cmd_lab}[a.cmd]
     try:
         return handler(a)
     except FastMergeError as e:

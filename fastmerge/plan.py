@@ -47,6 +47,7 @@ class Options:
     mergekit_compat: bool = False
     copy_tokenizer: bool = True
     progress: bool = True
+    max_gpu_memory: int | None = None  # --device cuda: bytes of GPU memory the engine may hold (None: fit the largest group)
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, flag: str = "--out-shard-size") -> int:
     """mergekit's size syntax: an integer with an optional K/M/B (or G/T) suffix, in bytes."""
     if isinstance(text, int):
         return text
@@ -41,9 +41,9 @@ def parse_size(text: str | int) -> int:
         else:
             v = int(s)
     except ValueError:
-        raise FastMergeError(f"--out-shard-size: cannot parse size '{text}' (use e.g. 5B, 500M, 1000000)") from None
+        raise FastMergeError(f"{flag}: cannot parse size '{text}' (use e.g. 5B, 500M, 1000000)") from None
     if v <= 0:
-        raise FastMergeError(f"--out-shard-size: size must be positive, got '{text}'")
+        raise FastMergeError(f"{flag}: size must be positive, got '{text}'")
     return v
 
 

@@ -62,7 +62,7 @@ def band_mask(delta: torch.Tensor, density: float, gamma: float, selection: str)
     n = mag.numel()
     n_bot, target = band(n, density, gamma)
     if target == 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     hi = torch.kthvalue(mag, n_bot + target).values  # the largest kept magnitude
     keep = mag <= hi
     if n_bot > 0:  # n_bot = 0: the band starts at the smallest magnitude, no lower bound needed
@@ -87,7 +87,7 @@ def band_compat(delta: torch.Tensor, density: float, gamma: float, rescale: bool
     n = delta.numel()
     n_bot, target = band(n, density, gamma)
     order = torch.sort(delta.abs().reshape(-1).float()).indices
-    mask = torch.zeros(n, dtype=delta.dtype)
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
     mask[order[n_bot:n_bot + target]] = 1
     return compat_rescaled(delta, mask.reshape(delta.shape), rescale)
 

@@ -59,7 +59,7 @@ class Linear(MergeMethod):
     def reference(
         self, inputs: Sequence[torch.Tensor], base: torch.Tensor | None, params: LinearParams, compat: bool = False
     ) -> torch.Tensor:
-        acc = torch.zeros(inputs[0].shape, dtype=torch.float32)
+        acc = torch.zeros(inputs[0].shape, dtype=torch.float32, device=inputs[0].device)
         for x, w in zip(inputs, params.weight):
             acc.addcmul_(as_fp32(x), torch.tensor(w, dtype=torch.float32))  # fused: a*b + c, one rounding
         div = weight_divisor(params.weight, params.normalize)

@@ -1,0 +1,181 @@
+"""Shared pieces of the merge kernels: the packed layout, block sizes, and exact rounding on store.
+
+THE PACKED LAYOUT. Every merge kernel sees one batch of S output tensors ("segments") at once:
+
+    x     [T, N]   row t = model t's tensors, concatenated (any float dtype; one dtype per batch)
+    base  [N]      the base model's tensors, same order (absent for base-less methods)
+    out   [N]      the merged tensors, output dtype
+    segment s = elements [start_s, start_s + numel_s) of every row
+
+so one launch merges a whole layer's norms and biases (thousands of 4096-element tensors in a 70B
+model: one launch each would cost ~5 µs of launch latency against ~0.1 µs of memory time). A program
+handles one TILE of BLOCK elements inside one segment; the tile table (``Tiles``) lists (segment,
+first element) per program, built once per batch on the host. Offsets are int64 everywhere: a
+128256x4096 embedding row-stacked 9 times is 4.7G elements, past int32.
+
+``idx0`` (per segment) is the index, in the whole output tensor, of the segment's first element: a
+row-chunked tensor (``fastmerge.gpu_runner``) is several segments with idx0 = the chunk's first
+element, so the counter-based random masks (``_rng``) are the same as for the whole tensor.
+
+ROUNDING. fp32 math, one rounding on store. bf16 is rounded here by hand, round-to-nearest-even on
+the fp32 bit pattern (``_to_bf16_bits``): the Triton interpreter's fp32→bf16 cast truncates (49.6% of
+random values differ from RNE, architecture.md §6), and the manual rounding costs 5 integer ops per
+element on the GPU, hidden under memory time; the same code is then bit-exact on both. fp16: the
+cast (RNE on the GPU and in numpy).
+
+No module-level numpy arrays (they break the interpreter's patching), and nothing here queries the
+CUDA driver in interpreter mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+#: elements per program of the elementwise (fused) kernels on a GPU: 2048 bf16 = 8 per thread at 8
+#: warps, i.e. one 16-byte load per thread and model (HOPPER.md: 16-byte accesses, coalesced).
+GPU_BLOCK = 2048
+GPU_WARPS = 8
+#: under the interpreter every program is a numpy pass run one after another: few, large programs
+#: (architecture.md §6: 1M elements took 0.65 s as 1024 programs, 0.07 s as 64).
+INTERP_BLOCK = 8192
+
+OUT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CPU tests): launchers must not touch the CUDA driver."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_block(block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the elementwise kernels; ``block`` overrides (tests use small blocks so that
+    a 300-element tensor spans several programs and every tile boundary is masked somewhere)."""
+    if block is not None:
+        return block, 4
+    return (INTERP_BLOCK, 1) if interpreting() else (GPU_BLOCK, GPU_WARPS)
+
+
+def out_arg(out: torch.Tensor) -> torch.Tensor:
+    """The tensor handed to a kernel for ``out``: bf16 outputs are written as int16 bit patterns."""
+    if out.dtype not in OUT_CODES:
+        raise TypeError(f"output dtype {out.dtype} is not one of float32, bfloat16, float16")
+    return out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+
+
+@triton.jit
+def _to_bf16_bits(x):
+    """fp32 → bf16 bit pattern (int16), round to nearest even; NaN stays a (quiet) NaN, overflow → inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = (bits + 0x7FFF + lsb) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    res = tl.where(is_nan, (bits >> 16) | 0x40, rounded)
+    return res.to(tl.int16)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, OUT: tl.constexpr):
+    """Store fp32 ``x`` to ``ptr`` rounded once to the output dtype (OUT: 0 fp32, 1 bf16 bits, 2 fp16)."""
+    if OUT == 1:
+        tl.store(ptr, _to_bf16_bits(x), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """S segments of a packed batch: ``start`` (offset in the packed rows), ``numel``, ``idx0`` (index
+    of the first element in its whole tensor, for the random masks), ``shapes`` (each segment's shape:
+    DELLA ranks within rows; a row chunk of a tensor has the chunk's shape)."""
+
+    start: tuple[int, ...]
+    numel: tuple[int, ...]
+    idx0: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...] | None = None
+
+    @classmethod
+    def packed(
+        cls, numels: Sequence[int], idx0: Sequence[int] | None = None, shapes: Sequence[Sequence[int]] | None = None
+    ) -> "Segments":
+        """Segments laid end to end from offset 0 (``idx0`` defaults to 0 each: whole tensors)."""
+        starts, s = [], 0
+        for n in numels:
+            starts.append(s)
+            s += int(n)
+        return cls(
+            tuple(starts), tuple(int(n) for n in numels),
+            tuple(int(i) for i in idx0) if idx0 is not None else (0,) * len(numels),
+            None if shapes is None else tuple(tuple(int(d) for d in sh) for sh in shapes),
+        )
+
+    @property
+    def count(self) -> int:
+        return len(self.start)
+
+    @property
+    def total(self) -> int:
+        return max((a + n for a, n in zip(self.start, self.numel)), default=0)
+
+    def max_index(self) -> int:
+        """The largest element index (idx0 + numel − 1) of any segment: > 2^32 − 1 switches the random
+        generator to its 64-bit counter path."""
+        return max((i + n - 1 for i, n in zip(self.idx0, self.numel)), default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """The program table: program p covers elements [start[p], start[p] + BLOCK) ∩ its segment."""
+
+    seg: torch.Tensor  # int32 [P]
+    start: torch.Tensor  # int64 [P]
+    first: torch.Tensor  # int64 [P]: index of the first tile of p's segment (for per-segment prefix sums)
+    block: int
+
+    @property
+    def count(self) -> int:
+        return int(self.seg.numel())
+
+
+def make_tiles(segs: Segments, block: int, device: torch.device | str) -> Tiles:
+    """Tiles of ``block`` elements covering every segment, segment after segment, in element order
+    (cached: a tensor's passes and its merge reuse one table instead of 3 host→device copies each)."""
+    return _tiles(segs, block, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _tiles(segs: Segments, block: int, device: str) -> Tiles:
+    import numpy as np  # local: no module-level numpy state in a kernel module (architecture.md §6)
+
+    numel = np.asarray(segs.numel, dtype=np.int64)
+    counts = (numel + block - 1) // block
+    seg = np.repeat(np.arange(segs.count, dtype=np.int32), counts)
+    first_of_seg = np.cumsum(counts) - counts
+    first = first_of_seg[seg]
+    start = np.asarray(segs.start, dtype=np.int64)[seg] + (np.arange(seg.size, dtype=np.int64) - first) * block
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return Tiles(as_t(seg), as_t(start), as_t(first.astype(np.int64)), block)
+
+
+def seg_tables(segs: Segments, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start, end, idx0) int64 [S] device tensors (cached, as the tiles)."""
+    return _seg_tables(segs, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _seg_tables(segs: Segments, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    start = torch.tensor(segs.start, dtype=torch.int64)
+    end = start + torch.tensor(segs.numel, dtype=torch.int64)
+    idx0 = torch.tensor(segs.idx0, dtype=torch.int64)
+    return start.to(device), end.to(device), idx0.to(device)
+
+
+def table(rows: Sequence[Sequence[float]] | Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host table (per segment, or per segment × model) as a contiguous device tensor."""
+    return torch.tensor(rows, dtype=dtype).contiguous().to(device)

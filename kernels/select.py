@@ -1,0 +1,205 @@
+"""Exact selection: the k-th largest |x_t − base| per segment and model, by radix select, no sort.
+
+A non-negative fp32 value orders like its bit pattern read as an unsigned integer (NaN above +inf,
+as in torch's sort), and |δ| has the sign bit clear: 31 key bits. Three histogram passes resolve
+them 11 + 11 + 9 bits at a time (bits 30–20, 19–9, 8–0), most significant first:
+
+    pass j: every element whose key matches the prefix found so far adds 1 to bin (key >> shift_j) & mask
+    scan j: the bin b holding the k-th largest: the highest b with count(bins ≥ b) ≥ k;
+            k −= count(bins > b); prefix |= b << shift_j
+
+After the third scan the prefix IS the bit pattern of the k-th largest value (what
+``torch.kthvalue(|δ|, n − k + 1)`` returns, exactly), k is the number of entries equal to it that
+an exact top-k keeps, and ``eq`` how many entries equal it.
+
+Passes read base and every model once (δ is formed in registers, never stored) and fold all T
+models and all Q queries per model (TIES: 1, the k-th largest; breadcrumbs: 2, the band's bounds)
+into one launch; many small tensors share a launch through the packed layout (``_common``). The
+histogram of a tile lives in registers/shared memory (``tl.histogram``: 2048 bins = 8 KB) and is
+added to the global one [Q, 2048] (int64) only at its non-zero bins: |δ| of a real fine-tune spans
+a few octaves, ~50–100 of the 2048 first-pass bins, and after the first pass only the ~1–5 % of
+entries sharing the prefix count at all. 3 passes + 3 tiny scans, against torch.kthvalue's
+materialised |δ| (4 bytes written + read per element per model) and its own multi-pass select.
+
+Chunked tensors (``fastmerge.gpu_runner``: larger than the GPU budget) call ``Selection.histogram``
+once per chunk and pass, and ``scan`` once per pass: the selection runs over the chunks first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import Segments, Tiles, interpreting, make_tiles, seg_tables
+
+#: (shift, bits) of the three passes over the 31-bit key
+PASSES: tuple[tuple[int, int], ...] = ((20, 11), (9, 11), (0, 9))
+#: a histogram program covers SUB sub-blocks of BLOCK elements: fewer global atomics per element
+GPU_BLOCK, GPU_SUB, GPU_WARPS = 2048, 4, 8
+
+
+@triton.jit
+def _hist_kernel(
+    x_ptr, sx_t: tl.int64, base_ptr, hist_ptr, prefix_ptr, group_ptr,
+    tile_seg_ptr, tile_start_ptr, seg_end_ptr,
+    T,
+    QPM: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr,
+):
+    NB: tl.constexpr = 1 << BITS
+    p = tl.program_id(0)
+    seg = tl.load(tile_seg_ptr + p)
+    start = tl.load(tile_start_ptr + p)
+    end = tl.load(seg_end_ptr + seg)
+    g = tl.load(group_ptr + seg)  # the query group (the whole tensor) this segment belongs to
+    bins = tl.arange(0, NB)
+    for t in range(T):
+        q0 = (g * T + t) * QPM
+        pre0 = tl.load(prefix_ptr + q0)
+        h0 = tl.zeros([NB], dtype=tl.int32)
+        if QPM == 2:
+            pre1 = tl.load(prefix_ptr + q0 + 1)
+            h1 = tl.zeros([NB], dtype=tl.int32)
+        for s in range(SUB):
+            offs = start + s * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+            valid = offs < end
+            b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32)
+            key = tl.abs(x - b).to(tl.int32, bitcast=True).to(tl.int64)  # sign bit clear: ≥ 0
+            digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
+            if FIRST:
+                m0 = valid
+            else:
+                m0 = valid & ((key >> (SHIFT + BITS)) == (pre0 >> (SHIFT + BITS)))
+            h0 += tl.histogram(digit, NB, mask=m0)
+            if QPM == 2:
+                if FIRST:
+                    m1 = valid
+                else:
+                    m1 = valid & ((key >> (SHIFT + BITS)) == (pre1 >> (SHIFT + BITS)))
+                h1 += tl.histogram(digit, NB, mask=m1)
+        tl.atomic_add(hist_ptr + q0 * NB + bins, h0.to(tl.int64), mask=h0 > 0)
+        if QPM == 2:
+            tl.atomic_add(hist_ptr + (q0 + 1) * NB + bins, h1.to(tl.int64), mask=h1 > 0)
+
+
+@triton.jit
+def _scan_kernel(hist_ptr, k_ptr, prefix_ptr, eq_ptr, Q, SHIFT: tl.constexpr, BITS: tl.constexpr, QB: tl.constexpr):
+    """QB queries per program: find the bin of the k-th largest, update k and the prefix, clear the bins."""
+    NB: tl.constexpr = 1 << BITS
+    q = tl.program_id(0).to(tl.int64) * QB + tl.arange(0, QB).to(tl.int64)
+    qm = q < Q
+    bins = tl.arange(0, NB)
+    ptrs = hist_ptr + q[:, None] * NB + bins[None, :]
+    h = tl.load(ptrs, mask=qm[:, None], other=0)
+    k = tl.load(k_ptr + q, mask=qm, other=1)
+    ge = tl.sum(h, 1)[:, None] - tl.cumsum(h, 1) + h  # entries in bins >= b
+    b = tl.max(tl.where(ge >= k[:, None], bins[None, :], 0), 1)
+    above = tl.sum(tl.where(bins[None, :] > b[:, None], h, 0), 1)
+    eq = tl.sum(tl.where(bins[None, :] == b[:, None], h, 0), 1)
+    tl.store(k_ptr + q, k - above, mask=qm)
+    tl.store(prefix_ptr + q, tl.load(prefix_ptr + q, mask=qm, other=0) | (b.to(tl.int64) << SHIFT), mask=qm)
+    tl.store(eq_ptr + q, eq, mask=qm)
+    tl.store(ptrs, tl.zeros([QB, NB], dtype=tl.int64), mask=qm[:, None])
+
+
+def hist_block(block: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK, SUB, num_warps) of the histogram passes."""
+    if block is not None:
+        return block, 1, 4
+    return (8192, 1, 1) if interpreting() else (GPU_BLOCK, GPU_SUB, GPU_WARPS)
+
+
+@dataclasses.dataclass
+class Selection:
+    """The state of the k-th-largest searches of G tensors × T models × Q queries per model.
+
+    ``k`` [G, T, Q] (int64, 1-based: k = 1 is the maximum). Queries with k < 1 are inactive (their
+    results are meaningless; callers do not use them)."""
+
+    k: torch.Tensor  # [G, T, Q] remaining rank, updated by each scan
+    prefix: torch.Tensor  # [G, T, Q] resolved bits
+    eq: torch.Tensor  # [G, T, Q] entries in the last chosen bin (after the last pass: equal to the value)
+    hist: torch.Tensor  # [G*T*Q, 2048]
+
+    @classmethod
+    def start(cls, k: torch.Tensor, device) -> "Selection":
+        k = k.to(device=device, dtype=torch.int64).contiguous().clone()
+        nb = 1 << max(b for _, b in PASSES)
+        q = k.numel()
+        return cls(
+            k=k, prefix=torch.zeros_like(k), eq=torch.zeros_like(k),
+            hist=torch.zeros((max(q, 1), nb), dtype=torch.int64, device=device),
+        )
+
+    @property
+    def queries_per_model(self) -> int:
+        return self.k.shape[2]
+
+    def histogram(
+        self, pass_no: int, x: torch.Tensor, base: torch.Tensor, segs: Segments,
+        groups: Sequence[int] | torch.Tensor | None = None,
+        tiles: Tiles | None = None, block: int | None = None,
+    ) -> None:
+        """Add the entries of ``segs`` (rows of ``x`` [T, N], ``base`` [N]) to pass ``pass_no``'s
+        histograms; segment s belongs to tensor ``groups[s]`` (default: s)."""
+        shift, bits = PASSES[pass_no]
+        BLOCK, SUB, warps = hist_block(block)
+        if tiles is None or tiles.block != BLOCK * SUB:
+            tiles = make_tiles(segs, BLOCK * SUB, x.device)
+        if tiles.count == 0:
+            return
+        T = x.shape[0]
+        if T != self.k.shape[1]:
+            raise ValueError(f"select: x has {T} models, the selection {self.k.shape[1]}")
+        if isinstance(groups, torch.Tensor):
+            g = groups.to(device=x.device, dtype=torch.int64)
+        else:
+            g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64, device=x.device)
+        _, end, _ = seg_tables(segs, x.device)
+        _hist_kernel[(tiles.count,)](
+            x, x.stride(0), base, self._bins(bits), self.prefix, g,
+            tiles.seg, tiles.start, end, T,
+            QPM=self.queries_per_model, SHIFT=shift, BITS=bits, FIRST=pass_no == 0, BLOCK=BLOCK, SUB=SUB,
+            num_warps=warps,
+        )
+
+    def _bins(self, bits: int) -> torch.Tensor:
+        """The [Q, 2^bits] histogram of a pass, a contiguous view of the same (zeroed) storage."""
+        return self.hist.view(-1)[: self.hist.shape[0] << bits].view(self.hist.shape[0], 1 << bits)
+
+    def scan(self, pass_no: int) -> None:
+        shift, bits = PASSES[pass_no]
+        q = self.k.numel()
+        if q == 0:
+            return
+        # GPU: one query per program (2048 int64 bins = 16 per thread at 4 warps); the interpreter runs
+        # programs one by one in Python, so it takes 64 queries at a time
+        qb = 64 if interpreting() else 1
+        _scan_kernel[(triton.cdiv(q, qb),)](
+            self._bins(bits), self.k, self.prefix, self.eq, q, SHIFT=shift, BITS=bits, QB=qb, num_warps=4,
+        )
+
+    @property
+    def values(self) -> torch.Tensor:
+        """fp32 [G, T, Q]: the k-th largest magnitudes (valid after the last scan)."""
+        return self.prefix.to(torch.int32).view(torch.float32)
+
+
+def kth_largest(
+    x: torch.Tensor, base: torch.Tensor, segs: Segments, k: torch.Tensor, block: int | None = None
+) -> Selection:
+    """The k-th largest |x_t − base| of every segment and model: ``k`` [S, T, Q] int64 → a finished
+    ``Selection`` (``.values`` fp32 [S, T, Q], ``.k``: entries equal to it within the top k, ``.eq``:
+    entries equal to it)."""
+    sel = Selection.start(k, x.device)
+    BLOCK, SUB, _ = hist_block(block)
+    tiles = make_tiles(segs, BLOCK * SUB, x.device)
+    for j in range(len(PASSES)):
+        sel.histogram(j, x, base, segs, tiles=tiles, block=block)
+        sel.scan(j)
+    return sel

@@ -1,0 +1,91 @@
+"""TIES on the GPU: exact per-tensor selection (``select``) + the fused consensus pass (``gta``).
+
+``fastmerge.methods.ties`` is the specification. Per tensor and model with density < 1:
+k = max(1, ⌊density·numel⌋); three radix-select passes find the k-th largest |δ| exactly (the value
+``torch.kthvalue`` returns); the fused pass keeps |δ| ≥ it (``selection: threshold``, boundary ties
+kept) or exactly k entries, boundary ties in index order (``selection: topk``: one extra read of
+the data per launch to count the tied entries of each tile). ``rescale: true`` adds one pass for the
+two L1 norms. Whole ties = 3 (+1) + 1 reads of base + T models, against the reference's
+materialised fp32 deltas, kthvalue and ~10 full-size temporaries per model.
+
+Default mode only: ``mergekit_compat`` (bf16 arithmetic, argsort order) stays on the torch backend.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastmerge.methods.ties import TiesParams, keep_count
+
+from ._common import Segments, default_block, make_tiles
+from .gta import MASK_BAND, GtaKernel, tie_counts, tie_prefix, weight_rows
+from .select import PASSES, Selection
+
+
+def batch_key(p: TiesParams) -> tuple:
+    """Tensors whose params share this key can share a launch (these are compile-time constants)."""
+    return ("ties", p.election, p.normalize, p.rescale, p.selection)
+
+
+class TiesKernel(GtaKernel):
+    def __init__(self, params: Sequence[TiesParams], numels: Sequence[int], device) -> None:
+        keys = {batch_key(p) for p in params}
+        if len(keys) != 1:
+            raise ValueError(f"ties kernel: one launch needs one election/normalize/rescale/selection, got {keys}")
+        p0 = params[0]
+        super().__init__(weight_rows(list(params)), [p.lambda_ for p in params], None, device)
+        self.consensus, self.normalize, self.rescale = p0.election, p0.normalize, p0.rescale
+        self.topk = p0.selection == "topk"
+        k = torch.zeros((self.G, self.T, 1), dtype=torch.int64)
+        for gi, (p, n) in enumerate(zip(params, numels)):
+            for t, d in enumerate(p.density):
+                if d < 1 and n > 0:
+                    k[gi, t, 0] = keep_count(d, n)
+        self.active = k[..., 0] > 0
+        nan = torch.full((self.G, self.T), float("nan"))
+        self.mask.kind = MASK_BAND
+        self.mask.topk = self.topk
+        self.mask.lo = nan.to(device)  # NaN: kept whole, until the selection fills the thresholds in
+        self.mask.hi = torch.full((self.G, self.T), float("inf")).to(device)
+        self.sel: Selection | None = None
+        if bool(self.active.any()):
+            self.sel = Selection.start(k, device)
+            self.passes += [f"select{j}" for j in range(len(PASSES))]
+        self._finish_init()
+
+    def _new_sweep(self) -> None:
+        self._running = torch.zeros((self.G, self.T), dtype=torch.int64, device=self.device)
+
+    def _select_pass(self, kind, x, base, segs, g, block) -> None:
+        self.sel.histogram(int(kind[-1]), x, base, segs, groups=g, block=block)
+
+    def _end_select(self, kind) -> None:
+        j = int(kind[-1])
+        self.sel.scan(j)
+        if j == len(PASSES) - 1:
+            act = self.active.to(self.device)
+            self.mask.lo = torch.where(act, self.sel.values[..., 0], torch.full_like(self.mask.lo, float("nan")))
+            self.mask.room = self.sel.k[..., 0].contiguous()  # entries equal to the threshold that exact-k keeps
+
+    def _seg_mask(self, g, segs, x, base, block, tiles=None):
+        m = super()._seg_mask(g, segs, x, base, block, tiles)
+        if not self.topk:
+            return m
+        tiles = tiles or make_tiles(segs, default_block(block)[0], x.device)
+        cnt = tie_counts(x, base, segs, m.lo, tiles)
+        # ranks continue across the chunks of one tensor: add the tied entries of its earlier chunks
+        m.eqb = (tie_prefix(cnt, tiles) + self._running[g][tiles.seg.long()]).contiguous()
+        seg_tot = torch.zeros((segs.count, self.T), dtype=torch.int64, device=x.device)
+        seg_tot.index_add_(0, tiles.seg.long(), cnt)  # integer sums: exact in any order
+        self._running.index_add_(0, g, seg_tot)
+        return m
+
+
+def ties_merge(
+    x: torch.Tensor, base: torch.Tensor, out: torch.Tensor, segs: Segments, params: Sequence[TiesParams],
+    block: int | None = None,
+) -> torch.Tensor:
+    """Merge a packed batch (segment s = one whole tensor with ``params[s]``) into ``out``."""
+    return TiesKernel(params, segs.numel, x.device).run(x, base, out, segs, block=block)
