@@ -23,6 +23,7 @@ from .karcher import Karcher
 from .model_stock import ModelStock
 from .nearswap import Nearswap
 from .cart import Cart
+from .m_ties import MTies
 
 REGISTRY: dict[str, MergeMethod] = {
     "linear": Linear(),
@@ -46,6 +47,7 @@ REGISTRY: dict[str, MergeMethod] = {
     "model_stock": ModelStock(),
     "nearswap": Nearswap(),
     "cart": Cart(),
+    "m_ties": MTies(),
 }
 
 #: Every parameter name a mergekit 0.1.5 method (or a fastmerge method) accepts. A name in this set that
