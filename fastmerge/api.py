@@ -153,5 +153,8 @@ def merge_state_dicts(
         for i, sd in enumerate(state_dicts):
             if key not in sd:
                 raise ConfigError(f"merge_state_dicts: key '{key}' missing in state_dicts[{i}]")
-        out[key] = merge_tensors(method, [sd[key] for sd in state_dicts], None if base is None else base[key], **kwargs)
+        # the tensor's name keys the random methods' generator: same-shape tensors get different masks
+        out[key] = merge_tensors(
+            method, [sd[key] for sd in state_dicts], None if base is None else base[key], **{"tensor_name": key, **kwargs}
+        )
     return out
