@@ -15,7 +15,9 @@
 
 #include "cpu/select.h"
 #include "fastmerge/common.h"
+#include "fastmerge/gta.h"
 #include "fastmerge/linear.h"
+#include "fastmerge/rng.h"
 #include "fastmerge/ties.h"
 
 #ifndef FASTMERGE_VERSION
@@ -73,44 +75,177 @@ void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::v
   cpu::weighted_delta_sum(a, threads);
 }
 
+// Checks and fills the part of the argument block every generalized-task-arithmetic kernel shares.
+GtaArgs gta_args(const Inputs& in, uintptr_t out, int out_dtype, int64_t n, uintptr_t base, int base_dtype,
+                 int consensus, bool normalize, double lam, bool rescale) {
+  FM_CHECK_DTYPE(out_dtype, "out_dtype");
+  FM_CHECK(n == 0 || out != 0, "out: null data pointer");
+  FM_CHECK(base != 0 || n == 0, "base: this method needs a base model (got a null pointer)");
+  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK(consensus == gta::SUM || consensus == gta::COUNT || consensus == gta::NONE,
+           "consensus: must be 0 (sum), 1 (count) or 2 (none), got " << consensus);
+  GtaArgs g{};
+  g.out = reinterpret_cast<void*>(out);
+  g.out_dtype = out_dtype;
+  g.n = n;
+  g.num_inputs = int(in.ptrs.size());
+  g.inputs = in.ptrs.data();
+  g.input_dtypes = in.dtypes.data();
+  g.weights = in.weights.data();
+  g.base = reinterpret_cast<const void*>(base);
+  g.base_dtype = base_dtype;
+  g.tail = gta::make_tail(consensus, normalize, lam, in.weights.data(), int(in.weights.size()));
+  g.rescale = rescale;
+  return g;
+}
+
+void check_per_model(const std::vector<double>& v, size_t count, const char* name, bool positive) {
+  FM_CHECK(v.size() == count, name << ": " << v.size() << " values for " << count << " inputs");
+  if (!positive) return;
+  for (size_t i = 0; i < v.size(); ++i) {
+    // `> 0` is also false for NaN.
+    FM_CHECK(v[i] > 0.0, name << "[" << i << "]: density must be > 0 (1 keeps everything), got " << v[i]);
+  }
+}
+
 void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
              const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
              const std::vector<double>& densities, bool normalize, double lam, int election, bool exact_k,
-             int threads) {
+             int threads, bool rescale) {
   Inputs in = check_inputs(n, inputs, input_dtypes, weights);
-  FM_CHECK_DTYPE(out_dtype, "out_dtype");
-  FM_CHECK(n == 0 || out != 0, "out: null data pointer");
   FM_CHECK(base != 0 || n == 0, "base: TIES needs a base model (got a null pointer)");
-  FM_CHECK_DTYPE(base_dtype, "base_dtype");
-  FM_CHECK(densities.size() == inputs.size(),
-           "densities: " << densities.size() << " densities for " << inputs.size() << " inputs");
-  for (size_t i = 0; i < densities.size(); ++i) {
-    // `> 0` is also false for NaN.
-    FM_CHECK(densities[i] > 0.0, "densities[" << i << "]: density must be > 0 (1 keeps everything), got "
-                                              << densities[i]);
-  }
+  check_per_model(densities, inputs.size(), "densities", true);
   FM_CHECK(election == ties::SUM || election == ties::COUNT,
            "election: must be 0 (sum) or 1 (count), got " << election);
-  if (n == 0) return;
   TiesArgs a{};
-  a.out = reinterpret_cast<void*>(out);
-  a.out_dtype = out_dtype;
-  a.n = n;
-  a.num_inputs = int(in.ptrs.size());
-  a.inputs = in.ptrs.data();
-  a.input_dtypes = in.dtypes.data();
-  a.weights = in.weights.data();
+  a.g = gta_args(in, out, out_dtype, n, base, base_dtype, election, normalize, lam, rescale);
   a.densities = densities.data();
-  a.base = reinterpret_cast<const void*>(base);
-  a.base_dtype = base_dtype;
-  a.fin.normalize = normalize;
-  a.fin.lam = static_cast<float>(lam);
-  a.fin.scale = lam != 1.0;
-  a.election = election;
   a.exact_k = exact_k;
+  if (n == 0) return;
   py::gil_scoped_release nogil;
   cpu::ties(a, threads);
 }
+
+void py_dare(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+             const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
+             const std::vector<double>& densities, int consensus, bool normalize, double lam, bool rescale,
+             uint64_t seed, uint64_t key, int threads) {
+  Inputs in = check_inputs(n, inputs, input_dtypes, weights);
+  check_per_model(densities, inputs.size(), "densities", true);
+  DareArgs a{};
+  a.g = gta_args(in, out, out_dtype, n, base, base_dtype, consensus, normalize, lam, rescale);
+  a.densities = densities.data();
+  a.seed = seed;
+  a.key = key;
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  cpu::dare(a, threads);
+}
+
+void py_della(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+              const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
+              const std::vector<double>& densities, const std::vector<double>& epsilons, int consensus,
+              bool normalize, double lam, bool rescale, uint64_t seed, uint64_t key, int64_t outer, int64_t row_len,
+              int64_t inner, int threads) {
+  Inputs in = check_inputs(n, inputs, input_dtypes, weights);
+  check_per_model(densities, inputs.size(), "densities", true);
+  check_per_model(epsilons, inputs.size(), "epsilons", false);
+  FM_CHECK(outer >= 1 && row_len >= 1 && inner >= 1,
+           "rows: outer, row_len and inner must be >= 1, got " << outer << ", " << row_len << ", " << inner);
+  FM_CHECK(n == 0 || outer * row_len * inner == n,
+           "rows: outer x row_len x inner = " << outer * row_len * inner << ", expected n = " << n);
+  FM_CHECK(row_len < (int64_t(1) << 32), "row_len: rows of 2^32 or more elements are not supported, got " << row_len);
+  DellaArgs a{};
+  a.g = gta_args(in, out, out_dtype, n, base, base_dtype, consensus, normalize, lam, rescale);
+  a.densities = densities.data();
+  a.epsilons = epsilons.data();
+  a.seed = seed;
+  a.key = key;
+  a.outer = outer;
+  a.row_len = row_len;
+  a.inner = inner;
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  cpu::della(a, threads);
+}
+
+void py_breadcrumbs(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+                    const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype,
+                    const std::vector<double>& weights, const std::vector<double>& densities,
+                    const std::vector<double>& gammas, int consensus, bool normalize, double lam, bool rescale,
+                    bool exact, int threads) {
+  Inputs in = check_inputs(n, inputs, input_dtypes, weights);
+  check_per_model(densities, inputs.size(), "densities", true);
+  check_per_model(gammas, inputs.size(), "gammas", false);
+  for (size_t i = 0; i < gammas.size(); ++i) {
+    FM_CHECK(gammas[i] >= 0.0 && gammas[i] <= 1.0, "gammas[" << i << "]: must be in [0, 1], got " << gammas[i]);
+  }
+  BreadcrumbsArgs a{};
+  a.g = gta_args(in, out, out_dtype, n, base, base_dtype, consensus, normalize, lam, rescale);
+  a.densities = densities.data();
+  a.gammas = gammas.data();
+  a.exact = exact;
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  cpu::breadcrumbs(a, threads);
+}
+
+// Test hooks of the generator (rng.h): the raw 32-bit outputs, or a scalar-p keep mask (uint8 0/1).
+void py_rng_hash(uintptr_t out, int64_t n, uint64_t start, uint64_t seed, uint64_t key, uint32_t model) {
+  FM_CHECK(n >= 0, "n: must be >= 0, got " << n);
+  FM_CHECK(n == 0 || out != 0, "out: null data pointer");
+  const rng::Stream st = rng::stream_keys(seed, key, model);
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  for (int64_t j = 0; j < n; ++j) o[j] = rng::hash(st, start + uint64_t(j));
+}
+
+void py_rng_keep(uintptr_t out, int64_t n, uint64_t start, uint64_t seed, uint64_t key, uint32_t model, double p) {
+  FM_CHECK(n >= 0, "n: must be >= 0, got " << n);
+  FM_CHECK(n == 0 || out != 0, "out: null data pointer");
+  const rng::Stream st = rng::stream_keys(seed, key, model);
+  const int32_t th = rng::scalar_threshold(p);
+  uint8_t* o = reinterpret_cast<uint8_t*>(out);
+  for (int64_t j = 0; j < n; ++j) o[j] = rng::keep_scalar(rng::hash(st, start + uint64_t(j)), th) ? 1 : 0;
+}
+
+// Test hook of the one-read selection: [(value, count_above, count_equal, count_nan)] per (model, k), and
+// how many queries fell back to the radix select.
+py::tuple py_kth_multi(const std::vector<uintptr_t>& xs, const std::vector<int>& x_dtypes, uintptr_t base,
+                       int base_dtype, int64_t n, const std::vector<int>& models, const std::vector<int64_t>& ks,
+                       int threads) {
+  FM_CHECK(n >= 1, "n: need at least one element, got " << n);
+  FM_CHECK(!xs.empty() && xs.size() == x_dtypes.size(), "xs / x_dtypes: need as many dtype codes as buffers");
+  FM_CHECK(models.size() == ks.size(), "models / ks: one model index per k");
+  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK(base != 0, "base: null data pointer");
+  std::vector<const void*> ptrs;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    FM_CHECK_DTYPE(x_dtypes[i], "x_dtypes[" << i << "]");
+    FM_CHECK(xs[i] != 0, "xs[" << i << "]: null data pointer");
+    ptrs.push_back(reinterpret_cast<const void*>(xs[i]));
+  }
+  std::vector<cpu::KthQuery> q;
+  for (size_t j = 0; j < ks.size(); ++j) {
+    FM_CHECK(models[j] >= 0 && size_t(models[j]) < xs.size(), "models[" << j << "]: no such buffer");
+    FM_CHECK(ks[j] >= 1 && ks[j] <= n, "ks[" << j << "]: must be in [1, n=" << n << "], got " << ks[j]);
+    q.push_back(cpu::KthQuery{models[j], ks[j], cpu::KthAbs{}});
+  }
+  int64_t fallbacks = 0;
+  {
+    py::gil_scoped_release nogil;
+    cpu::kth_largest_abs_diff_multi(ptrs.data(), x_dtypes.data(), reinterpret_cast<const void*>(base), base_dtype,
+                                    n, q.data(), int(q.size()), threads);
+    fallbacks = cpu::select_fallbacks();
+  }
+  py::list res;
+  for (const auto& x : q) {
+    res.append(py::make_tuple(double(bits_f32(x.result.bits)), x.result.count_above, x.result.count_equal,
+                              x.result.count_nan));
+  }
+  return py::make_tuple(res, fallbacks);
+}
+
+size_t scratch_bytes() { return cpu::gta_scratch_bytes(); }
 
 double py_kth_largest_abs_diff(uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int64_t k,
                                int threads) {
@@ -172,12 +307,39 @@ PYBIND11_MODULE(_C, m) {
   m.def("ties", &py_ties, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
         py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
         py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"), py::arg("threads") = 0,
+        py::arg("rescale") = false,
         "Fused TIES (trim by magnitude, elect sign, disjoint merge), fp32 math, one rounding on store. "
-        "election: 0 = sum, 1 = count.");
+        "election: 0 = sum, 1 = count; exact_k: selection topk; rescale: L1 rescale of each trimmed delta.");
+  m.def("dare", &py_dare, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
+        py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
+        py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("rescale"), py::arg("seed"),
+        py::arg("key"), py::arg("threads") = 0,
+        "DARE (dare_linear: consensus 2, dare_ties: 0): counter-based random drop (fastmerge/rng.h), L1 rescale, "
+        "generalized task arithmetic tail. seed: modulo 2^64; key: the tensor name's hash.");
+  m.def("della", &py_della, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
+        py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
+        py::arg("epsilons"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("rescale"),
+        py::arg("seed"), py::arg("key"), py::arg("outer"), py::arg("row_len"), py::arg("inner"),
+        py::arg("threads") = 0,
+        "DELLA (della: consensus 0, della_linear: 2): per-row magnitude ranks -> keep probabilities -> "
+        "counter-based mask, L1 rescale, tail. Rows: outer x inner rows of row_len elements, stride inner.");
+  m.def("breadcrumbs", &py_breadcrumbs, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
+        py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
+        py::arg("gammas"), py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("rescale"),
+        py::arg("exact"), py::arg("threads") = 0,
+        "Model Breadcrumbs (breadcrumbs: consensus 2, breadcrumbs_ties: 0): keep a band of |delta| ranks "
+        "(exact: selection topk), optional L1 rescale, tail.");
+  m.def("rng_hash", &py_rng_hash, py::arg("out"), py::arg("n"), py::arg("start"), py::arg("seed"), py::arg("key"),
+        py::arg("model"), "Test hook: the generator's 32-bit outputs h of elements start.. into a uint32 buffer.");
+  m.def("rng_keep", &py_rng_keep, py::arg("out"), py::arg("n"), py::arg("start"), py::arg("seed"), py::arg("key"),
+        py::arg("model"), py::arg("p"), "Test hook: the scalar-p keep mask (u < fp32(p)) into a uint8 buffer.");
+  m.def("kth_largest_abs_diff_multi", &py_kth_multi, py::arg("xs"), py::arg("x_dtypes"), py::arg("base"),
+        py::arg("base_dtype"), py::arg("n"), py::arg("models"), py::arg("ks"), py::arg("threads") = 0,
+        "Test hook of the one-read selection: ([(value, count_above, count_equal, count_nan)], fallbacks).");
   m.def("kth_largest_abs_diff", &py_kth_largest_abs_diff, py::arg("x"), py::arg("x_dtype"), py::arg("base"),
         py::arg("base_dtype"), py::arg("n"), py::arg("k"), py::arg("threads") = 0,
         "k-th largest |x - base| in fp32 (|x| if base=0), by radix select; NaN ranks largest.");
-  m.def("scratch_bytes", &cpu::ties_scratch_bytes,
-        "Bytes of grow-only scratch held for the calling thread (selection histograms, TIES blocks).");
+  m.def("scratch_bytes", &scratch_bytes,
+        "Bytes of grow-only scratch held for the calling thread (selection, blocks, masks, norms).");
   m.def("build_info", &build_info, "How this module was built (compiler, OpenMP, SIMD clones, versions).");
 }

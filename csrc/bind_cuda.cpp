@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "fastmerge/common.h"
+#include "fastmerge/gta.h"
 #include "fastmerge/linear.h"
+#include "fastmerge/ties.h"
 
 #ifndef FASTMERGE_VERSION
 #define FASTMERGE_VERSION "unknown"
@@ -119,6 +121,61 @@ void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::v
   if (e != cudaSuccess) throw std::runtime_error("weighted_delta_sum: kernel launch failed: " + err_text(e));
 }
 
+void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+             const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
+             const std::vector<double>& densities, bool normalize, double lam, int election, bool exact_k,
+             uintptr_t stream, bool rescale) {
+  FM_CHECK(n >= 0, "n: element count must be >= 0, got " << n);
+  FM_CHECK(!inputs.empty(), "inputs: need at least one input buffer");
+  FM_CHECK(int(inputs.size()) <= cuda::kMaxInputs,
+           "inputs: at most " << cuda::kMaxInputs << " inputs per launch, got " << inputs.size());
+  FM_CHECK(input_dtypes.size() == inputs.size(), "input_dtypes: " << input_dtypes.size() << " dtype codes for "
+                                                                  << inputs.size() << " inputs");
+  FM_CHECK(weights.size() == inputs.size(),
+           "weights: " << weights.size() << " weights for " << inputs.size() << " inputs");
+  FM_CHECK(densities.size() == inputs.size(),
+           "densities: " << densities.size() << " densities for " << inputs.size() << " inputs");
+  for (size_t i = 0; i < densities.size(); ++i) {
+    FM_CHECK(densities[i] > 0.0, "densities[" << i << "]: density must be > 0 (1 keeps everything), got "
+                                              << densities[i]);
+  }
+  FM_CHECK(election == ties::SUM || election == ties::COUNT,
+           "election: must be 0 (sum) or 1 (count), got " << election);
+  FM_CHECK_DTYPE(out_dtype, "out_dtype");
+  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  if (n == 0) return;
+  std::vector<const void*> ptrs;
+  std::vector<float> w;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    FM_CHECK_DTYPE(input_dtypes[i], "input_dtypes[" << i << "]");
+    check_device_pointer(inputs[i], "inputs[" + std::to_string(i) + "]");
+    ptrs.push_back(reinterpret_cast<const void*>(inputs[i]));
+    w.push_back(static_cast<float>(weights[i]));
+  }
+  check_device_pointer(out, "out");
+  check_device_pointer(base, "base");
+  TiesArgs a{};
+  a.g.out = reinterpret_cast<void*>(out);
+  a.g.out_dtype = out_dtype;
+  a.g.n = n;
+  a.g.num_inputs = int(ptrs.size());
+  a.g.inputs = ptrs.data();
+  a.g.input_dtypes = input_dtypes.data();
+  a.g.weights = w.data();
+  a.g.base = reinterpret_cast<const void*>(base);
+  a.g.base_dtype = base_dtype;
+  a.g.tail = gta::make_tail(election, normalize, lam, w.data(), int(w.size()));
+  a.g.rescale = rescale;
+  a.densities = densities.data();
+  a.exact_k = exact_k;
+  cudaError_t e;
+  {
+    py::gil_scoped_release nogil;  // synchronous: selection histograms are read back to the host
+    e = static_cast<cudaError_t>(cuda::ties(a, reinterpret_cast<void*>(stream)));
+  }
+  if (e != cudaSuccess) throw std::runtime_error("ties: CUDA error: " + err_text(e));
+}
+
 py::dict build_info() {
   py::dict d;
   d["module"] = "fastmerge._C_cuda";
@@ -152,5 +209,11 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("divisor"), py::arg("lam"), py::arg("stream") = 0,
         "Same semantics as fastmerge._C.weighted_delta_sum on device pointers, enqueued on `stream` "
         "(a cudaStream_t as int, e.g. torch.cuda.current_stream().cuda_stream; 0 = default stream).");
+  m.def("ties", &py_ties, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
+        py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
+        py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"), py::arg("stream") = 0,
+        py::arg("rescale") = false,
+        "Same semantics as fastmerge._C.ties on device pointers; synchronous on `stream` (the radix-select "
+        "histograms are read back to the host).");
   m.def("build_info", &build_info, "How this module was built (nvcc, archs, CUDA runtime/driver versions).");
 }

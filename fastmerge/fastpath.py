@@ -48,10 +48,10 @@ def why_not(plan: MergePlan) -> str | None:
     if any(ix.fmt != "safetensors" for ix in plan.indexes.values()):
         return "a .bin checkpoint (read through torch.load)"
     for t in plan.tensors:
-        if t.backend != "native":
-            return f"tensor '{t.name}' runs on {t.backend}"
         if t.compute_dtype:
             return "mergekit_compat casts inputs to the compute dtype"
+        if t.backend != "native":
+            return f"tensor '{t.name}' runs on {t.backend}"
         if getattr(t, "input_transform", None):  # e.g. vocabulary remapping of embedding rows
             return f"tensor '{t.name}' has an input transform"
     return None
@@ -130,7 +130,7 @@ def execute(plan: MergePlan, out: Path):  # -> MergeReport
             raw, view, mv = pool.take(tp.out_tensor.nbytes, tp.out_dtype)
             job = MergeJob(tp.name, plan.method, tp.params, False)
             ts = time.perf_counter()
-            native.run_raw(job, view, inputs, base, opts.threads)
+            native.run_raw(job, view, inputs, base, opts.threads, shape=tp.shape)
             merge_s += time.perf_counter() - ts
             prefetch.release(i)
             wthread.put(tp.name, mv, raw)

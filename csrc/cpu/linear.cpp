@@ -43,7 +43,7 @@ FM_TARGET_CLONES void wds_block(const WdsArgs& a, int64_t off, int64_t len) {
 
 void weighted_delta_sum(const WdsArgs& a, int threads) {
   const int64_t nb = num_blocks(a.n);
-  const int nt = resolve_threads(threads, nb);
+  const int nt = threads_for_elems(threads, a.n);
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
 #endif

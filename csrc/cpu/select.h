@@ -37,6 +37,32 @@ KthAbs kth_largest_abs_diff(const void* x, int x_dtype, const void* base, int ba
 int64_t nth_equal_abs_diff_index(const void* x, int x_dtype, const void* base, int base_dtype, int64_t n,
                                  float th, int64_t rank, int threads);
 
+// One selection request of kth_largest_abs_diff_multi: the k-th largest |x_model − base|, 1 <= k <= n.
+struct KthQuery {
+  int model;
+  int64_t k;
+  KthAbs result;  // filled in
+};
+
+// Every query at once, exact (the same KthAbs as kth_largest_abs_diff), in ONE read of base and of each
+// queried input (TIES: one query per model; breadcrumbs: two):
+//  1. a stratified sample of m positions (m = 32768; 16384 below 2^23 elements) gives each query a bracket
+//     [lo, hi] of bit patterns that holds the k-th largest with overwhelming probability (the sample's ranks
+//     r ± (4.5σ + 4) around r = k/n·m, σ = binomial sd: ~2-5% of the elements fall inside);
+//  2. one pass over the blocks (base loaded once per block for all models) counts the elements above each
+//     bracket and copies the bit patterns inside it into a per-thread candidate buffer;
+//  3. the k-th largest is the (k − above)-th largest candidate: std::nth_element on ~3% of n.
+// A bracket that misses (the sample was unlucky; or too many candidates, e.g. heavily tied data) falls back
+// to the two-pass radix select for that query only, so the result is always exact and does not depend on
+// the thread count (it is a function of the multiset of |δ|). Tensors of at most 65536 elements skip the
+// sample: nth_element on all of them.
+void kth_largest_abs_diff_multi(const void* const* xs, const int* x_dtypes, const void* base, int base_dtype,
+                                int64_t n, KthQuery* queries, int num_queries, int threads);
+
+// How many queries of the last kth_largest_abs_diff_multi call on this thread fell back to the radix select
+// (tests and benchmarks).
+int64_t select_fallbacks();
+
 // Bytes held by the calling thread's selection scratch (for tests of the grow-only contract).
 size_t select_scratch_bytes();
 

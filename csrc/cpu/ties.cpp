@@ -1,15 +1,20 @@
-// CPU kernel of fused TIES: see fastmerge/ties.h for the per-element formula.
+// CPU kernel of fused TIES: the trim of fastmerge/ties.h, then the shared tail of fastmerge/gta.h.
 //
-// Per tensor: (1) for each model with density < 1, the threshold th_i = k_i-th largest |δ_i| by radix
-// select (select.cpp; two reads of x_i and base), plus in exact-k mode, when more elements equal the
-// threshold than there is room for, the index of the last tie to keep (one more read); (2) one fused
-// pass over all inputs that trims, elects and merges, block by block, with the T trimmed deltas of a
-// block in per-thread scratch. Nothing depends on the thread count: thresholds and cut indices are
-// computed with integer counts, and pass (2) is elementwise.
+// Per tensor:
+//  (1) the k_i-th largest |δ_i| of every model with density < 1, all models at once in ONE read of base and
+//      the inputs (kth_largest_abs_diff_multi, select.h: a sampled bracket, candidates, nth_element);
+//  (2) exact-k mode only, when more elements equal a threshold than there is room for: the index of the last
+//      tie to keep (one read of that model);
+//  (3) rescale only: the two L1 norms per model (one read, gta_cpu.h);
+//  (4) one fused pass: trim, weights, sign election, disjoint mean, λ, base, one rounding on store.
+// Nothing depends on the thread count: the selection is a function of the multiset of |δ|, cut indices come
+// from integer counts, norms are added in block order, and (4) is elementwise.
 #include <vector>
 
 #include "fastmerge/common.h"
+#include "fastmerge/gta.h"
 #include "fastmerge/ties.h"
+#include "gta_cpu.h"
 #include "select.h"
 
 namespace fastmerge {
@@ -17,142 +22,105 @@ namespace cpu {
 namespace {
 
 struct ModelSel {
-  float th;       // threshold |δ| (ignored when keep_all)
-  bool keep_all;  // density >= 1
-  int64_t cut;    // ties at th are kept for indices <= cut (n − 1 or more: all; −1: none)
+  float th;  // threshold |δ| (ignored when all)
+  bool all;  // density >= 1: the reference's all-ones mask
+  int64_t cut;  // ties at th are kept for indices <= cut (n − 1 or more: all; −1: none)
 };
 
-// Per-block scratch of every OpenMP thread of the calling thread, grow-only (no allocation per tensor in
-// steady state; one buffer per calling thread, so concurrent Python threads do not share it).
-thread_local std::vector<float> tls_block_scratch;
 thread_local std::vector<ModelSel> tls_sel;
+thread_local std::vector<KthQuery> tls_queries;
 
-// Scratch rows per thread besides the T trimmed-delta rows: base, input, election total, num, div.
-constexpr int kFixedRows = 5;
-
-FM_TARGET_CLONES void ties_block(const TiesArgs& a, const ModelSel* sel, int64_t off, int64_t len, float* scratch) {
-  float* b = scratch;
-  float* v = b + kBlock;
-  float* tot = v + kBlock;
-  float* num = tot + kBlock;
-  float* div = num + kBlock;
-  float* wd = div + kBlock;  // T rows
-  const int T = a.num_inputs;
-
-  load_block(b, a.base, a.base_dtype, off, len);
-
-  // Trim: wd_i = m_i ? w_i * (x_i - b) : 0
-  for (int i = 0; i < T; ++i) {
-    load_block(v, a.inputs[i], a.input_dtypes[i], off, len);
-    float* wdi = wd + int64_t(i) * kBlock;
-    const float w = a.weights[i];
-    const float th = sel[i].th;
-    // The exact-k cut as a block-local index: all ties kept (>= len-1), none (< 0), or up to lc.
-    const int64_t lc64 = sel[i].cut - off;
-    if (sel[i].keep_all) {
-      for (int64_t j = 0; j < len; ++j) wdi[j] = ties::trimmed(fm_sub(v[j], b[j]), w, th, true, true);
-    } else if (lc64 >= len - 1) {
-      for (int64_t j = 0; j < len; ++j) wdi[j] = ties::trimmed(fm_sub(v[j], b[j]), w, th, false, true);
+struct TiesKeep {
+  const ModelSel* sel;
+  FM_ALWAYS_INLINE void operator()(int i, int64_t off, int64_t len, const float* d, int32_t* km) const {
+    const ModelSel& s = sel[i];
+    if (s.all) {
+      for (int64_t j = 0; j < len; ++j) km[j] = 1;
+      return;
+    }
+    const float th = s.th;
+    // The exact-k cut as a block-local index: all ties kept (>= len − 1), none (< 0), or up to lc. Three
+    // loops so that each vectorises without a per-element index test where none is needed.
+    const int64_t lc64 = s.cut - off;
+    if (lc64 >= len - 1) {
+      for (int64_t j = 0; j < len; ++j) km[j] = ties::kept(d[j], th, true);
     } else if (lc64 < 0) {
-      for (int64_t j = 0; j < len; ++j) wdi[j] = ties::trimmed(fm_sub(v[j], b[j]), w, th, false, false);
+      for (int64_t j = 0; j < len; ++j) km[j] = ties::kept(d[j], th, false);
     } else {
       const int lc = int(lc64);
-      for (int j = 0; j < int(len); ++j) wdi[j] = ties::trimmed(fm_sub(v[j], b[j]), w, th, false, j <= lc);
+      for (int j = 0; j < int(len); ++j) km[j] = ties::kept(d[j], th, j <= lc);
     }
   }
+};
 
-  // Elect: tot = Σ wd_i (or Σ sign(wd_i)) from +0, then the majority sign (stored over tot).
-  for (int64_t j = 0; j < len; ++j) tot[j] = 0.0f;
-  if (a.election == ties::COUNT) {
-    for (int i = 0; i < T; ++i) {
-      const float* wdi = wd + int64_t(i) * kBlock;
-      for (int64_t j = 0; j < len; ++j) tot[j] = ties::elect_add(tot[j], wdi[j], ties::COUNT);
-    }
-  } else {
-    for (int i = 0; i < T; ++i) {
-      const float* wdi = wd + int64_t(i) * kBlock;
-      for (int64_t j = 0; j < len; ++j) tot[j] = ties::elect_add(tot[j], wdi[j], ties::SUM);
-    }
-  }
-  for (int64_t j = 0; j < len; ++j) tot[j] = ties::majority(tot[j]);
+FM_TARGET_CLONES void ties_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const ModelSel* sel,
+                                       int64_t off, int64_t len, float* rows) {
+  gtacpu::merge_block(g, ms, TiesKeep{sel}, off, len, rows);
+}
 
-  // Disjoint merge: num = Σ agree ? wd_i : 0, div = Σ agree ? w_i : 0 (in model order, from +0).
-  for (int64_t j = 0; j < len; ++j) {
-    num[j] = 0.0f;
-    div[j] = 0.0f;
-  }
-  for (int i = 0; i < T; ++i) {
-    const float* wdi = wd + int64_t(i) * kBlock;
-    const float w = a.weights[i];
-    for (int64_t j = 0; j < len; ++j) {
-      const bool ag = ties::agrees(wdi[j], tot[j]);
-      num[j] = fm_add(num[j], ag ? wdi[j] : 0.0f);
-      div[j] = fm_add(div[j], ag ? w : 0.0f);
-    }
-  }
-
-  const ties::Finish f = a.fin;
-  for (int64_t j = 0; j < len; ++j) num[j] = ties::finish(num[j], div[j], b[j], f);
-  store_block(a.out, a.out_dtype, off, num, len);
+FM_TARGET_CLONES void ties_sums_block(const GtaArgs& g, const char* need, const ModelSel* sel, int64_t off,
+                                      int64_t len, float* rows, double* partial) {
+  gtacpu::sums_block(g, need, TiesKeep{sel}, off, len, rows, partial);
 }
 
 }  // namespace
 
 void ties(const TiesArgs& a, int threads) {
-  const int64_t n = a.n;
-  const int T = a.num_inputs;
+  const GtaArgs& g = a.g;
+  const int64_t n = g.n;
+  const int T = g.num_inputs;
   if (n <= 0) return;
+  gtacpu::Scratch& sc = gtacpu::scratch();
+  gtacpu::init_models(sc, T);
+  gtacpu::grow(tls_sel, size_t(T));
+  gtacpu::grow(tls_queries, size_t(T));
+  ModelSel* sel = tls_sel.data();
+  KthQuery* q = tls_queries.data();
 
-  // (1) thresholds, one model at a time (each selection is itself parallel).
-  std::vector<ModelSel>& sel = tls_sel;
-  if (sel.size() < size_t(T)) sel.resize(size_t(T));
+  // (1) thresholds of every trimmed model in one read
+  int nq = 0;
   for (int i = 0; i < T; ++i) {
-    const double d = a.densities[i];
+    sel[i].all = a.densities[i] >= 1.0;
+    sel[i].th = 0.0f;
+    sel[i].cut = n;
+    if (!sel[i].all) q[nq++] = KthQuery{i, ties::keep_count(a.densities[i], n), KthAbs{}};
+  }
+  kth_largest_abs_diff_multi(g.inputs, g.input_dtypes, g.base, g.base_dtype, n, q, nq, threads);
+  for (int j = 0; j < nq; ++j) {
+    const int i = q[j].model;
+    const KthAbs& r = q[j].result;
     ModelSel& s = sel[i];
-    s.keep_all = d >= 1.0;
-    s.th = 0.0f;
-    s.cut = n;
-    if (s.keep_all) continue;
-    // k = max(1, int(density * n)), with Python's double product and truncation (methods/ties.py).
-    int64_t k = int64_t(d * double(n));
-    if (k < 1) k = 1;
-    if (k > n) k = n;
-    const KthAbs r = kth_largest_abs_diff(a.inputs[i], a.input_dtypes[i], a.base, a.base_dtype, n, k, threads);
     s.th = bits_f32(r.bits);
     const bool th_is_nan = (r.bits & 0x7fffffffu) > 0x7f800000u;
     if (a.exact_k && !th_is_nan) {
-      // Elements strictly above th by float comparison: the larger bit patterns minus the NaNs (NaN bits
-      // sort above any number but `NaN > th` is false, as in the reference's `mag > threshold`).
+      // (2) Elements strictly above th by float comparison: the larger bit patterns minus the NaNs (NaN
+      // bits sort above any number but `NaN > th` is false, as in the reference's `mag > threshold`).
       const int64_t above = r.count_above - r.count_nan;
-      const int64_t room = k - above;  // >= 1 since th is the k-th largest
+      const int64_t room = q[j].k - above;  // >= 1 since th is the k-th largest
       if (r.count_equal > room) {
-        s.cut = nth_equal_abs_diff_index(a.inputs[i], a.input_dtypes[i], a.base, a.base_dtype, n, s.th, room,
-                                         threads);
+        s.cut = nth_equal_abs_diff_index(g.inputs[i], g.input_dtypes[i], g.base, g.base_dtype, n, s.th, room, threads);
       }
     }
   }
 
-  // (2) fused trim / elect / merge.
-  const int64_t nb = num_blocks(n);
-  const int nt = resolve_threads(threads, nb);
-  const size_t per_thread = size_t(kFixedRows + T) * kBlock;
-  std::vector<float>& scratch = tls_block_scratch;
-  if (scratch.size() < per_thread * size_t(nt)) scratch.resize(per_thread * size_t(nt));
-  float* scratch_base = scratch.data();
-  const ModelSel* selp = sel.data();
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t off = blk * kBlock;
-    const int64_t len = n - off < kBlock ? n - off : kBlock;
-    ties_block(a, selp, off, len, scratch_base + size_t(thread_id()) * per_thread);
+  // (3) rescale: every model (density >= 1 included: the reference rescales its all-ones mask by 1)
+  gtacpu::ModelScale* ms = sc.scales.data();
+  bool any_norms = false;
+  for (int i = 0; i < T; ++i) {
+    ms[i] = gtacpu::ModelScale{sel[i].all && !g.rescale, false, 1.0f};
+    sc.need[i] = g.rescale;
+    any_norms = any_norms || g.rescale;
   }
-}
+  if (any_norms) {
+    gtacpu::norms_pass(g, threads, sc, [&](int64_t, int64_t off, int64_t len, float* rows, double* partial) {
+      ties_sums_block(g, sc.need.data(), sel, off, len, rows, partial);
+    });
+  }
 
-size_t ties_scratch_bytes() {
-  return tls_block_scratch.capacity() * sizeof(float) + tls_sel.capacity() * sizeof(ModelSel) +
-         select_scratch_bytes();
+  // (4) fused trim / elect / merge
+  gtacpu::merge_pass(g, threads, sc, [&](int64_t off, int64_t len, float* rows) {
+    ties_merge_block(g, ms, sel, off, len, rows);
+  });
 }
 
 }  // namespace cpu

@@ -1,16 +1,36 @@
-"""The native CPU backend: fused C++ kernels (``fastmerge._C``) on raw buffers, GIL released."""
+"""The native CPU backend: fused C++ kernels (``fastmerge._C``) on raw buffers, GIL released.
+
+Kernels: linear, task_arithmetic, ties (rescale included), dare_linear, dare_ties, della, della_linear,
+breadcrumbs, breadcrumbs_ties, in default mode (fp32 math, one rounding). ``mergekit_compat`` (mergekit's
+arithmetic in the compute dtype) stays on the torch backend.
+
+Importing this module imports neither torch nor the methods (only ``fastmerge._native``): the engine's
+torch-free fast path may import it; ``run`` receives torch tensors, so torch is loaded by then anyway.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import _native
-from ..methods.linear import weight_divisor
-from .base import MergeJob
 
-KERNELS = ("linear", "task_arithmetic", "ties")
+if TYPE_CHECKING:
+    import torch
+
+    from .base import MergeJob
+
+#: method name -> the C++ kernel that runs it
+KERNELS = {
+    "linear": "weighted_delta_sum",
+    "task_arithmetic": "weighted_delta_sum",
+    "ties": "ties",
+    "dare_linear": "dare",
+    "dare_ties": "dare",
+    "della": "della",
+    "della_linear": "della",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs",
+}
 
 
 class NativeBackend:
@@ -26,23 +46,97 @@ class NativeBackend:
             reasons.append(f"no C++ kernel for '{job.method.name}'")
         if job.compat:
             reasons.append("mergekit_compat (mergekit's native-dtype arithmetic) is emulated by the torch backend only")
-        if job.method.name == "ties" and getattr(job.params, "rescale", False):
-            reasons.append("ties rescale: true is not in the C++ kernel")
         return reasons
 
     def run(
         self, job: MergeJob, out: torch.Tensor, inputs: Sequence[torch.Tensor], base: torch.Tensor | None, threads: int
     ) -> None:
+        """Merge into ``out`` (CPU, contiguous, the tensor's shape) through the checked typed wrappers."""
         p = job.params
         name = job.method.name
-        if name == "linear":
-            _native.weighted_delta_sum(out, inputs, None, p.weight, weight_divisor(p.weight, p.normalize), 1.0, threads)
-        elif name == "task_arithmetic":
+        consensus = getattr(job.method, "consensus", None)  # the sparsifiers' consensus: fixed per method
+        if name in ("linear", "task_arithmetic"):
+            from ..methods.linear import weight_divisor
+
             div = weight_divisor(p.weight, p.normalize)
-            _native.weighted_delta_sum(out, inputs, base, p.weight, div, p.lambda_, threads)
+            if name == "linear":
+                _native.weighted_delta_sum(out, inputs, None, p.weight, div, 1.0, threads)
+            else:
+                _native.weighted_delta_sum(out, inputs, base, p.weight, div, p.lambda_, threads)
         elif name == "ties":
             _native.ties(
                 out, inputs, base, p.weight, p.density, p.normalize, p.lambda_, p.election,
+                p.selection == "topk", threads, p.rescale,
+            )
+        elif name in ("dare_linear", "dare_ties"):
+            _native.dare(
+                out, inputs, base, p.weight, p.density, consensus, p.normalize, p.lambda_, p.rescale, p.seed, p.key,
+                threads,
+            )
+        elif name in ("della", "della_linear"):
+            _native.della(
+                out, inputs, base, p.weight, p.density, p.epsilon, consensus, p.normalize, p.lambda_, p.rescale,
+                p.seed, p.key, threads,
+            )
+        elif name in ("breadcrumbs", "breadcrumbs_ties"):
+            _native.breadcrumbs(
+                out, inputs, base, p.weight, p.density, p.gamma, consensus, p.normalize, p.lambda_, p.rescale,
+                p.selection == "topk", threads,
+            )
+        else:  # guarded by not_supported_reasons
+            raise AssertionError(name)
+
+    def run_raw(
+        self, job: MergeJob, out: Any, inputs: Sequence[Any], base: Any | None, threads: int,
+        shape: Sequence[int] | None = None,
+    ) -> None:
+        """``run`` on raw buffers, without torch (the fast path): ``out``, ``inputs`` and ``base`` are views
+        with ``ptr`` (address), ``dtype`` ("float32" | "float16" | "bfloat16") and ``numel``
+        (``fastmerge.io.reader.RawView``). The caller guarantees the addresses. ``shape`` (or an ``out.shape``
+        attribute): the tensor's shape, needed by della / della_linear only (it defines the ranked rows)."""
+        p = job.params
+        name = job.method.name
+        consensus = getattr(job.method, "consensus", None)
+        codes = _native.DTYPE_CODES
+        n = int(out.numel)
+        for i, v in enumerate(inputs):
+            if int(v.numel) != n:
+                raise ValueError(f"tensor '{job.tensor}': input {i} has {v.numel} elements, the output {n}")
+        if base is not None and int(base.numel) != n:
+            raise ValueError(f"tensor '{job.tensor}': the base has {base.numel} elements, the output {n}")
+        common = (
+            out.ptr, codes[out.dtype], n, [v.ptr for v in inputs], [codes[v.dtype] for v in inputs],
+            0 if base is None else base.ptr, 0 if base is None else codes[base.dtype],
+        )
+        if name in ("linear", "task_arithmetic"):
+            from ..methods.linear import weight_divisor
+
+            div = weight_divisor(p.weight, p.normalize)
+            if name == "linear":
+                common = common[:5] + (0, 0)  # a base given to linear is ignored, as in mergekit
+            _native.weighted_delta_sum_raw(*common, p.weight, div, 1.0 if name == "linear" else p.lambda_, threads)
+        elif name == "ties":
+            _native.ties_raw(
+                *common, p.weight, p.density, p.normalize, p.lambda_, p.election, p.selection == "topk", threads,
+                p.rescale,
+            )
+        elif name in ("dare_linear", "dare_ties"):
+            _native.dare_raw(
+                *common, p.weight, p.density, consensus, p.normalize, p.lambda_, p.rescale, p.seed, p.key, threads
+            )
+        elif name in ("della", "della_linear"):
+            shape = shape if shape is not None else getattr(out, "shape", None)
+            if shape is None:
+                raise ValueError(
+                    f"tensor '{job.tensor}': {name} ranks |delta| per row: run_raw needs the tensor's shape (shape=)"
+                )
+            _native.della_raw(
+                *common, p.weight, p.density, p.epsilon, consensus, p.normalize, p.lambda_, p.rescale, p.seed, p.key,
+                tuple(shape), threads,
+            )
+        elif name in ("breadcrumbs", "breadcrumbs_ties"):
+            _native.breadcrumbs_raw(
+                *common, p.weight, p.density, p.gamma, consensus, p.normalize, p.lambda_, p.rescale,
                 p.selection == "topk", threads,
             )
         else:  # guarded by not_supported_reasons

@@ -47,7 +47,11 @@ def l1_rescaled(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``keep·δ`` times ‖δ‖₁/‖keep·δ‖₁ (fp32), unless either norm is < 1e-7 (mergekit's L1 rule: the
     factor preserves the L1 norm; for a random mask it equals 1/density only in expectation)."""
     masked = torch.where(keep, delta, 0.0)
-    before, after = delta.abs().sum(), masked.abs().sum()
+    # Norms summed in fp64 and rounded once: torch's fp32 sum changes with its thread count (10 of 20
+    # sums differed between 1 and 2 threads), fp64 makes the reference deterministic and the C++ kernels
+    # (which do the same) bit-exact with it.
+    before = delta.abs().sum(dtype=torch.float64).to(torch.float32)
+    after = masked.abs().sum(dtype=torch.float64).to(torch.float32)
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return masked
     return masked * (before / after)

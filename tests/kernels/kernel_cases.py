@@ -85,8 +85,7 @@ def check_rescale(kernel, x, base, segs, keep_fn, method, params, dtype, max_rat
     """The rescale path, split in its two parts:
 
     1. the kernel's L1 ratios ‖δ‖₁/‖k·δ‖₁ are within ``max_ratio_ulps`` fp32 ulps of the reference's
-       (torch sums n fp32 terms in its own order: its sums carry ~1–2 ulps of rounding on these sizes,
-       the kernel's fp64-accumulated ones ~0.5);
+       (the reference sums in fp64 and rounds once; the kernel accumulates fp64 in its own block order);
     2. given the reference's own ratios, the fused pass reproduces the reference bit for bit.
 
     ``keep_fn(s, t, delta)``: the reference's keep mask of segment s, model t (None: kept whole)."""
@@ -105,7 +104,9 @@ def check_rescale(kernel, x, base, segs, keep_fn, method, params, dtype, max_rat
             keep = keep_fn(s, t, delta)
             if keep is None:
                 continue
-            before, after = delta.abs().sum(), torch.where(keep, delta, 0.0).abs().sum()
+            # as the reference (methods/gta.py l1_rescaled): fp64 sums, rounded once to fp32
+            before = delta.abs().sum(dtype=torch.float64).to(torch.float32)
+            after = torch.where(keep, delta, 0.0).abs().sum(dtype=torch.float64).to(torch.float32)
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 want[s, t] = before / after
     got = kernel.scale.cpu()

@@ -1,0 +1,290 @@
+// Block machinery shared by the CPU kernels of the generalized-task-arithmetic family (ties.cpp, dare.cpp,
+// della.cpp, breadcrumbs.cpp): the per-block merge (sparsify every model, then the gta.h tail), the
+// per-block L1 norms of the rescale, and the grow-only scratch.
+//
+// A method supplies a Keep functor, `keep(i, off, len, d, km)`, that writes km[j] = 1 / 0 (keep element
+// off + j of model i) for one block, given the block's fp32 deltas d. The block functions below are
+// always_inline templates: each method instantiates them inside its own FM_TARGET_CLONES function, so
+// they are compiled (and vectorised) once per SIMD clone.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "fastmerge/common.h"
+#include "fastmerge/gta.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace gtacpu {
+
+// Per model: how its deltas enter the merge.
+struct ModelScale {
+  bool whole;     // keep every entry, never rescaled (density >= 1 of dare/della/breadcrumbs)
+  bool rescaled;  // multiply kept entries by factor
+  float factor;   // ‖δ‖₁ / ‖kept δ‖₁ (fp32)
+};
+
+// Scratch rows per thread besides the T weighted-delta rows: base, delta, tot, div, num, keep.
+constexpr int kFixedRows = 6;
+
+inline size_t rows_per_thread(int num_inputs) { return size_t(kFixedRows + num_inputs) * size_t(kBlock); }
+
+// The calling thread's grow-only buffers (no allocation per tensor in steady state; one set per calling
+// thread, so Python threads merging at once with the GIL released do not share them).
+struct Scratch {
+  std::vector<float> rows;         // threads × rows_per_thread
+  std::vector<double> partials;    // blocks (or rows) × T × 2 norms
+  std::vector<ModelScale> scales;  // T
+  std::vector<char> need;          // T: model i needs its norms
+  std::vector<uint64_t> mask;      // della: T × ceil(n / 64) keep bits
+  std::vector<unsigned char> rowbuf;  // della: per-thread row buffers
+
+  size_t bytes() const {
+    return rows.capacity() * sizeof(float) + partials.capacity() * sizeof(double) +
+           scales.capacity() * sizeof(ModelScale) + need.capacity() + mask.capacity() * sizeof(uint64_t) +
+           rowbuf.capacity();
+  }
+};
+
+Scratch& scratch();  // thread_local, defined in gta_common.cpp
+
+template <class T>
+void grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+// The consensus tail over one block: wd holds T rows (stride kBlock) of weighted kept deltas; the result
+// (before rounding) is left in num. Loop order and op order as gta.h / methods/gta.py `combine`.
+FM_ALWAYS_INLINE void tail_block(const float* b, const float* wd, int T, const float* weights, const gta::Tail& t,
+                                 float* tot, float* div, float* num, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) num[j] = 0.0f;
+  if (t.consensus == gta::NONE) {
+    for (int i = 0; i < T; ++i) {
+      const float* wdi = wd + int64_t(i) * kBlock;
+      for (int64_t j = 0; j < len; ++j) num[j] = fm_add(num[j], wdi[j]);
+    }
+    for (int64_t j = 0; j < len; ++j) num[j] = gta::finish(num[j], 0.0f, b[j], t);
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j) tot[j] = 0.0f;
+  if (t.consensus == gta::COUNT) {
+    for (int i = 0; i < T; ++i) {
+      const float* wdi = wd + int64_t(i) * kBlock;
+      for (int64_t j = 0; j < len; ++j) tot[j] = gta::elect_add(tot[j], wdi[j], gta::COUNT);
+    }
+  } else {
+    for (int i = 0; i < T; ++i) {
+      const float* wdi = wd + int64_t(i) * kBlock;
+      for (int64_t j = 0; j < len; ++j) tot[j] = gta::elect_add(tot[j], wdi[j], gta::SUM);
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    tot[j] = gta::majority(tot[j]);
+    div[j] = 0.0f;
+  }
+  for (int i = 0; i < T; ++i) {
+    const float* wdi = wd + int64_t(i) * kBlock;
+    const float w = weights[i];
+    for (int64_t j = 0; j < len; ++j) {
+      const bool ag = gta::agrees(wdi[j], tot[j]);
+      num[j] = fm_add(num[j], ag ? wdi[j] : 0.0f);
+      div[j] = fm_add(div[j], ag ? w : 0.0f);
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) num[j] = gta::finish(num[j], div[j], b[j], t);
+}
+
+// One block of the merge: δ_i = x_i − b, the method's keep mask, w·δ' rows, the tail, one rounding on store.
+template <class Keep>
+FM_ALWAYS_INLINE void merge_block(const GtaArgs& a, const ModelScale* ms, const Keep& keep, int64_t off, int64_t len,
+                                  float* rows) {
+  float* b = rows;
+  float* d = b + kBlock;
+  float* tot = d + kBlock;
+  float* div = tot + kBlock;
+  float* num = div + kBlock;
+  int32_t* km = reinterpret_cast<int32_t*>(num + kBlock);
+  float* wd = num + 2 * kBlock;  // T rows
+  const int T = a.num_inputs;
+  load_block(b, a.base, a.base_dtype, off, len);
+  for (int i = 0; i < T; ++i) {
+    load_block(d, a.inputs[i], a.input_dtypes[i], off, len);
+    float* wdi = wd + int64_t(i) * kBlock;
+    const float w = a.weights[i];
+    for (int64_t j = 0; j < len; ++j) d[j] = fm_sub(d[j], b[j]);
+    if (ms[i].whole) {
+      for (int64_t j = 0; j < len; ++j) wdi[j] = fm_mul(w, d[j]);
+      continue;
+    }
+    keep(i, off, len, d, km);
+    if (ms[i].rescaled) {
+      const float f = ms[i].factor;
+      for (int64_t j = 0; j < len; ++j) wdi[j] = gta::weighted_kept(d[j], w, km[j] != 0, true, f);
+    } else {
+      for (int64_t j = 0; j < len; ++j) wdi[j] = gta::weighted_kept(d[j], w, km[j] != 0, false, 1.0f);
+    }
+  }
+  tail_block(b, wd, T, a.weights, a.tail, tot, div, num, len);
+  store_block(a.out, a.out_dtype, off, num, len);
+}
+
+// ‖δ‖₁ and ‖keep·δ‖₁ of one block in double, 8 fixed lanes (lane l adds elements l, l + 8, ...; the tail
+// continues in lanes 0, 1, ...), lanes combined pairwise: the same order whatever the threading and the SIMD
+// clone. Written with GCC vector extensions: GCC does not vectorise an array of 8 double accumulators
+// (it kept 16 scalar vaddsd per 8 elements: 40% of a DARE merge's time, measured), the vector types
+// compile to whatever the clone's ISA offers. Masked entries are selected out, not multiplied by 0 (an
+// inf or NaN |δ| that is not kept must not reach the kept norm).
+#if defined(__GNUC__)
+typedef float fm_v8f __attribute__((vector_size(32)));
+typedef int32_t fm_v8i __attribute__((vector_size(32)));
+typedef double fm_v8d __attribute__((vector_size(64)));
+
+FM_ALWAYS_INLINE void abs_sums(const float* d, const int32_t* km, int64_t len, double* s_all, double* s_kept) {
+  fm_v8d acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  fm_v8d kac = {0, 0, 0, 0, 0, 0, 0, 0};
+  const fm_v8f zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    fm_v8i bits, k;
+    std::memcpy(&bits, d + j, sizeof bits);
+    std::memcpy(&k, km + j, sizeof k);
+    bits &= 0x7fffffff;
+    fm_v8f a;
+    std::memcpy(&a, &bits, sizeof a);
+    const fm_v8f ka = k != 0 ? a : zero;
+    acc += __builtin_convertvector(a, fm_v8d);
+    kac += __builtin_convertvector(ka, fm_v8d);
+  }
+  double al[8], kl[8];
+  std::memcpy(al, &acc, sizeof al);
+  std::memcpy(kl, &kac, sizeof kl);
+#else
+FM_ALWAYS_INLINE void abs_sums(const float* d, const int32_t* km, int64_t len, double* s_all, double* s_kept) {
+  double al[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double kl[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const float a = bits_f32(abs_bits(d[j + l]));
+      al[l] += double(a);
+      kl[l] += double(km[j + l] != 0 ? a : 0.0f);
+    }
+  }
+#endif
+  for (int l = 0; j < len; ++j, ++l) {
+    const float a = bits_f32(abs_bits(d[j]));
+    al[l] += double(a);
+    kl[l] += double(km[j] != 0 ? a : 0.0f);
+  }
+  *s_all = ((al[0] + al[1]) + (al[2] + al[3])) + ((al[4] + al[5]) + (al[6] + al[7]));
+  *s_kept = ((kl[0] + kl[1]) + (kl[2] + kl[3])) + ((kl[4] + kl[5]) + (kl[6] + kl[7]));
+}
+
+// Keep flags <-> bits (one uint64 per 64 elements, element j of a word in bit j). Blocks start at
+// multiples of 1024 elements, so a block's words are its own (no atomics). Packing goes through bytes so
+// that both steps vectorise or nearly: 8 bytes (each 0 or 1) -> 8 bits with one multiply (byte k lands in
+// bit 56 + k of v·0x0102040810204080; no carries).
+FM_ALWAYS_INLINE void pack_bits(const int32_t* km, int64_t len, uint64_t* words) {
+  alignas(64) uint8_t kb[kBlock + 64];
+  for (int64_t j = 0; j < len; ++j) kb[j] = uint8_t(km[j] != 0);
+  const int64_t nw = (len + 63) / 64;
+  for (int64_t j = len; j < nw * 64; ++j) kb[j] = 0;
+  for (int64_t w = 0; w < nw; ++w) {
+    uint64_t x = 0;
+    for (int g8 = 0; g8 < 8; ++g8) {
+      uint64_t v;
+      std::memcpy(&v, kb + w * 64 + 8 * g8, 8);
+      x |= ((v * 0x0102040810204080ull) >> 56) << (8 * g8);
+    }
+    words[w] = x;
+  }
+}
+
+// Keep = the stored bits of model i (mask + i·words).
+struct MaskKeep {
+  const uint64_t* mask;
+  int64_t words;
+  FM_ALWAYS_INLINE void operator()(int i, int64_t off, int64_t len, const float*, int32_t* km) const {
+    const uint64_t* w = mask + i * words + (off >> 6);  // off is a multiple of 1024
+    for (int64_t j = 0; j < len; ++j) km[j] = int32_t((w[j >> 6] >> (j & 63)) & 1u);
+  }
+};
+
+// One block of the norms pass: partial[2i], partial[2i+1] = the block's two norms of model i (for every
+// model that needs them; others get 0).
+template <class Keep>
+FM_ALWAYS_INLINE void sums_block(const GtaArgs& a, const char* need, const Keep& keep, int64_t off, int64_t len,
+                                 float* rows, double* partial) {
+  float* b = rows;
+  float* d = b + kBlock;
+  int32_t* km = reinterpret_cast<int32_t*>(d + kBlock);
+  load_block(b, a.base, a.base_dtype, off, len);
+  for (int i = 0; i < a.num_inputs; ++i) {
+    partial[2 * i] = 0.0;
+    partial[2 * i + 1] = 0.0;
+    if (!need[i]) continue;
+    load_block(d, a.inputs[i], a.input_dtypes[i], off, len);
+    for (int64_t j = 0; j < len; ++j) d[j] = fm_sub(d[j], b[j]);
+    keep(i, off, len, d, km);
+    abs_sums(d, km, len, &partial[2 * i], &partial[2 * i + 1]);
+  }
+}
+
+// Runs fn(blk, off, len, thread index) over the 1024-element blocks of [0, n), statically split.
+template <class Fn>
+void for_blocks(int64_t n, int threads, Fn&& fn) {
+  const int64_t nb = num_blocks(n);
+  const int nt = threads_for_elems(threads, n);  // thread_rows sizes its scratch with the same rule
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t off = blk * kBlock;
+    const int64_t len = n - off < kBlock ? n - off : kBlock;
+    fn(blk, off, len, thread_id());
+  }
+  (void)nt;
+}
+
+// Per-thread scratch rows for a block pass with T models; returns the base pointer (stride rows_per_thread).
+float* thread_rows(Scratch& sc, int num_inputs, int64_t n, int threads);
+
+// Adds up `units` partials (units × T × 2, in unit order) and sets the rescale of every model with need[i].
+void finish_scales(const double* partials, int64_t units, int num_inputs, const char* need, ModelScale* ms);
+
+// The norms pass: partials of every block (grow-only scratch), then the scales of the models with need[i].
+// `block(blk, off, len, rows, partial)` fills one block's partial (T × 2 doubles).
+template <class Block>
+void norms_pass(const GtaArgs& a, int threads, Scratch& sc, Block&& block) {
+  const int T = a.num_inputs;
+  const int64_t nb = num_blocks(a.n);
+  grow(sc.partials, size_t(nb) * size_t(T) * 2);
+  double* partials = sc.partials.data();
+  float* rows = thread_rows(sc, T, a.n, threads);
+  const size_t rpt = rows_per_thread(T);
+  for_blocks(a.n, threads, [&](int64_t blk, int64_t off, int64_t len, int t) {
+    block(blk, off, len, rows + size_t(t) * rpt, partials + size_t(blk) * size_t(T) * 2);
+  });
+  finish_scales(partials, nb, T, sc.need.data(), sc.scales.data());
+}
+
+// The merge pass: `block(off, len, rows)` merges one block.
+template <class Block>
+void merge_pass(const GtaArgs& a, int threads, Scratch& sc, Block&& block) {
+  float* rows = thread_rows(sc, a.num_inputs, a.n, threads);
+  const size_t rpt = rows_per_thread(a.num_inputs);
+  for_blocks(a.n, threads, [&](int64_t, int64_t off, int64_t len, int t) { block(off, len, rows + size_t(t) * rpt); });
+}
+
+// Grows the per-model arrays (scales, need) to num_inputs entries; the kernel fills them.
+inline void init_models(Scratch& sc, int num_inputs) {
+  grow(sc.scales, size_t(num_inputs));
+  grow(sc.need, size_t(num_inputs));
+}
+
+}  // namespace gtacpu
+}  // namespace cpu
+}  // namespace fastmerge
