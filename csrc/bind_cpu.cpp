@@ -18,6 +18,7 @@
 #include "fastmerge/gta.h"
 #include "fastmerge/linear.h"
 #include "fastmerge/rng.h"
+#include "fastmerge/sce.h"
 #include "fastmerge/ties.h"
 
 #ifndef FASTMERGE_VERSION
@@ -142,6 +143,30 @@ void py_dare(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_
   cpu::dare(a, threads);
 }
 
+void py_sce(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+            const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, double select_topk, int threads) {
+  Inputs in = check_inputs(n, inputs, input_dtypes, std::vector<double>(inputs.size(), 1.0));
+  FM_CHECK_DTYPE(out_dtype, "out_dtype");
+  FM_CHECK(base != 0 || n == 0, "base: SCE needs a base model (got a null pointer)");
+  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK(out != 0 || n == 0, "out: null data pointer");
+  // `> 0 && <= 1` is also false for NaN
+  FM_CHECK(select_topk > 0.0 && select_topk <= 1.0, "select_topk: must be in (0, 1], got " << select_topk);
+  SceArgs a{};
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.n = n;
+  a.num_inputs = int(in.ptrs.size());
+  a.inputs = in.ptrs.data();
+  a.input_dtypes = in.dtypes.data();
+  a.base = reinterpret_cast<const void*>(base);
+  a.base_dtype = base_dtype;
+  a.select_topk = select_topk;
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  cpu::sce(a, threads);
+}
+
 void py_della(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
               const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
               const std::vector<double>& densities, const std::vector<double>& epsilons, int consensus,
@@ -245,7 +270,7 @@ py::tuple py_kth_multi(const std::vector<uintptr_t>& xs, const std::vector<int>&
   return py::make_tuple(res, fallbacks);
 }
 
-size_t scratch_bytes() { return cpu::gta_scratch_bytes(); }
+size_t scratch_bytes() { return cpu::gta_scratch_bytes() + cpu::sce_scratch_bytes(); }
 
 double py_kth_largest_abs_diff(uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int64_t k,
                                int threads) {
@@ -329,6 +354,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("exact"), py::arg("threads") = 0,
         "Model Breadcrumbs (breadcrumbs: consensus 2, breadcrumbs_ties: 0): keep a band of |delta| ranks "
         "(exact: selection topk), optional L1 rescale, tail.");
+  m.def("sce", &py_sce, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
+        py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("select_topk"),
+        py::arg("threads") = 0,
+        "SCE (default mode): variance selection (select_topk < 1), matrix-level weights (double mean of "
+        "squares), sign election, weighted disjoint mean; fp32 math, one rounding on store.");
   m.def("rng_hash", &py_rng_hash, py::arg("out"), py::arg("n"), py::arg("start"), py::arg("seed"), py::arg("key"),
         py::arg("model"), "Test hook: the generator's 32-bit outputs h of elements start.. into a uint32 buffer.");
   m.def("rng_keep", &py_rng_keep, py::arg("out"), py::arg("n"), py::arg("start"), py::arg("seed"), py::arg("key"),

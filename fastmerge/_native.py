@@ -32,7 +32,8 @@ be checked without the buffers (list lengths, codes, parameter ranges) and trust
   threads)``: della ("sum"), della_linear (None); ``shape`` is the tensor's shape, which defines the ranked
   rows (``della_rows``);
 * ``breadcrumbs_raw(..., weights, densities, gammas, consensus, normalize, lambda_, rescale, topk,
-  threads)``: breadcrumbs_ties ("sum"), breadcrumbs (None).
+  threads)``: breadcrumbs_ties ("sum"), breadcrumbs (None);
+* ``sce_raw(out, out_dtype, n, inputs, input_dtypes, base, base_dtype, select_topk, threads)``: sce.
 
 ``fastmerge.backends.native.NativeBackend.run_raw`` maps a method's parameters onto these.
 ``key`` is the tensor name's hash (``fastmerge.methods.base.ParamContext(name).key``), ``seed`` the run's
@@ -69,6 +70,8 @@ __all__ = [
     "dare_raw",
     "della_raw",
     "breadcrumbs_raw",
+    "sce",
+    "sce_raw",
     "della_rows",
 ]
 
@@ -362,6 +365,31 @@ def dare(
     )
 
 
+def _check_select_topk(select_topk: float) -> float:
+    v = float(select_topk)
+    if not 0.0 < v <= 1.0:  # also catches NaN
+        raise ValueError(f"select_topk: must be in (0, 1], got {select_topk}")
+    return v
+
+
+def sce(
+    out: "torch.Tensor",
+    inputs: Sequence["torch.Tensor"],
+    base: "torch.Tensor",
+    select_topk: float = 1.0,
+    threads: int = 0,
+) -> None:
+    """Fused SCE (default mode) into ``out``: ``fastmerge.methods.sce``'s variance selection
+    (``select_topk`` < 1), matrix-level weights and sign-elected disjoint mean, fp32 math, one rounding.
+
+    The weights' mean squares are summed in double and rounded once (see ``csrc/include/fastmerge/sce.h``)."""
+    ext, out_code, n, ptrs, codes, base_code, _ = _gta_common(out, inputs, base, [1.0] * len(inputs))
+    ext.sce(
+        out.data_ptr(), out_code, n, ptrs, codes, base.data_ptr(), base_code, _check_select_topk(select_topk),
+        _check_threads(threads),
+    )
+
+
 def della_rows(shape: Sequence[int]) -> tuple[int, int, int]:
     """(outer, row_len, inner) of DELLA's rows for a tensor of ``shape`` (``methods.della.to_rows``): 0-D and
     1-D: one row; 2-D: each row; N-D: the fibres along dim 1 (``outer·inner`` rows of ``shape[1]``
@@ -584,4 +612,14 @@ def breadcrumbs_raw(
         out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, [float(w) for w in weights],
         [float(d) for d in densities], [float(g) for g in gammas], _consensus_code(consensus), bool(normalize),
         float(lambda_), bool(rescale), bool(topk), threads,
+    )
+
+
+def sce_raw(
+    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
+    select_topk: float, threads: int = 0,
+) -> None:
+    """SCE (default mode) on raw buffers. See ``sce``."""
+    _cpu_ext().sce(
+        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, _check_select_topk(select_topk), threads
     )

@@ -1,7 +1,7 @@
 """The native CPU backend: fused C++ kernels (``fastmerge._C``) on raw buffers, GIL released.
 
 Kernels: linear, task_arithmetic, ties (rescale included), dare_linear, dare_ties, della, della_linear,
-breadcrumbs, breadcrumbs_ties, in default mode (fp32 math, one rounding). ``mergekit_compat`` (mergekit's
+breadcrumbs, breadcrumbs_ties, sce, in default mode (fp32 math, one rounding). ``mergekit_compat`` (mergekit's
 arithmetic in the compute dtype) stays on the torch backend.
 
 Importing this module imports neither torch nor the methods (only ``fastmerge._native``): the engine's
@@ -30,6 +30,7 @@ KERNELS = {
     "della_linear": "della",
     "breadcrumbs": "breadcrumbs",
     "breadcrumbs_ties": "breadcrumbs",
+    "sce": "sce",
 }
 
 
@@ -83,6 +84,8 @@ class NativeBackend:
                 out, inputs, base, p.weight, p.density, p.gamma, consensus, p.normalize, p.lambda_, p.rescale,
                 p.selection == "topk", threads,
             )
+        elif name == "sce":
+            _native.sce(out, inputs, base, p.select_topk, threads)
         else:  # guarded by not_supported_reasons
             raise AssertionError(name)
 
@@ -139,5 +142,9 @@ class NativeBackend:
                 *common, p.weight, p.density, p.gamma, consensus, p.normalize, p.lambda_, p.rescale,
                 p.selection == "topk", threads,
             )
+        elif name == "sce":
+            if base is None:
+                raise ValueError(f"tensor '{job.tensor}': sce needs a base model")
+            _native.sce_raw(*common, p.select_topk, threads)
         else:  # guarded by not_supported_reasons
             raise AssertionError(name)

@@ -74,14 +74,19 @@ def variance_mask(deltas: torch.Tensor, frac: float, exact: bool) -> torch.Tenso
     return keep.reshape(var.shape)
 
 
-def matrix_weights(deltas: torch.Tensor) -> torch.Tensor:
-    """w_i = mean(δ_i²) normalised to sum 1, in the deltas' dtype; uniform when the total is < 1e-6."""
+def matrix_weights(deltas: torch.Tensor, accurate: bool = False) -> torch.Tensor:
+    """w_i = mean(δ_i²) normalised to sum 1, in the deltas' dtype; uniform when the total is < 1e-6.
+
+    ``accurate`` (default mode): the means and their total in fp64, the weights rounded once (torch's
+    fp32 reduction order depends on its thread count and SIMD width; the C++ kernel sums in double, so
+    both are deterministic and bit-identical). compat: mergekit's reduction in the compute dtype."""
     t = deltas.shape[0]
-    energy = deltas.square().reshape(t, -1).mean(dim=1)
+    sq = deltas.square().reshape(t, -1)
+    energy = sq.double().mean(dim=1) if accurate else sq.mean(dim=1)
     total = energy.sum().item()
     if abs(total) < TINY:
-        return torch.full_like(energy, 1.0) / t
-    return energy / total
+        return torch.full((t,), 1.0, dtype=deltas.dtype, device=deltas.device) / t
+    return (energy / total).to(deltas.dtype)
 
 
 class Sce(MergeMethod):
@@ -115,7 +120,7 @@ class Sce(MergeMethod):
             deltas = deltas * variance_mask(deltas, params.select_topk, exact=compat)  # ×1/×0 keeps the dtype
         majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(dt)
         agree = torch.sign(deltas) == majority
-        w = matrix_weights(deltas).reshape((-1,) + (1,) * base.dim())
+        w = matrix_weights(deltas, accurate=not compat).reshape((-1,) + (1,) * base.dim())
         agreeing_w = w * agree  # [T, ...]: w_i where model i agrees, else 0
         num = (deltas * agreeing_w).sum(dim=0)
         den = agreeing_w.sum(dim=0).clamp(min=TINY)

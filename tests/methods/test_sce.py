@@ -110,8 +110,8 @@ def test_select_topk_validated_and_base_required():
     assert torch.equal(merge_tensors("sce", xs, b, int8_mask=True), merge_tensors("sce", xs, b))
 
 
-def _runs(backend: str) -> None:
-    job = MergeJob("<tensor>", METHOD, SceParams(), False)
+def _runs(backend: str, compat: bool = False) -> None:
+    job = MergeJob("<tensor>", METHOD, SceParams(), compat)
     reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
     if reasons:
         pytest.skip(f"{backend}: {'; '.join(reasons)}")
@@ -122,7 +122,7 @@ def _runs(backend: str) -> None:
 @pytest.mark.parametrize("select_topk", [1.0, 0.3])
 @pytest.mark.parametrize("compat", [False, True])
 def test_backend_matches_reference(backend, dtype, shape, select_topk, compat):
-    _runs(backend)
+    _runs(backend, compat)
     b = torch.randn(shape).to(dtype)
     xs = [(b.float() + 0.05 * torch.randn(shape)).to(dtype) for _ in range(3)]
     got = merge_tensors("sce", xs, b, backend=backend, select_topk=select_topk, mergekit_compat=compat)
