@@ -37,7 +37,7 @@ Stable API (other lab modules build on it):
 ``EXPERIMENTS``: name -> callable ``(out_dir: Path, cache_dir: Path | None, smoke: bool) -> Path`` of the
 written markdown table (plots beside it, under ``out_dir/<name>/``). Entries are lazy (``_lazy("module:function")``),
 so importing ``fastmerge.lab`` imports neither torch-heavy experiment code nor matplotlib; add one with a
-one-line insertion, e.g. ``"fsmerge_mlp": _lazy("fastmerge.fsmerge.lab:run_mlp"),``.
+one-line insertion, e.g. ``"fsmerge_mlp": _lazy("fastmerge.fsmerge.study:run_mlp"),``.
 """
 
 from __future__ import annotations
