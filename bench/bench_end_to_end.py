@@ -197,7 +197,7 @@ FLOOR_CHILD = """
 import sys, time, mmap
 from pathlib import Path
 import fastmerge
-from fastmerge.io.reader import Prefetcher, RawReader
+from fastmerge.io.reader import READ_AHEAD, Prefetcher, RawReader
 from fastmerge.io.writer import ShardWriter, temp_dir_beside
 p = fastmerge.plan(sys.argv[1])
 t0 = time.perf_counter()
@@ -207,7 +207,7 @@ for ix in p.indexes.values():
     for f in ix.files:
         readers.setdefault(f, r)
 groups = [[(readers[i.file], i) for i in ([t.base] if t.base else []) + t.sources] for t in p.tensors]
-pf = Prefetcher(groups, budget_bytes=2 * max(t.in_bytes for t in p.tensors))
+pf = Prefetcher(groups, budget_bytes=int(READ_AHEAD * max(t.in_bytes for t in p.tensors)))
 out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
 w = ShardWriter(out, p.shards)
 buf = mmap.mmap(-1, max(t.out_tensor.nbytes for t in p.tensors))

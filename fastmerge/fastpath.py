@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .backends.base import MergeJob
 from .errors import OutputError
-from .io.reader import Prefetcher, RawReader, RawView
+from .io.reader import READ_AHEAD, Prefetcher, RawReader, RawView
 from .io.writer import ShardWriter, commit_dir, temp_dir_beside
 from .plan import MergePlan
 
@@ -114,7 +114,7 @@ def execute(plan: MergePlan, out: Path):  # -> MergeReport
             [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
         ]
         largest = max((t.in_bytes for t in plan.tensors), default=0)
-        prefetch = Prefetcher(groups, budget_bytes=2 * largest)
+        prefetch = Prefetcher(groups, budget_bytes=int(READ_AHEAD * largest))
         writer = ShardWriter(tmp, plan.shards)
         pool = _RawPool(max((t.out_tensor.nbytes for t in plan.tensors), default=1))
         wthread = _WriteThread(writer, pool)

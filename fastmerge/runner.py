@@ -24,7 +24,7 @@ from ._lazy import torch
 from . import backends
 from .backends.base import MergeJob
 from .errors import FastMergeError, OutputError
-from .io.reader import ModelReader, Prefetcher
+from .io.reader import READ_AHEAD, ModelReader, Prefetcher
 from .io.writer import ShardWriter, commit_dir, temp_dir_beside
 from .plan import MergePlan
 from .tokenizer import TOKENIZER_FILES, model_root
@@ -226,7 +226,7 @@ def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
             [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
         ]
         largest = max((t.in_bytes for t in plan.tensors), default=0)
-        prefetch = Prefetcher(groups, budget_bytes=2 * largest)
+        prefetch = Prefetcher(groups, budget_bytes=int(READ_AHEAD * largest))
         writer = ShardWriter(tmp, plan.shards)
         pool = _BufferPool(max((t.out_tensor.nbytes for t in plan.tensors), default=1))
         wthread = _WriteThread(writer, pool)

@@ -21,12 +21,18 @@ CHILD = textwrap.dedent(
     import json, sys, psutil
     import fastmerge
     from fastmerge.plan import Options, build_plan
-    from fastmerge.runner import execute, peak_rss_mb
+    from fastmerge.runner import peak_rss_mb
     from fastmerge.config import MergeConfig
+    if sys.argv[4] == "runner":
+        import torch  # the runner uses torch: its import (~265 MB) is not the merge's working set
+        from fastmerge.runner import execute
+    else:
+        from fastmerge.fastpath import execute
     cfg = MergeConfig.from_dict(json.loads(sys.argv[1]))
     p = build_plan(cfg, Options(backend=sys.argv[3], progress=False), sys.argv[2])
     rss0 = psutil.Process().memory_info().rss
-    r = execute(p, sys.argv[2])
+    r = execute(p, __import__("pathlib").Path(sys.argv[2]))
+    assert ("torch" in sys.modules) == (sys.argv[4] == "runner")
     # VmHWM, not ru_maxrss: the latter survives execve and would report the (large) pytest parent's peak
     peak = int(peak_rss_mb() * 2**20)
     largest_in = max(max(s.nbytes for s in t.sources) for t in p.tensors)
@@ -44,15 +50,18 @@ def big_family(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ["runner", "fastpath"])
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
-def test_peak_rss_growth_bounded_by_largest_tensor(tmp_path, big_family, backend, method):
+def test_peak_rss_growth_bounded_by_largest_tensor(tmp_path, big_family, backend, method, engine):
+    if engine == "fastpath" and backend != "native":
+        pytest.skip("the torch-free fast path runs the native backend only")
     base, fts = big_family
     params = {"weight": 0.33, "density": 0.5} if method == "ties" else {"weight": 0.33}
     cfg = {"merge_method": method, "base_model": str(base),
            "models": [{"model": str(f), "parameters": params} for f in fts]}
     # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the child must import the
     # installed package (with its native extension), not the source tree
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(tmp_path / "out"), backend],
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(tmp_path / "out"), backend, engine],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
