@@ -19,14 +19,11 @@ import ctypes
 import mmap
 import os
 import queue
-import sys
 import time
 from pathlib import Path
 
 from .backends.base import MergeJob
-from .errors import OutputError
-from .io.reader import READ_AHEAD, Prefetcher, RawReader, RawView
-from .io.writer import ShardWriter, commit_dir, temp_dir_beside
+from .io.reader import READ_AHEAD, RawReader, RawView
 from .plan import MergePlan
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -88,73 +85,31 @@ def try_execute(plan: MergePlan, out: str | Path):  # -> MergeReport | None
 def execute(plan: MergePlan, out: Path):  # -> MergeReport
     """Run ``plan`` (every tensor on the native backend) and write the merged model to ``out``, atomically."""
     from .backends import BACKENDS
-    from .runner import MergeReport, _cleanup, _WriteThread, _write_side_files, peak_rss_mb
+    from .runner import MergeReport, OutputSession, peak_rss_mb
 
     reason = why_not(plan)
     if reason is not None:
         raise ValueError(f"fastpath.execute: this plan cannot run here ({reason})")
     t0 = time.perf_counter()
-    opts = plan.options
     native = BACKENDS["native"]
-    try:
-        tmp = temp_dir_beside(out)
-    except OSError as e:
-        raise OutputError(f"{out.parent}: cannot create output directory ({e.strerror or e})") from None
-    readers: list[RawReader] = []
-    prefetch = writer = wthread = pool = None
+    threads = plan.options.threads
     merge_s = 0.0
-    try:
-        by_file: dict[Path, RawReader] = {}
-        for ix in plan.indexes.values():
-            reader = RawReader(ix)
-            readers.append(reader)
-            for f in ix.files:
-                by_file.setdefault(f, reader)
-        groups = [
-            [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
-        ]
-        largest = max((t.in_bytes for t in plan.tensors), default=0)
-        prefetch = Prefetcher(groups, budget_bytes=int(READ_AHEAD * largest))
-        writer = ShardWriter(tmp, plan.shards)
-        pool = _RawPool(max((t.out_tensor.nbytes for t in plan.tensors), default=1))
-        wthread = _WriteThread(writer, pool)
-        bar = None
-        if opts.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=f"fastmerge {plan.method.name}", file=sys.stderr)
-        for i, views in prefetch:
+    largest = max((t.in_bytes for t in plan.tensors), default=0)
+    out_bytes = max((t.out_tensor.nbytes for t in plan.tensors), default=1)
+    with OutputSession(plan, Path(out), RawReader, lambda: _RawPool(out_bytes), int(READ_AHEAD * largest),
+                       f"fastmerge {plan.method.name}") as session:
+        for i, views in session.prefetch:
             tp = plan.tensors[i]
             base = views[0] if tp.base is not None else None
             inputs = views[1:] if tp.base is not None else views
-            raw, view, mv = pool.take(tp.out_tensor.nbytes, tp.out_dtype)
-            job = MergeJob(tp.name, plan.method, tp.params, False)
+            raw, view, mv = session.pool.take(tp.out_tensor.nbytes, tp.out_dtype)
             ts = time.perf_counter()
-            native.run_raw(job, view, inputs, base, opts.threads, shape=tp.shape)
+            native.run_raw(MergeJob(tp.name, plan.method, tp.params, False), view, inputs, base, threads, shape=tp.shape)
             merge_s += time.perf_counter() - ts
-            prefetch.release(i)
-            wthread.put(tp.name, mv, raw)
-            if bar is not None:
-                bar.update(tp.in_bytes)
-        wthread.close()
-        wthread = None
-        if bar is not None:
-            bar.close()
-        writer.finalize()
-        _write_side_files(plan, tmp)
-        commit_dir(tmp, out, opts.overwrite)
-    except OSError as e:
-        _cleanup(tmp, prefetch, wthread, writer)
-        raise OutputError(f"{getattr(e, 'filename', None) or out}: I/O error ({e.strerror or e}); nothing was left at {out}") from None
-    except BaseException:
-        _cleanup(tmp, prefetch, wthread, writer)
-        raise
-    finally:
-        if prefetch is not None:
-            prefetch.close()  # its thread holds views into the mappings: stop it before unmapping
-        for r in readers:
-            r.close()
+            session.prefetch.release(i)
+            session.wthread.put(tp.name, mv, raw)
+            session.advance(tp.in_bytes)
     return MergeReport(
-        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=writer.bytes_written,
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=session.writer.bytes_written,
         wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends={"native": len(plan.tensors)},
     )

@@ -34,9 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import queue
-import shutil
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,11 +43,10 @@ import torch
 from . import backends
 from .backends import triton as tb
 from .backends.base import MergeJob
-from .errors import BackendUnavailableError, FastMergeError, OutputError
-from .io.reader import ModelReader, Prefetcher
-from .io.writer import ShardWriter, commit_dir, temp_dir_beside
+from .errors import BackendUnavailableError, FastMergeError
+from .io.reader import ModelReader
 from .plan import MergePlan, TensorPlan
-from .runner import MergeReport, _write_side_files, peak_rss_mb
+from .runner import MergeReport, OutputSession, _WriteThread, peak_rss_mb
 
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -297,43 +293,13 @@ class _HostPool:
         self.q.put(raw)
 
 
-class _Writer:
+class _Writer(_WriteThread):
     """Writes finished units in plan order on its own thread, after their D2H event completes."""
 
-    def __init__(self, writer: ShardWriter, pool: _HostPool) -> None:
-        self.writer, self.pool = writer, pool
-        self.q: queue.Queue[Any] = queue.Queue()
-        self.error: BaseException | None = None
-        self.t = threading.Thread(target=self._run, name="fastmerge-gpu-write", daemon=True)
-        self.t.start()
+    thread_name = "fastmerge-gpu-write"
 
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            event, views, raw = item
-            try:
-                if self.error is None:
-                    event.synchronize()
-                    for name, view in views:
-                        self.writer.write(name, view)
-            except BaseException as e:
-                self.error = e
-            finally:
-                if raw is not None:
-                    self.pool.give(raw)
-
-    def put(self, event: Any, views: list[tuple[str, torch.Tensor]], raw: torch.Tensor | None) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put((event, views, raw))
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.t.join()
-        if self.error is not None:
-            raise self.error
+    def put(self, event: Any, views: list[tuple[str, torch.Tensor]], raw: torch.Tensor | None) -> None:  # type: ignore[override]
+        self._enqueue((event, views, raw))
 
 
 class _Engine:
@@ -466,43 +432,20 @@ def execute_cuda(plan: MergePlan, out: str | Path, max_gpu_memory: int | None = 
 
 
 def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memory: int | None) -> GpuMergeReport:
-    opts = plan.options
     dev = _Dev(dev_name)
     if dev.cuda:
         torch.cuda.reset_peak_memory_stats(dev.device)
     budget = _Budget(plan, max_gpu_memory, dev)
     units = _plan_units(plan, budget, dev)
-    try:
-        tmp = temp_dir_beside(out)
-    except OSError as e:
-        raise OutputError(f"{out.parent}: cannot create output directory ({e.strerror or e})") from None
-    prefetch: Prefetcher | None = None
-    writer: ShardWriter | None = None
-    wthread: _Writer | None = None
     counts: dict[str, int] = {}
-    engine: _Engine | None = None
-    try:
-        by_file: dict[Path, ModelReader] = {}
-        for ix in plan.indexes.values():
-            reader = ModelReader(ix)
-            for f in ix.files:
-                by_file.setdefault(f, reader)
-        groups = [
-            [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
-        ]
-        largest = max((t.in_bytes for t in plan.tensors), default=0)
-        batch_in = max((sum(plan.tensors[i].in_bytes for i in u.tensors) for u in units), default=0)
-        prefetch = Prefetcher(groups, budget_bytes=2 * max(largest, batch_in))
-        writer = ShardWriter(tmp, plan.shards)
-        out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u.tensors) for u in units), default=1)
-        pool = _HostPool(dev, out_bytes)
-        wthread = _Writer(writer, pool)
+    largest = max((t.in_bytes for t in plan.tensors), default=0)
+    batch_in = max((sum(plan.tensors[i].in_bytes for i in u.tensors) for u in units), default=0)
+    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u.tensors) for u in units), default=1)
+    # read-ahead of two whole units: the next one uploads while this one merges
+    with OutputSession(plan, out, ModelReader, lambda: _HostPool(dev, out_bytes), 2 * max(largest, batch_in),
+                       f"fastmerge {plan.method.name} (gpu)", writer_cls=_Writer) as session:
+        wthread, pool, prefetch = session.wthread, session.pool, session.prefetch
         engine = _Engine(plan, dev, budget, wthread, pool)
-        bar = None
-        if opts.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=f"fastmerge {plan.method.name} (gpu)", file=sys.stderr)
         it = iter(prefetch)
         loaded: dict[int, list[torch.Tensor]] = {}
         for u in units:
@@ -521,44 +464,14 @@ def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memor
             for i in u.tensors:
                 del loaded[i]
                 prefetch.release(i)
-            if bar is not None:
-                bar.update(sum(plan.tensors[i].in_bytes for i in u.tensors))
-                bar.set_postfix_str(f"{bar.n / (time.perf_counter() - t0) / 1e9:.2f} GB/s", refresh=False)
-        wthread.close()
-        wthread = None
-        if bar is not None:
-            bar.close()
-        writer.finalize()
-        _write_side_files(plan, tmp)
-        commit_dir(tmp, out, opts.overwrite)
-    except OSError as e:
-        _cleanup(tmp, prefetch, wthread, writer)
-        raise OutputError(f"{getattr(e, 'filename', None) or out}: I/O error ({e.strerror or e}); nothing was left at {out}") from None
-    except BaseException:
-        _cleanup(tmp, prefetch, wthread, writer)
-        raise
-    if prefetch is not None:
-        prefetch.close()
+            session.advance(sum(plan.tensors[i].in_bytes for i in u.tensors))
     gpu_peak = torch.cuda.max_memory_allocated(dev.device) / 2**20 if dev.cuda else 0.0
     return GpuMergeReport(
-        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=writer.bytes_written,
-        wall_s=time.perf_counter() - t0, merge_s=engine.gpu_seconds() if engine else 0.0, peak_rss_mb=peak_rss_mb(),
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=session.writer.bytes_written,
+        wall_s=time.perf_counter() - t0, merge_s=engine.gpu_seconds(), peak_rss_mb=peak_rss_mb(),
         backends=counts, gpu_peak_mb=gpu_peak, gpu_budget_mb=budget.bytes / 2**20, units=len(units),
         chunked_tensors=sum(u.kind == "chunked" for u in units),
     )
-
-
-def _cleanup(tmp: Path, prefetch: Prefetcher | None, wthread: _Writer | None, writer: ShardWriter | None) -> None:
-    if prefetch is not None:
-        prefetch.close()
-    if wthread is not None:
-        try:
-            wthread.close()
-        except BaseException:
-            pass
-    if writer is not None:
-        writer.abort()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------

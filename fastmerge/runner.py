@@ -118,11 +118,18 @@ class _RemapBuffers:
 
 
 class _WriteThread:
-    def __init__(self, writer: ShardWriter, pool: _BufferPool):
+    """Writes finished tensors in plan order on its own thread, then gives their buffers back to the pool.
+
+    An item is (event, [(name, view), ...], raw): ``event`` (or None) is waited for first - the GPU engine
+    passes the CUDA event of the device-to-host copy - and ``raw`` (or None) goes back to the pool."""
+
+    thread_name = "fastmerge-write"
+
+    def __init__(self, writer: ShardWriter, pool: Any):
         self.writer, self.pool = writer, pool
         self.q: queue.Queue[Any] = queue.Queue()
         self.error: BaseException | None = None
-        self.t = threading.Thread(target=self._run, name="fastmerge-write", daemon=True)
+        self.t = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self.t.start()
 
     def _run(self) -> None:
@@ -130,19 +137,27 @@ class _WriteThread:
             item = self.q.get()
             if item is None:
                 return
-            name, view, raw = item
+            event, views, raw = item
             try:
                 if self.error is None:
-                    self.writer.write(name, view)
+                    if event is not None:
+                        event.synchronize()
+                    for name, view in views:
+                        self.writer.write(name, view)
             except BaseException as e:
                 self.error = e
             finally:
-                self.pool.give(raw)
+                if raw is not None:
+                    self.pool.give(raw)
 
-    def put(self, name: str, view: torch.Tensor, raw: torch.Tensor) -> None:
+    def _enqueue(self, item: tuple[Any, list[tuple[str, Any]], Any]) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put((name, view, raw))
+        self.q.put(item)
+
+    def put(self, name: str, view: Any, raw: Any) -> None:
+        """Queue one tensor (a torch view or a memoryview) for writing; ``raw`` returns to the pool after."""
+        self._enqueue((None, [(name, view)], raw))
 
     def close(self) -> None:
         self.q.put(None)
@@ -191,6 +206,114 @@ def _write_side_files(plan: MergePlan, tmp: Path) -> None:
     (tmp / "fastmerge_config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+class OutputSession:
+    """What every engine (this runner, ``fastpath``, ``gpu_runner``) shares around its merge loop.
+
+    Entering: a temporary directory beside OUT, one reader per checkpoint (``reader_cls``: ``ModelReader``
+    or the torch-free ``RawReader``), the prefetcher over the plan's tensor groups (``read_ahead_bytes``),
+    the shard writer, the output buffer pool (``make_pool()``) and its writer thread (``writer_cls``), the
+    progress bar. Leaving normally: the writer thread is drained, the index and side files are written
+    and the directory is renamed to OUT. Leaving by an exception: everything is closed and the temporary
+    directory removed (an ``OSError`` becomes one ``OutputError`` line). Nothing but a complete model is
+    ever left at OUT."""
+
+    def __init__(self, plan: MergePlan, out: Path, reader_cls: Any, make_pool: Any, read_ahead_bytes: int,
+                 desc: str, writer_cls: Any = None):
+        self.plan, self.out = plan, out
+        self._args = (reader_cls, make_pool, read_ahead_bytes, desc, writer_cls or _WriteThread)
+        self.tmp: Path | None = None
+        self.prefetch: Prefetcher | None = None
+        self.writer: ShardWriter | None = None
+        self.wthread: Any = None
+        self.pool: Any = None
+        self.bar: Any = None
+        self._readers: list[Any] = []
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> "OutputSession":
+        reader_cls, make_pool, read_ahead_bytes, desc, writer_cls = self._args
+        plan = self.plan
+        try:
+            self.tmp = temp_dir_beside(self.out)
+        except OSError as e:
+            raise OutputError(f"{self.out.parent}: cannot create output directory ({e.strerror or e})") from None
+        try:
+            by_file: dict[Path, Any] = {}
+            for ix in plan.indexes.values():
+                reader = reader_cls(ix)
+                self._readers.append(reader)
+                for f in ix.files:
+                    by_file.setdefault(f, reader)
+            groups = [[(by_file[i.file], i) for i in ([t.base] if t.base is not None else []) + t.sources]
+                      for t in plan.tensors]
+            self.prefetch = Prefetcher(groups, budget_bytes=read_ahead_bytes)
+            self.writer = ShardWriter(self.tmp, plan.shards)
+            self.pool = make_pool()
+            self.wthread = writer_cls(self.writer, self.pool)
+            if plan.options.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=desc, file=sys.stderr)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        return self
+
+    def advance(self, nbytes: int) -> None:
+        """Progress: ``nbytes`` more input merged."""
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.bar.n / (time.perf_counter() - self._t0) / 1e9:.2f} GB/s", refresh=False)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._fail(e)
+                raise
+            return False
+        self._fail(exc)  # may turn an OSError into an OutputError; else the body's exception propagates
+        return False
+
+    def _finish(self) -> None:
+        self.wthread.close()
+        self.wthread = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.writer.finalize()
+        _write_side_files(self.plan, self.tmp)
+        commit_dir(self.tmp, self.out, self.plan.options.overwrite)
+        self._close_inputs()
+
+    def _close_inputs(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()  # its thread holds views into the readers' mappings: stop it first
+            self.prefetch = None
+        for r in self._readers:
+            r.close()
+        self._readers.clear()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.wthread is not None:
+            try:
+                self.wthread.close()
+            except BaseException:
+                pass
+            self.wthread = None
+        if self.writer is not None:
+            self.writer.abort()
+        self._close_inputs()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            where = getattr(exc, "filename", None) or self.out
+            raise OutputError(f"{where}: I/O error ({exc.strerror or exc}); nothing was left at {self.out}") from None
+
+
 def execute(plan: MergePlan, out: str | Path) -> MergeReport:
     """Run ``plan`` and write the merged model to ``out`` (atomically: all or nothing)."""
     out = Path(out)
@@ -207,34 +330,13 @@ def execute(plan: MergePlan, out: str | Path) -> MergeReport:
 
 def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
     opts = plan.options
-    try:
-        tmp = temp_dir_beside(out)
-    except OSError as e:
-        raise OutputError(f"{out.parent}: cannot create output directory ({e.strerror or e})") from None
-    prefetch: Prefetcher | None = None
-    writer: ShardWriter | None = None
-    wthread: _WriteThread | None = None
     merge_s = 0.0
     counts: dict[str, int] = {}
-    try:
-        by_file: dict[Path, ModelReader] = {}
-        for ix in plan.indexes.values():
-            reader = ModelReader(ix)
-            for f in ix.files:
-                by_file.setdefault(f, reader)
-        groups = [
-            [(by_file[info.file], info) for info in ([t.base] if t.base is not None else []) + t.sources] for t in plan.tensors
-        ]
-        largest = max((t.in_bytes for t in plan.tensors), default=0)
-        prefetch = Prefetcher(groups, budget_bytes=int(READ_AHEAD * largest))
-        writer = ShardWriter(tmp, plan.shards)
-        pool = _BufferPool(max((t.out_tensor.nbytes for t in plan.tensors), default=1))
-        wthread = _WriteThread(writer, pool)
-        bar = None
-        if opts.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, desc=f"fastmerge {plan.method.name}", file=sys.stderr)
+    largest = max((t.in_bytes for t in plan.tensors), default=0)
+    out_bytes = max((t.out_tensor.nbytes for t in plan.tensors), default=1)
+    with OutputSession(plan, out, ModelReader, lambda: _BufferPool(out_bytes), int(READ_AHEAD * largest),
+                       f"fastmerge {plan.method.name}") as session:
+        pool, prefetch = session.pool, session.prefetch
         remap_bufs = _RemapBuffers()
         for i, tensors in prefetch:
             tp = plan.tensors[i]
@@ -259,40 +361,9 @@ def _execute(plan: MergePlan, out: Path, t0: float) -> MergeReport:
             if i + 1 >= len(plan.tensors) or plan.tensors[i + 1].input_transform is None:
                 remap_bufs.release()  # the next tensor is a plain one: no remap memory held through the layers
             prefetch.release(i)
-            wthread.put(tp.name, view, raw)
-            if bar is not None:
-                bar.update(tp.in_bytes)
-                el = time.perf_counter() - t0
-                bar.set_postfix_str(f"{bar.n / el / 1e9:.2f} GB/s", refresh=False)
-        wthread.close()
-        wthread = None
-        if bar is not None:
-            bar.close()
-        writer.finalize()
-        _write_side_files(plan, tmp)
-        commit_dir(tmp, out, opts.overwrite)
-    except OSError as e:
-        _cleanup(tmp, prefetch, wthread, writer)
-        raise OutputError(f"{getattr(e, 'filename', None) or out}: I/O error ({e.strerror or e}); nothing was left at {out}") from None
-    except BaseException:
-        _cleanup(tmp, prefetch, wthread, writer)
-        raise
-    if prefetch is not None:
-        prefetch.close()
+            session.wthread.put(tp.name, view, raw)
+            session.advance(tp.in_bytes)
     return MergeReport(
-        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=writer.bytes_written,
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=session.writer.bytes_written,
         wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,
     )
-
-
-def _cleanup(tmp: Path, prefetch: Prefetcher | None, wthread: _WriteThread | None, writer: ShardWriter | None) -> None:
-    if prefetch is not None:
-        prefetch.close()
-    if wthread is not None:
-        try:
-            wthread.close()
-        except BaseException:
-            pass
-    if writer is not None:
-        writer.abort()
-    shutil.rmtree(tmp, ignore_errors=True)
