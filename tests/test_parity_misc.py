@@ -11,8 +11,9 @@ Measured on these families (torch 2.13, CPU), all 17 cases:
 - ``mergekit_compat=True``: 100% of the elements bitwise equal in every case (asserted), which is more
   than the target (≥ 99.9% within 1 ulp per tensor, asserted as well): the compat references run the
   same torch operations in the compute dtype, and sce's exact-k path uses the same ``torch.topk``.
-- default mode (fp32 math, one rounding): fp32 compute is bit-exact for every method (asserted), as is
-  passthrough for bf16. bf16 compute differs by design (mergekit rounds δ, the variance, the softmax, the
+- default mode (fp32 math, one rounding): fp32 compute is bit-exact for every method but sce (asserted), as
+  is passthrough for bf16; sce sums its weights in fp64 and is asserted at least as accurate as mergekit
+  against an fp64 oracle. bf16 compute differs by design (mergekit rounds δ, the variance, the softmax, the
   partial sums... to bf16; fastmerge rounds once), and rounding flips discrete decisions (sce's sign
   election and top-k, arcee_fusion's outlier mask, RAM's ε test), so single elements can differ by a
   whole δ. Bitwise-equal elements / worst tensor's share within 1 ulp: sce 85-92% / 97-97.6%,
@@ -37,6 +38,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastmerge
+from fastmerge.io.index import CheckpointIndex
+from fastmerge.io.reader import ModelReader
 from fastmerge.testing import LlamaShape, make_family
 from helpers.parity import ParityRuns, compare_models, config_dtype, describe, load_model, ulp_distance
 
@@ -160,12 +164,41 @@ def test_compat(outputs, case_id):
     assert all(d.equal == d.numel for d in diffs), msg  # what is measured (see the module docstring)
 
 
+def oracle_errors(outputs: Outputs, case: Case) -> tuple[float, float]:
+    """Mean |error| of fastmerge's default mode and of mergekit against an fp64 oracle (the reference's
+    mergekit arithmetic run in float64: the same exact-k selection, no rounding to speak of)."""
+    p = fastmerge.plan(case.doc(outputs.fams))
+    fm = load_model(outputs.fastmerge(case, False))
+    mk = load_model(outputs.mergekit(case))
+    readers: dict = {}
+    e_fm = e_mk = 0.0
+    n = 0
+    for tp in p.tensors:
+        vals = []
+        for info in [tp.base, *tp.sources]:
+            r = readers.setdefault(info.file.parent, ModelReader(CheckpointIndex.open(info.file.parent)))
+            vals.append(r.get(info).double())
+        oracle = p.method.reference(vals[1:], vals[0], tp.params, compat=True)
+        e_fm += float((fm[tp.name].double() - oracle).abs().sum())
+        e_mk += float((mk[tp.name].double() - oracle).abs().sum())
+        n += oracle.numel()
+    return e_fm / n, e_mk / n
+
+
 @pytest.mark.parametrize("case_id", ids())
 def test_default(outputs, case_id):
     c = CASE_BY_ID[case_id]
     diffs, _, msg = vs_mergekit(outputs, c, compat=False)
     print("\n" + msg)
-    if c.dtype == "float32" or c.method == "passthrough":  # the same fp32 operations (see docstring)
+    if c.method == "sce" and c.dtype == "float32":
+        # Default-mode sce sums its matrix weights in fp64 (deterministic: torch's fp32 sum changes with its
+        # thread count; the C++ kernel is bit-exact with it), so it no longer runs mergekit's fp32
+        # operations: measured 99.2% of elements within 1 ulp of mergekit (worst tensor 97.4%). What is
+        # asserted instead: against an fp64 oracle it is at least as accurate as mergekit (measured mean
+        # |error| 1.035e-10 vs mergekit's 1.050e-10 on sce-fp32-topk).
+        e_fm, e_mk = oracle_errors(outputs, c)
+        assert e_fm <= e_mk, f"{msg}\nmean |error| vs fp64: fastmerge {e_fm:.4g}, mergekit {e_mk:.4g}"
+    elif c.dtype == "float32" or c.method == "passthrough":  # the same fp32 operations (see docstring)
         assert all(d.equal == d.numel for d in diffs), msg
 
 
