@@ -87,6 +87,28 @@ def _keep(
 
 
 @triton.jit
+def _weighted_delta(
+    x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
+    lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
+    plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+    MASK: tl.constexpr, RESCALE: tl.constexpr, TOPK: tl.constexpr, BIG: tl.constexpr,
+):
+    """w·δ' of model ``t`` on this tile (fp32): δ = x_t − base, kept by the method's mask (none when
+    MASK == 0), L1-rescaled when RESCALE; pruned entries are 0. Shared by the sum and both election loops."""
+    d = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b
+    if MASK == 0:
+        wd = w * d
+    else:
+        keep = _keep(tl.abs(d), offs, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr,
+                     pth_ptr, rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                     MASK, TOPK, BIG)
+        if RESCALE:
+            d = d * tl.load(scale_ptr + seg * T + t)
+        wd = tl.where(keep, w * d, 0.0)
+    return wd
+
+
+@triton.jit
 def _gta_kernel(
     x_ptr, sx_t: tl.int64, base_ptr, out_ptr,
     tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, seg_idx0_ptr,
@@ -107,34 +129,20 @@ def _gta_kernel(
     num = tl.zeros([BLOCK], dtype=tl.float32)
     if CONSENSUS == 0:
         for t in range(T):
-            d = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b
             w = tl.load(w_ptr + seg * T + t)
-            if MASK == 0:
-                wd = w * d
-            else:
-                keep = _keep(tl.abs(d), offs, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr,
-                             pth_ptr, rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-                             MASK, TOPK, BIG)
-                if RESCALE:
-                    d = d * tl.load(scale_ptr + seg * T + t)
-                wd = tl.where(keep, w * d, 0.0)
+            wd = _weighted_delta(x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
+                                 lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
+                                 plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, RESCALE, TOPK, BIG)
             num = num + wd
         if NORMALIZE:
             num = tl.div_rn(num, tl.load(div_ptr + seg))
     else:
         total = tl.zeros([BLOCK], dtype=tl.float32)
         for t in range(T):
-            d = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b
             w = tl.load(w_ptr + seg * T + t)
-            if MASK == 0:
-                wd = w * d
-            else:
-                keep = _keep(tl.abs(d), offs, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr,
-                             pth_ptr, rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-                             MASK, TOPK, BIG)
-                if RESCALE:
-                    d = d * tl.load(scale_ptr + seg * T + t)
-                wd = tl.where(keep, w * d, 0.0)
+            wd = _weighted_delta(x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
+                                 lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
+                                 plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, RESCALE, TOPK, BIG)
             if CONSENSUS == 1:
                 total = total + wd
             else:
@@ -143,17 +151,10 @@ def _gta_kernel(
         den = tl.zeros([BLOCK], dtype=tl.float32)
         # second loop: the same wδ_t again (the tile is in L1/L2; recomputing beats holding T tiles)
         for t in range(T):
-            d = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b
             w = tl.load(w_ptr + seg * T + t)
-            if MASK == 0:
-                wd = w * d
-            else:
-                keep = _keep(tl.abs(d), offs, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr,
-                             pth_ptr, rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-                             MASK, TOPK, BIG)
-                if RESCALE:
-                    d = d * tl.load(scale_ptr + seg * T + t)
-                wd = tl.where(keep, w * d, 0.0)
+            wd = _weighted_delta(x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
+                                 lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
+                                 plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, RESCALE, TOPK, BIG)
             agree = tl.where(wd > 0, 1.0, tl.where(wd < 0, -1.0, 0.0)) == majority  # pruned entries (0) never agree
             num = num + tl.where(agree, wd, 0.0)
             den = den + tl.where(agree, w, 0.0)
