@@ -24,9 +24,8 @@ from pathlib import Path
 
 from .backends.base import MergeJob
 from .io.reader import READ_AHEAD, RawReader, RawView
+from .io.index import ITEMSIZE
 from .plan import MergePlan
-
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def why_not(plan: MergePlan) -> str | None:
@@ -35,11 +34,6 @@ def why_not(plan: MergePlan) -> str | None:
         return "FASTMERGE_FASTPATH=0"
     if not RawReader.available():
         return "no POSIX mmap/madvise here"
-    from .backends import BACKENDS
-
-    native = BACKENDS.get("native")
-    if native is None or not hasattr(native, "run_raw"):
-        return "the native backend has no raw-pointer entry point"
     if plan.device != "cpu":
         return f"device {plan.device}"
     if any(ix.fmt != "safetensors" for ix in plan.indexes.values()):
@@ -49,7 +43,7 @@ def why_not(plan: MergePlan) -> str | None:
             return "mergekit_compat casts inputs to the compute dtype"
         if t.backend != "native":
             return f"tensor '{t.name}' runs on {t.backend}"
-        if getattr(t, "input_transform", None):  # e.g. vocabulary remapping of embedding rows
+        if t.input_transform is not None:  # tokenizer_source: vocabulary remapping of embedding rows
             return f"tensor '{t.name}' has an input transform"
     return None
 
@@ -79,17 +73,21 @@ def try_execute(plan: MergePlan, out: str | Path):  # -> MergeReport | None
     """Run ``plan`` on the fast path if it can (see ``why_not``); else None, having done nothing."""
     if why_not(plan) is not None:
         return None
-    return execute(plan, Path(out))
+    return _execute(plan, Path(out))
 
 
 def execute(plan: MergePlan, out: Path):  # -> MergeReport
     """Run ``plan`` (every tensor on the native backend) and write the merged model to ``out``, atomically."""
-    from .backends import BACKENDS
-    from .runner import MergeReport, OutputSession, peak_rss_mb
-
     reason = why_not(plan)
     if reason is not None:
         raise ValueError(f"fastpath.execute: this plan cannot run here ({reason})")
+    return _execute(plan, Path(out))
+
+
+def _execute(plan: MergePlan, out: Path):  # -> MergeReport
+    from .backends import BACKENDS
+    from .runner import MergeReport, OutputSession, peak_rss_mb
+
     t0 = time.perf_counter()
     native = BACKENDS["native"]
     threads = plan.options.threads

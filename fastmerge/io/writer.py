@@ -22,9 +22,9 @@ from typing import Any, BinaryIO, Sequence
 from .._lazy import torch
 
 from ..errors import FastMergeError, OutputError
+from .index import ITEMSIZE
 
 ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: mergekit's --out-shard-size default: 5 billion bytes
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
