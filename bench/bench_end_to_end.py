@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from benchlib import save_table
 import yaml
 
 import fastmerge
@@ -233,12 +234,6 @@ def command(tool: str, cfg: Path, out: Path) -> list[str]:
 # the benchmark
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _write_table(machine, bench_dir):
-    yield
-    if RESULTS:
-        print(f"\nfastmerge bench: table written to {write_table(machine, bench_dir)}")
-
 
 @pytest.mark.parametrize(("method", "tool"), [(m, t) for m in METHODS for t in TOOLS], ids=lambda v: v)
 def test_end_to_end(benchmark, family, bench_dir, method, tool):
@@ -308,7 +303,9 @@ def test_end_to_end(benchmark, family, bench_dir, method, tool):
 # report
 
 
-def write_table(machine: dict, root: Path) -> Path:
+def write_table(machine: dict, root: Path) -> Path | None:
+    if not RESULTS:
+        return None
     rows = [RESULTS[k] for m in METHODS for t in TOOLS if (k := (m, t)) in RESULTS]
     mode = next(iter(RESULTS.values())).get("mode") or ""
     lines = [
@@ -334,8 +331,4 @@ def write_table(machine: dict, root: Path) -> Path:
               "(no interpreter start-up); mergekit's: its run_merge() timed in the child; floor: every input page "
               "touched once + the output written once (same plan, no compute); in-process / floor compares "
               "fastmerge with the floor of its input set (linear: the 3 fine-tunes; others: + base).", ""]
-    path = root / "end_to_end.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n" + f"\nmode: {mode}\n")
-    (root / "end_to_end.json").write_text(json.dumps({"machine": machine, "results": rows}, indent=1))
-    return path
+    return save_table(root, "end_to_end", [*lines, "", f"mode: {mode}"], {"machine": machine, "results": rows})

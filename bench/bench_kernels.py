@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import pytest
+from benchlib import save_table
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -334,7 +335,9 @@ def _versions() -> dict:
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def write_table(bench_dir: Path) -> Path:
+def write_table(machine: dict, bench_dir: Path) -> Path | None:
+    if not (RESULTS or E2E):
+        return None
     info = _versions()
     lines = [
         "# Triton kernels and the streaming GPU engine (bench/bench_kernels.py)", "",
@@ -352,14 +355,5 @@ def write_table(bench_dir: Path) -> Path:
         for r in E2E.values():
             lines.append(f"| {r['method']} | {r['params_B']} | {r['input_GB']} | {r['wall_s']} | {r['read_once_s']} | {r['wall_vs_read_once']} | "
                          f"{r['GB/s']} | {r['gpu_peak_MB']} | {r['largest_group_MB']} | {r['kernel_s']} | {r.get('mergekit_cuda_wall_s', '–')} |")
-    path = bench_dir / "kernels.md"
-    path.write_text("\n".join(lines) + "\n")
-    (bench_dir / "kernels.json").write_text(json.dumps({"versions": info, "copy_GBps": COPY, "kernels": RESULTS, "end_to_end": E2E}, indent=1))
-    return path
+    return save_table(bench_dir, "kernels", lines, {"versions": info, "copy_GBps": COPY, "kernels": RESULTS, "end_to_end": E2E})
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_table(bench_dir):
-    yield
-    if RESULTS or E2E:
-        print(f"\nfastmerge bench: kernel table written to {write_table(bench_dir)}")

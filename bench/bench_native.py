@@ -20,13 +20,13 @@ untimed warm-up of each; the ratio is median(torch) / median(native), in
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import pytest
+from benchlib import save_table
 import torch
 
 from fastmerge import _native
@@ -92,7 +92,9 @@ def make_job(method: str, name: str) -> MergeJob:
     return MergeJob(name, m, p, False)
 
 
-def write_table(machine: dict, bench_dir: Path) -> Path:
+def write_table(machine: dict, bench_dir: Path) -> Path | None:
+    if not RESULTS:
+        return None
     lines = [
         "# Per-tensor merge: native C++ kernels vs the torch references (bench/bench_native.py)",
         "",
@@ -108,17 +110,8 @@ def write_table(machine: dict, bench_dir: Path) -> Path:
             f"{r['native_median_s'] * 1e3:.1f} | {r['torch_median_s'] * 1e3:.1f} | {r['speedup_vs_torch']:.1f}x | "
             f"{r['native_input_gbps']:.2f} | {r['rounds']} |"
         )
-    path = bench_dir / "native.md"
-    path.write_text("\n".join(lines) + "\n")
-    (bench_dir / "native.json").write_text(json.dumps({"machine": machine, "results": RESULTS}, indent=1))
-    return path
+    return save_table(bench_dir, "native", lines, {"machine": machine, "results": RESULTS})
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_table(machine, bench_dir):
-    yield
-    if RESULTS:
-        print(f"\nfastmerge bench: per-tensor table written to {write_table(machine, bench_dir)}")
 
 
 @pytest.mark.parametrize("method", list(CASES))

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from benchlib import save_table
 import torch
 
 import fastmerge
@@ -59,7 +60,9 @@ def tensors(timed) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base.to(DTYPE), fts
 
 
-def write_table(machine: dict, bench_dir: Path) -> Path:
+def write_table(machine: dict, bench_dir: Path) -> Path | None:
+    if not RESULTS:
+        return None
     lines = [
         "# Per-tensor merge, sparsifying task arithmetic: fastmerge vs mergekit 0.1.5 (bench/bench_sparsify.py)",
         "",
@@ -75,17 +78,8 @@ def write_table(machine: dict, bench_dir: Path) -> Path:
             f"{json.dumps(r['params'])} | {r['fastmerge_median_s'] * 1e3:.1f} | {r['mergekit_median_s'] * 1e3:.1f} | "
             f"{r['speedup_vs_mergekit']:.2f}x | {r['rounds']} |"
         )
-    path = bench_dir / "sparsify.md"
-    path.write_text("\n".join(lines) + "\n")
-    (bench_dir / "sparsify.json").write_text(json.dumps({"machine": machine, "results": RESULTS}, indent=1))
-    return path
+    return save_table(bench_dir, "sparsify", lines, {"machine": machine, "results": RESULTS})
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_table(machine, bench_dir):
-    yield
-    if RESULTS:
-        print(f"\nfastmerge bench: per-tensor table written to {write_table(machine, bench_dir)}")
 
 
 @pytest.mark.skipif(not HAS_MERGEKIT, reason="mergekit==0.1.5 is not installed")

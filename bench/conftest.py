@@ -109,3 +109,14 @@ def timed(request) -> bool:
     per-tensor benches pick their tensor shape and rounds from it."""
     cfg = request.config
     return not (cfg.getoption("benchmark_disable", False) and not cfg.getoption("benchmark_enable", False))
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_module_table(request, machine, bench_dir):
+    """After a bench module that defines ``write_table(machine, bench_dir) -> Path | None`` (None: nothing
+    was measured), write its table once."""
+    yield
+    write = getattr(request.module, "write_table", None)
+    if write is not None and (path := write(machine, bench_dir)) is not None:
+        print(f"\nfastmerge bench: table written to {path}")

@@ -1,0 +1,15 @@
+"""Helpers the bench modules share (not collected: only ``bench_*.py`` files are)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def save_table(bench_dir: Path, name: str, lines: list[str], payload: dict) -> Path:
+    """Write a bench module's results: ``name.md`` (the table, ``lines``) and ``name.json`` (``payload``)."""
+    path = bench_dir / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    (bench_dir / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    return path
