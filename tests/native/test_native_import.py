@@ -24,7 +24,9 @@ print("TORCH_LOADED=" + str("torch" in sys.modules))
 
 
 @pytest.mark.skipif(not _native.HAS_CPU_EXT, reason="fastmerge._C not built")
-def test_native_modules_import_without_torch():
-    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
+def test_native_modules_import_without_torch(tmp_path):
+    # cwd outside the repository: `python -c` puts the cwd first on sys.path, and the child must import the
+    # installed package (with its native extension), not the source tree
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "TORCH_LOADED=False" in r.stdout, r.stdout
