@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 SHAPES = [tuple(int(d) for d in s.split("x")) for s in os.environ.get("FASTMERGE_BENCH_SHAPES", "4096x4096,4096x14336,128256x4096").split(",")]
 TS = [int(t) for t in os.environ.get("FASTMERGE_BENCH_T", "2,4,8").split(",")]
-ALL = ["copy", "select", "ties_fused", "ties", "dare_ties", "breadcrumbs", "linear", "task_arithmetic", "slerp", "model_stock"]
+ALL = ["copy", "select", "ties_fused", "ties", "ties_cuda", "dare_ties", "breadcrumbs", "linear", "task_arithmetic", "slerp", "model_stock"]
 KERNELS = [k for k in os.environ.get("FASTMERGE_BENCH_KERNELS", ",".join(ALL)).split(",") if k]
 DTYPE = torch.bfloat16
 DENSITY = 0.5
@@ -152,6 +152,16 @@ def _case(kernel: str, shape, T: int):
         return (lambda: k.merge(x, base, out, segs)), read + write, {"torch reference (whole ties)": ref_ties}
     if kernel == "ties":
         return (lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)), 4 * read + write, {"torch reference": ref_ties}
+    if kernel == "ties_cuda":  # the CUDA C++ kernel (csrc/cuda/ties.cu) on the same inputs, next to the Triton one
+        from fastmerge import _native
+
+        ok, why = _native.cuda_usable()
+        if not ok:
+            pytest.skip(f"fastmerge._C_cuda not usable: {why}")
+        flat = [x[t] for t in range(T)]
+        triton_ties = lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)  # noqa: E731
+        return ((lambda: _native.ties_cuda(out, flat, base, w, (DENSITY,) * T, True)), 4 * read + write,
+                {"triton ties": triton_ties, "torch reference": ref_ties})
     if kernel == "dare_ties":
         p = [DareParams(w, (DENSITY,) * T, seed=1, key=ParamContext("w").key)]
 
