@@ -29,8 +29,27 @@ for what in "$@"; do
       python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
       nvcc --version | tail -1; nproc; } > "$OUT/env.txt" 2>&1
     cat "$OUT/env.txt"
-    FASTMERGE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 300 python3 -m pip install --no-build-isolation --no-deps \
-      --no-cache-dir -q --target /tmp/site "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+    python3 -m pip list 2>/dev/null | grep -iE "^(pybind11|scikit.build.core|cmake|ninja) " | tee -a "$OUT/env.txt"
+    # The build tools the package pins (pyproject build-system.requires), carried as wheels in .whl/ when
+    # present: the image's own pybind11 built a _C whose C++ exceptions crashed the interpreter (2026-11-24).
+    BT=""
+    if ls "$REPO"/.whl/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/buildtools "$REPO"/.whl/*.whl && BT=/tmp/buildtools
+    fi
+    PYTHONPATH=$BT FASTMERGE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 300 python3 -m pip install --no-build-isolation --no-deps \
+      --no-cache-dir -v --target /tmp/site "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+    grep -E "pybind11|scikit-build-core|_C_cuda|OpenMP|CXX compiler" "$OUT/build.log" | head -12
+    [ -d /tmp/site/fastmerge/kernels ] || { echo "WARNING: the wheel has no fastmerge/kernels (scikit-build-core < 0.10?): copying kernels/"; cp -r "$REPO/kernels" /tmp/site/fastmerge/kernels; }
+    ls /tmp/site/fastmerge | tr '\n' ' '; echo
+    # a C++ exception through pybind11 must come back as ValueError (a crash here = the toolchain problem above)
+    (cd /tmp && PYTHONPATH=/tmp/site python3 -X faulthandler -c "
+import torch, fastmerge._native as n
+x = torch.randn(7)
+try:
+    n._C.breadcrumbs(x.data_ptr(), 0, 7, [x.data_ptr()], [0], x.data_ptr(), 0, [1.0], [0.5], [-0.1], 2, False, 1.0, False, False)
+except ValueError as e:
+    print('C++ exception -> ValueError: ok;', n.report())
+") 2>&1 | tail -5
     ;;
   tests)
     step tests
