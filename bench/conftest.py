@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # fastmerge importable without installing it
+# fastmerge importable without installing it; an installed fastmerge wins (the source tree alone has no
+# native extension and no fastmerge.kernels: kernels/ is mapped there at install time).
+if importlib.util.find_spec("fastmerge") is None and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 

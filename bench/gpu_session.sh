@@ -31,30 +31,50 @@ for what in "$@"; do
     cat "$OUT/env.txt"
     python3 -m pip list 2>/dev/null | grep -iE "^(pybind11|scikit.build.core|cmake|ninja) " | tee -a "$OUT/env.txt"
     # The build tools the package pins (pyproject build-system.requires), carried as wheels in .whl/ when
-    # present: the image's own pybind11 built a _C whose C++ exceptions crashed the interpreter (2026-11-24).
+    # present (the image has its own; these make the build the same as a fresh pip install here).
     BT=""
     if ls "$REPO"/.whl/*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/buildtools "$REPO"/.whl/*.whl && BT=/tmp/buildtools
     fi
-    PYTHONPATH=$BT FASTMERGE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 300 python3 -m pip install --no-build-isolation --no-deps \
-      --no-cache-dir -v --target /tmp/site "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+    # diagnosis of a crash seen on this image (2026-11-24): a C++ exception out of _C segfaults once torch
+    # is imported. Variant A links libstdc++/libgcc statically (CPU module only, own build dir, in parallel).
+    (PYTHONPATH=$BT FASTMERGE_CUDA=OFF CMAKE_BUILD_PARALLEL_LEVEL=6 timeout 300 python3 -m pip install --no-build-isolation \
+      --no-deps --no-cache-dir -q --target /tmp/siteA -Cbuild-dir=/tmp/bA \
+      "-Ccmake.define.CMAKE_MODULE_LINKER_FLAGS=-static-libstdc++ -static-libgcc" "$REPO" > "$OUT/buildA.log" 2>&1) &
+    PYTHONPATH=$BT FASTMERGE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=10 timeout 300 python3 -m pip install --no-build-isolation --no-deps \
+      --no-cache-dir -v --target /tmp/site -Cbuild-dir=/tmp/bM "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+    wait
+    cp -r /tmp/site/fastmerge/kernels /tmp/siteA/fastmerge/ 2>/dev/null
     grep -E "pybind11|scikit-build-core|_C_cuda|OpenMP|CXX compiler" "$OUT/build.log" | head -12
     [ -d /tmp/site/fastmerge/kernels ] || { echo "WARNING: the wheel has no fastmerge/kernels (scikit-build-core < 0.10?): copying kernels/"; cp -r "$REPO/kernels" /tmp/site/fastmerge/kernels; }
     ls /tmp/site/fastmerge | tr '\n' ' '; echo
-    # a C++ exception through pybind11 must come back as ValueError (a crash here = the toolchain problem above)
-    (cd /tmp && PYTHONPATH=/tmp/site python3 -X faulthandler -c "
-import torch, fastmerge._native as n
-x = torch.randn(7)
+    # a C++ exception through pybind11 must come back as ValueError
+    cat > /tmp/exc.py <<'PY'
+import os, sys
+if os.environ.get("FIRST"):
+    import torch
+import fastmerge._C as C, array
+x = array.array('f', [1.0] * 7); p = x.buffer_info()[0]
+libs = sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in ('libstdc++', 'libgcc_s', 'unwind'))})
+print('libs:', libs)
 try:
-    n._C.breadcrumbs(x.data_ptr(), 0, 7, [x.data_ptr()], [0], x.data_ptr(), 0, [1.0], [0.5], [-0.1], 2, False, 1.0, False, False)
+    C.breadcrumbs(p, 0, 7, [p], [0], p, 0, [1.0], [0.5], [-0.1], 2, False, 1.0, False, False)
 except ValueError as e:
-    print('C++ exception -> ValueError: ok;', n.report())
-") 2>&1 | tail -5
+    print('ok: ValueError')
+PY
+    PRE="$(g++ -print-file-name=libstdc++.so.6):$(g++ -print-file-name=libgcc_s.so.1)"
+    for v in "/tmp/site|" "/tmp/site|1" "/tmp/siteA|1" "/tmp/site|1|pre"; do
+      IFS='|' read site first pre <<< "$v"
+      (cd /tmp && PYTHONPATH=$site FIRST=$first ${pre:+LD_PRELOAD=$PRE} python3 -X faulthandler /tmp/exc.py > /tmp/exc.log 2>&1
+       echo "exception check $site torch=${first:-no} preload=${pre:-no}: rc=$? $(grep -E '^(libs|ok)' /tmp/exc.log | tr '\n' ' ')")
+    done
+    echo "preload candidates: $PRE"; ldd /tmp/site/fastmerge/_C.*.so | grep -E "stdc|gcc|omp"
+    (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import fastmerge._native as n; print(n.report())")
     ;;
   tests)
     step tests
-    (cd /tmp && PYTHONPATH=/tmp/site timeout 330 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/native" \
-      "$REPO/tests/mloss/test_mloss_kernels.py" "$REPO/tests/mloss/test_mties.py" -q -p no:cacheprovider \
+    (cd /tmp && PYTHONPATH=/tmp/site timeout 200 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/native" \
+      "$REPO/tests/mloss/test_mloss_kernels.py" "$REPO/tests/mloss/test_mties.py" -q -p no:cacheprovider -n 4 \
       --timeout 150 -rfEs --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1; echo "tests rc=$?" | tee -a "$OUT/tests.log")
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40

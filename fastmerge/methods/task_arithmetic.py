@@ -91,7 +91,7 @@ class TaskArithmetic(MergeMethod):
             w = compat_weights(params.weight, deltas)
             return compat_finish(base, deltas * w, w, None, params.normalize, params.lambda_)
         b = as_fp32(base)
-        acc = torch.zeros(base.shape, dtype=torch.float32)
+        acc = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
         for x, w in zip(inputs, params.weight):
             acc = acc + torch.tensor(w, dtype=torch.float32) * (as_fp32(x) - b)
         div = weight_divisor(params.weight, params.normalize)

@@ -124,6 +124,6 @@ class Ties(MergeMethod):
 def _argsort_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     mag = delta.abs().reshape(-1).float()
     k = keep_count(density, mag.numel())
-    mask = torch.zeros(mag.numel(), dtype=delta.dtype)
+    mask = torch.zeros(mag.numel(), dtype=delta.dtype, device=delta.device)
     mask[torch.argsort(mag, descending=True)[:k]] = 1
     return mask.reshape(delta.shape)

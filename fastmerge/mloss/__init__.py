@@ -18,6 +18,8 @@ CUDA tensors when triton is installed, chunked otherwise).
 
 from __future__ import annotations
 
+import os
+
 from typing import Sequence
 
 import torch
@@ -47,6 +49,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ConfigError(f"M-Loss backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_ok() else "chunked"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        # compiled Triton cannot read host memory (its own error names a pointer, not the remedy)
+        raise ConfigError(f"M-Loss backend 'triton' needs CUDA tensors (got {device.type}); "
+                          "move them with .cuda(), or use backend='chunked'")
     return backend
 
 

@@ -260,6 +260,6 @@ def mloss_chunked(
                                up_bias=up_bias, eps=eps)
         total = part if total is None else total + part
     if total is None:  # B = 0
-        z = torch.zeros(d)
+        z = torch.zeros(d, device=x.device)
         return MLoss(z, z.clone(), z.clone(), 0.0, 0.0, 0, eps)
     return total

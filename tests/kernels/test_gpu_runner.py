@@ -1,7 +1,7 @@
 """fastmerge/gpu_runner.py: the streaming engine's logic (units, batching, row chunks, the data-pass
-protocol over chunks, writer order) run on the CPU: ``execute_cuda(device="cpu")`` with the kernels
-interpreted must write the same files as ``runner.execute``, bit for bit. The CUDA side (streams,
-pinned buffers, the memory bound) is in test_triton_gpu.py (``-m gpu``)."""
+protocol over chunks, writer order) must write the same files as ``runner.execute``, bit for bit: on the
+GPU where there is one, else on the CPU (``execute_cuda(device="cpu")``, kernels interpreted). The
+LLM-sized CUDA side (streams, pinned buffers, the memory bound) is in test_triton_gpu.py (``-m gpu``)."""
 
 import json
 
@@ -14,7 +14,7 @@ from fastmerge.errors import FastMergeError
 from fastmerge.io.index import CheckpointIndex
 from fastmerge.runner import execute
 from fastmerge.testing import LlamaShape, make_family
-from kernel_cases import needs_triton
+from kernel_cases import DEV, needs_triton
 
 pytestmark = needs_triton
 
@@ -58,7 +58,7 @@ def _both(cfg, tmp_path, **kw):
     from fastmerge.gpu_runner import execute_cuda
 
     p = fastmerge.plan(cfg, tmp_path / "gpu", progress=False, copy_tokenizer=False, out_shard_size=6_000)
-    rep = execute_cuda(p, tmp_path / "gpu", device="cpu", **kw)
+    rep = execute_cuda(p, tmp_path / "gpu", device=DEV, **kw)
     a, b = _read(tmp_path / "cpu"), _read(tmp_path / "gpu")
     assert list(a) == list(b)
     for name in a:
@@ -116,7 +116,7 @@ def test_budget_too_small(fam, tmp_path):
 
     p = fastmerge.plan(_config(fam, "ties", {"weight": 0.33, "density": 0.5}), tmp_path / "o", progress=False)
     with pytest.raises(FastMergeError, match="max-gpu-memory"):
-        gpu_runner.execute_cuda(p, tmp_path / "o", max_gpu_memory=gpu_runner.RESERVE_BYTES, device="cpu")
+        gpu_runner.execute_cuda(p, tmp_path / "o", max_gpu_memory=gpu_runner.RESERVE_BYTES, device=DEV)
     with pytest.raises(FastMergeError, match="does not fit"):  # one row of the 64x32 embedding is 32 elements
-        gpu_runner.execute_cuda(p, tmp_path / "o", max_gpu_memory=_budget(20), device="cpu")
+        gpu_runner.execute_cuda(p, tmp_path / "o", max_gpu_memory=_budget(20), device=DEV)
     assert not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@ import torch
 
 from fastmerge.mloss import compute_mloss, mloss_reference, preactivations, reduce_preacts
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, else interpreted
 B, D_IN, D_OUT, Q = 37, 24, 40, 3  # odd sizes: partial tiles in every dimension
 ACTS = ["relu", "leaky_relu(0.2)", "gelu", "gelu_tanh", "quick_gelu", "silu", "identity"]
 
@@ -17,7 +18,7 @@ def inputs(dtype=torch.float32, seed=0, bias=True, gated=False):
     w = base + 0.1 * torch.randn(Q, D_OUT, D_IN, generator=g)  # fine-tunes of one base: realistic D
     b = 0.1 * torch.randn(Q, D_OUT, generator=g) if bias else None
     up = (base + 0.1 * torch.randn(Q, D_OUT, D_IN, generator=g)) if gated else None
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dtype).to(DEV)  # noqa: E731
     return cast(x), cast(w), cast(b), cast(up)
 
 
@@ -51,7 +52,7 @@ def test_fused_half_inputs(dtype, act):
 
 def test_fused_gated_with_biases_and_weights():
     x, w, b, up = inputs(seed=2, gated=True)
-    ub = 0.1 * torch.randn(Q, D_OUT)
+    ub = (0.1 * torch.randn(Q, D_OUT)).to(DEV)
     alpha = [0.5, 0.3, 0.2]
     want = mloss_reference(x, w, b, alpha=alpha, act="gated_silu", up_weight=up, up_bias=ub)
     got = compute_mloss(x, w, b, alpha=alpha, activation="gated_silu", up_weight=up, up_bias=ub, backend="triton")
@@ -93,7 +94,7 @@ def test_identical_models_give_zero():
 
 def test_empty_batch():
     _, w, b, _ = inputs()
-    got = compute_mloss(torch.empty(0, D_IN), w, b, activation="relu", backend="triton")
+    got = compute_mloss(torch.empty(0, D_IN, device=DEV), w, b, activation="relu", backend="triton")
     assert got.samples == 0 and got.node("abs").abs().max() == 0
 
 
