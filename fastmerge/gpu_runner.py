@@ -20,6 +20,10 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   matrix of slerp/model_stock) running over all its chunks before the merge pass
   (``kernels.gta.GtaKernel``'s driver protocol). The default budget fits the largest tensor group
   whole (no chunking): its inputs + output, one next-largest group, the reserve.
+- ties tensors of at least ``CUDA_MIN_ELEMS`` elements that fit a slot whole go to the CUDA C++ kernel
+  (``backends.cuda``: 9-12x the Triton ties on an H100, bench/RESULTS.md) when ``fastmerge._C_cuda`` is
+  usable, one tensor per unit; batches of small tensors and row-chunked ones stay on Triton
+  (``--backend triton``: Triton for everything, the check; ``--backend cuda``: CUDA C++ at every size).
 - Tensors the kernels do not cover (``backends.triton.param_reasons``: other methods, mergekit_compat,
   a few parameter values) run the torch reference on the GPU, one at a time, as ``runner.execute``
   does with ``device="cuda"``; a group too large for the budget runs it on the CPU.
@@ -41,6 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from . import backends
+from .backends import cuda as cb
 from .backends import triton as tb
 from .backends.base import MergeJob
 from .errors import BackendUnavailableError, FastMergeError
@@ -61,6 +66,9 @@ MAX_BATCH_TENSORS = 512
 BATCH_ELEMS = 1 << 24
 #: device memory kept outside the slots: tile tables, histograms, rescale partials, allocator slack
 RESERVE_BYTES = 512 << 20
+#: ties tensors from this size go to the CUDA C++ kernel: its selection reads histograms back to the host
+#: (3 syncs per tensor), which for norms and biases costs more than Triton's one batched launch
+CUDA_MIN_ELEMS = 1 << 20
 #: host output buffers larger than this are not pinned (D2H then goes through the driver's staging)
 MAX_PINNED_OUT = 2 << 30
 
@@ -145,8 +153,8 @@ class _nullcontext:
 
 @dataclasses.dataclass
 class _Unit:
-    """A launch unit: ``kind`` "batch" (tensors packed whole, one kernel plan), "chunked" (one tensor
-    in row chunks) or "torch" (one tensor, the reference)."""
+    """A launch unit: ``kind`` "batch" (tensors packed whole, one kernel plan), "cuda" (one tensor, the
+    CUDA C++ kernel), "chunked" (one tensor in row chunks) or "torch" (one tensor, the reference)."""
 
     kind: str
     tensors: list[int]  # plan indices, plan order
@@ -242,7 +250,7 @@ def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
     for i, tp in enumerate(plan.tensors):
         job = _kernel_job(plan, tp)
         n = _numel(tp.shape)
-        use_kernel = opts.backend in ("auto", "triton") and not tb.param_reasons(job)
+        use_kernel = opts.backend in ("auto", "triton", "cuda") and not tb.param_reasons(job)
         if use_kernel and n > budget.cap and len(tp.shape) <= 1 and plan.method.name.startswith("della"):
             use_kernel = False  # a 1-D tensor is one DELLA row: its ranks need it whole
         if not use_kernel:
@@ -262,6 +270,10 @@ def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
             chunks = [(r * row, min(rows_per, total_rows - r) * row) for r in range(0, total_rows, rows_per)]
             units.append(_Unit("chunked", [i], tb.batch_key(job), chunks))
             continue
+        if _use_cuda(opts.backend, job, n, dev):
+            cur = None
+            units.append(_Unit("cuda", [i]))
+            continue
         key = (tb.batch_key(job), tuple(_in_dtypes(tp)), tp.out_dtype, _rows(tp), tp.base is not None)
         if (cur is None or cur.key != key or cur_elems + n > min(budget.cap, BATCH_ELEMS)
                 or len(cur.tensors) >= MAX_BATCH_TENSORS):
@@ -271,6 +283,19 @@ def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
         cur.tensors.append(i)
         cur_elems += n
     return units
+
+
+def _use_cuda(backend: str, job: MergeJob, n: int, dev: _Dev) -> bool:
+    """A tensor (that fits a slot whole) for the CUDA C++ kernel rather than Triton."""
+    if backend not in ("auto", "cuda") or (backend == "auto" and n < CUDA_MIN_ELEMS) or not _cuda_usable(dev):
+        return False
+    return not cb.param_reasons(job)
+
+
+def _cuda_usable(dev: _Dev) -> bool:
+    from . import _native
+
+    return dev.cuda and _native.cuda_usable()[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,9 +480,10 @@ def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memor
             if u.kind == "torch":
                 _run_torch(plan, u, loaded, engine, wthread, pool)
                 counts["torch"] = counts.get("torch", 0) + 1
-            elif u.kind == "batch":
+            elif u.kind in ("batch", "cuda"):
                 _run_batch(plan, u, loaded, engine, wthread, pool)
-                counts["triton"] = counts.get("triton", 0) + len(u.tensors)
+                kind = "triton" if u.kind == "batch" else "cuda"
+                counts[kind] = counts.get(kind, 0) + len(u.tensors)
             else:
                 _run_chunked(plan, u, loaded, engine, wthread, pool)
                 counts["triton"] = counts.get("triton", 0) + 1
@@ -543,6 +569,9 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: _Writer, pool: 
     def work() -> None:
         base = rows[0]  # base-less methods (linear) get a dummy
         x = rows[1:] if has_base else rows
+        if u.kind == "cuda":  # one tensor; the kernel syncs for its histograms, then queues the merge
+            cb.ties_into(dev_out, list(x), base, tp0.params)
+            return
         kernel = _make_kernel(plan, tps, engine.dev.device)
         for p in range(kernel.n_passes):
             kernel.data_pass(p, x, base, segs)

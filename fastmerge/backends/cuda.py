@@ -1,17 +1,48 @@
-"""The CUDA C++ backend (``fastmerge._C_cuda``).
+"""The CUDA C++ backend (``fastmerge._C_cuda``): TIES.
 
-The extension is built when nvcc is found and reports driver availability at run time; the engine does
-not dispatch merges to it yet, and says so.
+Measured on an H100 (bench/RESULTS.md, 2026-11-24): the CUDA C++ TIES kernel (``csrc/cuda/ties.cu``:
+shared-memory radix-select histograms, then the fused merge pass) runs whole ties, selection included,
+9.1-12.1x faster than the Triton kernels (whose selection passes reach only 60-80 GB/s), bit-exact with
+the torch reference (``tests/native/test_native_ties.py::test_cuda_ties_matches_reference``). So it is
+the default for ties on a GPU, and Triton stays as the check (``--backend triton``) and the path for
+batches of small tensors and row-chunked ones (``gpu_runner``). Other methods have no CUDA C++ kernel.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from .._lazy import torch
+from .._lazy import torch, torch_loaded
 
 from .. import _native
 from .base import MergeJob
+
+#: methods with a CUDA C++ kernel
+METHODS = ("ties",)
+#: inputs a launch takes (``_C_cuda.max_inputs``)
+MAX_INPUTS = 32
+
+
+def param_reasons(job: MergeJob) -> list[str]:
+    """Why the CUDA C++ kernels cannot merge ``job``'s method with its parameters ([] if they can)."""
+    if job.method.name not in METHODS:
+        return [f"no CUDA C++ kernel for '{job.method.name}' (ties only)"]
+    out = []
+    if job.compat:
+        out.append("mergekit_compat (mergekit's native-dtype arithmetic) is emulated by the torch backend only")
+    if len(job.params.weight) > MAX_INPUTS:
+        out.append(f"{len(job.params.weight)} models: the CUDA kernel takes at most {MAX_INPUTS}")
+    return out
+
+
+def ties_into(out: "torch.Tensor", inputs: Sequence["torch.Tensor"], base: "torch.Tensor", params) -> None:
+    """``ties`` with ``params`` (TiesParams) on CUDA tensors, into ``out`` (flat, CUDA, output dtype)."""
+    if out.numel() == 0:
+        return
+    _native.ties_cuda(
+        out, list(inputs), base, params.weight, params.density, params.normalize, params.lambda_, params.election,
+        params.selection == "topk", params.rescale,
+    )
 
 
 class CudaBackend:
@@ -20,10 +51,17 @@ class CudaBackend:
     def not_supported_reasons(self, job: MergeJob, device: str) -> list[str]:
         ok, why = _native.cuda_usable()
         reasons = [] if ok else [why]
-        if device != "cuda":
+        # merge_tensors' CPU tensors qualify when torch (already loaded: planning a CPU merge must not
+        # import it) sees a GPU, as for the Triton backend
+        if device != "cuda" and not (torch_loaded() and torch.cuda.is_available()):
             reasons.append("needs --device cuda")
-        reasons.append(f"the engine does not dispatch '{job.method.name}' to CUDA C++ kernels yet")
-        return reasons
+        return reasons + param_reasons(job)
 
     def run(self, job: MergeJob, out: torch.Tensor, inputs: Sequence[torch.Tensor], base, threads: int) -> None:
-        raise AssertionError("guarded by not_supported_reasons")
+        """One tensor: inputs (any device) moved to the GPU as they are, merged, copied into ``out``."""
+        dev = torch.device("cuda")
+        xs = [t.reshape(-1).to(dev).contiguous() for t in inputs]
+        b = base.reshape(-1).to(dev).contiguous()
+        o = torch.empty(out.numel(), dtype=out.dtype, device=dev)
+        ties_into(o, xs, b, job.params)
+        out.copy_(o.view(out.shape))

@@ -120,3 +120,45 @@ def test_budget_too_small(fam, tmp_path):
     with pytest.raises(FastMergeError, match="does not fit"):  # one row of the 64x32 embedding is 32 elements
         gpu_runner.execute_cuda(p, tmp_path / "o", max_gpu_memory=_budget(20), device=DEV)
     assert not (tmp_path / "o").exists()
+
+
+def test_large_ties_tensors_go_to_the_cuda_kernel(fam, tmp_path, monkeypatch):
+    """ties tensors from ``CUDA_MIN_ELEMS`` go to the CUDA C++ kernel, one per unit; the norms stay batched
+    on Triton. On a GPU this runs ``_C_cuda``; without one the CUDA entry point is stood in by the CPU
+    kernel with the same contract (both bit-exact with the reference: tests/native/test_native_ties.py),
+    which checks the plumbing: which tensors, which rows of the slot, the parameters, where the output
+    lands."""
+    from fastmerge import _native, gpu_runner
+
+    calls = []
+    if DEV == "cpu":
+        if not _native.HAS_CPU_EXT:
+            pytest.skip("the CPU stand-in needs fastmerge._C")
+
+        def stand_in(out, inputs, base, w, d, normalize, lam, election, exact_k, rescale):
+            assert all(x.numel() == out.numel() for x in inputs) and base.numel() == out.numel()
+            calls.append(out.numel())
+            _native.ties(out, inputs, base, w, d, normalize, lam, election, exact_k, 0, rescale)
+
+        monkeypatch.setattr(_native, "ties_cuda", stand_in)
+        monkeypatch.setattr(gpu_runner, "_cuda_usable", lambda dev: True)
+    elif not _native.cuda_usable()[0]:
+        pytest.skip(f"fastmerge._C_cuda not usable: {_native.cuda_usable()[1]}")
+    monkeypatch.setattr(gpu_runner, "CUDA_MIN_ELEMS", 1000)
+    cfg = _config(fam, "ties", {"weight": [0.3, 0.5, 0.2], "density": 0.4}, parameters={"election": "count"})
+    rep = _both(cfg, tmp_path)
+    assert rep.backends == {"cuda": 9, "triton": 3}  # embedding, lm_head, 4 attention, 3 MLP | 3 norms
+    assert DEV != "cpu" or sorted(calls) == sorted([2048, 2048, 1536, 1536, 1536, 1024, 1024, 1024, 1024])
+
+
+def test_backend_triton_keeps_ties_on_triton(fam, tmp_path, monkeypatch):
+    from fastmerge import _native, gpu_runner
+
+    monkeypatch.setattr(gpu_runner, "_cuda_usable", lambda dev: True)
+    monkeypatch.setattr(gpu_runner, "CUDA_MIN_ELEMS", 1000)
+    monkeypatch.setattr(_native, "ties_cuda", lambda *a: pytest.fail("--backend triton called the CUDA kernel"))
+    cfg = _config(fam, "ties", {"weight": 0.33, "density": 0.5})
+    p = fastmerge.plan(cfg, tmp_path / "gpu", progress=False, copy_tokenizer=False, backend="triton")
+    from fastmerge.gpu_runner import execute_cuda
+
+    assert execute_cuda(p, tmp_path / "gpu", device=DEV).backends == {"triton": 12}

@@ -215,3 +215,21 @@ def test_cuda_ties_matches_reference(out_dtype, selection):
     _native.ties_cuda(out, [x.cuda() for x in xq], bq.cuda(), p.weight, p.density, True, 1.0, "sum",
                       selection == "topk", False)
     assert torch.equal(out.cpu(), get_method("ties").reference(xq, bq, p).to(out_dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _native.cuda_usable()[0], reason=f"CUDA extension not usable: {_native.cuda_usable()[1]}")
+@pytest.mark.parametrize("kw", [dict(weight=[0.3, -0.2, 0.6], density=[0.5, 0.2, 1.0]),
+                                dict(weight=0.33, density=0.3, selection="topk", election="count"),
+                                dict(weight=0.33, density=0.3, rescale=True, **{"lambda": 0.7})])
+def test_cuda_backend_through_merge_tensors(kw):
+    """``backend="cuda"`` (backends/cuda.py: the default for ties on a GPU) equals the reference bit for bit."""
+    from fastmerge import merge_tensors
+
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(1031, 1537, generator=g) * 0.02
+    xs = [(b + 0.002 * torch.randn(1031, 1537, generator=g)).bfloat16() for _ in range(3)]
+    with exact_norms():
+        want = merge_tensors("ties", xs, b.bfloat16(), backend="torch", **kw)
+    got = merge_tensors("ties", xs, b.bfloat16(), backend="cuda", **kw)
+    assert torch.equal(got, want)
