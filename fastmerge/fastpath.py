@@ -45,6 +45,13 @@ def why_not(plan: MergePlan) -> str | None:
             return f"tensor '{t.name}' runs on {t.backend}"
         if t.input_transform is not None:  # tokenizer_source: vocabulary remapping of embedding rows
             return f"tensor '{t.name}' has an input transform"
+        if plan.method.name == "passthrough":
+            from .backends.native import passthrough_reason
+
+            src = t.sources[0] if t.sources else t.base
+            why = passthrough_reason(t.params.scale[0], src.dtype, t.out_dtype)
+            if why is not None:
+                return f"tensor '{t.name}': {why}"
     return None
 
 

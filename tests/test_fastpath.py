@@ -59,6 +59,30 @@ def test_same_bytes_as_runner(tmp_path, request, method, fam, extra):
     assert fast.bytes_written == ref.bytes_written > 0
 
 
+def test_passthrough_is_a_byte_copy(tmp_path, family_bf16):
+    """A frankenmerge (passthrough slices, layers repeated) copies bytes on the fast path: identical to the
+    runner's; a scale or a dtype change is arithmetic and falls back to the runner."""
+    base, fts = family_bf16
+    doc = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fts[1]), "layer_range": [1, 3]}]},
+    ]}
+    p = plan(doc, out_shard_size="300K")
+    assert fastpath.why_not(p) is None
+    fast = fastpath.execute(p, tmp_path / "fast")
+    ref = runner_execute(plan(doc, out_shard_size="300K", backend="torch"), tmp_path / "ref")
+    assert _digests(tmp_path / "fast") == _digests(tmp_path / "ref")
+    assert fast.backends == {"native": len(p.tensors)} and ref.backends == {"torch": len(p.tensors)}
+    assert "a conversion" in fastpath.why_not(plan(doc | {"out_dtype": "float32"}))
+    scaled = {"merge_method": "passthrough", "models": [{"model": str(fts[0]), "parameters": {"scale": 0.5}}]}
+    assert "scale 0.5" in fastpath.why_not(plan(scaled))
+    for d, name in ((doc | {"out_dtype": "float32"}, "conv"), (scaled, "scaled")):  # the runner's native path
+        a = runner_execute(plan(d), tmp_path / f"{name}-native")
+        b = runner_execute(plan(d, backend="torch"), tmp_path / f"{name}-torch")
+        assert a.backends == {"native": len(plan(d).tensors)}
+        assert _digests(tmp_path / f"{name}-native") == _digests(tmp_path / f"{name}-torch")
+
+
 def test_falls_back_where_it_cannot_run(family_bf16):
     assert "mergekit_compat" in fastpath.why_not(plan(_doc(family_bf16, "ties"), mergekit_compat=True))
     assert "runs on torch" in fastpath.why_not(plan(_doc(family_bf16, "ties"), backend="torch"))

@@ -1,7 +1,7 @@
 """The native CPU backend: fused C++ kernels (``fastmerge._C``) on raw buffers, GIL released.
 
 Kernels: linear, task_arithmetic, ties (rescale included), dare_linear, dare_ties, della, della_linear,
-breadcrumbs, breadcrumbs_ties, sce, in default mode (fp32 math, one rounding). ``mergekit_compat`` (mergekit's
+breadcrumbs, breadcrumbs_ties, sce, in default mode (and passthrough: a copy; see ``run_raw``) (fp32 math, one rounding). ``mergekit_compat`` (mergekit's
 arithmetic in the compute dtype) stays on the torch backend.
 
 Importing this module imports neither torch nor the methods (only ``fastmerge._native``): the engine's
@@ -31,7 +31,17 @@ KERNELS = {
     "breadcrumbs": "breadcrumbs",
     "breadcrumbs_ties": "breadcrumbs",
     "sce": "sce",
+    "passthrough": "memmove",  # a byte copy on the fast path when nothing changes (no scale, no dtype change)
 }
+
+
+def passthrough_reason(scale: float, in_dtype: str, out_dtype: str) -> str | None:
+    """Why a passthrough tensor is not a plain byte copy (None: it is)."""
+    if scale != 1:
+        return f"passthrough scale {scale} (a multiply: the torch path)"
+    if in_dtype != out_dtype:
+        return f"passthrough {in_dtype} -> {out_dtype} (a conversion: the torch path)"
+    return None
 
 
 class NativeBackend:
@@ -86,6 +96,8 @@ class NativeBackend:
             )
         elif name == "sce":
             _native.sce(out, inputs, base, p.select_topk, threads)
+        elif name == "passthrough":  # the reference is a copy (scale 1) or one multiply; torch's copy_ converts
+            out.copy_(job.method.reference(inputs, None, p).reshape(out.shape))
         else:  # guarded by not_supported_reasons
             raise AssertionError(name)
 
@@ -146,5 +158,14 @@ class NativeBackend:
             if base is None:
                 raise ValueError(f"tensor '{job.tensor}': sce needs a base model")
             _native.sce_raw(*common, p.select_topk, threads)
+        elif name == "passthrough":
+            why = passthrough_reason(p.scale[0], inputs[0].dtype, out.dtype)
+            if why is not None:  # guarded by fastpath.why_not
+                raise ValueError(f"tensor '{job.tensor}': {why}")
+            import ctypes
+
+            from ..io.index import ITEMSIZE
+
+            ctypes.memmove(out.ptr, inputs[0].ptr, n * ITEMSIZE[out.dtype])
         else:  # guarded by not_supported_reasons
             raise AssertionError(name)
