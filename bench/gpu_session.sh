@@ -40,10 +40,10 @@ for what in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/buildtools "$REPO"/.whl/*.whl && BT=/tmp/buildtools
     fi
     # diagnosis of a crash seen on this image (2026-11-24): a C++ exception out of _C segfaults once torch
-    # is imported. Variant A links libstdc++/libgcc statically (CPU module only, own build dir, in parallel).
+    # is imported. Variant A: FASTMERGE_PRIVATE_CXX_RUNTIME=ON (CPU module only, own build dir, in parallel).
     (PYTHONPATH=$BT FASTMERGE_CUDA=OFF CMAKE_BUILD_PARALLEL_LEVEL=6 timeout 300 python3 -m pip install --no-build-isolation \
       --no-deps --no-cache-dir -q --target /tmp/siteA -Cbuild-dir=/tmp/bA \
-      "-Ccmake.define.CMAKE_MODULE_LINKER_FLAGS=-static-libstdc++ -static-libgcc" "$REPO" > "$OUT/buildA.log" 2>&1) &
+      -Ccmake.define.FASTMERGE_PRIVATE_CXX_RUNTIME=ON "$REPO" > "$OUT/buildA.log" 2>&1) &
     PYTHONPATH=$BT FASTMERGE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=10 timeout 300 python3 -m pip install --no-build-isolation --no-deps \
       --no-cache-dir -v --target /tmp/site -Cbuild-dir=/tmp/bM "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
     wait
@@ -72,6 +72,7 @@ PY
        echo "exception check $site torch=${first:-no} preload=${pre:-no}: rc=$? $(grep -E '^(libs|ok)' /tmp/exc.log | tr '\n' ' ')")
     done
     echo "preload candidates: $PRE"; ldd /tmp/site/fastmerge/_C.*.so | grep -E "stdc|gcc|omp"
+    (cd /tmp && PYTHONPATH=/tmp/site bash "$REPO/bench/gpu_diag_cxx_exceptions.sh" > "$OUT/cxx_diag.log" 2>&1; head -c 3000 "$OUT/cxx_diag.log")
     (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import fastmerge._native as n; print(n.report())")
     ;;
   tests)
