@@ -23,7 +23,8 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
 - ties tensors of at least ``CUDA_MIN_ELEMS`` elements that fit a slot whole go to the CUDA C++ kernel
   (``backends.cuda``: 9-12x the Triton ties on an H100, bench/RESULTS.md) when ``fastmerge._C_cuda`` is
   usable, one tensor per unit; batches of small tensors and row-chunked ones stay on Triton
-  (``--backend triton``: Triton for everything, the check; ``--backend cuda``: CUDA C++ at every size).
+  (``--backend triton``: Triton for everything, the check; ``--backend cuda``: CUDA C++ for every ties
+  tensor that fits whole, row-chunked ones still on Triton).
 - Tensors the kernels do not cover (``backends.triton.param_reasons``: other methods, mergekit_compat,
   a few parameter values) run the torch reference on the GPU, one at a time, as ``runner.execute``
   does with ``device="cuda"``; a group too large for the budget runs it on the CPU.
@@ -569,7 +570,7 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: _Writer, pool: 
     def work() -> None:
         base = rows[0]  # base-less methods (linear) get a dummy
         x = rows[1:] if has_base else rows
-        if u.kind == "cuda":  # one tensor; the kernel syncs for its histograms, then queues the merge
+        if u.kind == "cuda":  # one tensor; returns when merged (it reads its histograms back, then syncs)
             cb.ties_into(dev_out, list(x), base, tp0.params)
             return
         kernel = _make_kernel(plan, tps, engine.dev.device)

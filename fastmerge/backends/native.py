@@ -1,8 +1,9 @@
 """The native CPU backend: fused C++ kernels (``fastmerge._C``) on raw buffers, GIL released.
 
 Kernels: linear, task_arithmetic, ties (rescale included), dare_linear, dare_ties, della, della_linear,
-breadcrumbs, breadcrumbs_ties, sce, in default mode (and passthrough: a copy; see ``run_raw``) (fp32 math, one rounding). ``mergekit_compat`` (mergekit's
-arithmetic in the compute dtype) stays on the torch backend.
+breadcrumbs, breadcrumbs_ties, sce, in default mode (fp32 math, one rounding); passthrough is a byte copy
+(``run_raw``; a scale or a dtype change takes the reference). ``mergekit_compat`` (mergekit's arithmetic
+in the compute dtype) stays on the torch backend.
 
 Importing this module imports neither torch nor the methods (only ``fastmerge._native``): the engine's
 torch-free fast path may import it; ``run`` receives torch tensors, so torch is loaded by then anyway.
