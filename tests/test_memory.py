@@ -12,6 +12,8 @@ import textwrap
 
 import pytest
 
+from fastmerge import _native
+
 from fastmerge.testing import LlamaShape, make_family
 
 SHAPE = LlamaShape(hidden=512, layers=24, intermediate=1024, vocab=2048, heads=8)
@@ -50,11 +52,12 @@ def big_family(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["runner", "fastpath"])
+# the torch-free fast path runs the native backend only: no (fastpath, torch) pair to skip
+@pytest.mark.parametrize("engine,backend", [("runner", "torch"), ("runner", "native"), ("fastpath", "native")])
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
 def test_peak_rss_growth_bounded_by_largest_tensor(tmp_path, big_family, backend, method, engine):
-    if engine == "fastpath" and backend != "native":
-        pytest.skip("the torch-free fast path runs the native backend only")
+    if backend == "native" and not _native.HAS_CPU_EXT:
+        pytest.skip(f"fastmerge._C not loaded: {_native.LOAD_ERRORS.get('_C')}")
     base, fts = big_family
     params = {"weight": 0.33, "density": 0.5} if method == "ties" else {"weight": 0.33}
     cfg = {"merge_method": method, "base_model": str(base),
