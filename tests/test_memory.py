@@ -13,7 +13,6 @@ import textwrap
 import pytest
 
 from fastmerge import _native
-
 from fastmerge.testing import LlamaShape, make_family
 
 SHAPE = LlamaShape(hidden=512, layers=24, intermediate=1024, vocab=2048, heads=8)
