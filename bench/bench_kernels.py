@@ -283,7 +283,7 @@ def _family(bench_dir: Path):
     shape = LlamaShape(**E2E_SHAPE)
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
-        make_family(root, shape, n_finetunes=3, dtype="bfloat16", shard_bytes=2_000_000_000)
+        make_family(root, shape, n_finetunes=3, dtype="bfloat16", shard_bytes=2_000_000_000, workers=4)
         marker.write_text(json.dumps(E2E_SHAPE))
     params = sum(math.prod(s) for _, s in shape.tensors())
     return root / "base", [root / f"ft{i}" for i in (1, 2, 3)], params

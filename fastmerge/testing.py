@@ -218,12 +218,29 @@ def make_vocab_family(
 
 def make_family(
     root: Path, shape: LlamaShape = LlamaShape(), n_finetunes: int = 3, dtype: str = "bfloat16",
-    shard_bytes: int = 20_000_000, seed: int = 0,
+    shard_bytes: int = 20_000_000, seed: int = 0, workers: int = 1,
 ) -> tuple[Path, list[Path]]:
-    """base + ``n_finetunes`` fine-tunes under ``root`` (``base/``, ``ft1/``...). Returns (base, fine-tunes)."""
-    base = write_model(root / "base", shape, dtype, shard_bytes, seed)
-    fts = [
-        write_model(root / f"ft{i + 1}", shape, dtype, shard_bytes, seed + i + 1, base_seed=seed)
-        for i in range(n_finetunes)
+    """base + ``n_finetunes`` fine-tunes under ``root`` (``base/``, ``ft1/``...). Returns (base, fine-tunes).
+
+    ``workers`` > 1 writes the models in that many processes at once (the same bytes: each model is a
+    function of its seeds alone): torch draws a seeded generator's numbers on one core, so a 1B-parameter
+    family (13.8G draws) takes minutes serially on a many-core GPU machine."""
+    jobs = [(root / "base", shape, dtype, shard_bytes, seed, None)] + [
+        (root / f"ft{i + 1}", shape, dtype, shard_bytes, seed + i + 1, seed) for i in range(n_finetunes)
     ]
-    return base, fts
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn, not fork: the caller may hold threads (CUDA, OpenMP) that a forked child must not inherit
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as ex:
+            paths = list(ex.map(_write_job, jobs))
+    else:
+        paths = [_write_job(j) for j in jobs]
+    return paths[0], paths[1:]
+
+
+def _write_job(job: tuple) -> Path:
+    out, shape, dtype, shard_bytes, seed, base_seed = job
+    return write_model(out, shape, dtype, shard_bytes, seed, base_seed=base_seed)

@@ -25,10 +25,14 @@ def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") 
 
 
 def file_digest(path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, sorted)."""
     import hashlib
     from pathlib import Path
 
     h = hashlib.sha256()
+    if Path(path).is_file():  # (rglob of a file yields nothing: every file would hash alike)
+        h.update(Path(path).read_bytes())
+        return h.hexdigest()
     for p in sorted(Path(path).rglob("*")):
         if p.is_file():
             h.update(str(p.relative_to(path)).encode())
