@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 SHAPES = [tuple(int(d) for d in s.split("x")) for s in os.environ.get("FASTMERGE_BENCH_SHAPES", "4096x4096,4096x14336,128256x4096").split(",")]
 TS = [int(t) for t in os.environ.get("FASTMERGE_BENCH_T", "2,4,8").split(",")]
-ALL = ["copy", "select", "ties_fused", "ties", "ties_cuda", "dare_ties", "breadcrumbs", "linear", "task_arithmetic", "slerp", "model_stock"]
+ALL = ["copy", "select", "select8", "ties_fused", "ties", "ties8", "ties_cuda", "dare_ties", "breadcrumbs", "linear", "task_arithmetic", "slerp", "model_stock"]
 KERNELS = [k for k in os.environ.get("FASTMERGE_BENCH_KERNELS", ",".join(ALL)).split(",") if k]
 DTYPE = torch.bfloat16
 DENSITY = 0.5
@@ -131,7 +131,7 @@ def _case(kernel: str, shape, T: int):
     if kernel == "copy":
         src = x.view(-1)[: n]
         return (lambda: out.copy_(src)), 2 * n * es, {}
-    if kernel == "select":
+    if kernel in ("select", "select8"):
         k = torch.full((1, T, 1), keep_count(DENSITY, n), dtype=torch.int64)
 
         def mags():
@@ -141,6 +141,11 @@ def _case(kernel: str, shape, T: int):
             "torch.kthvalue": lambda: [torch.kthvalue(m, n - int(k[0, 0, 0]) + 1) for m in mags()],
             "torch.argsort": lambda: [torch.argsort(m, descending=True)[: int(k[0, 0, 0])] for m in mags()],
         }
+        if kernel == "select8":  # four 8-bit passes (kernels/select.py PASSES_8) next to the default three
+            from fastmerge.kernels.select import PASSES, PASSES_8
+
+            return ((lambda: kth_largest(x, base, segs, k, passes=PASSES_8)), 4 * read,
+                    {"select (11-bit passes)": lambda: kth_largest(x, base, segs, k, passes=PASSES)})
         return (lambda: kth_largest(x, base, segs, k)), 3 * read, base_lines
     ties_p = [TiesParams(w, (DENSITY,) * T)]
     ref_ties = lambda: get_method("ties").reference(rows, b2, ties_p[0]).to(DTYPE)  # noqa: E731
@@ -152,6 +157,20 @@ def _case(kernel: str, shape, T: int):
         return (lambda: k.merge(x, base, out, segs)), read + write, {"torch reference (whole ties)": ref_ties}
     if kernel == "ties":
         return (lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)), 4 * read + write, {"torch reference": ref_ties}
+    if kernel == "ties8":  # ties with FASTMERGE_SELECT_BITS=8 (4 selection passes) next to the default
+
+        def ties8():
+            old = os.environ.get("FASTMERGE_SELECT_BITS")
+            os.environ["FASTMERGE_SELECT_BITS"] = "8"
+            try:
+                TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)
+            finally:
+                if old is None:
+                    del os.environ["FASTMERGE_SELECT_BITS"]
+                else:
+                    os.environ["FASTMERGE_SELECT_BITS"] = old
+
+        return ties8, 5 * read + write, {"ties (11-bit passes)": lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)}
     if kernel == "ties_cuda":  # the CUDA C++ kernel (csrc/cuda/ties.cu) on the same inputs, next to the Triton one
         from fastmerge import _native
 
@@ -209,7 +228,7 @@ def _case(kernel: str, shape, T: int):
 
 # The torch references of the sort-bound methods take ~3 s per call at 4096x14336, T=8 (kthvalue/topk of
 # every model); at 128256x4096 ~10x that, so they are timed up to this many input elements only.
-SORT_BOUND = {"select", "ties", "ties_fused", "ties_cuda", "breadcrumbs"}
+SORT_BOUND = {"select", "select8", "ties", "ties8", "ties_fused", "ties_cuda", "breadcrumbs"}
 SORT_BASELINES = {"torch.kthvalue", "torch reference", "torch reference (whole ties)"}
 SLOW_BASELINE_ELEMS = int(os.environ.get("FASTMERGE_BENCH_SLOW_ELEMS", 600_000_000))
 

@@ -12,7 +12,8 @@
 #
 # Each step has its own time cap so one hang cannot eat the call; logs and tables land in $OUT.
 # A device call is capped at 10 minutes: on an H100 (2026-11-24) build took 40 s, tests 115 s, bench
-# 320 s, so run `build tests bench` in one call and `build e2e` in a second (generating the 8.5 GB
+# 320 s (before the select8/ties8 cases were added: ~+20 %), so run `build tests bench` in one call and
+# `build e2e` in a second (generating the 8.5 GB
 # family alone takes minutes; it was cut off at 100 s). Carry .whl (the pinned build tools) if present.
 set -u
 OUT=${OUT:-/tmp/fm_out}

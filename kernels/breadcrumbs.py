@@ -22,7 +22,7 @@ from fastmerge.methods.breadcrumbs import BreadcrumbsParams, band
 from ._common import Segments
 from .dare import no_consensus_divisor
 from .gta import MASK_BAND, GtaKernel, weight_rows
-from .select import PASSES, Selection
+from .select import Selection
 
 
 def batch_key(p: BreadcrumbsParams, consensus: str | None) -> tuple:
@@ -64,7 +64,7 @@ class BreadcrumbsKernel(GtaKernel):
         self.sel: Selection | None = None
         if bool(self._needs.any()):
             self.sel = Selection.start(k, device)
-            self.passes += [f"select{j}" for j in range(len(PASSES))]
+            self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
 
     def _select_pass(self, kind, x, base, segs, g, block) -> None:
@@ -73,7 +73,7 @@ class BreadcrumbsKernel(GtaKernel):
     def _end_select(self, kind) -> None:
         j = int(kind[-1])
         self.sel.scan(j)
-        if j == len(PASSES) - 1:
+        if j == len(self.sel.schedule) - 1:
             v = self.sel.values
             needs, has_lo = self._needs.to(self.device), self._has_lo.to(self.device)
             self.mask.hi = torch.where(needs, v[..., 0], self.mask.hi).contiguous()

@@ -38,6 +38,22 @@ from ._common import Segments, Tiles, interpreting, make_tiles, seg_tables
 
 #: (shift, bits) of the three passes over the 31-bit key
 PASSES: tuple[tuple[int, int], ...] = ((20, 11), (9, 11), (0, 9))
+#: four passes of 8 bits (256 bins): one more read of the data, an 8x smaller tl.histogram per tile. On an
+#: H100 (bench/RESULTS.md, 2026-11-24) the 2048-bin passes ran at 56-79 GB/s, 2 % of copy, where the CUDA
+#: C++ kernel's shared-memory histograms reach ~30 %: whether fewer bins pay for the extra read is what
+#: bench_kernels' "select8" case measures next to "select" (FASTMERGE_SELECT_BITS=8 makes it the default).
+PASSES_8: tuple[tuple[int, int], ...] = ((23, 8), (15, 8), (7, 8), (0, 7))
+SCHEDULES = {"11": PASSES, "8": PASSES_8}
+
+
+def default_passes() -> tuple[tuple[int, int], ...]:
+    """The pass schedule of new selections: ``FASTMERGE_SELECT_BITS`` (11, the default, or 8)."""
+    import os
+
+    bits = os.environ.get("FASTMERGE_SELECT_BITS", "11")
+    if bits not in SCHEDULES:
+        raise ValueError(f"FASTMERGE_SELECT_BITS must be one of {sorted(SCHEDULES)}, got {bits!r}")
+    return SCHEDULES[bits]
 #: a histogram program covers SUB sub-blocks of BLOCK elements: fewer global atomics per element
 GPU_BLOCK, GPU_SUB, GPU_WARPS = 2048, 4, 8
 
@@ -124,16 +140,18 @@ class Selection:
     k: torch.Tensor  # [G, T, Q] remaining rank, updated by each scan
     prefix: torch.Tensor  # [G, T, Q] resolved bits
     eq: torch.Tensor  # [G, T, Q] entries in the last chosen bin (after the last pass: equal to the value)
-    hist: torch.Tensor  # [G*T*Q, 2048]
+    hist: torch.Tensor  # [G*T*Q, 2^max bits]
+    schedule: tuple[tuple[int, int], ...] = PASSES  # (shift, bits) per pass, most significant first
 
     @classmethod
-    def start(cls, k: torch.Tensor, device) -> "Selection":
+    def start(cls, k: torch.Tensor, device, passes: Sequence[tuple[int, int]] | None = None) -> "Selection":
+        schedule = tuple(passes) if passes is not None else default_passes()
         k = k.to(device=device, dtype=torch.int64).contiguous().clone()
-        nb = 1 << max(b for _, b in PASSES)
+        nb = 1 << max(b for _, b in schedule)
         q = k.numel()
         return cls(
             k=k, prefix=torch.zeros_like(k), eq=torch.zeros_like(k),
-            hist=torch.zeros((max(q, 1), nb), dtype=torch.int64, device=device),
+            hist=torch.zeros((max(q, 1), nb), dtype=torch.int64, device=device), schedule=schedule,
         )
 
     @property
@@ -147,7 +165,7 @@ class Selection:
     ) -> None:
         """Add the entries of ``segs`` (rows of ``x`` [T, N], ``base`` [N]) to pass ``pass_no``'s
         histograms; segment s belongs to tensor ``groups[s]`` (default: s)."""
-        shift, bits = PASSES[pass_no]
+        shift, bits = self.schedule[pass_no]
         BLOCK, SUB, warps = hist_block(block)
         if tiles is None or tiles.block != BLOCK * SUB:
             tiles = make_tiles(segs, BLOCK * SUB, x.device)
@@ -173,7 +191,7 @@ class Selection:
         return self.hist.view(-1)[: self.hist.shape[0] << bits].view(self.hist.shape[0], 1 << bits)
 
     def scan(self, pass_no: int) -> None:
-        shift, bits = PASSES[pass_no]
+        shift, bits = self.schedule[pass_no]
         q = self.k.numel()
         if q == 0:
             return
@@ -191,15 +209,16 @@ class Selection:
 
 
 def kth_largest(
-    x: torch.Tensor, base: torch.Tensor, segs: Segments, k: torch.Tensor, block: int | None = None
+    x: torch.Tensor, base: torch.Tensor, segs: Segments, k: torch.Tensor, block: int | None = None,
+    passes: Sequence[tuple[int, int]] | None = None,
 ) -> Selection:
     """The k-th largest |x_t − base| of every segment and model: ``k`` [S, T, Q] int64 → a finished
     ``Selection`` (``.values`` fp32 [S, T, Q], ``.k``: entries equal to it within the top k, ``.eq``:
-    entries equal to it)."""
-    sel = Selection.start(k, x.device)
+    entries equal to it). ``passes``: the (shift, bits) schedule (default: ``default_passes()``)."""
+    sel = Selection.start(k, x.device, passes)
     BLOCK, SUB, _ = hist_block(block)
     tiles = make_tiles(segs, BLOCK * SUB, x.device)
-    for j in range(len(PASSES)):
+    for j in range(len(sel.schedule)):
         sel.histogram(j, x, base, segs, tiles=tiles, block=block)
         sel.scan(j)
     return sel

@@ -21,7 +21,7 @@ from fastmerge.methods.ties import TiesParams, keep_count
 
 from ._common import Segments, default_block, make_tiles
 from .gta import MASK_BAND, GtaKernel, tie_counts, tie_prefix, weight_rows
-from .select import PASSES, Selection
+from .select import Selection
 
 
 def batch_key(p: TiesParams) -> tuple:
@@ -52,7 +52,7 @@ class TiesKernel(GtaKernel):
         self.sel: Selection | None = None
         if bool(self.active.any()):
             self.sel = Selection.start(k, device)
-            self.passes += [f"select{j}" for j in range(len(PASSES))]
+            self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
 
     def _new_sweep(self) -> None:
@@ -64,7 +64,7 @@ class TiesKernel(GtaKernel):
     def _end_select(self, kind) -> None:
         j = int(kind[-1])
         self.sel.scan(j)
-        if j == len(PASSES) - 1:
+        if j == len(self.sel.schedule) - 1:
             act = self.active.to(self.device)
             self.mask.lo = torch.where(act, self.sel.values[..., 0], torch.full_like(self.mask.lo, float("nan")))
             self.mask.room = self.sel.k[..., 0].contiguous()  # entries equal to the threshold that exact-k keeps

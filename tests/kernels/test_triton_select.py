@@ -33,12 +33,27 @@ def _check(sel, x, base, segs, k, groups=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kth_largest_equals_kthvalue(dtype):
-    from fastmerge.kernels.select import kth_largest
+@pytest.mark.parametrize("schedule", ["11", "8"])
+def test_kth_largest_equals_kthvalue(dtype, schedule):
+    """Both pass schedules: three passes of 11/11/9 bits (default) and four of 8/8/8/7."""
+    from fastmerge.kernels.select import SCHEDULES, kth_largest
 
     x, base, segs = packed(dtype)
     k = _ks(segs, 3)
-    _check(kth_largest(x, base, segs, k), x, base, segs, k)
+    sel = kth_largest(x, base, segs, k, passes=SCHEDULES[schedule])
+    assert len(sel.schedule) == {"11": 3, "8": 4}[schedule]
+    _check(sel, x, base, segs, k)
+
+
+def test_default_schedule_from_the_environment(monkeypatch):
+    from fastmerge.kernels.select import PASSES, PASSES_8, default_passes
+
+    assert default_passes() == PASSES
+    monkeypatch.setenv("FASTMERGE_SELECT_BITS", "8")
+    assert default_passes() == PASSES_8
+    monkeypatch.setenv("FASTMERGE_SELECT_BITS", "9")
+    with pytest.raises(ValueError, match="FASTMERGE_SELECT_BITS"):
+        default_passes()
 
 
 def test_kth_largest_across_many_programs_and_chunks():

@@ -28,6 +28,19 @@ def test_ties_bit_exact(dtype, selection):
     assert_bits_equal(out, reference("ties", x, base, segs, params, dtype), f"ties {selection} {dtype}")
 
 
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_ties_with_the_8_bit_schedule(monkeypatch, selection):
+    """FASTMERGE_SELECT_BITS=8: four selection passes inside the kernel's pass protocol, same bits."""
+    from fastmerge.kernels.ties import TiesKernel, ties_merge
+
+    monkeypatch.setenv("FASTMERGE_SELECT_BITS", "8")
+    x, base, segs = packed(torch.bfloat16)
+    params = _params(segs.count, selection=selection)
+    assert TiesKernel(params, segs.numel, x.device).n_passes >= 4
+    out = ties_merge(x, base, poisoned(segs.total, torch.bfloat16), segs, params)
+    assert_bits_equal(out, reference("ties", x, base, segs, params, torch.bfloat16), f"ties 8-bit {selection}")
+
+
 def test_ties_count_election_no_normalize_fp32_out():
     from fastmerge.kernels.ties import ties_merge
 
