@@ -17,6 +17,7 @@
 #include "fastmerge/common.h"
 #include "fastmerge/gta.h"
 #include "fastmerge/linear.h"
+#include "fastmerge/nearswap.h"
 #include "fastmerge/rng.h"
 #include "fastmerge/sce.h"
 #include "fastmerge/ties.h"
@@ -74,6 +75,21 @@ void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::v
                                   base_dtype, divisor, lam);
   py::gil_scoped_release nogil;
   cpu::weighted_delta_sum(a, threads);
+}
+
+void py_nearswap(uintptr_t out, int out_dtype, int64_t n, uintptr_t x, int x_dtype, uintptr_t base, int base_dtype,
+                 double t, int threads) {
+  FM_CHECK(n >= 0, "n: element count must be >= 0, got " << n);
+  FM_CHECK_DTYPE(out_dtype, "out_dtype");
+  FM_CHECK_DTYPE(x_dtype, "x_dtype");
+  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK(n == 0 || (out != 0 && x != 0 && base != 0), "out, x, base: null data pointer");
+  FM_CHECK(t >= nearswap::kMinT, "t: the kernel covers t >= 1e-6 (the clamp form), got " << t);
+  if (n == 0) return;
+  const NearswapArgs a{reinterpret_cast<void*>(out), out_dtype, n, reinterpret_cast<const void*>(x), x_dtype,
+                       reinterpret_cast<const void*>(base), base_dtype, static_cast<float>(t)};
+  py::gil_scoped_release nogil;
+  cpu::nearswap(a, threads);
 }
 
 // Checks and fills the part of the argument block every generalized-task-arithmetic kernel shares.
@@ -329,6 +345,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("divisor"), py::arg("lam"), py::arg("threads") = 0,
         "out = [base +] lam * (sum_i w_i * (x_i [- base])) [/ divisor], fp32 math, one rounding on store "
         "(linear, task_arithmetic). base=0: none; divisor=0.0: no division.");
+  m.def("nearswap", &py_nearswap, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("x"),
+        py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("t"), py::arg("threads") = 0,
+        "NearSwap, default mode (t >= 1e-6): out = min(max(base - t, x), base + t) in fp32 (NaN propagates), "
+        "one rounding on store.");
   m.def("ties", &py_ties, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
         py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
         py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"), py::arg("threads") = 0,

@@ -73,7 +73,13 @@ __all__ = [
     "sce",
     "sce_raw",
     "della_rows",
+    "nearswap",
+    "nearswap_raw",
+    "NEARSWAP_MIN_T",
 ]
+
+#: the smallest NearSwap t the kernel covers (the clamp form; methods/nearswap.py DIFF_FLOOR)
+NEARSWAP_MIN_T = 1e-6
 
 LOAD_ERRORS: dict[str, str] = {}
 #: full tracebacks of the failed imports, for debugging (``report(verbose=True)``)
@@ -390,6 +396,25 @@ def sce(
     )
 
 
+def _check_nearswap_t(t: float) -> float:
+    t = float(t)
+    if not t >= NEARSWAP_MIN_T:  # (NaN too)
+        raise ValueError(f"t: the kernel covers t >= {NEARSWAP_MIN_T} (the clamp form), got {t}")
+    return t
+
+
+def nearswap(out: "torch.Tensor", x: "torch.Tensor", base: "torch.Tensor", t: float, threads: int = 0) -> None:
+    """NearSwap in default mode into ``out``: ``min(max(base − t, x), base + t)`` in fp32 (NaN propagates
+    as in torch.maximum/minimum), one rounding; ``t`` >= 1e-6 (smaller t: the reference's weighted form)."""
+    ext = _cpu_ext()
+    out_code = _check_tensor(out, "out", None)
+    n = out.numel()
+    x_code = _check_tensor(x, "x", n)
+    base_code = _check_tensor(base, "base", n)
+    ext.nearswap(out.data_ptr(), out_code, n, x.data_ptr(), x_code, base.data_ptr(), base_code, _check_nearswap_t(t),
+                 _check_threads(threads))
+
+
 def della_rows(shape: Sequence[int]) -> tuple[int, int, int]:
     """(outer, row_len, inner) of DELLA's rows for a tensor of ``shape`` (``methods.della.to_rows``): 0-D and
     1-D: one row; 2-D: each row; N-D: the fibres along dim 1 (``outer·inner`` rows of ``shape[1]``
@@ -623,3 +648,9 @@ def sce_raw(
     _cpu_ext().sce(
         out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, _check_select_topk(select_topk), threads
     )
+
+
+def nearswap_raw(out: int, out_dtype: int, n: int, x: int, x_dtype: int, base: int, base_dtype: int, t: float,
+                 threads: int = 0) -> None:
+    """NearSwap on raw buffers (the torch-free fast path). See ``nearswap``."""
+    _cpu_ext().nearswap(out, out_dtype, n, x, x_dtype, base, base_dtype, _check_nearswap_t(t), threads)

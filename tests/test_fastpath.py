@@ -83,6 +83,21 @@ def test_passthrough_is_a_byte_copy(tmp_path, family_bf16):
         assert _digests(tmp_path / f"{name}-native") == _digests(tmp_path / f"{name}-torch")
 
 
+@pytest.mark.parametrize("extra", [{}, {"out_dtype": "float32"}])
+def test_nearswap_on_the_fast_path(tmp_path, family_bf16, extra):
+    base, fts = family_bf16
+    doc = {"merge_method": "nearswap", "base_model": str(base), "models": [{"model": str(fts[0])}],
+           "parameters": {"t": 0.003}} | extra
+    p = plan(doc, out_shard_size="300K")
+    assert fastpath.why_not(p) is None
+    fast = fastpath.execute(p, tmp_path / "fast")
+    ref = runner_execute(plan(doc, out_shard_size="300K", backend="torch"), tmp_path / "ref")
+    assert _digests(tmp_path / "fast") == _digests(tmp_path / "ref")
+    assert fast.backends == {"native": len(p.tensors)}
+    small_t = doc | {"parameters": {"t": 1e-7}}
+    assert "runs on torch" in fastpath.why_not(plan(small_t))
+
+
 def test_falls_back_where_it_cannot_run(family_bf16):
     assert "mergekit_compat" in fastpath.why_not(plan(_doc(family_bf16, "ties"), mergekit_compat=True))
     assert "runs on torch" in fastpath.why_not(plan(_doc(family_bf16, "ties"), backend="torch"))

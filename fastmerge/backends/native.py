@@ -1,7 +1,8 @@
 """The native CPU backend: fused C++ kernels (``fastmerge._C``) on raw buffers, GIL released.
 
 Kernels: linear, task_arithmetic, ties (rescale included), dare_linear, dare_ties, della, della_linear,
-breadcrumbs, breadcrumbs_ties, sce, in default mode (fp32 math, one rounding); passthrough is a byte copy
+breadcrumbs, breadcrumbs_ties, sce, nearswap (t >= 1e-6), in default mode (fp32 math, one rounding);
+passthrough is a byte copy
 (``run_raw``; a scale or a dtype change takes the reference). ``mergekit_compat`` (mergekit's arithmetic
 in the compute dtype) stays on the torch backend.
 
@@ -32,6 +33,7 @@ KERNELS = {
     "breadcrumbs": "breadcrumbs",
     "breadcrumbs_ties": "breadcrumbs",
     "sce": "sce",
+    "nearswap": "nearswap",  # t >= 1e-6 (the clamp form)
     "passthrough": "memmove",  # a byte copy on the fast path when nothing changes (no scale, no dtype change)
 }
 
@@ -58,6 +60,8 @@ class NativeBackend:
             reasons.append(f"no C++ kernel for '{job.method.name}'")
         if job.compat:
             reasons.append("mergekit_compat (mergekit's native-dtype arithmetic) is emulated by the torch backend only")
+        if job.method.name == "nearswap" and not job.params.t >= _native.NEARSWAP_MIN_T:
+            reasons.append(f"nearswap t < {_native.NEARSWAP_MIN_T} (the weighted form) is in the torch backend only")
         return reasons
 
     def run(
@@ -97,6 +101,8 @@ class NativeBackend:
             )
         elif name == "sce":
             _native.sce(out, inputs, base, p.select_topk, threads)
+        elif name == "nearswap":
+            _native.nearswap(out, inputs[0], base, p.t, threads)
         elif name == "passthrough":  # the reference is a copy (scale 1) or one multiply; torch's copy_ converts
             out.copy_(job.method.reference(inputs, None, p).reshape(out.shape))
         else:  # guarded by not_supported_reasons
@@ -159,6 +165,11 @@ class NativeBackend:
             if base is None:
                 raise ValueError(f"tensor '{job.tensor}': sce needs a base model")
             _native.sce_raw(*common, p.select_topk, threads)
+        elif name == "nearswap":
+            if base is None:
+                raise ValueError(f"tensor '{job.tensor}': nearswap needs a base model")
+            _native.nearswap_raw(out.ptr, codes[out.dtype], n, inputs[0].ptr, codes[inputs[0].dtype], base.ptr,
+                                 codes[base.dtype], p.t, threads)
         elif name == "passthrough":
             why = passthrough_reason(p.scale[0], inputs[0].dtype, out.dtype)
             if why is not None:  # guarded by fastpath.why_not

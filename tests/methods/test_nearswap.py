@@ -69,8 +69,8 @@ def test_validation():
         ref([x, x], b, NearswapParams(0.1))
 
 
-def _runs(backend: str) -> None:
-    job = MergeJob("<tensor>", METHOD, NearswapParams(0.1), False)
+def _runs(backend: str, compat: bool = False) -> None:
+    job = MergeJob("<tensor>", METHOD, NearswapParams(0.1), compat)
     reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
     if reasons:
         pytest.skip(f"{backend}: {'; '.join(reasons)}")
@@ -80,7 +80,7 @@ def _runs(backend: str) -> None:
 @pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (2**16 + 3,)])
 @pytest.mark.parametrize("compat", [False, True])
 def test_backend_matches_reference(backend, dtype, shape, compat):
-    _runs(backend)
+    _runs(backend, compat)
     b = torch.randn(shape).to(dtype)
     x = (b.float() + 0.1 * torch.randn(shape)).to(dtype)
     got = merge_tensors("nearswap", [x], b, backend=backend, t=0.05, mergekit_compat=compat)
