@@ -42,17 +42,7 @@ FM_TARGET_CLONES void wds_block(const WdsArgs& a, int64_t off, int64_t len) {
 }  // namespace
 
 void weighted_delta_sum(const WdsArgs& a, int threads) {
-  const int64_t nb = num_blocks(a.n);
-  const int nt = threads_for_elems(threads, a.n);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t off = blk * kBlock;
-    const int64_t len = a.n - off < kBlock ? a.n - off : kBlock;
-    wds_block(a, off, len);
-  }
-  (void)nt;
+  for_each_block(a.n, threads, [&a](int64_t off, int64_t len) { wds_block(a, off, len); });
 }
 
 }  // namespace cpu

@@ -289,6 +289,22 @@ FM_ALWAYS_INLINE int threads_for_elems(int threads, int64_t n) {
   return resolve_threads(threads, (n + kMinElemsPerThread - 1) / kMinElemsPerThread);
 }
 
+// fn(off, len) for every block of [0, n), the blocks split statically across OpenMP threads: the driver
+// of the elementwise kernels (linear, nearswap), whose bits do not depend on the split.
+template <class Fn>
+void for_each_block(int64_t n, int threads, const Fn& fn) {
+  const int64_t nb = num_blocks(n);
+  const int nt = threads_for_elems(threads, n);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t off = blk * kBlock;
+    fn(off, n - off < kBlock ? n - off : kBlock);
+  }
+  (void)nt;
+}
+
 }  // namespace cpu
 }  // namespace fastmerge
 #endif  // !__CUDACC__
