@@ -160,15 +160,10 @@ def _case(kernel: str, shape, T: int):
     if kernel == "ties8":  # ties with FASTMERGE_SELECT_BITS=8 (4 selection passes) next to the default
 
         def ties8():
-            old = os.environ.get("FASTMERGE_SELECT_BITS")
-            os.environ["FASTMERGE_SELECT_BITS"] = "8"
-            try:
+            from unittest import mock
+
+            with mock.patch.dict(os.environ, {"FASTMERGE_SELECT_BITS": "8"}):
                 TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)
-            finally:
-                if old is None:
-                    del os.environ["FASTMERGE_SELECT_BITS"]
-                else:
-                    os.environ["FASTMERGE_SELECT_BITS"] = old
 
         return ties8, 5 * read + write, {"ties (11-bit passes)": lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)}
     if kernel == "ties_cuda":  # the CUDA C++ kernel (csrc/cuda/ties.cu) on the same inputs, next to the Triton one

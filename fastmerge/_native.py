@@ -175,14 +175,14 @@ def _dtype_code(t: "torch.Tensor", name: str) -> int:
         raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}") from None
 
 
-def _check_tensor(t: Any, name: str, numel: int | None) -> int:
-    """Checks one buffer argument; returns its dtype code."""
+def _check_tensor(t: Any, name: str, numel: int | None, device: str = "cpu") -> int:
+    """Checks one buffer argument (on ``device``: "cpu" or "cuda"); returns its dtype code."""
     import torch
 
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name}: must be a CPU tensor, got device '{t.device}'")
+    if t.device.type != device:
+        raise ValueError(f"{name}: must be a {device.upper()} tensor, got device '{t.device}'")
     code = _dtype_code(t, name)
     if not t.is_contiguous():
         raise ValueError(
@@ -193,12 +193,12 @@ def _check_tensor(t: Any, name: str, numel: int | None) -> int:
     return code
 
 
-def _check_inputs(inputs: Sequence["torch.Tensor"], numel: int) -> tuple[list[int], list[int]]:
+def _check_inputs(inputs: Sequence["torch.Tensor"], numel: int, device: str = "cpu") -> tuple[list[int], list[int]]:
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs: expected a sequence of tensors, got {type(inputs).__name__}")
     if len(inputs) == 0:
         raise ValueError("inputs: need at least one input tensor")
-    codes = [_check_tensor(x, f"inputs[{i}]", numel) for i, x in enumerate(inputs)]
+    codes = [_check_tensor(x, f"inputs[{i}]", numel, device) for i, x in enumerate(inputs)]
     return [x.data_ptr() for x in inputs], codes
 
 
@@ -292,10 +292,7 @@ def ties(
         raise ValueError("base: TIES needs a base model tensor, got None")
     base_code = _check_tensor(base, "base", n)
     w = _check_floats(weights, "weights", len(inputs))
-    d = _check_floats(densities, "densities", len(inputs))
-    for i, di in enumerate(d):
-        if not di > 0.0:  # also catches NaN
-            raise ValueError(f"densities[{i}]: density must be in (0, 1], got {di}")
+    d = _check_densities(densities, len(inputs))
     if election not in _ELECTIONS:
         raise ValueError(f"election: must be 'sum' or 'count', got {election!r}")
     ext.ties(
@@ -511,33 +508,16 @@ def ties_cuda(
     ok, why = cuda_usable()
     if not ok:
         raise RuntimeError(f"fastmerge._C_cuda is not usable: {why}")
-    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-    def check(t: Any, name: str, numel: int | None) -> int:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cuda":
-            raise ValueError(f"{name}: must be a CUDA tensor, got device '{t.device}'")
-        if t.dtype not in codes:
-            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name}: must be contiguous (call .contiguous())")
-        if numel is not None and t.numel() != numel:
-            raise ValueError(f"{name}: has {t.numel()} elements, expected {numel} (the size of out)")
-        return codes[t.dtype]
-
-    out_code = check(out, "out", None)
+    out_code = _check_tensor(out, "out", None, "cuda")
     n = out.numel()
-    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) == 0:
-        raise ValueError("inputs: need a non-empty sequence of tensors")
-    in_codes = [check(x, f"inputs[{i}]", n) for i, x in enumerate(inputs)]
-    base_code = check(base, "base", n)
+    ptrs, in_codes = _check_inputs(inputs, n, "cuda")
+    base_code = _check_tensor(base, "base", n, "cuda")
     w = _check_floats(weights, "weights", len(inputs))
     d = _check_densities(densities, len(inputs))
     if election not in _ELECTIONS:
         raise ValueError(f"election: must be 'sum' or 'count', got {election!r}")
     _C_cuda.ties(
-        out.data_ptr(), out_code, n, [x.data_ptr() for x in inputs], in_codes, base.data_ptr(), base_code, w, d,
+        out.data_ptr(), out_code, n, ptrs, in_codes, base.data_ptr(), base_code, w, d,
         bool(normalize), float(lam), _ELECTIONS[election], bool(exact_k), torch.cuda.current_stream().cuda_stream,
         bool(rescale),
     )

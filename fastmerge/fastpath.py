@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .backends.base import MergeJob
+from .backends.native import passthrough_reason
 from .io.reader import READ_AHEAD, RawReader, RawView
 from .io.index import ITEMSIZE
 from .plan import MergePlan
@@ -46,8 +47,6 @@ def why_not(plan: MergePlan) -> str | None:
         if t.input_transform is not None:  # tokenizer_source: vocabulary remapping of embedding rows
             return f"tensor '{t.name}' has an input transform"
         if plan.method.name == "passthrough":
-            from .backends.native import passthrough_reason
-
             src = t.sources[0] if t.sources else t.base
             why = passthrough_reason(t.params.scale[0], src.dtype, t.out_dtype)
             if why is not None:

@@ -8,7 +8,6 @@ Priority on CPU: native (C++) > torch. On CUDA: cuda > triton > torch. ``FASTMER
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
 
 from .._lazy import torch
 
