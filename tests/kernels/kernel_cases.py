@@ -22,6 +22,20 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1,), (7,), (33, 17), (3, 4, 25)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IV = {2: torch.int16, 4: torch.int32}
+#: merge_tensors parameters of every method with a Triton kernel (test_triton_backend, test_triton_gpu)
+METHOD_CASES = {
+    "linear": dict(weight=[0.2, 0.5, 0.3]),
+    "task_arithmetic": dict(weight=0.3, normalize=True, **{"lambda": 0.8}),
+    "ties": dict(weight=[0.3, -0.2, 0.6], density=[0.5, 0.2, 1.0]),
+    "dare_linear": dict(weight=0.3, density=0.5, rescale=False),
+    "dare_ties": dict(weight=0.3, density=0.5, rescale=False),
+    "breadcrumbs": dict(weight=0.3, density=0.5, gamma=0.05),
+    "breadcrumbs_ties": dict(weight=0.3, density=0.5, gamma=0.05),
+    "della": dict(weight=0.3, density=0.5, epsilon=0.1, rescale=False),
+    "della_linear": dict(weight=0.3, density=0.5, epsilon=0.1, rescale=False),
+    "slerp": dict(t=0.3),
+    "model_stock": dict(),
+}
 
 
 def packed(dtype: torch.dtype, T: int = 3, shapes=SHAPES, seed: int = 0, scale: float = 0.01, tied: bool = True):

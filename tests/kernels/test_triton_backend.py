@@ -12,23 +12,9 @@ from fastmerge.methods import get_method
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams
 from fastmerge.methods.model_stock import ModelStockParams
 from fastmerge.methods.ties import TiesParams
-from kernel_cases import assert_bits_equal, needs_triton
+from kernel_cases import METHOD_CASES as CASES, assert_bits_equal, needs_triton
 
 pytestmark = needs_triton
-
-CASES = {
-    "linear": dict(weight=[0.2, 0.5, 0.3]),
-    "task_arithmetic": dict(weight=0.3, normalize=True, **{"lambda": 0.8}),
-    "ties": dict(weight=[0.3, -0.2, 0.6], density=[0.5, 0.2, 1.0]),
-    "dare_linear": dict(weight=0.3, density=0.5, rescale=False),
-    "dare_ties": dict(weight=0.3, density=0.5, rescale=False),
-    "breadcrumbs": dict(weight=0.3, density=0.5, gamma=0.05),
-    "breadcrumbs_ties": dict(weight=0.3, density=0.5, gamma=0.05),
-    "della": dict(weight=0.3, density=0.5, epsilon=0.1, rescale=False),
-    "della_linear": dict(weight=0.3, density=0.5, epsilon=0.1, rescale=False),
-    "slerp": dict(t=0.3),
-    "model_stock": dict(),
-}
 
 
 def test_every_kernel_method_has_a_case():

@@ -13,23 +13,9 @@ import torch
 import fastmerge
 from fastmerge import merge_tensors
 from fastmerge.testing import LlamaShape, make_family
-from kernel_cases import assert_bits_equal
+from kernel_cases import METHOD_CASES as CASES, assert_bits_equal
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-CASES = {
-    "linear": dict(weight=[0.2, 0.5, 0.3]),
-    "task_arithmetic": dict(weight=0.3, normalize=True, **{"lambda": 0.8}),
-    "ties": dict(weight=[0.3, -0.2, 0.6], density=[0.5, 0.2, 1.0]),
-    "dare_linear": dict(weight=0.3, density=0.5, rescale=False),
-    "dare_ties": dict(weight=0.3, density=0.5, rescale=False),
-    "breadcrumbs": dict(weight=0.3, density=0.5, gamma=0.05),
-    "breadcrumbs_ties": dict(weight=0.3, density=0.5, gamma=0.05),
-    "della": dict(weight=0.3, density=0.5, epsilon=0.1, rescale=False),
-    "della_linear": dict(weight=0.3, density=0.5, epsilon=0.1, rescale=False),
-    "slerp": dict(t=0.3),
-    "model_stock": dict(),
-}
 
 
 def _inputs(shape, dtype, n=3, seed=0):
