@@ -71,8 +71,11 @@ def test_peak_rss_growth_bounded_by_largest_tensor(tmp_path, big_family, backend
     growth = m["peak"] - m["rss0"]
     # Working set in units of the largest input tensor L (bf16): the current group and one read-ahead
     # group (2 x 4L), two reused output buffers (2L), fp32 scratch of the kernels: native ~ 4 x 2L
-    # (|delta| and histograms), the torch reference ~ (3T + 6) fp32 temporaries = 15 x 2L.
-    factor = {"native": 20, "torch": 44}[backend]
+    # (|delta| and histograms). The torch reference, measured alone on the 2048x512 embedding (T=3, 2
+    # threads): 68 MB peak on its first call, 88 MB after five (= 44L: the allocator keeps freed 4 MB
+    # blocks once glibc's mmap threshold has risen), so 54L with the groups; runner/torch runs measured
+    # 118-139 MB here and in CI. 64L leaves room for that spread and still sits 2.8x under the inputs.
+    factor = {"native": 20, "torch": 64}[backend]
     bound = factor * m["largest"] + 48 * 2**20  # + allocator / interpreter slack
     assert m["total"] >= 10 * bound / 4, "family too small for the test to mean anything"
     assert growth < bound, f"peak RSS grew {growth / 2**20:.0f} MB (bound {bound / 2**20:.0f} MB, inputs {m['total'] / 2**20:.0f} MB)"
