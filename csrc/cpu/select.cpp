@@ -254,10 +254,73 @@ constexpr double kMaxCandFrac = 0.125;
 
 thread_local int64_t tls_fallbacks = 0;
 
-// The r-th largest (1-based) of v[0, m); reorders v (not its multiset).
+// rth_largest: a counting select. std::nth_element over the candidates was a quarter of a selection's
+// time on the benchmark family (2816x1024, T=3: rth_largest 24% of samples, and the second OpenMP thread
+// spinning meanwhile), whose bf16 deltas take few distinct values (21397 of 2.9M; 53320 equal to the
+// threshold), a bad case for a partitioning select. Counting: histogram the values relative to the
+// minimum in 2^11 bins, keep the bin that holds the r-th largest, repeat on its elements; each round
+// divides the value range by 2^11 (three at most for 32 bits), and a round whose range fits the bins
+// answers exactly. Runs of equal values go to four interleaved sub-histograms so that consecutive
+// increments of one counter do not wait on each other's stores.
+constexpr int kCountBits = 11;
+constexpr int kCountBins = 1 << kCountBits;
+// At most this many values: std::nth_element (cheaper than zeroing 32 KiB of counters).
+constexpr int64_t kNthMax = 2048;
+thread_local std::vector<uint32_t> tls_bin;  // the kept bin's values (grow-only, per OpenMP thread)
+
+// The r-th largest (1-based) of v[0, m); may reorder v, never changes its multiset.
 uint32_t rth_largest(uint32_t* v, int64_t m, int64_t r) {
-  std::nth_element(v, v + (m - r), v + m);
-  return v[m - r];
+  if (m <= kNthMax || m > int64_t(0xffffffffu)) {
+    std::nth_element(v, v + (m - r), v + m);
+    return v[m - r];
+  }
+  const uint32_t* src = v;
+  for (;;) {
+    uint32_t lo = 0xffffffffu, hi = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      lo = src[j] < lo ? src[j] : lo;
+      hi = src[j] > hi ? src[j] : hi;
+    }
+    if (lo == hi) return lo;
+    const int width = 32 - __builtin_clz(hi - lo);
+    const int shift = width > kCountBits ? width - kCountBits : 0;
+    alignas(64) uint32_t h[4][kCountBins];
+    std::memset(h, 0, sizeof h);
+    int64_t j = 0;
+    for (; j + 4 <= m; j += 4) {
+      ++h[0][(src[j] - lo) >> shift];
+      ++h[1][(src[j + 1] - lo) >> shift];
+      ++h[2][(src[j + 2] - lo) >> shift];
+      ++h[3][(src[j + 3] - lo) >> shift];
+    }
+    for (; j < m; ++j) ++h[0][(src[j] - lo) >> shift];
+    int64_t above = 0;
+    uint32_t bin = (hi - lo) >> shift;
+    for (;; --bin) {
+      const int64_t c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
+      if (above + c >= r) break;
+      above += c;
+    }
+    if (shift == 0) return lo + bin;
+    const int64_t cnt = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
+    // +1: the branchless compaction stores every value at dst[c] before deciding to keep it. Later rounds
+    // compact tls_bin in place (c <= j: a value is read before its slot is overwritten).
+    if (src == v) grow(tls_bin, size_t(cnt) + 1);
+    uint32_t* dst = tls_bin.data();
+    int64_t c = 0;
+    for (j = 0; j < m; ++j) {
+      const uint32_t x = src[j];
+      dst[c] = x;
+      c += ((x - lo) >> shift) == bin;
+    }
+    src = dst;
+    m = cnt;
+    r -= above;
+    if (m <= kNthMax) {
+      std::nth_element(dst, dst + (m - r), dst + m);
+      return dst[m - r];
+    }
+  }
 }
 
 KthAbs result_from(const uint32_t* v, int64_t m, uint32_t th, int64_t above_base, int64_t nans) {

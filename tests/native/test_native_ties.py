@@ -137,6 +137,34 @@ def test_multi_select_ties_zeros_nans_and_fallback():
         assert fallbacks >= 1  # the 50/50 model's brackets span both values: radix select, still exact
 
 
+def clustered_case(n: int, seed: int):
+    """|δ| that the counting select (select.cpp rth_largest) must resolve in several rounds: a third spread
+    over ~60 binades, a dense cluster of distinct values near 1 (a whole first-round bin), and a heavily
+    tied block near 0.5 (bf16-style duplicates, as the benchmark family's deltas)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen).to(BF16)
+    third = n // 3
+    wide = torch.exp2(torch.empty(third).uniform_(-30, 30, generator=gen))
+    cluster = 1.0 + torch.arange(third, dtype=torch.float32) * 2.0**-22
+    tied = 0.5 + torch.randint(0, 40, (n - 2 * third,), generator=gen).float() * 2.0**-9
+    delta = torch.cat([wide, cluster, tied])
+    delta = delta[torch.randperm(n, generator=gen)] * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    return [base.float() + delta], base
+
+
+@pytest.mark.parametrize("n", [65_536, 300_001])  # every |δ| (no sample), and the sampled brackets
+def test_counting_select_matches_kthvalue_on_clustered_and_tied_data(n):
+    xs, base = clustered_case(n, seed=n % 97)
+    third = n // 3
+    # ranks in the wide part, deep in the cluster (several rounds), in the tied block (exact bins), edges
+    ks = [1, third // 2, third + 5, third + third // 2, 2 * third - 1, 2 * third + 3, n - (n - 2 * third) // 2, n]
+    want = expected_kths(xs[0], base, ks)
+    for threads in (1, 2):
+        res, _ = multi(xs, base, [0] * len(ks), ks, threads)
+        for k, r, e in zip(ks, res, want):
+            assert same(tuple(r), e), (n, k, threads)
+
+
 def test_multi_select_thread_count_independence():
     xs, base = make_case(BIG, 3, BF16, BF16, seed=5)
     ks = [1, 1000, BIG // 2, BIG - 7]
