@@ -69,7 +69,7 @@ BATCH_ELEMS = 1 << 24
 RESERVE_BYTES = 512 << 20
 #: ties tensors from this size go to the CUDA C++ kernel: its selection reads histograms back to the host
 #: (3 syncs per tensor), which for norms and biases costs more than Triton's one batched launch
-CUDA_MIN_ELEMS = 1 << 20
+CUDA_MIN_ELEMS = cb.MIN_ELEMS  # the plan's rule (backends.select); tests lower it here
 #: host output buffers larger than this are not pinned (D2H then goes through the driver's staging)
 MAX_PINNED_OUT = 2 << 30
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -301,7 +302,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         base_info = infos[0] if sl.base else None
         sources = infos[1:] if sl.base else infos
         out_dtype = config.out_dtype or config.dtype or ref_info.dtype
-        job = MergeJob(out_name, method, params, options.mergekit_compat)
+        job = MergeJob(out_name, method, params, options.mergekit_compat, numel=math.prod(out_shape))
         backend, skipped = backends.select(job, device, options.backend)
         plans.append(TensorPlan(
             name=out_name, shape=out_shape, out_dtype=out_dtype,

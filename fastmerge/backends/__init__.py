@@ -13,6 +13,7 @@ from .._lazy import torch
 
 from ..errors import BackendUnavailableError
 from .base import Backend, MergeJob
+from . import cuda
 from .cuda import CudaBackend
 from .native import NativeBackend
 from .torch_ref import TorchBackend
@@ -47,6 +48,10 @@ def select(job: MergeJob, device: str, prefer: str = "auto") -> tuple[str, dict[
         return prefer, {k: v for k, v in reasons.items() if k != prefer}
     for name in PRIORITY[device]:
         if not reasons[name]:
+            if name == "cuda" and job.numel is not None and job.numel < cuda.MIN_ELEMS and not reasons["triton"]:
+                # what gpu_runner does with such a tensor: the plan shows where it really runs
+                reasons["cuda"] = [f"under {cuda.MIN_ELEMS} elements: batched on Triton (--backend cuda forces it)"]
+                name = "triton"
             return name, {k: v for k, v in reasons.items() if k != name}
     detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in reasons.items())
     raise BackendUnavailableError(f"tensor '{job.tensor}': no backend can run it on {device} ({detail})")

@@ -18,6 +18,7 @@ class MergeJob:
     method: MergeMethod
     params: Any
     compat: bool  # mergekit_compat: mergekit's native-dtype arithmetic
+    numel: int | None = None  # the output's element count, where known (size-dependent choices: backends.select)
 
 
 class Backend(Protocol):

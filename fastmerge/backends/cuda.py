@@ -21,6 +21,9 @@ from .base import MergeJob
 METHODS = ("ties",)
 #: inputs a launch takes (``_C_cuda.max_inputs``)
 MAX_INPUTS = 32
+#: under this many elements ``--backend auto`` leaves ties tensors to Triton, which batches small tensors
+#: into one launch; the CUDA kernel takes one tensor per call and synchronises 3 times (its histograms)
+MIN_ELEMS = 1 << 20
 
 
 def param_reasons(job: MergeJob) -> list[str]:

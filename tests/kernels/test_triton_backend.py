@@ -1,6 +1,8 @@
 """fastmerge/backends/triton.py: what the kernels cover (and say they do not), and the per-tensor path
 (``merge_tensors(..., backend="triton")``) against the torch backend for every covered method."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,3 +66,27 @@ def test_auto_selection_on_cuda_prefers_triton_for_covered_methods(monkeypatch):
     assert name == "triton" and skipped["cuda"]
     name, _ = backends.select(_job("ties", TiesParams((1.0,), (0.5,)), compat=True), "cuda")
     assert name == "torch"
+
+
+def test_auto_selection_on_cuda_sends_small_ties_tensors_to_triton(monkeypatch):
+    """The plan names the backend gpu_runner really uses: ties tensors under cuda.MIN_ELEMS are batched on
+    Triton; from it (or with an unknown size) the CUDA C++ kernel; ``--backend cuda`` forces it at any size."""
+    from fastmerge import _native
+    from fastmerge.backends import cuda as cb
+
+    monkeypatch.setattr(tb, "_cuda", lambda: True)
+    monkeypatch.setattr(_native, "cuda_usable", lambda: (True, ""))
+    ties = TiesParams((1.0,), (0.5,))
+
+    def job(numel):
+        return dataclasses.replace(_job("ties", ties), numel=numel)
+
+    name, skipped = backends.select(job(cb.MIN_ELEMS - 1), "cuda")
+    assert name == "triton" and "batched on Triton" in skipped["cuda"][0]
+    assert backends.select(job(cb.MIN_ELEMS), "cuda")[0] == "cuda"
+    assert backends.select(job(None), "cuda")[0] == "cuda"
+    assert backends.select(job(10), "cuda", "cuda")[0] == "cuda"
+    # linear has no CUDA C++ kernel: Triton whatever the size, and the reason is the kernel, not the size
+    lin = dataclasses.replace(_job("linear", get_method("linear").params_type((1.0,))), numel=10)
+    name, skipped = backends.select(lin, "cuda")
+    assert name == "triton" and "no CUDA C++ kernel" in skipped["cuda"][0]
