@@ -34,6 +34,22 @@ struct DareKeep {
   }
 };
 
+#if FM_HAS_FUSED_BLOCK
+// DareKeep for gtacpu::fused_block: the generator on 16 lanes (rng.h's hash_lo_lanes: the same integer
+// operations per lane, so the same bits as DareKeep).
+struct DareVKeep {
+  const DareModel* dm;
+  int64_t off;  // the block's first element
+  FM_ALWAYS_INLINE gtacpu::fm_v16i operator()(int i, int64_t j, gtacpu::fm_v16f) const {
+    const DareModel& m = dm[i];
+    const uint32_t hw = rng::hi_word(m.st, uint64_t(off));  // a block never straddles a multiple of 2^32
+    const gtacpu::fm_v16u lo = (gtacpu::fm_v16u{} + uint32_t(off + j)) + gtacpu::kLane16;
+    const gtacpu::fm_v16u h = rng::hash_lo_lanes(m.st, lo, hw) >> 8;  // < 2^24: the int32 compare of keep_scalar
+    return reinterpret_cast<const gtacpu::fm_v16i&>(h) < m.threshold;
+  }
+};
+#endif
+
 // The generator's mask, also stored as bits for the merge pass (the norms pass draws every mask the merge
 // needs: ~1.3 cycles per element and model to draw, against a 1/8-byte store and load).
 struct DareKeepStore {
@@ -48,11 +64,23 @@ struct DareKeepStore {
 
 FM_TARGET_CLONES void dare_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const DareModel* dm,
                                        int64_t off, int64_t len, float* rows) {
+#if FM_HAS_FUSED_BLOCK
+  if (gtacpu::fusable(g, len)) {
+    gtacpu::fused_block(g, ms, DareVKeep{dm, off}, off, len, rows);
+    return;
+  }
+#endif
   gtacpu::merge_block(g, ms, DareKeep{dm}, off, len, rows);
 }
 
 FM_TARGET_CLONES void dare_merge_block_stored(const GtaArgs& g, const gtacpu::ModelScale* ms,
                                               const gtacpu::MaskKeep& mk, int64_t off, int64_t len, float* rows) {
+#if FM_HAS_FUSED_BLOCK
+  if (gtacpu::fusable(g, len)) {
+    gtacpu::fused_block(g, ms, gtacpu::MaskVKeep{mk.mask, mk.words, off}, off, len, rows);
+    return;
+  }
+#endif
   gtacpu::merge_block(g, ms, mk, off, len, rows);
 }
 

@@ -175,10 +175,29 @@ FM_ALWAYS_INLINE fm_v16f vload16_dt(const void* p, int dt, int64_t i) {
   return vload16(static_cast<const float*>(p) + i);
 }
 
-// Whether fused_block can take a block: whole 16-lane chunks, and bf16 / fp32 operands only (f16's
-// widening is not a shift; those blocks take merge_block).
+// MaskKeep (the stored bits of model i) 16 lanes at a time: off + j is a multiple of 16, so the 16 bits sit
+// in one word.
+typedef uint32_t fm_v16u __attribute__((vector_size(64)));
+constexpr fm_v16u kLane16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+struct MaskVKeep {
+  const uint64_t* mask;
+  int64_t words;
+  int64_t off;  // the block's first element
+  FM_ALWAYS_INLINE fm_v16i operator()(int i, int64_t j, fm_v16f) const {
+    const int64_t e = off + j;
+    const uint32_t bits = uint32_t(mask[i * words + (e >> 6)] >> (e & 63)) & 0xffffu;
+    const fm_v16u lane = ((fm_v16u{} + bits) >> kLane16) & 1u;
+    return fm_v16i{} - reinterpret_cast<const fm_v16i&>(lane);
+  }
+};
+
+// Whether fused_block can take a block: whole 16-lane chunks, bf16 / fp32 operands only (f16's widening is
+// not a shift; those blocks take merge_block), at most kMaxFusedModels models.
+constexpr int kMaxFusedModels = 16;  // fused_block's stack array of w·δ' chunks
+
 inline bool fusable(const GtaArgs& a, int64_t len) {
-  if (len % 16 != 0 || a.base_dtype == F16) return false;
+  if (len % 16 != 0 || a.base_dtype == F16 || a.num_inputs > kMaxFusedModels) return false;
   for (int i = 0; i < a.num_inputs; ++i) {
     if (a.input_dtypes[i] == F16) return false;
   }
@@ -192,8 +211,7 @@ inline bool fusable(const GtaArgs& a, int64_t len) {
 // between, and at T=3 its merge pass took 2.8x a weighted delta sum over the same bytes (80 vs 29 ms,
 // 32000x1024 bf16, 1 thread). Per element the operations and their order are merge_block's: same bits.
 // `vkeep(i, j, d)` returns the keep lanes (each all ones or all zeros) of model i for chunk j (block-relative) given
-// its fp32 deltas; it is only called for models that are not ms[i].whole. T <= kMaxFusedModels.
-constexpr int kMaxFusedModels = 16;
+// its fp32 deltas; it is only called for models that are not ms[i].whole. Callers check fusable().
 
 template <class VKeep>
 FM_ALWAYS_INLINE void fused_block(const GtaArgs& a, const ModelScale* ms, const VKeep& vkeep, int64_t off, int64_t len,

@@ -83,7 +83,7 @@ FM_TARGET_CLONES void ties_merge_block(const GtaArgs& g, const gtacpu::ModelScal
                                        int64_t off, int64_t len, float* rows) {
 #if FM_HAS_FUSED_BLOCK
   const int T = g.num_inputs;
-  if (T <= gtacpu::kMaxFusedModels && gtacpu::fusable(g, len)) {
+  if (gtacpu::fusable(g, len)) {
     signed char mode[gtacpu::kMaxFusedModels];
     bool uniform = true;
     for (int i = 0; i < T; ++i) {

@@ -28,8 +28,10 @@ constexpr uint32_t kMul2 = 0x846CA68Bu;
 constexpr uint32_t kStreamInit = 0x243F6A88u;
 constexpr uint32_t kK1Tweak = 0x9E3779B9u;
 
-// lowbias32 (a bijection of the 32-bit integers).
-FM_HOST_DEVICE uint32_t mix32(uint32_t x) {
+// lowbias32 (a bijection of the 32-bit integers). Generic over U so that the CPU kernels can run it on
+// vectors of uint32 lanes (GCC vector types: the same operations lane by lane); mix32 is the scalar.
+template <class U>
+FM_HOST_DEVICE U mix32_lanes(U x) {
   x ^= x >> 16;
   x *= kMul1;
   x ^= x >> 15;
@@ -37,6 +39,8 @@ FM_HOST_DEVICE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
+
+FM_HOST_DEVICE uint32_t mix32(uint32_t x) { return mix32_lanes(x); }
 
 struct Stream {
   uint32_t k0;
@@ -62,7 +66,10 @@ FM_HOST_DEVICE Stream stream_keys(uint64_t seed, uint64_t key, uint32_t model) {
 FM_HOST_DEVICE uint32_t hi_word(const Stream& s, uint64_t i) { return mix32(s.k1 ^ uint32_t(i >> 32)); }
 
 // h of the element whose low index word is `lo`, given hi_word of its run.
-FM_HOST_DEVICE uint32_t hash_lo(const Stream& s, uint32_t lo, uint32_t hiw) { return mix32(mix32(lo ^ s.k0) ^ hiw); }
+template <class U>
+FM_HOST_DEVICE U hash_lo_lanes(const Stream& s, U lo, uint32_t hiw) { return mix32_lanes(mix32_lanes(lo ^ s.k0) ^ hiw); }
+
+FM_HOST_DEVICE uint32_t hash_lo(const Stream& s, uint32_t lo, uint32_t hiw) { return hash_lo_lanes(s, lo, hiw); }
 
 FM_HOST_DEVICE uint32_t hash(const Stream& s, uint64_t i) { return hash_lo(s, uint32_t(i), hi_word(s, i)); }
 
