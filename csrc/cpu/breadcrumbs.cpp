@@ -15,6 +15,7 @@
 // (one more read, only when the band cuts through the ties). n_bot = 0: lo = min |δ| (NaN if any |δ| is
 // NaN: the reference's `mag.min()`).
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "fastmerge/common.h"
@@ -60,8 +61,78 @@ struct BandKeep {
   }
 };
 
+#if FM_HAS_FUSED_BLOCK
+// BandKeep for gtacpu::fused_block, 16 lanes at a time, for a block where each boundary's tie rule is
+// uniform: ok[2i] / ok[2i + 1] = every / no tie at lo / hi kept (all ones / zeros). Blocks that a topk
+// cut runs through (at most two per model) take merge_block.
+//
+// The open interval lo < |δ| < hi is one unsigned compare on bit patterns (band_bits): GCC 12 lowered the
+// AND of two float-compare masks lane by lane here (breadcrumbs_ties 3x slower than merge_block, measured).
+struct BandVKeep {
+  const Band* bands;
+  const int32_t* ok;
+  const uint32_t* bb;  // per model: band_bits' (base, width)
+  FM_ALWAYS_INLINE gtacpu::fm_v16i operator()(int i, int64_t, gtacpu::fm_v16f d) const {
+    gtacpu::fm_v16u bits;
+    std::memcpy(&bits, &d, sizeof bits);
+    bits &= 0x7fffffffu;
+    gtacpu::fm_v16f x;
+    std::memcpy(&x, &bits, sizeof x);
+    const gtacpu::fm_v16i inside = (bits - bb[2 * i]) < bb[2 * i + 1];
+    const gtacpu::fm_v16f lo = gtacpu::fm_v16f{} + bands[i].lo;
+    const gtacpu::fm_v16f hi = gtacpu::fm_v16f{} + bands[i].hi;
+    const gtacpu::fm_v16i lo_ok = gtacpu::fm_v16i{} + ok[2 * i];
+    const gtacpu::fm_v16i hi_ok = gtacpu::fm_v16i{} + ok[2 * i + 1];
+    return inside | ((x == lo) & lo_ok) | ((x == hi) & hi_ok);
+  }
+};
+
+// lo < a < hi for a = |δ| (sign bit clear, NaN above +inf), as `(bits(a) − base) < width` in uint32.
+// Non-negative floats order like their bit patterns, so with L = the largest bit pattern <= lo (−1: none,
+// lo < 0) and H = bits(hi), the test is L < bits(a) < H. A NaN |δ| has bits above H, so it is never
+// inside: a float compare would say the same. A NaN lo or hi makes the float test false for every a, and
+// so does an empty (L + 1 >= H) range: width 0 there.
+FM_ALWAYS_INLINE void band_bits(float lo, float hi, uint32_t* base, uint32_t* width) {
+  if (lo != lo || hi != hi || !(hi > 0.0f)) {
+    *base = 0;
+    *width = 0;
+    return;
+  }
+  const int64_t L = lo < 0.0f ? -1 : int64_t(abs_bits(lo));  // −0.0 counts as +0.0, as in the float test
+  const int64_t H = int64_t(f32_bits(hi));
+  *base = uint32_t(L + 1);
+  *width = H > L + 1 ? uint32_t(H - (L + 1)) : 0u;
+}
+
+// The tie rule of [first, last] over a block of len: 1 all kept, 0 none, −1 mixed.
+FM_ALWAYS_INLINE int block_rule(int64_t first, int64_t last, int64_t off, int64_t len) {
+  if (first <= off && last >= off + len - 1) return 1;
+  if (last < off || first > off + len - 1 || last < first) return 0;
+  return -1;
+}
+#endif
+
 FM_TARGET_CLONES void band_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const Band* bands,
                                        int64_t off, int64_t len, float* rows) {
+#if FM_HAS_FUSED_BLOCK
+  if (gtacpu::fusable(g, len)) {
+    int32_t ok[2 * gtacpu::kMaxFusedModels];
+    uint32_t bb[2 * gtacpu::kMaxFusedModels];
+    bool uniform = true;
+    for (int i = 0; i < g.num_inputs; ++i) {
+      band_bits(bands[i].lo, bands[i].hi, &bb[2 * i], &bb[2 * i + 1]);
+      const int lo_rule = block_rule(bands[i].lo_first, bands[i].lo_last, off, len);
+      const int hi_rule = block_rule(bands[i].hi_first, bands[i].hi_last, off, len);
+      ok[2 * i] = -int32_t(lo_rule == 1);
+      ok[2 * i + 1] = -int32_t(hi_rule == 1);
+      uniform = uniform && lo_rule >= 0 && hi_rule >= 0;
+    }
+    if (uniform) {
+      gtacpu::fused_block(g, ms, BandVKeep{bands, ok, bb}, off, len, rows);
+      return;
+    }
+  }
+#endif
   gtacpu::merge_block(g, ms, BandKeep{bands}, off, len, rows);
 }
 
