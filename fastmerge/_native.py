@@ -127,6 +127,8 @@ if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
         _C = _load("_C", "not built (fastmerge was installed without its C++ extension)")
     finally:
         del os.environ["GOMP_SPINCOUNT"]
+    if _C is None:
+        OMP_SPINCOUNT = None  # no libgomp of ours was loaded
 else:
     _C = _load("_C", "not built (fastmerge was installed without its C++ extension)")
 _C_cuda = _load("_C_cuda", "not built (no CUDA compiler at build time, or FASTMERGE_CUDA=OFF)")

@@ -36,7 +36,13 @@ def report() -> dict[str, Any]:
         "native_cpu (_C)": _native.HAS_CPU_EXT,
         "native_cuda (_C_cuda)": _native.HAS_CUDA_EXT,
         "cuda_usable": ok if ok else f"no: {why}",
+        # what _native gave libgomp while loading _C; not set: the user chose, or no _C was loaded
+        "omp_spincount": _native.OMP_SPINCOUNT or f"not set by fastmerge ({_omp_env()})",
     }
     r.update({f"build.{k}": v for k, v in (_native.BUILD_INFO or {}).items()})
     r.update({f"load_error.{k}": v for k, v in _native.LOAD_ERRORS.items()})
     return r
+
+
+def _omp_env() -> str:
+    return ", ".join(f"{k}={os.environ[k]}" for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in os.environ) or "unset"
