@@ -75,13 +75,7 @@ FM_TARGET_CLONES void dare_merge_block(const GtaArgs& g, const gtacpu::ModelScal
 
 FM_TARGET_CLONES void dare_merge_block_stored(const GtaArgs& g, const gtacpu::ModelScale* ms,
                                               const gtacpu::MaskKeep& mk, int64_t off, int64_t len, float* rows) {
-#if FM_HAS_FUSED_BLOCK
-  if (gtacpu::fusable(g, len)) {
-    gtacpu::fused_block(g, ms, gtacpu::MaskVKeep{mk.mask, mk.words, off}, off, len, rows);
-    return;
-  }
-#endif
-  gtacpu::merge_block(g, ms, mk, off, len, rows);
+  gtacpu::mask_merge_block(g, ms, mk, off, len, rows);
 }
 
 FM_TARGET_CLONES void dare_sums_block(const GtaArgs& g, const char* need, const DareKeepStore& ks, int64_t off,

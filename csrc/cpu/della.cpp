@@ -225,13 +225,7 @@ FM_TARGET_CLONES void della_row(const DellaArgs& a, const DellaModel& m, int i, 
 
 FM_TARGET_CLONES void della_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const gtacpu::MaskKeep& mk,
                                         int64_t off, int64_t len, float* rows) {
-#if FM_HAS_FUSED_BLOCK
-  if (gtacpu::fusable(g, len)) {
-    gtacpu::fused_block(g, ms, gtacpu::MaskVKeep{mk.mask, mk.words, off}, off, len, rows);
-    return;
-  }
-#endif
-  gtacpu::merge_block(g, ms, mk, off, len, rows);
+  gtacpu::mask_merge_block(g, ms, mk, off, len, rows);
 }
 
 }  // namespace

@@ -370,6 +370,19 @@ struct MaskKeep {
   }
 };
 
+// One block of a merge whose keep masks are stored bits (dare with rescale, della): fused_block where it can
+// take the block, merge_block elsewhere.
+FM_ALWAYS_INLINE void mask_merge_block(const GtaArgs& a, const ModelScale* ms, const MaskKeep& mk, int64_t off,
+                                       int64_t len, float* rows) {
+#if FM_HAS_FUSED_BLOCK
+  if (fusable(a, len)) {
+    fused_block(a, ms, MaskVKeep{mk.mask, mk.words, off}, off, len, rows);
+    return;
+  }
+#endif
+  merge_block(a, ms, mk, off, len, rows);
+}
+
 // One block of the norms pass: partial[2i], partial[2i+1] = the block's two norms of model i (for every
 // model that needs them; others get 0).
 template <class Keep>
