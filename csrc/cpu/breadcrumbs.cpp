@@ -103,13 +103,6 @@ FM_ALWAYS_INLINE void band_bits(float lo, float hi, uint32_t* base, uint32_t* wi
   *base = uint32_t(L + 1);
   *width = H > L + 1 ? uint32_t(H - (L + 1)) : 0u;
 }
-
-// The tie rule of [first, last] over a block of len: 1 all kept, 0 none, −1 mixed.
-FM_ALWAYS_INLINE int block_rule(int64_t first, int64_t last, int64_t off, int64_t len) {
-  if (first <= off && last >= off + len - 1) return 1;
-  if (last < off || first > off + len - 1 || last < first) return 0;
-  return -1;
-}
 #endif
 
 FM_TARGET_CLONES void band_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const Band* bands,
@@ -121,8 +114,8 @@ FM_TARGET_CLONES void band_merge_block(const GtaArgs& g, const gtacpu::ModelScal
     bool uniform = true;
     for (int i = 0; i < g.num_inputs; ++i) {
       band_bits(bands[i].lo, bands[i].hi, &bb[2 * i], &bb[2 * i + 1]);
-      const int lo_rule = block_rule(bands[i].lo_first, bands[i].lo_last, off, len);
-      const int hi_rule = block_rule(bands[i].hi_first, bands[i].hi_last, off, len);
+      const int lo_rule = gtacpu::tie_rule(bands[i].lo_first, bands[i].lo_last, off, len);
+      const int hi_rule = gtacpu::tie_rule(bands[i].hi_first, bands[i].hi_last, off, len);
       ok[2 * i] = -int32_t(lo_rule == 1);
       ok[2 * i + 1] = -int32_t(hi_rule == 1);
       uniform = uniform && lo_rule >= 0 && hi_rule >= 0;

@@ -192,6 +192,14 @@ struct MaskVKeep {
   }
 };
 
+// How a tie rule "ties kept for indices in [first, last]" covers the block [off, off + len): 1 every index,
+// 0 none, −1 some (fused_block takes the first two with one flag per model; the third needs merge_block).
+FM_ALWAYS_INLINE int tie_rule(int64_t first, int64_t last, int64_t off, int64_t len) {
+  if (first <= off && last >= off + len - 1) return 1;
+  if (last < off || first > off + len - 1 || last < first) return 0;
+  return -1;
+}
+
 // Whether fused_block can take a block: whole 16-lane chunks, bf16 / fp32 operands only (f16's widening is
 // not a shift; those blocks take merge_block), at most kMaxFusedModels models.
 constexpr int kMaxFusedModels = 16;  // fused_block's stack array of w·δ' chunks

@@ -87,9 +87,9 @@ FM_TARGET_CLONES void ties_merge_block(const GtaArgs& g, const gtacpu::ModelScal
     signed char mode[gtacpu::kMaxFusedModels];
     bool uniform = true;
     for (int i = 0; i < T; ++i) {
-      const int64_t lc = sel[i].cut - off;
-      mode[i] = sel[i].all ? 2 : (lc >= len - 1 ? 1 : 0);
-      uniform = uniform && (sel[i].all || lc >= len - 1 || lc < 0);
+      const int rule = gtacpu::tie_rule(0, sel[i].cut, off, len);  // exact-k: ties kept up to the cut
+      mode[i] = sel[i].all ? 2 : (rule == 1 ? 1 : 0);
+      uniform = uniform && (sel[i].all || rule >= 0);
     }
     if (uniform) {
       gtacpu::fused_block(g, ms, TiesVKeep{sel, mode}, off, len, rows);
