@@ -118,19 +118,18 @@ def _load(name: str, not_built: str) -> Any:
 #: 0.725 -> 0.583 s and 0.827 -> 0.686 s (both orders of the pair). libgomp reads the variable once,
 #: when it loads; it is removed again afterwards, so child processes do not inherit it. A libgomp already
 #: loaded (by torch, imported first) is not affected. Set GOMP_SPINCOUNT or OMP_WAIT_POLICY to choose.
-OMP_SPINCOUNT: str | None = None
-_SPINCOUNT = "2000"
-if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-    OMP_SPINCOUNT = _SPINCOUNT
-    os.environ["GOMP_SPINCOUNT"] = _SPINCOUNT
-    try:
-        _C = _load("_C", "not built (fastmerge was installed without its C++ extension)")
-    finally:
-        del os.environ["GOMP_SPINCOUNT"]
-    if _C is None:
-        OMP_SPINCOUNT = None  # no libgomp of ours was loaded
-else:
+OMP_SPINCOUNT: str | None = (
+    None if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ else "2000"
+)
+if OMP_SPINCOUNT is not None:
+    os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
+try:
     _C = _load("_C", "not built (fastmerge was installed without its C++ extension)")
+finally:
+    if OMP_SPINCOUNT is not None:
+        del os.environ["GOMP_SPINCOUNT"]
+if _C is None:
+    OMP_SPINCOUNT = None  # no libgomp of ours was loaded
 _C_cuda = _load("_C_cuda", "not built (no CUDA compiler at build time, or FASTMERGE_CUDA=OFF)")
 HAS_CPU_EXT: bool = _C is not None
 HAS_CUDA_EXT: bool = _C_cuda is not None
