@@ -11,7 +11,7 @@
 3. ``test_cart_end_to_end``: ``python -m fastmerge merge`` of the benchmark family (perf-baselines:
    LLaMA hidden 1024, 8 layers, bf16, base + 3 fine-tunes; the base is not an input of CART) with
    ``merge_method: cart`` as a child process; its peak RSS (VmHWM) against the input size. Then a
-   4-value rank sweep (``fastmerge.cart.rank_sweep``) of the same family.
+   4-value rank sweep (``fastmerge.research.cart.rank_sweep``) of the same family.
 4. ``test_cart_gpu`` (CUDA only): 4096×4096 and 4096×14336, T = 8: Triton path vs full SVD per task.
 
     pytest bench/bench_cart.py --benchmark-disable                        # smoke (tiny shapes, CI)
@@ -224,9 +224,9 @@ def test_cart_end_to_end(benchmark, cart_family, bench_dir):
     benchmark.pedantic(lambda: runs.append(_run_child(cmd, work)), rounds=1, iterations=1)
     r = runs[-1]
     # a second child: import torch + fastmerge only, the floor of any fastmerge process
-    floor = _run_child([sys.executable, "-c", "import torch, fastmerge.cart"], work)["rss_mb"]
+    floor = _run_child([sys.executable, "-c", "import torch, fastmerge.research.cart"], work)["rss_mb"]
     sweep_py = (
-        "import json, fastmerge.cart as c; "
+        "import json, fastmerge.research.cart as c; "
         f"r = c.rank_sweep({str(cfg)!r}, {str(work / 'cart.sweep')!r}, [0.02, 0.04, 0.08, 0.16], "
         "overwrite=True, progress=False); "
         "print(json.dumps({'wall_s': r.wall_s, 'factor_s': r.factor_s, 'reconstruct_s': r.reconstruct_s}))"

@@ -323,7 +323,7 @@ def _read_once(paths: list[Path]) -> tuple[float, int]:
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
 def test_end_to_end_gpu(benchmark, bench_dir, tmp_path, method):
     import fastmerge
-    from fastmerge.gpu_runner import execute_cuda
+    from fastmerge.engine.gpu import execute_cuda
     from fastmerge.testing import LlamaShape
 
     base, fts, params = _family(bench_dir)

@@ -226,7 +226,7 @@ CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import fastmerge
-from fastmerge.runner import peak_rss_mb
+from fastmerge.engine.session import peak_rss_mb
 r = fastmerge.merge(sys.argv[1], sys.argv[2], progress=False, overwrite=True)
 d = {k: getattr(r, k) for k in ("wall_s", "forward_s", "mloss_s", "merge_s", "bytes_read") if hasattr(r, k)}
 d["peak_rss_mb"] = peak_rss_mb()

@@ -20,10 +20,10 @@ from .api import merge, merge_state_dicts, merge_tensors, plan  # noqa: E402
 from .config import MergeConfig  # noqa: E402
 from .errors import FastMergeError  # noqa: E402
 
-_LAZY = {"MergeReport": ".runner"}  # the runner imports torch
+_LAZY = {"MergeReport": ".engine.session"}
 
 if TYPE_CHECKING:
-    from .runner import MergeReport
+    from .engine.session import MergeReport
 
 
 def __getattr__(name: str) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -10,69 +9,33 @@ from ._lazy import torch
 
 from . import backends
 from .backends.base import MergeJob
-from .config import MergeConfig
+from .config import MergeConfig, load_config
 from .errors import ConfigError
-from .io.writer import parse_size
 from .methods import get_method
 from .methods.base import REQUIRED, ParamContext, coerce
-from .plan import MergePlan, Options, build_plan
+from .plan import MergePlan, build_plan, make_options
 
 if TYPE_CHECKING:
-    from .cart import SweepReport
-    from .runner import MergeReport
-
-
-def _config(config: MergeConfig | Mapping[str, Any] | str | Path) -> MergeConfig:
-    if isinstance(config, MergeConfig):
-        return config
-    if isinstance(config, Mapping):
-        return MergeConfig.from_dict(dict(config))
-    return MergeConfig.from_yaml(config)
-
-
-def _options(options: dict[str, Any]) -> Options:
-    names = {f.name for f in dataclasses.fields(Options)}
-    bad = set(options) - names
-    if bad:
-        raise ConfigError(f"unknown option '{sorted(bad)[0]}' (options: {', '.join(sorted(names))})")
-    if "out_shard_size" in options:
-        options = {**options, "out_shard_size": parse_size(options["out_shard_size"])}
-    if options.get("max_gpu_memory") is not None:
-        options = {**options, "max_gpu_memory": parse_size(options["max_gpu_memory"], "--max-gpu-memory")}
-    return Options(**options)
+    from .engine.session import MergeReport
+    from .engine.sweep import SweepReport
 
 
 def plan(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path | None = None, **options: Any) -> MergePlan:
     """Build the merge plan (headers only, nothing merged): see ``fastmerge.plan.build_plan``."""
-    return build_plan(_config(config), _options(options), out_dir)
+    return build_plan(load_config(config), make_options(**options), out_dir)
 
 
 def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, **options: Any) -> "MergeReport | SweepReport":
     """Merge the checkpoints described by ``config`` (a YAML path, a dict in mergekit's schema, or a
     MergeConfig) into ``out_dir``. Options: device, backend, out_shard_size, threads, seed, overwrite,
-    mergekit_compat, copy_tokenizer, progress."""
-    cfg = _config(config)
-    if cfg.rank_sweep:  # cart: one factorization pass, one output model per rank ratio
-        from .cart import rank_sweep
+    mergekit_compat, copy_tokenizer, progress, max_gpu_memory. The plan is built and checked first
+    (headers only); then the first engine that can run it (``fastmerge.engine.select``) writes the output."""
+    from . import engine
 
-        return rank_sweep(cfg, out_dir, cfg.rank_sweep, **options)
-    if cfg.merge_method == "m_ties":  # M-Loss needs forward passes: the layer-by-layer engine (fastmerge.mloss)
-        from .mloss.engine import merge_mties
-
-        return merge_mties(cfg, out_dir, **options)
-    p = build_plan(cfg, _options(options), out_dir)
-    if p.device == "cuda":  # the streaming GPU engine: pinned staging, copy streams, bounded GPU memory
-        from .gpu_runner import execute_cuda
-
-        return execute_cuda(p, out_dir, max_gpu_memory=p.options.max_gpu_memory)
-    from .fastpath import try_execute
-
-    report = try_execute(p, out_dir)  # the torch-free native engine, when every tensor runs on it
-    if report is not None:
-        return report
-    from .runner import execute
-
-    return execute(p, out_dir)
+    cfg = load_config(config)
+    # a rank sweep writes one model per ratio into OUT/rank-<ratio>/: the sweep engine checks those
+    p = build_plan(cfg, make_options(**options), None if cfg.rank_sweep else out_dir)
+    return engine.execute(p, out_dir)
 
 
 def merge_tensors(

@@ -66,11 +66,19 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     p = plan(a.config, None, device=a.device, backend=a.backend, mergekit_compat=a.mergekit_compat,
              out_shard_size=a.out_shard_size)
+    from . import engine
+
+    chosen, skipped_engines = engine.select(p)
     if a.json:
-        print(p.dumps())
+        doc = p.to_json()
+        doc["engine"] = {"name": chosen.name, "skipped": skipped_engines}
+        print(json.dumps(doc, indent=1))
         return 0
     print(f"{p.method.name}: {len(p.tensors)} tensors, {p.in_bytes / 1e6:.1f} MB in, {p.out_bytes / 1e6:.1f} MB out, "
-          f"{len(p.shards)} shard(s), device {p.device}")
+          f"{len(p.shards)} shard(s), device {p.device}, engine {chosen.name}")
+    if a.explain:
+        for name, why in skipped_engines.items():
+            print(f"  engine {name} skipped: {'; '.join(why)}")
     for t in p.tensors:
         skipped = "; ".join(f"{k}: {', '.join(v)}" for k, v in t.skipped.items() if v)
         print(f"  {t.name} {list(t.shape)} {t.out_dtype} -> {t.backend}" + (f"  (not {skipped})" if a.explain else ""))

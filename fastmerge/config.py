@@ -1,7 +1,7 @@
 """The mergekit YAML schema (the subset fastmerge runs today), validated up front.
 
 Every error names the field (and model) at fault. A mergekit feature fastmerge does not run yet
-(``modules``, ``residual_weight``, ``tokenizer_source: union``, ``tokenizer.tokens``, ``chat_template``,
+(``modules``, ``residual_weight``, ``tokenizer_source: union``, ``vocab.tokens``, ``chat_template``,
 LoRA ``model+lora`` references) is a clear error, never silently ignored.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -82,7 +82,7 @@ class MergeConfig:
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # "base" or a model path (vocabularies aligned, see fastmerge.tokenizer)
+    tokenizer_source: str | None = None  # "base" or a model path (vocabularies aligned, see fastmerge.vocab)
     tokenizer_pad_to_multiple_of: int | None = None  # ``tokenizer: {pad_to_multiple_of: N}``
     source: str | None = None  # where it was read from, for messages
     slices: list[SliceSpec] | None = None
@@ -400,3 +400,12 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         if f is None or f == "*" or (tensor_name and str(f) in tensor_name):
             return evaluate_setting(cond["value"], tensor_name, t)
     return None
+
+
+def load_config(config: "MergeConfig | Mapping[str, Any] | str | Path") -> "MergeConfig":
+    """A MergeConfig from a MergeConfig, a dict in mergekit's schema, or a YAML path."""
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, Mapping):
+        return MergeConfig.from_dict(dict(config))
+    return MergeConfig.from_yaml(config)

@@ -21,7 +21,7 @@ from .backends.base import MergeJob
 from .config import MergeConfig, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
 from .io.index import CheckpointIndex, TensorInfo
-from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, plan_shards
+from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, parse_size, plan_shards
 from .methods import MergeMethod
 from .methods.base import REQUIRED, ParamContext
 
@@ -51,6 +51,20 @@ class Options:
     max_gpu_memory: int | None = None  # --device cuda: bytes of GPU memory the engine may hold (None: fit the largest group)
 
 
+def make_options(**options: Any) -> Options:
+    """Options from keyword arguments (``fastmerge.merge``'s), sizes parsed ("5B", "500M"); an unknown
+    name is one ConfigError line."""
+    names = {f.name for f in dataclasses.fields(Options)}
+    bad = set(options) - names
+    if bad:
+        raise ConfigError(f"unknown option '{sorted(bad)[0]}' (options: {', '.join(sorted(names))})")
+    if "out_shard_size" in options:
+        options = {**options, "out_shard_size": parse_size(options["out_shard_size"])}
+    if options.get("max_gpu_memory") is not None:
+        options = {**options, "max_gpu_memory": parse_size(options["max_gpu_memory"], "--max-gpu-memory")}
+    return Options(**options)
+
+
 @dataclasses.dataclass
 class TensorPlan:
     name: str
@@ -64,7 +78,7 @@ class TensorPlan:
     backend: str
     skipped: dict[str, list[str]]
     #: tokenizer_source: the rows of this vocabulary tensor, per input, in the output vocabulary
-    #: (a ``fastmerge.tokenizer.RowMap``, applied by the runner before the method); None otherwise
+    #: (a ``fastmerge.vocab.RowMap``, applied by the runner before the method); None otherwise
     input_transform: Any = None
 
     @property
@@ -86,7 +100,7 @@ class MergePlan:
     out_layers: int | None  # number of output layers when built from slices (config.json is updated)
     tensors: list[TensorPlan]
     shards: list[Shard]
-    #: tokenizer_source: the output tokenizer (``fastmerge.tokenizer.OutputTokenizer``), else None
+    #: tokenizer_source: the output tokenizer (``fastmerge.vocab.OutputTokenizer``), else None
     tokenizer: Any = None
 
     @property
@@ -273,7 +287,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     plans: list[TensorPlan] = []
     vocabs = None
     if config.tokenizer_source:
-        from .tokenizer import Vocabularies
+        from .vocab import Vocabularies
 
         vocabs = Vocabularies(config.tokenizer_source, config.base_model or first.path, config.tokenizer_pad_to_multiple_of)
 
@@ -354,7 +368,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
 
 def _vocab_hint(name: str, aligning: bool) -> str:
     """What to add to a shape error on an embedding / head tensor."""
-    from .tokenizer import is_vocab_tensor
+    from .vocab import is_vocab_tensor
 
     if not is_vocab_tensor(name):
         return ""
@@ -367,7 +381,7 @@ def _vocab_remap(vocabs: Any, name: str, layer: int | None, members: list[_Input
                  base_path: str | None) -> Any:
     """The row map of ``name`` if it is a vocabulary tensor (by name, and its rows equal each model's
     config.json vocab_size when that is given), else None."""
-    from .tokenizer import config_vocab_size, is_vocab_tensor
+    from .vocab import config_vocab_size, is_vocab_tensor
 
     if layer is not None or not is_vocab_tensor(name) or any(len(i.shape) == 0 for i in infos):
         return None

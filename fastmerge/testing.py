@@ -159,7 +159,7 @@ def write_tokenizer(
     out: Path, tokens: Sequence[str], kind: str = "wordlevel", n_added: int = 0,
     special: dict[str, str] | None = None, unk: str | None = "<unk>",
 ) -> Path:
-    """A Hugging Face fast tokenizer in ``out``: ``tokenizer.json`` (WordLevel or BPE model) where
+    """A Hugging Face fast tokenizer in ``out``: ``vocab.json`` (WordLevel or BPE model) where
     ``tokens[i]`` has id i, the last ``n_added`` of them as added tokens (not in the model vocabulary),
     and ``tokenizer_config.json`` (``PreTrainedTokenizerFast``, special tokens from ``special``, default
     bos ``<s>`` / eos ``</s>`` / unk ``<unk>`` when present). Loads offline with transformers."""

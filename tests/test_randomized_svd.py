@@ -175,7 +175,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("shared", [True, False])
 def test_centered_matmul_kernel(dtype, transpose, shared):
-    from fastmerge.kernels.cart import centered_matmul
+    from fastmerge.kernels.lowrank import centered_matmul
 
     g = torch.Generator().manual_seed(7)
     T, m, n, L = 3, 37, 83, 13  # odd sizes: every tile is masked somewhere
@@ -193,7 +193,7 @@ def test_centered_matmul_kernel(dtype, transpose, shared):
 
 @needs_triton
 def test_centered_matmul_kernel_batched_and_uncentered():
-    from fastmerge.kernels.cart import centered_matmul
+    from fastmerge.kernels.lowrank import centered_matmul
 
     g = torch.Generator().manual_seed(8)
     xs = [torch.randn(2, 19, 45, generator=g).to(DEV) for _ in range(2)]
@@ -210,7 +210,7 @@ def test_centered_matmul_kernel_batched_and_uncentered():
 @pytest.mark.parametrize("J", [0, 1, 21])
 @pytest.mark.parametrize("batch", [(), (2,)])
 def test_reconstruct_add_kernel(J, batch):
-    from fastmerge.kernels.cart import reconstruct_add as kernel
+    from fastmerge.kernels.lowrank import reconstruct_add as kernel
 
     g = torch.Generator().manual_seed(9)
     m, n = 41, 67

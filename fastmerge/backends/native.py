@@ -64,6 +64,14 @@ class NativeBackend:
             reasons.append(f"nearswap t < {_native.NEARSWAP_MIN_T} (the weighted form) is in the torch backend only")
         return reasons
 
+    def raw_reasons(self, job: MergeJob, tp: Any) -> list[str]:
+        """Why ``run_raw`` (no torch) cannot merge planned tensor ``tp`` although ``run`` can ([] if it can)."""
+        if job.method.name == "passthrough":
+            src = tp.sources[0] if tp.sources else tp.base
+            why = passthrough_reason(job.params.scale[0], src.dtype, tp.out_dtype)
+            return [why] if why is not None else []
+        return []
+
     def run(
         self, job: MergeJob, out: torch.Tensor, inputs: Sequence[torch.Tensor], base: torch.Tensor | None, threads: int
     ) -> None:
@@ -172,7 +180,7 @@ class NativeBackend:
                                  codes[base.dtype], p.t, threads)
         elif name == "passthrough":
             why = passthrough_reason(p.scale[0], inputs[0].dtype, out.dtype)
-            if why is not None:  # guarded by fastpath.why_not
+            if why is not None:  # guarded by raw_reasons
                 raise ValueError(f"tensor '{job.tensor}': {why}")
             import ctypes
 

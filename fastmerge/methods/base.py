@@ -100,6 +100,9 @@ class MergeMethod(ABC):
     #: smallest / largest number of non-base models (None: no limit)
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    #: the engine this method needs (``fastmerge.engine.ENGINES``), None: any tensor-by-tensor engine.
+    #: m_ties sets "layerwise": its M-Loss needs forward passes through the merged layers.
+    engine: ClassVar[str | None] = None
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {p.name: p for p in self.params}

@@ -9,7 +9,7 @@ https://arxiv.org/abs/2602.08564 (definitions: ``fastmerge.mloss.reference``).
                                                        mode "base" (official code) or "progressive" (paper)
     expected_mloss(act, k, sigma)                      the paper's model: closed forms (``expected``)
     m_ties_tensors / m_ties_modules                    M-TIES (``mties``)
-    merge_mties(config, out_dir)                       YAML ``merge_method: m_ties`` on LLaMA checkpoints (``engine``)
+    fastmerge.engine.layerwise.merge_mties(config, out) YAML ``merge_method: m_ties`` on LLaMA checkpoints
 
 Backends of ``compute_mloss``: "triton" (the fused kernel, CUDA; or the interpreter on CPU),
 "chunked" (torch over row chunks: bounded memory), "torch" (the eager reference), "auto" (triton on
@@ -111,7 +111,6 @@ def __getattr__(name: str):
         "expected_mloss": ".expected", "monte_carlo_mloss": ".expected", "paper_expected_mloss": ".expected",
         "module_mloss": ".hooks", "capture_inputs": ".hooks", "find_targets": ".hooks", "Target": ".hooks",
         "m_ties_tensors": ".mties", "m_ties_modules": ".mties", "row_keep_ratios": ".mties", "trim_rows": ".mties",
-        "merge_mties": ".engine",
     }
     if name in lazy:
         import importlib
@@ -126,5 +125,5 @@ __all__ = [
     "ACT_CODES", "STATISTICS", "DEFAULT_EPS", "Activation", "MLoss", "activation", "compute_mloss", "reduce_preacts",
     "mloss_from_preacts", "mloss_reference", "mloss_chunked", "preactivations", "discrepancy", "resolve_backend",
     "expected_mloss", "monte_carlo_mloss", "paper_expected_mloss", "module_mloss", "capture_inputs", "find_targets",
-    "Target", "m_ties_tensors", "m_ties_modules", "row_keep_ratios", "trim_rows", "merge_mties",
+    "Target", "m_ties_tensors", "m_ties_modules", "row_keep_ratios", "trim_rows",
 ]

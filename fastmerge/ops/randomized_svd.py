@@ -21,7 +21,7 @@ run on one of two backends:
 - ``torch`` (CPU, or CUDA without Triton): tasks are processed ``chunk`` at a time (1 on CPU): Δ of
   the chunk is formed once in an fp32 buffer (freed before the next chunk) and every product of the
   chunk reads it. Peak extra memory: A + one m×n buffer per task of the chunk, whatever T is.
-- ``triton`` (CUDA; on CPU only under ``TRITON_INTERPRET=1``, for tests): ``kernels/cart.py`` loads a
+- ``triton`` (CUDA; on CPU only under ``TRITON_INTERPRET=1``, for tests): ``kernels/lowrank.py`` loads a
   tile of X_t and of A, subtracts in registers and multiplies, so Δ_t never exists in memory; the
   reconstruction adds A and scales by λ in the GEMM epilogue. The small factorizations (LU / QR of
   m×l and n×l, SVD of l×l) are batched over all T tasks with ``torch.linalg``.
@@ -182,12 +182,12 @@ class _TritonCentered:
         self.xs, self.avg = list(xs), avg
 
     def mm(self, b: torch.Tensor) -> torch.Tensor:
-        from fastmerge.kernels.cart import centered_matmul
+        from fastmerge.kernels.lowrank import centered_matmul
 
         return centered_matmul(self.xs, self.avg, b, transpose=False)
 
     def mm_t(self, q: torch.Tensor) -> torch.Tensor:
-        from fastmerge.kernels.cart import centered_matmul
+        from fastmerge.kernels.lowrank import centered_matmul
 
         return centered_matmul(self.xs, self.avg, q, transpose=True)
 
@@ -251,10 +251,10 @@ def reconstruct_add(
     """out = avg + λ·left·rightᵀ for avg (*B, m, n), left (*B, m, J), right (*B, n, J); fp32 math.
 
     torch: one ``addmm``/``baddbmm`` (the GEMM adds ``avg`` itself: no separate pass over m×n).
-    triton: ``kernels.cart.reconstruct_add`` with the add and the λ scale in the GEMM epilogue."""
+    triton: ``kernels.lowrank.reconstruct_add`` with the add and the λ scale in the GEMM epilogue."""
     be = _resolve_backend(backend, avg.device)
     if be == "triton":
-        from fastmerge.kernels.cart import reconstruct_add as kernel
+        from fastmerge.kernels.lowrank import reconstruct_add as kernel
 
         return kernel(avg, left, right, float(lam), out=out)
     avg = avg.float()

@@ -14,7 +14,7 @@ from fastmerge.methods import get_method
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams
 from fastmerge.methods.model_stock import ModelStockParams
 from fastmerge.methods.ties import TiesParams
-from kernel_cases import METHOD_CASES as CASES, assert_bits_equal, needs_triton
+from helpers.kernel_cases import METHOD_CASES as CASES, assert_bits_equal, needs_triton
 
 pytestmark = needs_triton
 

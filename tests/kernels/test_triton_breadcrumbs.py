@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams
-from kernel_cases import DTYPES, assert_bits_equal, check_rescale, needs_triton, packed, poisoned, reference
+from helpers.kernel_cases import DTYPES, assert_bits_equal, check_rescale, needs_triton, packed, poisoned, reference
 
 pytestmark = needs_triton
 

@@ -7,7 +7,7 @@ from fastmerge import merge_tensors
 from fastmerge.methods import rng
 from fastmerge.methods.base import ParamContext
 from fastmerge.methods.dare import DareParams
-from kernel_cases import DEV, assert_bits_equal, assert_close_ulps, check_rescale, needs_triton, packed, poisoned, reference
+from helpers.kernel_cases import DEV, assert_bits_equal, assert_close_ulps, check_rescale, needs_triton, packed, poisoned, reference
 
 pytestmark = needs_triton
 

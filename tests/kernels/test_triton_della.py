@@ -5,7 +5,7 @@ import torch
 
 from fastmerge.methods.base import ParamContext
 from fastmerge.methods.della import DellaParams
-from kernel_cases import assert_bits_equal, assert_close_ulps, check_rescale, needs_triton, packed, poisoned, reference
+from helpers.kernel_cases import assert_bits_equal, assert_close_ulps, check_rescale, needs_triton, packed, poisoned, reference
 
 pytestmark = needs_triton
 

@@ -4,7 +4,7 @@ import pytest
 
 from fastmerge.methods.model_stock import ModelStockParams
 from fastmerge.methods.slerp import SlerpParams
-from kernel_cases import DTYPES, assert_bits_equal, needs_triton, packed, poisoned, reference
+from helpers.kernel_cases import DTYPES, assert_bits_equal, needs_triton, packed, poisoned, reference
 
 pytestmark = needs_triton
 

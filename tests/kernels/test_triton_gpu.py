@@ -13,7 +13,7 @@ import torch
 import fastmerge
 from fastmerge import merge_tensors
 from fastmerge.testing import LlamaShape, make_family
-from kernel_cases import METHOD_CASES as CASES, assert_bits_equal
+from helpers.kernel_cases import METHOD_CASES as CASES, assert_bits_equal
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -128,8 +128,8 @@ SMALL = 20 << 20  # slot room beyond gpu_runner.RESERVE_BYTES: 1M elements x (4 
     ("task_arithmetic", {"weight": 0.33}, None, True),  # mergekit_compat: no kernel, the reference on the GPU
 ])
 def test_gpu_runner_equals_cpu_runner(fam, tmp_path, method, params, budget, compat):
-    from fastmerge.gpu_runner import RESERVE_BYTES, execute_cuda
-    from fastmerge.runner import execute
+    from fastmerge.engine.gpu import RESERVE_BYTES, execute_cuda
+    from fastmerge.engine.stream import execute
 
     base, fts = fam
     cfg = {"merge_method": method, "base_model": str(base),
@@ -150,7 +150,7 @@ def test_gpu_runner_equals_cpu_runner(fam, tmp_path, method, params, budget, com
         assert rep.backends == {"torch": len(a)}
     else:  # ties tensors from gpu_runner.CUDA_MIN_ELEMS that fit whole: the CUDA C++ kernel when built
         from fastmerge import _native
-        from fastmerge.gpu_runner import CUDA_MIN_ELEMS
+        from fastmerge.engine.gpu import CUDA_MIN_ELEMS
 
         big = sum(1 for k in a if a[k].numel() >= CUDA_MIN_ELEMS)
         cuda = big if (method == "ties" and budget is None and _native.cuda_usable()[0]) else 0

@@ -6,7 +6,7 @@ import torch
 from fastmerge import merge_tensors
 from fastmerge.methods.linear import LinearParams
 from fastmerge.methods.task_arithmetic import TaskArithmeticParams
-from kernel_cases import DTYPES, assert_bits_equal, needs_triton, packed, poisoned, reference
+from helpers.kernel_cases import DTYPES, assert_bits_equal, needs_triton, packed, poisoned, reference
 
 pytestmark = needs_triton
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastmerge.methods import rng
-from kernel_cases import DEV, needs_triton
+from helpers.kernel_cases import DEV, needs_triton
 
 pytestmark = needs_triton
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernel_cases import DTYPES, needs_triton, packed
+from helpers.kernel_cases import DTYPES, needs_triton, packed
 
 pytestmark = needs_triton
 

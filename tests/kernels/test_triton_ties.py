@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastmerge.methods.ties import TiesParams
-from kernel_cases import (
+from helpers.kernel_cases import (
     DTYPES, assert_bits_equal, assert_close_ulps, check_rescale, needs_triton, packed, poisoned, reference,
 )
 

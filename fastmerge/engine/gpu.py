@@ -1,0 +1,649 @@
+"""The streaming GPU engine: ``execute_cuda(plan, out, max_gpu_memory)``, fastmerge.runner.execute on a GPU.
+
+Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk of a huge tensor)::
+
+    reader thread ──► pinned staging buffer k (2, reused) ──H2D, copy stream──► device input slot j (2)
+      (mmap views,       packed [base; x_1..x_T] rows,                          the whole unit, assembled
+       pages populated)  STAGE bytes a piece                                    piece by piece
+                                                            compute stream: kernel passes + merge
+                                                                     ──► device output slot j (2)
+    writer thread ◄── pinned host output buffer (2, reused) ◄──D2H, copy stream──┘
+
+- The CPU packs piece k+1 of a unit while piece k is copied, and the next unit while the GPU merges
+  this one; outputs come back on their own stream while the next unit loads, and the writer thread
+  writes shard files while all of that runs. Ordering is by CUDA events only: the host waits only
+  for a staging buffer it wants to refill and for a host output buffer the writer still holds.
+- GPU memory is bounded by ``max_gpu_memory``: 2 input slots + 2 output slots + a 512 MiB reserve
+  for kernel scratch. Slot 0 holds the largest unit, slot 1 the next-largest tensor (``_Budget``);
+  units that fit slot 1 alternate between the two. A tensor group larger than slot 0 is merged in
+  row chunks, every data pass (the selection of TIES/breadcrumbs, the L1 norms of a rescale, the Gram
+  matrix of slerp/model_stock) running over all its chunks before the merge pass
+  (``kernels.gta.GtaKernel``'s driver protocol). The default budget fits the largest tensor group
+  whole (no chunking): its inputs + output, one next-largest group, the reserve.
+- ties tensors of at least ``CUDA_MIN_ELEMS`` elements that fit a slot whole go to the CUDA C++ kernel
+  (``backends.cuda``: 9-12x the Triton ties on an H100, bench/RESULTS.md) when ``fastmerge._C_cuda`` is
+  usable, one tensor per unit; batches of small tensors and row-chunked ones stay on Triton
+  (``--backend triton``: Triton for everything, the check; ``--backend cuda``: CUDA C++ for every ties
+  tensor that fits whole, row-chunked ones still on Triton).
+- Tensors the kernels do not cover (``backends.triton.param_reasons``: other methods, mergekit_compat,
+  a few parameter values) run the torch reference on the GPU, one at a time, as ``runner.execute``
+  does with ``device="cuda"``; a group too large for the budget runs it on the CPU.
+
+The same pipeline runs with ``device="cpu"`` (no streams, no pinned memory, the kernels interpreted
+under ``TRITON_INTERPRET=1``): the CPU test suite checks batching, chunking, the pass protocol and the
+writer's order against ``runner.execute`` bit for bit (tests/kernels/test_gpu_runner.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import backends
+from ..backends import cuda as cb
+from ..backends import triton as tb
+from ..backends.base import MergeJob
+from ..errors import BackendUnavailableError, FastMergeError
+from ..io.reader import ModelReader
+from ..plan import MergePlan, TensorPlan
+from .session import MergeReport, Session, WriteThread, peak_rss_mb, torch_threads
+
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: bytes of one pinned staging buffer (two are allocated): large enough that a copy runs at full
+#: PCIe/NVLink-C2C speed (copies of ≥ 8 MB reach ~90 % of it), small enough to pin quickly (pinning
+#: costs ~0.3 s/GB) and to keep host memory flat. Units larger than this are staged in pieces.
+STAGE_BYTES = 256 << 20
+#: at most this many tensors share a launch: the selection histograms take 16 KB per tensor and model
+MAX_BATCH_TENSORS = 512
+#: a batch stops growing at this many elements (a few launches' worth of work per batch keeps the
+#: copy/compute overlap fine-grained; one 4096x4096 tensor is 16.8M)
+BATCH_ELEMS = 1 << 24
+#: device memory kept outside the slots: tile tables, histograms, rescale partials, allocator slack
+RESERVE_BYTES = 512 << 20
+#: ties tensors from this size go to the CUDA C++ kernel: its selection reads histograms back to the host
+#: (3 syncs per tensor), which for norms and biases costs more than Triton's one batched launch
+CUDA_MIN_ELEMS = cb.MIN_ELEMS  # the plan's rule (backends.select); tests lower it here
+#: host output buffers larger than this are not pinned (D2H then goes through the driver's staging)
+MAX_PINNED_OUT = 2 << 30
+
+
+@dataclasses.dataclass
+class GpuMergeReport(MergeReport):
+    """``MergeReport`` plus the GPU side: peak device memory, the budget, and how the work was cut."""
+
+    gpu_peak_mb: float = 0.0
+    gpu_budget_mb: float = 0.0
+    units: int = 0
+    chunked_tensors: int = 0
+
+    def summary(self) -> str:
+        return super().summary() + (
+            f"\n  GPU: peak {self.gpu_peak_mb:.0f} MB of a {self.gpu_budget_mb:.0f} MB budget; "
+            f"{self.units} launch units, {self.chunked_tensors} tensor(s) merged in row chunks"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# device abstraction: CUDA streams/events, or synchronous CPU stand-ins (tests under the interpreter)
+
+
+class _NullEvent:
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, other: "_NullEvent") -> float:
+        return 0.0
+
+
+class _Dev:
+    """Where units are merged. CUDA: three streams (H2D, compute, D2H), pinned host buffers, events.
+    CPU: everything synchronous in the calling thread (same code path, for tests)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(self.device)
+            self.comp = torch.cuda.Stream(self.device)
+            self.d2h = torch.cuda.Stream(self.device)
+
+    def event(self, timing: bool = False) -> Any:
+        return torch.cuda.Event(enable_timing=timing) if self.cuda else _NullEvent()
+
+    def host(self, nbytes: int, pin: bool = True) -> torch.Tensor:
+        t = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.cuda and pin)
+        return t
+
+    def stream(self, which: str) -> Any:
+        if not self.cuda:
+            return _nullcontext()
+        return torch.cuda.stream(getattr(self, which))
+
+    def wait(self, which: str, event: Any) -> None:
+        if self.cuda and event is not None:
+            getattr(self, which).wait_event(event)
+
+    def record(self, which: str, timing: bool = False) -> Any:
+        ev = self.event(timing)
+        if self.cuda:
+            ev.record(getattr(self, which))
+        return ev
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# units
+
+
+@dataclasses.dataclass
+class _Unit:
+    """A launch unit: ``kind`` "batch" (tensors packed whole, one kernel plan), "cuda" (one tensor, the
+    CUDA C++ kernel), "chunked" (one tensor in row chunks) or "torch" (one tensor, the reference)."""
+
+    kind: str
+    tensors: list[int]  # plan indices, plan order
+    key: tuple = ()
+    chunks: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (first element, numel) per chunk
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _elem(dtype: str | torch.dtype) -> int:
+    return torch.empty((), dtype=TORCH_DTYPE[dtype] if isinstance(dtype, str) else dtype).element_size()
+
+
+def _in_dtypes(tp: TensorPlan) -> list[torch.dtype]:
+    """The dtypes the method sees: the inputs', the compute dtype (mergekit_compat casts at load), and
+    after a tokenizer remap their promotion (``vocab.RowMap.apply``), base first."""
+    n = len(tp.sources) + (tp.base is not None)
+    if tp.compute_dtype:
+        return [TORCH_DTYPE[tp.compute_dtype]] * n
+    ds = ([TORCH_DTYPE[tp.base.dtype]] if tp.base is not None else []) + [TORCH_DTYPE[s.dtype] for s in tp.sources]
+    if getattr(tp, "input_transform", None) is not None:
+        p = ds[0]
+        for d in ds[1:]:
+            p = torch.promote_types(p, d)
+        return [p] * n
+    return ds
+
+
+def _prepare(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs as the method sees them (base first): a tokenizer remap applied on the CPU, after the
+    compute-dtype cast, as ``runner.execute``; without a remap the cast happens in the staging copy."""
+    if getattr(tp, "input_transform", None) is None:
+        return tensors
+    if tp.compute_dtype:
+        cd = TORCH_DTYPE[tp.compute_dtype]
+        tensors = [x.to(cd) for x in tensors]
+    return list(getattr(tp, "input_transform", None).apply(tensors, plan.options.mergekit_compat))
+
+
+def _rows(tp: TensorPlan) -> int:
+    return len(tp.sources) + (tp.base is not None)
+
+
+def _kernel_job(plan: MergePlan, tp: TensorPlan) -> MergeJob:
+    return MergeJob(tp.name, plan.method, tp.params, plan.options.mergekit_compat)
+
+
+class _Budget:
+    """Slot capacities in elements (per packed row) from the byte budget.
+
+    Slot 0 holds the largest unit (by default a whole tensor group: the embedding); slot 1 the
+    next-largest tensor (the MLP matrices) or a full batch of small ones. Units that fit slot 1
+    alternate between the two (the next one loads while this one merges); larger ones use slot 0
+    alone. Two full-size slots would double-buffer the embeddings too, for 2x the largest group in GPU
+    memory; this way a LLaMA-8B ties merge needs the embedding's group (4.2 GB) + its output (1 GB) +
+    one MLP group (0.6 GB) + the 0.5 GB reserve."""
+
+    def __init__(self, plan: MergePlan, max_gpu_memory: int | None, dev: _Dev) -> None:
+        R = max((_rows(t) for t in plan.tensors), default=1)
+        ein = max((_elem(tb.stage_dtype(_in_dtypes(t))) for t in plan.tensors), default=4)
+        eout = max((_elem(t.out_dtype) for t in plan.tensors), default=4)
+        # kernel scratch per element: DELLA's int32 ranks per model + torch's argsort temporaries; else ~0
+        escr = (R * 4 + 24) if plan.method.name.startswith("della") else 0
+        self.rows, self.ein, self.eout = R, ein, eout
+        self.per_elem = R * ein + eout + escr
+        sizes = sorted({_numel(t.shape) for t in plan.tensors}, reverse=True) or [1]
+        largest = max(sizes[0], BATCH_ELEMS)
+        second = min(max(sizes[1] if len(sizes) > 1 else sizes[0], BATCH_ELEMS), largest)
+        if max_gpu_memory is None:
+            want = (largest + second) * self.per_elem + RESERVE_BYTES
+            if dev.cuda:
+                free, _ = torch.cuda.mem_get_info(dev.device)
+                want = min(want, int(free * 0.9))
+            max_gpu_memory = want
+        self.bytes = int(max_gpu_memory)
+        room = (self.bytes - RESERVE_BYTES) // self.per_elem  # elements over both slots
+        if room < 2:
+            raise FastMergeError(
+                f"--max-gpu-memory {self.bytes / 2**20:.0f} MiB leaves no room for a tensor after the "
+                f"{RESERVE_BYTES >> 20} MiB reserve for kernel scratch"
+            )
+        self.cap1 = int(min(second, room // 2))
+        self.cap = int(room - self.cap1)  # slot 0: elements per unit (per row of the packed buffer)
+
+
+def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
+    opts = plan.options
+    units: list[_Unit] = []
+    cur: _Unit | None = None
+    cur_elems = 0
+    for i, tp in enumerate(plan.tensors):
+        job = _kernel_job(plan, tp)
+        n = _numel(tp.shape)
+        use_kernel = opts.backend in ("auto", "triton", "cuda") and not tb.param_reasons(job)
+        if use_kernel and n > budget.cap and len(tp.shape) <= 1 and plan.method.name.startswith("della"):
+            use_kernel = False  # a 1-D tensor is one DELLA row: its ranks need it whole
+        if not use_kernel:
+            cur = None
+            units.append(_Unit("torch", [i]))
+            continue
+        if n > budget.cap:
+            cur = None
+            row = _numel(tp.shape[1:]) if len(tp.shape) > 1 else 1
+            rows_per = max(1, budget.cap // row)
+            if row > budget.cap:
+                raise FastMergeError(
+                    f"tensor '{tp.name}': one row of {row} elements does not fit --max-gpu-memory "
+                    f"{budget.bytes / 2**20:.0f} MiB (room for {budget.cap} elements per row)"
+                )
+            total_rows = tp.shape[0] if len(tp.shape) > 1 else n
+            chunks = [(r * row, min(rows_per, total_rows - r) * row) for r in range(0, total_rows, rows_per)]
+            units.append(_Unit("chunked", [i], tb.batch_key(job), chunks))
+            continue
+        if _use_cuda(opts.backend, job, n, dev):
+            cur = None
+            units.append(_Unit("cuda", [i]))
+            continue
+        key = (tb.batch_key(job), tuple(_in_dtypes(tp)), tp.out_dtype, _rows(tp), tp.base is not None)
+        if (cur is None or cur.key != key or cur_elems + n > min(budget.cap, BATCH_ELEMS)
+                or len(cur.tensors) >= MAX_BATCH_TENSORS):
+            cur = _Unit("batch", [], key)
+            cur_elems = 0
+            units.append(cur)
+        cur.tensors.append(i)
+        cur_elems += n
+    return units
+
+
+def _use_cuda(backend: str, job: MergeJob, n: int, dev: _Dev) -> bool:
+    """A tensor (that fits a slot whole) for the CUDA C++ kernel rather than Triton."""
+    if backend not in ("auto", "cuda") or (backend == "auto" and n < CUDA_MIN_ELEMS) or not _cuda_usable(dev):
+        return False
+    return not cb.param_reasons(job)
+
+
+def _cuda_usable(dev: _Dev) -> bool:
+    from .. import _native
+
+    return dev.cuda and _native.cuda_usable()[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# the engine
+
+
+class _HostPool:
+    """Reused host output buffers (pinned on CUDA): the writer gives them back."""
+
+    def __init__(self, dev: _Dev, nbytes: int, count: int = 2) -> None:
+        self.q: queue.Queue[torch.Tensor] = queue.Queue()
+        pin = nbytes <= MAX_PINNED_OUT
+        for _ in range(count):
+            self.q.put(dev.host(nbytes, pin=pin))
+
+    def take(self) -> torch.Tensor:
+        return self.q.get()
+
+    def give(self, raw: torch.Tensor) -> None:
+        self.q.put(raw)
+
+
+class _Writer(WriteThread):
+    """Writes finished units in plan order on its own thread, after their D2H event completes."""
+
+    thread_name = "fastmerge-gpu-write"
+
+
+class _Engine:
+    def __init__(self, plan: MergePlan, dev: _Dev, budget: _Budget, writer: Session, pool: _HostPool) -> None:
+        self.plan, self.dev, self.budget, self.writer, self.pool = plan, dev, budget, writer, pool
+        caps = (budget.cap, budget.cap1)
+        self.caps = caps
+        self.din = [torch.empty(max(c * budget.rows * budget.ein, 1), dtype=torch.uint8, device=dev.device) for c in caps]
+        self.dout = [torch.empty(max(c * budget.eout, 1), dtype=torch.uint8, device=dev.device) for c in caps]
+        stage = min(STAGE_BYTES, max(caps[0] * budget.rows * budget.ein, 1))
+        self.stage = [dev.host(stage) for _ in range(2)]
+        self.stage_done: list[Any] = [None, None]  # H2D copy out of staging buffer k finished
+        self.last_h2d: Any = None
+        self.slot_free: list[Any] = [None, None]  # compute that read input slot j finished
+        self.out_free: list[Any] = [None, None]  # D2H out of output slot j finished
+        self.k = 0  # next staging buffer
+        self.j = 0  # next slot when both fit
+        self.timers: list[tuple[Any, Any]] = []
+
+    def slot_for(self, n: int) -> int:
+        """The input/output slot of a unit of ``n`` elements per row: alternate when it fits both."""
+        if n > self.caps[1]:
+            return 0
+        j = self.j
+        self.j ^= 1
+        return j
+
+    # -- upload: pack a unit's rows into staging pieces and copy them into an input slot ---------------
+    def upload(self, j: int, pieces: list[tuple[int, int, torch.Tensor, int, int]], R: int, N: int,
+               dtype: torch.dtype) -> torch.Tensor:
+        """``pieces``: (row, offset in row, flat source, first, count): source[first:first+count] goes to
+        rows[row, offset:offset+count]. Returns slot j as [R, N] of ``dtype`` (filled once the H2D
+        copies recorded here complete; ``compute`` waits for them)."""
+        es = _elem(dtype)
+        flat_dev = self.din[j][: R * N * es]
+        cap = self.stage[0].numel() // es
+        self.dev.wait("h2d", self.slot_free[j])  # the slot's previous unit has been merged
+        buf: tuple[int, torch.Tensor] | None = None
+        fill = pos = 0
+        for row, off, src, first, count in sorted(pieces, key=lambda p: p[0] * N + p[1]):
+            dst = row * N + off
+            done = 0
+            while done < count:
+                if buf is not None and (dst + done != pos + fill or fill == cap):
+                    self._flush(buf, flat_dev, pos, fill, es)
+                    buf = None
+                if buf is None:
+                    buf, fill, pos = self._stage_take(), 0, dst + done
+                n = min(count - done, cap - fill)
+                # the read: mmap'd input pages → pinned staging (with the cast, if staging is wider)
+                buf[1][fill * es:(fill + n) * es].view(dtype).copy_(src[first + done:first + done + n])
+                fill += n
+                done += n
+        if buf is not None and fill:
+            self._flush(buf, flat_dev, pos, fill, es)
+        return flat_dev.view(dtype).view(R, N)
+
+    def _stage_take(self) -> tuple[int, torch.Tensor]:
+        k = self.k
+        self.k ^= 1
+        if self.stage_done[k] is not None:
+            self.stage_done[k].synchronize()  # its previous H2D copy has finished: it may be refilled
+        return k, self.stage[k]
+
+    def _flush(self, buf: tuple[int, torch.Tensor], flat_dev: torch.Tensor, pos: int, n: int, es: int) -> None:
+        k, host = buf
+        with self.dev.stream("h2d"):
+            flat_dev[pos * es:(pos + n) * es].copy_(host[: n * es], non_blocking=True)
+            self.stage_done[k] = self.last_h2d = self.dev.record("h2d")
+
+    # -- compute / download ---------------------------------------------------------------------------
+    def compute(self, j: int | None, fn: Any) -> Any:
+        """Run ``fn`` on the compute stream after every upload so far (the H2D stream is in order);
+        ``j``: the input slot it reads (freed when it completes)."""
+        self.dev.wait("comp", self.last_h2d)
+        t0 = self.dev.record("comp", timing=True)
+        with self.dev.stream("comp"):
+            res = fn()
+        t1 = self.dev.record("comp", timing=True)
+        self.timers.append((t0, t1))
+        if j is not None:
+            self.slot_free[j] = t1
+        return res
+
+    def out_slot(self, j: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+        self.dev.wait("comp", self.out_free[j])  # its previous D2H copy has finished
+        return self.dout[j][: n * _elem(dtype)].view(dtype)
+
+    def download(self, j: int, dev_out: torch.Tensor, host: torch.Tensor) -> Any:
+        """D2H of ``dev_out`` (output slot j) into ``host`` after the compute; returns its event."""
+        self.dev.wait("d2h", self.slot_free[j])
+        with self.dev.stream("d2h"):
+            host.copy_(dev_out, non_blocking=True)
+            ev = self.dev.record("d2h")
+        self.out_free[j] = ev
+        return ev
+
+    def gpu_seconds(self) -> float:
+        """Time the compute stream was busy (the kernels' share of the wall time)."""
+        if not self.dev.cuda:
+            return 0.0
+        torch.cuda.synchronize(self.dev.device)
+        return sum(a.elapsed_time(b) for a, b in self.timers) / 1e3
+
+
+def execute_cuda(plan: MergePlan, out: str | Path, max_gpu_memory: int | None = None, *, device: str = "cuda") -> GpuMergeReport:
+    """Run ``plan`` on the GPU and write the merged model to ``out`` (atomically: all or nothing).
+
+    ``max_gpu_memory``: bytes of device memory the merge may use (default: enough for the largest
+    tensor group whole, at most 90 % of the free memory); smaller budgets merge large tensors in row
+    chunks. ``device``: a CUDA device ("cuda", "cuda:1"); "cpu" runs the same pipeline synchronously
+    on the CPU with the kernels interpreted (``TRITON_INTERPRET=1``; tests only)."""
+    dev_name = device
+    if torch.device(dev_name).type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError("--device cuda: torch sees no usable CUDA device")
+    if torch.device(dev_name).type == "cpu":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendUnavailableError("execute_cuda(device='cpu') needs TRITON_INTERPRET=1 (the kernels are interpreted)")
+    out = Path(out)
+    t0 = time.perf_counter()
+    with torch_threads(plan.options.threads):
+        return _execute(plan, out, t0, dev_name, max_gpu_memory)
+
+
+def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memory: int | None) -> GpuMergeReport:
+    dev = _Dev(dev_name)
+    if dev.cuda:
+        torch.cuda.reset_peak_memory_stats(dev.device)
+    budget = _Budget(plan, max_gpu_memory, dev)
+    units = _plan_units(plan, budget, dev)
+    counts: dict[str, int] = {}
+    largest = max((t.in_bytes for t in plan.tensors), default=0)
+    batch_in = max((sum(plan.tensors[i].in_bytes for i in u.tensors) for u in units), default=0)
+    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u.tensors) for u in units), default=1)
+    # read-ahead of two whole units: the next one uploads while this one merges
+    with Session(plan, out, reader=ModelReader, pool=lambda: _HostPool(dev, out_bytes),
+                 read_ahead_bytes=2 * max(largest, batch_in), desc=f"fastmerge {plan.method.name} (gpu)",
+                 writer_cls=_Writer) as session:
+        wthread, pool, prefetch = session, session.pool, session.prefetch
+        engine = _Engine(plan, dev, budget, wthread, pool)
+        it = iter(prefetch)
+        loaded: dict[int, list[torch.Tensor]] = {}
+        for u in units:
+            while any(i not in loaded for i in u.tensors):
+                i, tensors = next(it)
+                loaded[i] = tensors
+            if u.kind == "torch":
+                _run_torch(plan, u, loaded, engine, wthread, pool)
+                counts["torch"] = counts.get("torch", 0) + 1
+            elif u.kind in ("batch", "cuda"):
+                _run_batch(plan, u, loaded, engine, wthread, pool)
+                kind = "triton" if u.kind == "batch" else "cuda"
+                counts[kind] = counts.get(kind, 0) + len(u.tensors)
+            else:
+                _run_chunked(plan, u, loaded, engine, wthread, pool)
+                counts["triton"] = counts.get("triton", 0) + 1
+            for i in u.tensors:
+                del loaded[i]
+                prefetch.release(i)
+            session.advance(sum(plan.tensors[i].in_bytes for i in u.tensors))
+    gpu_peak = torch.cuda.max_memory_allocated(dev.device) / 2**20 if dev.cuda else 0.0
+    return GpuMergeReport(
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=session.bytes_written,
+        wall_s=time.perf_counter() - t0, merge_s=engine.gpu_seconds(), peak_rss_mb=peak_rss_mb(),
+        backends=counts, gpu_peak_mb=gpu_peak, gpu_budget_mb=budget.bytes / 2**20, units=len(units),
+        chunked_tensors=sum(u.kind == "chunked" for u in units), engine="gpu",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the three unit kinds
+
+
+def _split(tp: TensorPlan, tensors: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    base = tensors[0] if tp.base is not None else None
+    return base, (tensors[1:] if tp.base is not None else tensors)
+
+
+def _stage_dtype(tp: TensorPlan) -> torch.dtype:
+    return tb.stage_dtype(_in_dtypes(tp))
+
+
+def _make_kernel(plan: MergePlan, tps: list[TensorPlan], device: torch.device) -> Any:
+    tp = tps[0]
+    name = plan.method.name
+    ds = _in_dtypes(tp)
+    based = ds[0] if tp.base is not None else None
+    srcd = ds[1:] if tp.base is not None else ds
+    return tb.make_kernel(
+        plan.method, [t.params for t in tps], [t.shape for t in tps], device,
+        key_dtype=tb.della_key_dtypes(srcd, based) if name.startswith("della") and based is not None else None,
+        direct=tb.is_direct(srcd, based) if name == "model_stock" and based is not None else None,
+    )
+
+
+def _out_views(tps: list[TensorPlan], host: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    views, off = [], 0
+    for tp in tps:
+        dt = TORCH_DTYPE[tp.out_dtype]
+        nb = _numel(tp.shape) * _elem(dt)
+        views.append((tp.name, host[off:off + nb].view(dt).view(tp.shape)))
+        off += nb
+    return views
+
+
+def _compat_out(plan: MergePlan, tp: TensorPlan) -> torch.dtype | None:
+    """linear + mergekit_compat: the kernel rounds to the compute dtype, then the engine to the output's."""
+    if plan.options.mergekit_compat and plan.method.name == "linear" and tp.compute_dtype:
+        cd = TORCH_DTYPE[tp.compute_dtype]
+        return cd if cd != TORCH_DTYPE[tp.out_dtype] else None
+    return None
+
+
+def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: _HostPool) -> None:
+    from fastmerge.kernels._common import Segments
+
+    tps = [plan.tensors[i] for i in u.tensors]
+    tp0 = tps[0]
+    has_base = tp0.base is not None
+    R = _rows(tp0)
+    sd = _stage_dtype(tp0)
+    numels = [_numel(t.shape) for t in tps]
+    N = sum(numels)
+    starts = [sum(numels[:s]) for s in range(len(numels))]
+    pieces = []
+    for s, i in enumerate(u.tensors):
+        for r, t in enumerate(_prepare(plan, tps[s], loaded[i])):
+            pieces.append((r, starts[s], t.reshape(-1), 0, numels[s]))
+    j = engine.slot_for(N)
+    rows = engine.upload(j, pieces, R, N, sd)
+    odt = TORCH_DTYPE[tp0.out_dtype]
+    segs = Segments.packed(numels, shapes=[t.shape for t in tps])
+    cdt = _compat_out(plan, tp0)
+    dev_out = engine.out_slot(j, N, odt)
+
+    def work() -> None:
+        base = rows[0]  # base-less methods (linear) get a dummy
+        x = rows[1:] if has_base else rows
+        if u.kind == "cuda":  # one tensor; returns when merged (it reads its histograms back, then syncs)
+            cb.ties_into(dev_out, list(x), base, tp0.params)
+            return
+        kernel = _make_kernel(plan, tps, engine.dev.device)
+        for p in range(kernel.n_passes):
+            kernel.data_pass(p, x, base, segs)
+            kernel.end_pass(p)
+        if cdt is None:
+            kernel.merge(x, base, dev_out, segs)
+        else:
+            tmp = torch.empty(N, dtype=cdt, device=engine.dev.device)
+            kernel.merge(x, base, tmp, segs)
+            dev_out.copy_(tmp)
+
+    engine.compute(j, work)
+    host = pool.take()
+    nb = N * _elem(odt)
+    ev = engine.download(j, dev_out, host[:nb].view(odt))
+    wthread.put_many(_out_views(tps, host), host, event=ev)
+
+
+def _run_chunked(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: _HostPool) -> None:
+    from fastmerge.kernels._common import Segments
+
+    i = u.tensors[0]
+    tp = plan.tensors[i]
+    has_base = tp.base is not None
+    R = _rows(tp)
+    sd = _stage_dtype(tp)
+    flat = [t.reshape(-1) for t in _prepare(plan, tp, loaded[i])]
+    row = _numel(tp.shape[1:]) if len(tp.shape) > 1 else 1
+    kernel = _make_kernel(plan, [tp], engine.dev.device)
+    odt = TORCH_DTYPE[tp.out_dtype]
+    cdt = _compat_out(plan, tp)
+
+    def chunk(c0: int, n: int) -> tuple[int, torch.Tensor, Segments]:
+        j = engine.slot_for(n)
+        rows = engine.upload(j, [(r, 0, f, c0, n) for r, f in enumerate(flat)], R, n, sd)
+        shape = ((n // row,) + tuple(tp.shape[1:])) if len(tp.shape) > 1 else (n,)
+        return j, rows, Segments.packed([n], idx0=[c0], shapes=[shape])
+
+    for p in range(kernel.n_passes):
+        for c0, n in u.chunks:
+            j, rows, segs = chunk(c0, n)
+            x = rows[1:] if has_base else rows
+            engine.compute(j, lambda x=x, rows=rows, segs=segs: kernel.data_pass(p, x, rows[0], segs, groups=[0]))
+        engine.compute(None, lambda: kernel.end_pass(p))
+    host = pool.take()
+    hv = host[: tp.out_tensor.nbytes].view(odt)
+    ev = None
+    for c0, n in u.chunks:
+        j, rows, segs = chunk(c0, n)
+        x = rows[1:] if has_base else rows
+        dev_out = engine.out_slot(j, n, odt)
+
+        def work(x=x, rows=rows, segs=segs, dev_out=dev_out, n=n) -> None:
+            if cdt is None:
+                kernel.merge(x, rows[0], dev_out, segs, groups=[0])
+            else:
+                tmp = torch.empty(n, dtype=cdt, device=engine.dev.device)
+                kernel.merge(x, rows[0], tmp, segs, groups=[0])
+                dev_out.copy_(tmp)
+
+        engine.compute(j, work)
+        ev = engine.download(j, dev_out, hv[c0:c0 + n])
+    wthread.put_many([(tp.name, hv.view(tp.shape))], host, event=ev if ev is not None else _NullEvent())
+
+
+def _run_torch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: _HostPool) -> None:
+    i = u.tensors[0]
+    tp = plan.tensors[i]
+    tensors = loaded[i]
+    if tp.compute_dtype and getattr(tp, "input_transform", None) is None:
+        cd = TORCH_DTYPE[tp.compute_dtype]
+        tensors = [x.to(cd) for x in tensors]
+    base, inputs = _split(tp, _prepare(plan, tp, tensors))
+    odt = TORCH_DTYPE[tp.out_dtype]
+    host = pool.take()
+    view = host[: tp.out_tensor.nbytes].view(odt).view(tp.shape)
+    job = _kernel_job(plan, tp)
+    # the reference's temporaries are ~4 fp32 copies per input: past the budget, it runs on the CPU
+    on_dev = engine.dev.cuda and tp.in_bytes * 8 <= engine.budget.bytes
+    backends.BACKENDS["torch"].run(job, view, inputs, base, plan.options.threads, device=str(engine.dev.device) if on_dev else "cpu")
+    wthread.put_many([(tp.name, view)], host, event=_NullEvent())

@@ -1,0 +1,192 @@
+"""The per-tensor streaming loop on the CPU: read (reader thread) → merge (backend) → write (writer thread).
+
+One loop, two I/O flavours:
+
+- ``RawIO`` (engine ``native``): inputs are read-only mappings of the safetensors files
+  (``io.reader.RawReader``), outputs two reused anonymous mappings, kernels called on raw pointers
+  (``NativeBackend.run_raw``). It never imports torch: on the 2-core reference machine
+  ``import torch`` takes 1.2-1.7 s, more than the whole native merge of the 1.3 GB benchmark family
+  (bench/RESULTS.md), and adds ~265 MB of RSS. It runs a plan whose every tensor is on the native
+  backend, read from safetensors, with no cast or vocabulary remap.
+- ``TorchIO`` (engine ``torch``): torch views of the mapped files (``io.reader.ModelReader``),
+  mergekit_compat's cast to the compute dtype, tokenizer_source's row remap, any CPU backend. It runs
+  every CPU plan.
+
+Peak host memory ≈ the current tensor group + one read-ahead group (1.25x the largest; input pages
+are dropped after use, see io.reader) + two reused output buffers of the largest output tensor. It does
+not grow with the number of tensors or the size of a shard. Both flavours write identical bytes (tested).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import MergeJob
+from ..io.reader import READ_AHEAD, RawReader
+from .session import MergeReport, RawPool, Session, TorchPool, peak_rss_mb, torch_threads
+
+
+class RawIO:
+    """Torch-free flavour: mapped inputs, anonymous-memory outputs, ``run_raw``."""
+
+    name = "native"
+    reader = RawReader
+
+    @staticmethod
+    def not_supported_reasons(plan: Any) -> list[str]:
+        from ..backends import BACKENDS
+
+        if os.environ.get("FASTMERGE_FASTPATH", "1") == "0":
+            return ["FASTMERGE_FASTPATH=0"]
+        if not RawReader.available():
+            return ["no POSIX mmap/madvise here"]
+        if plan.device != "cpu":
+            return [f"device {plan.device}"]
+        if any(ix.fmt != "safetensors" for ix in plan.indexes.values()):
+            return ["a .bin checkpoint (read through torch.load)"]
+        for t in plan.tensors:
+            if t.compute_dtype:
+                return ["mergekit_compat casts inputs to the compute dtype"]
+            if t.backend != "native":
+                return [f"tensor '{t.name}' runs on {t.backend}"]
+            if t.input_transform is not None:  # tokenizer_source: vocabulary remapping of embedding rows
+                return [f"tensor '{t.name}' has a vocabulary remap"]
+            why = BACKENDS["native"].raw_reasons(MergeJob(t.name, plan.method, t.params, False), t)
+            if why:
+                return [f"tensor '{t.name}': {why[0]}"]
+        return []
+
+    def __init__(self, plan: Any):
+        from ..backends import BACKENDS
+
+        self.plan, self.native = plan, BACKENDS["native"]
+
+    def pool(self, nbytes: int) -> RawPool:
+        return RawPool(nbytes)
+
+    def merge(self, tp: Any, tensors: list[Any], pool: RawPool) -> tuple[Any, Any, str]:
+        base = tensors[0] if tp.base is not None else None
+        inputs = tensors[1:] if tp.base is not None else tensors
+        raw, view, mv = pool.take(tp.out_tensor.nbytes, tp.out_dtype)
+        job = MergeJob(tp.name, self.plan.method, tp.params, False)
+        self.native.run_raw(job, view, inputs, base, self.plan.options.threads, shape=tp.shape)
+        return raw, mv, "native"
+
+    def next_tensor(self, i: int) -> None:
+        pass
+
+
+class TorchIO:
+    """Torch flavour: torch views, compute-dtype casts and vocabulary remaps, any CPU backend."""
+
+    name = "torch"
+    reader = None  # io.reader.ModelReader, imported with torch
+
+    @staticmethod
+    def not_supported_reasons(plan: Any) -> list[str]:
+        return [f"device {plan.device}: the GPU engine runs it"] if plan.device != "cpu" else []
+
+    def __init__(self, plan: Any):
+        from ..backends import BACKENDS
+        from ..io.reader import ModelReader
+
+        self.plan, self.backends = plan, BACKENDS
+        self.reader = ModelReader
+        self.remap = _RemapBuffers()
+
+    def pool(self, nbytes: int) -> TorchPool:
+        return TorchPool(nbytes)
+
+    def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
+        from .._lazy import torch
+
+        opts = self.plan.options
+        if tp.compute_dtype:  # mergekit_compat: mergekit casts every input to the compute dtype at load
+            cd = getattr(torch, tp.compute_dtype)
+            tensors = [x.to(cd) for x in tensors]
+        if tp.input_transform is not None:  # tokenizer_source: rows moved to the output vocabulary
+            tensors = self.remap.apply(tp.input_transform, tensors, opts.mergekit_compat)
+        base = tensors[0] if tp.base is not None else None
+        inputs = tensors[1:] if tp.base is not None else tensors
+        raw, view = pool.take(tp.shape, getattr(torch, tp.out_dtype))
+        job = MergeJob(tp.name, self.plan.method, tp.params, opts.mergekit_compat)
+        self.backends[tp.backend].run(job, view, inputs, base, opts.threads)
+        return raw, view, tp.backend
+
+    def next_tensor(self, i: int) -> None:
+        tensors = self.plan.tensors
+        if i + 1 >= len(tensors) or tensors[i + 1].input_transform is None:
+            self.remap.release()  # the next tensor is a plain one: no remap memory held through the layers
+
+
+class _RemapBuffers:
+    """Buffers for remapped vocabulary rows, one per input slot that needs a copy (an input whose ids
+    already match is used in place). Kept while consecutive tensors are remapped (``lm_head.weight`` and
+    ``lm_head.bias``, or a tied pair), released before any other tensor: at most one buffer per input of
+    the largest vocabulary tensor, and only while vocabulary tensors are being merged."""
+
+    def __init__(self) -> None:
+        self._raw: dict[int, Any] = {}
+
+    def _take(self, k: int, shape: tuple[int, ...], dtype: Any) -> Any:
+        from .._lazy import torch
+
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        raw = self._raw.get(k)
+        if raw is None or raw.numel() < nbytes:
+            raw = self._raw[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return raw[:nbytes].view(dtype).view(shape)
+
+    def apply(self, remap: Any, tensors: list, compat: bool) -> list:
+        return remap.apply(tensors, compat, out=self._take)
+
+    def release(self) -> None:
+        self._raw.clear()
+
+
+FLAVOURS = {"native": RawIO, "torch": TorchIO}
+
+
+def execute(plan: Any, out: str | Path, flavour: str = "torch") -> MergeReport:
+    """Run ``plan`` through the streaming loop with the I/O ``flavour`` ("torch" or "native": see the
+    module docstring) and write ``out`` atomically. A plan the flavour cannot run is a ValueError."""
+    io = FLAVOURS[flavour]
+    why = io.not_supported_reasons(plan)
+    if why:
+        raise ValueError(f"stream.execute: the {flavour} flavour cannot run this plan ({why[0]})")
+    return run(plan, out, io)
+
+
+def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> MergeReport:
+    """Run ``plan`` through the streaming loop with the I/O ``flavour`` and write ``out`` atomically."""
+    t0 = time.perf_counter()
+    io = flavour(plan)
+    merge_s = 0.0
+    counts: dict[str, int] = {}
+    largest = max((t.in_bytes for t in plan.tensors), default=0)
+    out_bytes = max((t.out_tensor.nbytes for t in plan.tensors), default=1)
+    with torch_threads(plan.options.threads if flavour is TorchIO else 0), \
+            Session(plan, out, reader=io.reader, pool=lambda: io.pool(out_bytes),
+                    read_ahead_bytes=int(READ_AHEAD * largest), desc=f"fastmerge {plan.method.name}") as s:
+        for i, tensors in s.prefetch:
+            tp = plan.tensors[i]
+            ts = time.perf_counter()
+            raw, written, backend = io.merge(tp, tensors, s.pool)
+            merge_s += time.perf_counter() - ts
+            counts[backend] = counts.get(backend, 0) + 1
+            del tensors
+            io.next_tensor(i)
+            s.prefetch.release(i)
+            s.put(tp.name, written, raw)
+            s.advance(tp.in_bytes)
+    return MergeReport(
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=s.bytes_written,
+        wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,
+        engine=flavour.name,
+    )
