@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Imported here (none of them imports torch at import time). ``plan`` must be bound after the
 # submodule ``fastmerge.plan`` was imported (api imports it), or the module would shadow the function.

@@ -128,7 +128,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_lab(a: argparse.Namespace) -> int:
-    from . import lab  # imported here: the lab's experiments load torch, sklearn and matplotlib
+    from .research import lab  # imported here: the lab's experiments load torch, sklearn and matplotlib
 
     if a.experiment == "list":
         for name, doc in lab.describe():

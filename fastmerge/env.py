@@ -18,7 +18,8 @@ def _v(pkg: str) -> str:
 def report() -> dict[str, Any]:
     import torch
 
-    from . import __version__, _native
+    from . import _native
+    from ._version import __version__
 
     ok, why = _native.cuda_usable()
     r: dict[str, Any] = {

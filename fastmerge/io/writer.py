@@ -145,7 +145,7 @@ class ShardWriter:
             raise FastMergeError(f"writer: {len(self._order) - self._next} planned tensors were never written")
         if len(self.shards) > 1:
             total = sum(t.nbytes for s in self.shards for t in s.tensors)
-            from .. import __version__
+            from .._version import __version__
 
             index = {
                 "metadata": {"total_size": total, "fastmerge_version": __version__},

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 import fastmerge
-from fastmerge import cart
+from fastmerge.research import cart
 from fastmerge.errors import ConfigError, OutputError
 from fastmerge.ops.randomized_svd import centered_factors, target_rank
 

@@ -104,9 +104,9 @@ def zipit_match(feats: Tensor, d: int) -> Tensor:
 def init_zipit(sn, canons: Sequence[Mapping[str, Tensor]], data: Inputs) -> None:
     """ZipIt as FS-Merge with hard-coded factors (spec §2.1, App. A.2): per hidden layer, ``M_l`` from
     the matching of both models' activations on ``data`` and ``U_l = 2 M_lᵀ``."""
-    from .supernet import MLPSuperNet
+    from .arch import MLPSpec
 
-    if not isinstance(sn, MLPSuperNet):
+    if not isinstance(sn.spec, MLPSpec):  # the spec, not the SuperNet class: supernet.py imports this module
         raise ValueError("zipit init is defined for MLPs only (spec §2.6)")
     if sn.n != 2 or sn.n_out != 2:
         raise ValueError(f"zipit init merges pairs of models, got n={sn.n}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmerge import lab
+from fastmerge.research import lab
 from fastmerge.research.fsmerge.study import MLP_METHODS, VIT_METHODS, Bench, augment, digit_halves
 
 
