@@ -4,9 +4,9 @@
 tensor runner cannot do). The plan (``fastmerge.plan.build_plan``) still validates everything up front
 and resolves every tensor's parameters (weights, densities: scalars, gradients, filters); then:
 
-1. ``model.embed_tokens.weight``: ordinary TIES (through fastmerge's backends: the C++ kernel when
-   built), written; the calibration tokens' rows of the merged table (``mode: progressive``) or of the
-   base's (``mode: base``) start the hidden states h [N, T, hidden].
+1. ``model.embed_tokens.weight``: ordinary TIES (through fastmerge's backends), written; the calibration
+   tokens' rows of the merged table (``mode: progressive``) or of the base's (``mode: base``) start the
+   hidden states h [N, T, hidden].
 2. Per decoder layer, one layer of every model is read (memory-mapped views, pages dropped after use):
    attention, norms and ``down_proj`` are ordinary TIES; h goes through the merged attention to the MLP
    input x = RMSNorm_post(h_mid) (``fastmerge.mloss.llama``); each fine-tune's gate/up pre-activations on
@@ -19,8 +19,14 @@ and resolves every tensor's parameters (weights, densities: scalars, gradients, 
 Only the listed ``layers`` (few-layer variant) use M-Loss ratios; forward passes stop after the last of
 them. The forward uses the merged weights as written (rounded to the output dtype). Peak memory: one
 layer of every model plus the merged layer and fp32 scratch (the embeddings are the largest group),
-plus the calibration activations (N·T·hidden fp32 a few times). Output lands in a temporary directory
-committed at the end, as the runner does. Other architectures raise ConfigError before anything is read.
+plus the calibration activations (N·T·hidden fp32 a few times). The output is produced by one
+``engine.session.Session`` with this engine's own tensor order (embeddings, layers, the rest) and the
+shards laid out from it; the reader thread reads in that order, at most one layer of every model in
+flight (held or read ahead). Other architectures raise ConfigError before anything is read.
+
+Backends: the ordinary-TIES tensors are TIES jobs on the backend ``--backend`` asks for (auto: the C++
+kernel when built); the M-TIES row trims run on the plan's backend for m_ties (its torch reference).
+``report.backends`` counts both by backend name.
 """
 
 from __future__ import annotations
@@ -35,14 +41,14 @@ import torch
 
 from .. import backends
 from ..backends.base import MergeJob
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError
 from ..methods import get_method
 from ..methods.ties import TiesParams
 from ..plan import TensorPlan, build_plan, layer_index
 from ..mloss.llama import (
     LlamaConfig, attention_residual, decoder_layer, load_calibration, mlp_input, mlp_residual, rope_tables,
 )
-from ..mloss.mties import m_ties_tensors
+from .session import Output, Session, peak_rss_mb, torch_threads
 
 EMBED = "model.embed_tokens.weight"
 LAYER_NAMES = (
@@ -51,7 +57,6 @@ LAYER_NAMES = (
     "mlp.up_proj.weight", "mlp.down_proj.weight",
 )
 TARGETS = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -138,14 +143,14 @@ def _shared_param(cfg: Any, name: str, default: str, choices: tuple[str, ...]) -
 
 def merge_mties(config: Any, out_dir: str | Path, **options: Any) -> MTiesReport:
     """Merge an m_ties config (LLaMA-family checkpoints) into ``out_dir``; options as ``fastmerge.merge``
-    (device, backend for the ordinary-TIES tensors, threads, overwrite, out_shard_size, copy_tokenizer,
-    progress; ``mergekit_compat`` changes nothing: m_ties is not a mergekit method)."""
+    (device, backend, threads, overwrite, out_shard_size, copy_tokenizer, progress; ``mergekit_compat``
+    changes nothing: m_ties is not a mergekit method)."""
     from ..config import load_config
     from ..plan import make_options
 
     cfg = load_config(config)
-    if cfg.merge_method != "m_ties":
-        raise ConfigError(f"merge_mties: merge_method must be 'm_ties', got '{cfg.merge_method}'")
+    if cfg.method.engine != "layerwise":
+        raise ConfigError(f"merge_mties: '{cfg.merge_method}' does not merge layer by layer (use merge_method: m_ties)")
     return run(build_plan(cfg, make_options(**options), out_dir), out_dir)
 
 
@@ -155,19 +160,13 @@ def run(plan: Any, out_dir: str | Path) -> MTiesReport:
     cfg = plan.config
     if cfg.slices is not None:
         raise ConfigError(f"{cfg.source or 'config'}: m_ties merges whole models: use 'models', not 'slices'")
-    out = Path(out_dir)
     lcfg = LlamaConfig.from_model_dir(plan.ref_root)
     mode = _shared_param(cfg, "mode", "progressive", ("progressive", "base"))
     statistic = _shared_param(cfg, "statistic", "sq", ("sq", "abs", "norm"))
     layers = parse_layers(cfg.parameters.get("layers"), lcfg.layers)
     ids = load_calibration(_calibration_path(cfg), lcfg.vocab)
-    saved_threads = torch.get_num_threads()
-    if plan.options.threads:
-        torch.set_num_threads(plan.options.threads)
-    try:
-        return _run(plan, lcfg, mode, statistic, layers, ids, out, t0)
-    finally:
-        torch.set_num_threads(saved_threads)
+    with torch_threads(plan.options.threads):
+        return _run(plan, lcfg, mode, statistic, layers, ids, Path(out_dir), t0)
 
 
 def _ties_params(p: Any) -> TiesParams:
@@ -175,18 +174,11 @@ def _ties_params(p: Any) -> TiesParams:
                       election=p.election, selection=p.selection, rescale=p.rescale)
 
 
-def _run(plan: Any, lcfg: LlamaConfig, mode: str, statistic: str, layers: list[int], ids: torch.Tensor,
-         out: Path, t0: float) -> MTiesReport:
-    from ..io.reader import ModelReader
-    from ..io.writer import ShardWriter, commit_dir, plan_shards, temp_dir_beside
-    from ..io.side_files import write_side_files
-    from .session import peak_rss_mb
-    from ..mloss import compute_mloss
-
-    by_name: dict[str, TensorPlan] = {tp.name: tp for tp in plan.tensors}
+def _layout(plan: Any, lcfg: LlamaConfig) -> tuple[list[list[TensorPlan]], list[TensorPlan]]:
+    """(the tensors of each decoder layer, the tensors after them), checked against the LLaMA layout."""
     if any(getattr(tp, "input_transform", None) is not None for tp in plan.tensors):
         raise ConfigError("m_ties: tokenizer_source (vocabulary remapping) is not supported with m_ties yet")
-    if EMBED not in by_name:
+    if not any(tp.name == EMBED for tp in plan.tensors):
         raise ConfigError(f"{plan.ref_root}: m_ties needs '{EMBED}' (a LLaMA-family checkpoint)")
     per_layer: list[list[TensorPlan]] = [[] for _ in range(lcfg.layers)]
     post: list[TensorPlan] = []
@@ -205,13 +197,22 @@ def _run(plan: Any, lcfg: LlamaConfig, mode: str, statistic: str, layers: list[i
         missing = [n for n in LAYER_NAMES if n not in have]
         if missing:
             raise ConfigError(f"{plan.ref_root}: layer {i} has no '{missing[0]}' (not a LLaMA-family layout)")
-    order = [by_name[EMBED]] + [tp for g in per_layer for tp in g] + post
-    shards = plan_shards([tp.out_tensor for tp in order], plan.options.out_shard_size)
-    readers: dict[Path, ModelReader] = {}
-    for ix in plan.indexes.values():
-        r = ModelReader(ix)
-        for f in ix.files:
-            readers.setdefault(f, r)
+    return per_layer, post
+
+
+def _run(plan: Any, lcfg: LlamaConfig, mode: str, statistic: str, layers: list[int], ids: torch.Tensor,
+         out: Path, t0: float) -> MTiesReport:
+    from ..io.reader import ModelReader
+    from ..io.writer import plan_shards
+    from ..mloss import compute_mloss
+
+    per_layer, post = _layout(plan, lcfg)
+    index = {tp.name: i for i, tp in enumerate(plan.tensors)}
+    order = [index[EMBED]] + [index[tp.name] for g in per_layer for tp in g] + [index[tp.name] for tp in post]
+    shards = plan_shards([plan.tensors[i].out_tensor for i in order], plan.options.out_shard_size)
+    # read-ahead of one layer of every model (the largest): the loop holds a whole layer until it is
+    # written, and the reader thread fills what it releases; the embeddings (one larger group) come alone
+    layer_bytes = max((sum(tp.in_bytes for tp in g) for g in per_layer), default=0)
     device = torch.device(plan.device)
     ties = get_method("ties")
     counts: dict[str, int] = {}
@@ -221,82 +222,77 @@ def _run(plan: Any, lcfg: LlamaConfig, mode: str, statistic: str, layers: list[i
     last = max(layers) if layers else -1
     rope = rope_tables(lcfg, ids.shape[1])
     rope = (rope[0].to(device), rope[1].to(device))
-    ids_d = ids.to(device)
-    try:
-        tmp = temp_dir_beside(out)
-    except OSError as e:
-        raise OutputError(f"{out.parent}: cannot create output directory ({e.strerror or e})") from None
-    writer = ShardWriter(tmp, shards)
-    bar = None
-    if plan.options.progress:
-        import sys
 
-        from tqdm import tqdm
-
-        bar = tqdm(total=lcfg.layers + 2, unit="layer", desc="fastmerge m_ties", file=sys.stderr)
-
-    def load(tp: TensorPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        nonlocal bytes_read
-        assert tp.base is not None
-        b = readers[tp.base.file].get(tp.base)
-        xs = [readers[s.file].get(s) for s in tp.sources]
-        bytes_read += tp.in_bytes
-        return b, xs
-
-    def release(tp: TensorPlan, b: torch.Tensor, xs: list[torch.Tensor]) -> None:
-        readers[tp.base.file].drop(tp.base, b)
-        for s, x in zip(tp.sources, xs):
-            readers[s.file].drop(s, x)
-
-    def plain(tp: TensorPlan, b: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
-        """Ordinary TIES of one tensor through fastmerge's backends, in the output dtype."""
+    def run_on(backend: str, job: MergeJob, tp: TensorPlan, b: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
         ts = time.perf_counter()
-        job = MergeJob(tp.name, ties, _ties_params(tp.params), False)
-        name, _ = backends.select(job, "cpu", "auto")
-        res = torch.empty(tp.shape, dtype=_TORCH_DTYPE[tp.out_dtype])
-        backends.BACKENDS[name].run(job, res, xs, b, plan.options.threads)
-        counts[name] = counts.get(name, 0) + 1
+        res = torch.empty(tp.shape, dtype=getattr(torch, tp.out_dtype))
+        backends.BACKENDS[backend].run(job, res, xs, b, plan.options.threads)
+        counts[backend] = counts.get(backend, 0) + 1
         times["merge"] += time.perf_counter() - ts
         return res
+
+    def plain(tp: TensorPlan, b: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Ordinary TIES of one tensor, in the output dtype, on the backend ``--backend`` asks for (auto:
+        the C++ kernel when built). Not ``tp.backend``: the plan chose that for the m_ties job, which
+        only the torch reference runs; these tensors are TIES jobs."""
+        job = MergeJob(tp.name, ties, _ties_params(tp.params), False)
+        name, _ = backends.select(job, "cpu", plan.options.backend)
+        return run_on(name, job, tp, b, xs)
+
+    def trimmed(tp: TensorPlan, b: torch.Tensor, xs: list[torch.Tensor], row_loss: torch.Tensor) -> torch.Tensor:
+        """M-TIES of a target matrix (per-row trim by ``row_loss``) on the plan's backend for it."""
+        params = dataclasses.replace(tp.params, row_loss=tuple(row_loss.tolist()))
+        return run_on(tp.backend, MergeJob(tp.name, plan.method, params, False), tp, b, xs)
 
     def on_dev(t: torch.Tensor) -> torch.Tensor:
         return t.to(device).float()
 
-    try:
+    with Session(plan, [Output(out, shards)], reader=ModelReader, order=order, read_ahead_bytes=layer_bytes,
+                 desc="fastmerge m_ties", progress=(lcfg.layers + 2, "layer")) as s:
+        groups = iter(s.prefetch)
+
+        def load(tp: TensorPlan) -> tuple[int, torch.Tensor, list[torch.Tensor]]:
+            """(plan index, base, sources) of the next tensor in ``order``, which must be ``tp``."""
+            nonlocal bytes_read
+            i, tensors = next(groups)
+            assert plan.tensors[i].name == tp.name, (plan.tensors[i].name, tp.name)
+            bytes_read += tp.in_bytes
+            return i, tensors[0], tensors[1:]
+
         # 1. embeddings
-        tp = by_name[EMBED]
-        b, xs = load(tp)
+        tp = plan.tensors[order[0]]
+        k, b, xs = load(tp)
         merged = plain(tp, b, xs)
-        writer.write(tp.name, merged)
+        s.put(tp.name, merged)
         h = None
         if last >= 0:
             ts = time.perf_counter()
             table = merged if mode == "progressive" else b
             h = table[ids].to(device).float()
+            del table
             times["forward"] += time.perf_counter() - ts
-        del merged
-        release(tp, b, xs)
-        if bar is not None:
-            bar.update(1)
+        del merged, b, xs
+        s.prefetch.release(k)
+        s.advance(1)
         # 2. decoder layers
         for i, group in enumerate(per_layer):
             pre = f"model.layers.{i}."
             loaded = {tp.name[len(pre):]: (tp, *load(tp)) for tp in group}
             res: dict[str, torch.Tensor] = {}
-            for rel, (tp, b, xs) in loaded.items():
+            for rel, (tp, _, b, xs) in loaded.items():
                 if rel not in TARGETS or i not in layers:
                     res[rel] = plain(tp, b, xs)
             if i <= last:
                 ts = time.perf_counter()
                 src = ({rel: on_dev(v) for rel, v in res.items()} if mode == "progressive"
-                       else {rel: on_dev(v[1]) for rel, v in loaded.items()})
+                       else {rel: on_dev(v[2]) for rel, v in loaded.items()})
                 h_mid = attention_residual(h, src, lcfg, rope)
                 x = mlp_input(h_mid, src, lcfg)
                 times["forward"] += time.perf_counter() - ts
             if i in layers:
                 ts = time.perf_counter()
-                gtp, _, gxs = loaded["mlp.gate_proj.weight"]
-                utp, _, uxs = loaded["mlp.up_proj.weight"]
+                gtp, _, _, gxs = loaded["mlp.gate_proj.weight"]
+                _, _, _, uxs = loaded["mlp.up_proj.weight"]
                 w = list(gtp.params.weight)
                 sw = sum(w)
                 alpha = [v / sw for v in w] if sw != 0 else None
@@ -307,52 +303,35 @@ def _run(plan: Any, lcfg: LlamaConfig, mode: str, statistic: str, layers: list[i
                 row_loss = stats.node(statistic).double().cpu()
                 layer_mloss[i] = (stats.layer, stats.layer_norm)
                 times["mloss"] += time.perf_counter() - ts
-                ts = time.perf_counter()
                 for rel in TARGETS:
-                    tp, b, xs = loaded[rel]
-                    p = tp.params
-                    r = m_ties_tensors(xs, b.float(), row_loss=row_loss, weight=p.weight, density=p.density,
-                                       epsilon=p.epsilon, normalize=p.normalize, lambda_=p.lambda_,
-                                       election=p.election, selection=p.selection, rescale=p.rescale)
-                    res[rel] = r.to(_TORCH_DTYPE[tp.out_dtype])
-                    counts["m_ties"] = counts.get("m_ties", 0) + 1
-                times["merge"] += time.perf_counter() - ts
+                    tp, _, b, xs = loaded[rel]
+                    res[rel] = trimmed(tp, b, xs, row_loss)
             if i < last:
                 ts = time.perf_counter()
                 if mode == "progressive":
-                    src.update({rel: on_dev(res[rel]) for rel in ("mlp.gate_proj.weight", "mlp.up_proj.weight")})
+                    src.update({rel: on_dev(res[rel]) for rel in TARGETS})
                 h = mlp_residual(h_mid, x, src)
                 del src, h_mid, x
                 times["forward"] += time.perf_counter() - ts
             elif i == last:
                 h = None  # no later layer needs hidden states
+                del src, h_mid, x
             for tp in group:
-                writer.write(tp.name, res[tp.name[len(pre):]])
-            for rel, (tp, b, xs) in loaded.items():
-                release(tp, b, xs)
+                s.put(tp.name, res[tp.name[len(pre):]])
+            for _, k, _, _ in loaded.values():
+                s.prefetch.release(k)
             del loaded, res
-            if bar is not None:
-                bar.update(1)
+            s.advance(1)
         # 3. final norm, lm_head
         for tp in post:
-            b, xs = load(tp)
-            writer.write(tp.name, plain(tp, b, xs))
-            release(tp, b, xs)
-        if bar is not None:
-            bar.update(1)
-            bar.close()
-        writer.finalize()
-        write_side_files(plan, tmp)
-        commit_dir(tmp, out, plan.options.overwrite)
-    except BaseException:
-        import shutil
-
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            k, b, xs = load(tp)
+            s.put(tp.name, plain(tp, b, xs))
+            del b, xs
+            s.prefetch.release(k)
+        s.advance(1)
     return MTiesReport(
         out_dir=str(out), tensors=len(order), mloss_layers=layers, calibration_tokens=int(ids.numel()),
-        bytes_read=bytes_read, bytes_written=writer.bytes_written, wall_s=time.perf_counter() - t0,
+        bytes_read=bytes_read, bytes_written=s.bytes_written, wall_s=time.perf_counter() - t0,
         forward_s=times["forward"], mloss_s=times["mloss"], merge_s=times["merge"], peak_rss_mb=peak_rss_mb(),
         backends=counts, layer_mloss=layer_mloss,
     )

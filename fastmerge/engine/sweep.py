@@ -82,8 +82,11 @@ def run(plan: Any, out_dir: str | Path) -> SweepReport:
 
     t0 = time.perf_counter()
     cfg = plan.config
-    if cfg.merge_method != "cart":
-        raise ConfigError(f"rank_sweep: merge_method must be 'cart', got '{cfg.merge_method}'")
+    if not plan.method.rank_sweep:
+        from ..methods import REGISTRY
+
+        able = " or ".join(f"'{n}'" for n, m in REGISTRY.items() if m.rank_sweep)
+        raise ConfigError(f"rank_sweep: merge_method must be {able}, got '{plan.method.name}'")
     vals = ratios_of(cfg.rank_sweep)
     for tp in plan.tensors:
         p = tp.params

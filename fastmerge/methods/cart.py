@@ -107,8 +107,10 @@ def exact_cart(xs: Sequence[torch.Tensor], p: CartParams) -> torch.Tensor:
 
 class Cart(MergeMethod):
     name = "cart"
+    rank_sweep = True
     paper_url = "https://arxiv.org/abs/2412.12153"
     base_policy = "ignored"
+    rank_sweep = True  # one output per rank ratio from one factorization (engine.sweep)
     min_models = 1
     params = (
         ParamSpec("rank_ratio", float, 0.08, per_model=False,
