@@ -13,9 +13,9 @@ Entering: a temporary directory beside each OUT, one reader per checkpoint (``Mo
 views; ``RawReader``: torch-free read-only mappings), the prefetcher over the groups (plan order, or
 ``order``), one shard writer per output, the buffer pool and its writer thread, the progress bar.
 Leaving normally: the writer thread is drained, every shard index and side file written, then every
-output renamed into place. Leaving by an exception: everything is closed and every temporary directory
-removed; an ``OSError`` becomes one ``OutputError`` line. The readers are closed either way. Nothing
-but complete models is ever left at OUT.
+output renamed into place (all or none). Leaving by an exception: everything is closed and every
+temporary directory removed; an ``OSError`` becomes one ``OutputError`` line. The readers are closed
+either way. Nothing but complete models is ever left at OUT.
 """
 
 from __future__ import annotations
@@ -330,10 +330,26 @@ class Session:
         for o in self.outputs:
             o.writer.finalize()
             (o.side or (lambda tmp: write_side_files(self.plan, tmp)))(o.tmp)
-        for o in self.outputs:
-            commit_dir(o.tmp, o.out, self.plan.options.overwrite)
-            o.tmp = None
+        self._commit()
         self._close_inputs()
+
+    def _commit(self) -> None:
+        """Every output renamed into place, or none: an OUT that appeared during the merge is found before
+        any rename, and an output already renamed is removed again if a later rename fails."""
+        overwrite = self.plan.options.overwrite
+        for o in self.outputs:
+            if o.out.exists() and not overwrite:
+                raise OutputError(f"{o.out}: output exists (pass --overwrite to replace it)")
+        done: list[Path] = []
+        try:
+            for o in self.outputs:
+                commit_dir(o.tmp, o.out, overwrite)
+                o.tmp = None
+                done.append(o.out)
+        except BaseException:
+            for out in done:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
     def _close_inputs(self) -> None:
         if self.prefetch is not None:
