@@ -99,9 +99,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo
             )
         infos.append(TensorInfo(name, path, dtype, shape, data_start + b, data_start + e))
     infos.sort(key=lambda t: (t.begin, t.end))
-    for prev, cur in zip(infos, infos[1:]):
-        if cur.begin < prev.end:
-            raise CheckpointError(f"{path}: tensors '{prev.name}' and '{cur.name}' overlap in the file")
+    # the safetensors library's rules: the data section is the tensors back to back, from its first byte
+    # to the end of the file - no overlap, no gap, nothing after (it refuses such files; so do we)
+    pos = data_start
+    for k, cur in enumerate(infos):
+        if cur.begin < pos:
+            raise CheckpointError(f"{path}: tensors '{infos[k - 1].name}' and '{cur.name}' overlap in the file")
+        if cur.begin > pos:
+            after = f"after tensor '{infos[k - 1].name}'" if k else "at the start of the data"
+            raise CheckpointError(f"{path}: {cur.begin - pos} unused bytes {after} (tensor '{cur.name}' starts at "
+                                  f"data offset {cur.begin - data_start}): not a valid safetensors layout")
+        pos = cur.end
+    if pos != size:
+        raise CheckpointError(f"{path}: {size - pos} bytes after the last tensor: not a valid safetensors layout")
     return meta, infos
 
 
@@ -215,7 +225,8 @@ class CheckpointIndex:
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # torch raises many types for corrupt pickles
-                raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True) ({type(e).__name__}: {e})".split("\n")[0]) from None
+                why = f"{f}: cannot load with torch.load(weights_only=True) ({type(e).__name__}: {e})"
+                raise CheckpointError(why.split("\n")[0]) from None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: not a state dict")
             for name, t in sd.items():

@@ -117,3 +117,37 @@ def test_unsupported_dtype_names_tensor(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         CheckpointIndex.open(tmp_path / "nope")
+
+
+def _file(path, entries, data_len, pad=b""):
+    """A safetensors file with a hand-written header: ``entries`` name -> (dtype, shape, [b, e])."""
+    header = json.dumps({k: {"dtype": d, "shape": s, "data_offsets": o} for k, (d, s, o) in entries.items()}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(data_len) + pad)
+    return path
+
+
+@pytest.mark.parametrize("case, entries, data_len, pad, msg", [
+    # a 4-element fp32 tensor whose bytes are also the first half of another: the library refuses it
+    ("overlap", {"a": ("F32", [4], [0, 16]), "b": ("F32", [4], [8, 24])}, 24, b"", "'a' and 'b' overlap"),
+    ("same-bytes", {"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [0, 8])}, 8, b"", "overlap"),
+    ("gap", {"a": ("F32", [2], [0, 8]), "b": ("F32", [2], [12, 20])}, 20, b"", "4 unused bytes after tensor 'a'"),
+    ("late-start", {"a": ("F32", [2], [4, 12])}, 12, b"", "4 unused bytes at the start"),
+    ("trailing", {"a": ("F32", [2], [0, 8])}, 8, b"xyz", "3 bytes after the last tensor"),
+])
+def test_layouts_the_safetensors_library_refuses_are_refused(tmp_path, case, entries, data_len, pad, msg):
+    from safetensors import SafetensorError, safe_open
+
+    f = _file(tmp_path / f"{case}.safetensors", entries, data_len, pad)
+    with pytest.raises(SafetensorError):  # the library's verdict on the same bytes: the rule we follow
+        with safe_open(str(f), "pt") as h:
+            [h.get_tensor(k) for k in h.keys()]
+    with pytest.raises(CheckpointError, match=msg) as e:
+        read_safetensors_header(f)
+    assert f"{case}.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_back_to_back_layout_with_an_empty_tensor_is_accepted(tmp_path):
+    f = _file(tmp_path / "ok.safetensors", {"a": ("F32", [2], [0, 8]), "e": ("F32", [0], [8, 8]),
+                                              "b": ("BF16", [2], [8, 12])}, 12)
+    _, infos = read_safetensors_header(f)
+    assert [t.name for t in infos] == ["a", "e", "b"]
