@@ -220,3 +220,85 @@ def test_rss_flat_across_layers(tmp_path, monkeypatch):
     # layer, 65 MB over the 12; measured here: the layers' peaks stay within ~9 MB of each other (allocator noise)
     spread = max(per_layer) - min(per_layer)
     assert spread < 20 * 2**20, f"RSS moved {spread / 2**20:.1f} MB across layers: {[round(v / 2**20) for v in per_layer]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# what the hand-rolled m_ties loop had drifted on (fastmerge/mloss/engine.py at 70b977f)
+
+
+def _count_readers(monkeypatch):
+    """Every ModelReader opened from now on, and the ones closed."""
+    from fastmerge.io import reader as reader_mod
+
+    opened, closed = [], []
+    init, close = reader_mod.ModelReader.__init__, reader_mod.ModelReader.close
+
+    def counting_init(self, *a, **k):
+        init(self, *a, **k)
+        opened.append(id(self))
+
+    def counting_close(self):
+        closed.append(id(self))
+        close(self)
+
+    monkeypatch.setattr(reader_mod.ModelReader, "__init__", counting_init)
+    monkeypatch.setattr(reader_mod.ModelReader, "close", counting_close)
+    return opened, closed
+
+
+def _disk_full_on_write(monkeypatch, at=5):
+    import errno
+
+    from fastmerge.io import writer as writer_mod
+
+    write, calls = writer_mod.ShardWriter.write, []
+
+    def failing(self, name, t):
+        calls.append(name)
+        if len(calls) == at:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "model.safetensors"))
+        write(self, name, t)
+
+    monkeypatch.setattr(writer_mod.ShardWriter, "write", failing)
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith("model")}
+
+
+def test_mties_closes_its_readers(fam, tmp_path, monkeypatch):
+    opened, closed = _count_readers(monkeypatch)
+    fastmerge.merge(config(fam, layers=[1]), tmp_path / "m", progress=False)
+    assert opened and sorted(set(closed)) == sorted(opened)
+    opened.clear(), closed.clear()
+    _disk_full_on_write(monkeypatch)
+    with pytest.raises(Exception):
+        fastmerge.merge(config(fam, layers=[1]), tmp_path / "f", progress=False)
+    assert opened and sorted(set(closed)) == sorted(opened)
+
+
+def test_mties_oserror_is_one_output_error_line(fam, tmp_path, monkeypatch):
+    from fastmerge.errors import OutputError
+
+    (tmp_path / "outs").mkdir()
+    _disk_full_on_write(monkeypatch)
+    with pytest.raises(OutputError) as ei:
+        fastmerge.merge(config(fam, layers=[1]), tmp_path / "outs" / "m", progress=False)
+    assert "\n" not in str(ei.value) and "No space left on device" in str(ei.value)
+    assert list((tmp_path / "outs").iterdir()) == []  # nothing at OUT, no temporary directory beside it
+
+
+def test_mties_honours_backend(fam, tmp_path):
+    saved = torch.get_num_threads()
+    other = 3 if saved != 3 else 2
+    torch.set_num_threads(other)
+    try:
+        rep = fastmerge.merge(config(fam, layers=[0, 2]), tmp_path / "t", progress=False, backend="torch", threads=1)
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(saved)
+    assert rep.backends == {"torch": rep.tensors}  # the plain TIES tensors and the row trims
+    auto = fastmerge.merge(config(fam, layers=[0, 2]), tmp_path / "a", progress=False)
+    if fastmerge._native.HAS_CPU_EXT:
+        assert auto.backends.get("native", 0) == auto.tensors - 4  # all but the 2 layers' gate/up row trims
+    assert _files(tmp_path / "t") == _files(tmp_path / "a")
