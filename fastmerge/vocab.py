@@ -63,6 +63,7 @@ VOCAB_TENSOR_RE = re.compile(
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "spiece.model", "chat_template.jinja",
+    "chat_template.json",
 )
 #: transformers' named special tokens, in the order it appends the missing ones on load.
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")

@@ -14,6 +14,43 @@ if TYPE_CHECKING:
     from ..plan import MergePlan
 
 
+#: files of the model (not of its tokenizer) copied from the model whose config.json the output takes
+MODEL_FILES = ("generation_config.json",)
+#: config.json lists with one entry per layer are found by their length; these lists never are
+NOT_PER_LAYER = frozenset({"architectures"})
+
+
+def layer_sources(plan: "MergePlan") -> list[int | None]:
+    """For each output layer of a slices plan, the layer of the input it is made from (the slice's
+    reference model: its base, else its first source), read from the tensors' input names."""
+    from ..plan import layer_index
+
+    src: list[int | None] = [None] * (plan.out_layers or 0)
+    for t in plan.tensors:
+        if t.layer is not None and t.layer < len(src) and src[t.layer] is None:
+            first = t.base if t.base is not None else t.sources[0]
+            src[t.layer] = layer_index(first.name)
+    return src
+
+
+def _follow_slices(doc: dict, n_src: int, src: list[int | None]) -> None:
+    """Every per-layer list in ``doc`` (``layer_types``, ``no_rope_layers``..., nested configs too: a
+    list of exactly ``n_src`` entries) rebuilt for the output layers; transformers refuses a config whose
+    ``layer_types`` does not match ``num_hidden_layers``."""
+    if any(i is None or not 0 <= i < n_src for i in src):
+        return  # an output layer not taken from a layer of the donor's numbering: nothing to follow
+    for k, v in list(doc.items()):
+        if isinstance(v, dict):
+            inner = next((v[x] for x in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(v.get(x), int)), None)
+            if inner == n_src:  # a nested text config with the same layers (VLMs)
+                for x in ("num_hidden_layers", "n_layer", "num_layers"):
+                    if x in v:
+                        v[x] = len(src)
+                _follow_slices(v, n_src, src)
+        elif isinstance(v, list) and len(v) == n_src and n_src > 1 and k not in NOT_PER_LAYER:
+            doc[k] = [v[i] for i in src]
+
+
 def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
     """Write the files beside the weights into ``tmp``: ``config.json`` (dtype, layer count and vocabulary
     size updated), the tokenizer (copied, or rebuilt by ``tokenizer_source``) and ``fastmerge_config.yml``.
@@ -29,8 +66,11 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
             for k in keys:
                 doc[k] = out_dtype
         if plan.out_layers is not None:  # slices: the output has its own number of layers
+            n_src = next((doc[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(doc.get(k), int)), None)
             for k in [k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in doc] or ["num_hidden_layers"]:
                 doc[k] = plan.out_layers
+            if n_src:
+                _follow_slices(doc, n_src, layer_sources(plan))
         if plan.tokenizer is not None:  # the output vocabulary sets the embedding rows (mergekit's _update_config_vocab)
             nested = "vocab_size" not in doc and isinstance(doc.get("text_config"), dict) and "vocab_size" in doc["text_config"]
             (doc["text_config"] if nested else doc)["vocab_size"] = plan.tokenizer.n_rows
@@ -52,6 +92,9 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+    for name in MODEL_FILES:  # generation defaults (stop tokens, sampling): the config.json donor's
+        if (ref_root / name).is_file():
+            shutil.copyfile(ref_root / name, tmp / name)
     import yaml
 
     (tmp / "fastmerge_config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
