@@ -142,6 +142,12 @@ def cmd_lab(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .benchmark.cli import run  # imported here: the benchmark loads torch (mergekit, matplotlib when asked)
+
+    return run(a)
+
+
 def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Fast, streaming, mergekit-compatible model merging.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -168,6 +174,9 @@ def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 epochs: checks the pipeline in seconds")
     p.add_argument("--out", default="docs/lab", help="where tables and plots go (default docs/lab)")
     p.add_argument("--cache", default=None, help="checkpoint cache (default $FASTMERGE_LAB_CACHE or ~/.cache/fastmerge/lab)")
+    from .benchmark.cli import add_parser as add_bench_parser  # argparse only
+
+    add_bench_parser(sub)
     return ap
 
 
@@ -181,7 +190,7 @@ def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
     else:
         a = build_parser(prog).parse_args(argv)
         handler = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "env": cmd_env, "demo": cmd_demo,
-                   "lab": cmd_lab}[a.cmd]
+                   "lab": cmd_lab, "bench": cmd_bench}[a.cmd]
     try:
         return handler(a)
     except FastMergeError as e:
@@ -202,6 +211,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 def yaml_main(argv: Sequence[str] | None = None) -> int:
     return _run(sys.argv[1:] if argv is None else argv, "fastmerge-yaml", yaml_mode=True)
 
-
-def _entry() -> None:  # pragma: no cover
-    sys.exit(main())
