@@ -77,6 +77,7 @@ class MTiesReport:
     backends: dict[str, int]
     #: layer -> (layer-level M-Loss, normalised layer-level M-Loss) of its gated MLP, mean over tokens
     layer_mloss: dict[int, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    engine: str = "layerwise"
 
     def summary(self) -> str:
         per = ", ".join(f"{k}: {v}" for k, v in sorted(self.backends.items()))

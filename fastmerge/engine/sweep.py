@@ -9,6 +9,7 @@ writer thread, every folder committed at the end, or none.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -75,9 +76,6 @@ def rank_sweep(config: Any, out_dir: str | Path, ratios: Sequence[float] | None 
 
 def run(plan: Any, out_dir: str | Path) -> SweepReport:
     """Run a plan whose config has ``rank_sweep``: one input pass, one output folder per ratio."""
-    from .._lazy import torch
-    from ..methods.cart import lowrank_selected
-    from ..ops.randomized_svd import centered_factors, target_rank, weight_average
     from ..plan import check_output
 
     t0 = time.perf_counter()
@@ -98,6 +96,7 @@ def run(plan: Any, out_dir: str | Path) -> SweepReport:
     outs = {r: out_dir / sweep_dir_name(r) for r in vals}
     for o in outs.values():
         check_output(o, roots, plan.options.overwrite)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def side(r: float) -> Any:
@@ -105,6 +104,23 @@ def run(plan: Any, out_dir: str | Path) -> SweepReport:
         return lambda tmp: write_side_files(plan, tmp, config=sub)
 
     outputs = [Output(outs[r], plan.shards, side(r)) for r in vals]
+    try:
+        n_low, factor_s, recon_s = _loop(plan, outputs, vals)
+    except BaseException:
+        if created:  # the Session left nothing in it: no empty OUT either
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    return SweepReport({r: str(outs[r]) for r in vals}, len(plan.tensors), n_low, time.perf_counter() - t0,
+                       factor_s, recon_s, peak_rss_mb())
+
+
+def _loop(plan: Any, outputs: list[Output], vals: list[float]) -> tuple[int, float, float]:
+    """The one input pass: every tensor factored once, reconstructed into each output."""
+    from .._lazy import torch
+    from ..methods.cart import lowrank_selected
+    from ..ops.randomized_svd import centered_factors, target_rank, weight_average
+
     factor_s = recon_s = 0.0
     n_low = 0
     device = torch.device(plan.device)
@@ -139,8 +155,7 @@ def run(plan: Any, out_dir: str | Path) -> SweepReport:
             del xs, tensors
             s.prefetch.release(i)
             s.advance(1)
-    return SweepReport({r: str(outs[r]) for r in vals}, len(plan.tensors), n_low, time.perf_counter() - t0,
-                       factor_s, recon_s, peak_rss_mb())
+    return n_low, factor_s, recon_s
 
 
 def _model_reader() -> Any:

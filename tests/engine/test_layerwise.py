@@ -298,6 +298,7 @@ def test_mties_honours_backend(fam, tmp_path):
     finally:
         torch.set_num_threads(saved)
     assert rep.backends == {"torch": rep.tensors}  # the plain TIES tensors and the row trims
+    assert rep.engine == "layerwise"
     auto = fastmerge.merge(config(fam, layers=[0, 2]), tmp_path / "a", progress=False)
     if fastmerge._native.HAS_CPU_EXT:
         assert auto.backends.get("native", 0) == auto.tensors - 4  # all but the 2 layers' gate/up row trims
