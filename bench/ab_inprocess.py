@@ -14,7 +14,7 @@ finder sits on sys.meta_path), so such a venv silently runs the editable tree. E
 fastmerge and _C it loaded, and two sides that load the same files are refused.
 
 Inputs: the benchmark family of bench_end_to_end.py (``bench/out/family-full``; run that benchmark once
-with FASTMERGE_BENCH_FULL=1 to generate it), the perf-baselines parameters (weights 0.33, density 0.5).
+with FASTMERGE_BENCH_FULL=1 to generate it), the benchmark's parameters (weights 0.33, density 0.5).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 2. ``test_cart_accuracy``: the done-criteria on the test spectra (power laws i^-0.5 and i^-1, exponential,
    low rank + noise floor): max over tasks of ‖Δ − Δ̃_k‖_F / ‖Δ − Δ_k‖_F, and the merged output's
    relative Frobenius distance to exact CART.
-3. ``test_cart_end_to_end``: ``python -m fastmerge merge`` of the benchmark family (perf-baselines:
-   LLaMA hidden 1024, 8 layers, bf16, base + 3 fine-tunes; the base is not an input of CART) with
+3. ``test_cart_end_to_end``: ``python -m fastmerge merge`` of the benchmark family
+   (LLaMA hidden 1024, 8 layers, bf16, base + 3 fine-tunes; the base is not an input of CART) with
    ``merge_method: cart`` as a child process; its peak RSS (VmHWM) against the input size. Then a
    4-value rank sweep (``fastmerge.research.cart.rank_sweep``) of the same family.
 4. ``test_cart_gpu`` (CUDA only): 4096×4096 and 4096×14336, T = 8: Triton path vs full SVD per task.

@@ -7,7 +7,7 @@ execve from the spawning process; see ``run_child``). fastmerge's
 in-process time is ``MergeReport.wall_s`` from the summary it prints. GB/s = input bytes / wall time.
 
     pytest bench --benchmark-disable                                  # smoke: tiny family, 1 round (CI)
-    FASTMERGE_BENCH_FULL=1 pytest bench --benchmark-enable            # the perf-baselines family, 3 rounds
+    FASTMERGE_BENCH_FULL=1 pytest bench --benchmark-enable            # the benchmark family, 3 rounds
 
 The table of the last run goes to ``$FASTMERGE_BENCH_DIR/end_to_end.md`` (default bench/out/).
 """
@@ -32,14 +32,14 @@ import yaml
 import fastmerge
 from fastmerge.testing import LlamaShape, make_family
 
-# perf-baselines.md: hidden 1024, 8 layers, intermediate 2816, vocab 32000, 16 heads, untied: 168.3M
+# The benchmark family: hidden 1024, 8 layers, intermediate 2816, vocab 32000, 16 heads, untied: 168.3M
 # parameters, bf16, 100 MB shards; 1346 MB of input for base + 3 fine-tunes.
 FULL = dict(shape=LlamaShape(hidden=1024, layers=8, intermediate=2816, vocab=32000, heads=16), shard_bytes=100_000_000)
 # ~0.3 MB per model: the smoke run is dominated by the two tools' start-up (~10 s per mergekit run).
 SMOKE = dict(shape=LlamaShape(hidden=64, layers=2, intermediate=176, vocab=320, heads=4), shard_bytes=50_000)
 DTYPE = "bfloat16"
 ROUNDS_FULL = int(os.environ.get("FASTMERGE_BENCH_ROUNDS", "3"))  # median of >= 3 for any claim
-# Every method on the benchmark family, with mergekit 0.1.5's parameter names (perf-baselines: weights 0.33,
+# Every method on the benchmark family, with mergekit 0.1.5's parameter names (weights 0.33,
 # linear 1.0 each, density 0.5). "models" picks the fine-tunes (indices into ft1..ft3); "base": use the base.
 SPECS: dict[str, dict] = {
     "linear": {"base": False, "params": {"weight": 1.0}},
@@ -82,7 +82,7 @@ RESULTS: dict[tuple[str, str], dict] = {}
 
 
 def _warm(root: Path) -> int:
-    """Read every file once so that both tools start from a warm page cache (perf-baselines' setting)."""
+    """Read every file once so that both tools start from a warm page cache (the benchmark's setting)."""
     n = 0
     for f in sorted(root.rglob("*")):
         if f.is_file():
@@ -118,7 +118,7 @@ def fastmerge_methods() -> set[str]:
 
 
 def config_for(method: str, fam: dict) -> dict:
-    """perf-baselines: all weights 0.33 (linear: 1.0 each, no base), density 0.5; see SPECS."""
+    """All weights 0.33 (linear: 1.0 each, no base), density 0.5; see SPECS."""
     spec = SPECS[method]
     fts = [fam["fts"][i] for i in spec.get("models", range(len(fam["fts"])))]
     models = [{"model": str(ft), "parameters": dict(spec["params"])} for ft in fts]
@@ -191,7 +191,7 @@ t0 = time.perf_counter()
 run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), sys.argv[2], options=opts, config_source=src)
 print(f"mergekit in-process: run_merge in {time.perf_counter() - t0:.3f} s (")
 """
-# The floor of a whole merge (perf-baselines): every input page touched once (MADV_POPULATE_READ on the
+# The floor of a whole merge: every input page touched once (MADV_POPULATE_READ on the
 # mapped files, then dropped, as the fast path does) and the output written once (a reused buffer through
 # the same shard writer), no compute. Printed like fastmerge's summary so the same regex reads it.
 FLOOR_CHILD = """
@@ -315,14 +315,16 @@ def write_table(machine: dict, root: Path) -> Path | None:
         f"CUDA {'yes' if machine['cuda_available'] else 'no'}; torch {machine['torch']}, fastmerge {machine['fastmerge']} "
         f"(native CPU extension: {machine['fastmerge_native_cpu_ext']}), mergekit {machine['mergekit']}.",
         "",
-        "| method | tool | wall s (median) | runs (s) | in-process s | peak RSS MB | input MB | GB/s of input | in-process GB/s | speed-up vs mergekit (wall) | speed-up in-process | in-process / floor | RSS vs mergekit | backends |",
+        "| method | tool | wall s (median) | runs (s) | in-process s | peak RSS MB | input MB | GB/s of input | in-process GB/s "
+        "| speed-up vs mergekit (wall) | speed-up in-process | in-process / floor | RSS vs mergekit | backends |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "–"  # noqa: E731
         lines.append(
             f"| {r['method']} | {r['tool']} | {r['wall_s']:.2f} | {', '.join(map(str, r['walls']))} | {f('inproc_s', '.2f')} | "
-            f"{r['rss_mb']:.0f} | {r['in_mb']:.0f} | {r['gbps']:.3g} | {f('gbps_inproc', '.3g')} | {f('speedup', '.2f')}{'×' if r.get('speedup') else ''} | "
+            f"{r['rss_mb']:.0f} | {r['in_mb']:.0f} | {r['gbps']:.3g} | {f('gbps_inproc', '.3g')} | "
+            f"{f('speedup', '.2f')}{'×' if r.get('speedup') else ''} | "
             f"{f('speedup_inproc', '.1f')}{'×' if r.get('speedup_inproc') else ''} | {f('vs_floor', '.2f')} | "
             f"{f('rss_ratio', '.2f')} | {r.get('backends', '')} |"
         )

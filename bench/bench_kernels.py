@@ -1,4 +1,4 @@
-"""GPU benchmarks of the Triton kernels and the streaming GPU engine (issue 4); skipped without CUDA.
+"""GPU benchmarks of the Triton kernels and the streaming GPU engine; skipped without CUDA.
 
 One run on an H100/H200 produces the whole RESULTS table (``$FASTMERGE_BENCH_DIR/kernels.md``, default
 bench/out/kernels.md, and kernels.json with every number):
@@ -46,9 +46,15 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-SHAPES = [tuple(int(d) for d in s.split("x")) for s in os.environ.get("FASTMERGE_BENCH_SHAPES", "4096x4096,4096x14336,128256x4096").split(",")]
+SHAPES = [
+    tuple(int(d) for d in s.split("x"))
+    for s in os.environ.get("FASTMERGE_BENCH_SHAPES", "4096x4096,4096x14336,128256x4096").split(",")
+]
 TS = [int(t) for t in os.environ.get("FASTMERGE_BENCH_T", "2,4,8").split(",")]
-ALL = ["copy", "select", "select8", "ties_fused", "ties", "ties8", "ties_cuda", "dare_ties", "breadcrumbs", "linear", "task_arithmetic", "slerp", "model_stock"]
+ALL = [
+    "copy", "select", "select8", "ties_fused", "ties", "ties8", "ties_cuda", "dare_ties", "breadcrumbs", "linear",
+    "task_arithmetic", "slerp", "model_stock",
+]
 KERNELS = [k for k in os.environ.get("FASTMERGE_BENCH_KERNELS", ",".join(ALL)).split(",") if k]
 DTYPE = torch.bfloat16
 DENSITY = 0.5
@@ -190,7 +196,8 @@ def _case(kernel: str, shape, T: int):
                 wds.append(w[t] * l1_rescaled(d, keep))
             return combine(bf, wds, w, "sum", False, 1.0).to(DTYPE)
 
-        return (lambda: DareKernel(p, [n], "cuda", "sum").run(x, base, out, segs)), 2 * read + write, {"torch (bernoulli masks)": mergekit_like}
+        return ((lambda: DareKernel(p, [n], "cuda", "sum").run(x, base, out, segs)), 2 * read + write,
+                {"torch (bernoulli masks)": mergekit_like})
     if kernel == "breadcrumbs":
         p = [BreadcrumbsParams(w, (DENSITY,) * T, (0.01,) * T)]
         ref = lambda: get_method("breadcrumbs").reference(rows, b2, p[0]).to(DTYPE)  # noqa: E731
@@ -403,10 +410,12 @@ def write_table(machine: dict, bench_dir: Path) -> Path | None:
         lines.append(f"| {r['kernel']} | {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['ms']} | {r['GB/s']} | {r['% of copy']} | {bl} |")
     if E2E:
         lines += ["", "## End to end (gpu_runner.execute_cuda, base + 3, bf16)", "",
-                  "| method | params (B) | input GB | wall s | read-once s | wall / read-once | GB/s | GPU peak MB | largest group MB | kernels s | mergekit --cuda s |",
+                  "| method | params (B) | input GB | wall s | read-once s | wall / read-once | GB/s | GPU peak MB "
+                  "| largest group MB | kernels s | mergekit --cuda s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in E2E.values():
-            lines.append(f"| {r['method']} | {r['params_B']} | {r['input_GB']} | {r['wall_s']} | {r['read_once_s']} | {r['wall_vs_read_once']} | "
-                         f"{r['GB/s']} | {r['gpu_peak_MB']} | {r['largest_group_MB']} | {r['kernel_s']} | {r.get('mergekit_cuda_wall_s', '–')} |")
+            lines.append(f"| {r['method']} | {r['params_B']} | {r['input_GB']} | {r['wall_s']} | {r['read_once_s']} | "
+                         f"{r['wall_vs_read_once']} | {r['GB/s']} | {r['gpu_peak_MB']} | {r['largest_group_MB']} | "
+                         f"{r['kernel_s']} | {r.get('mergekit_cuda_wall_s', '–')} |")
     return save_table(bench_dir, "kernels", lines, {"versions": info, "copy_GBps": COPY, "kernels": RESULTS, "end_to_end": E2E})
 

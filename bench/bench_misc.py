@@ -1,8 +1,8 @@
 """Per-tensor benchmark: fastmerge vs mergekit 0.1.5's own implementation of sce, arcee_fusion, ram,
 ramplus_tl and passthrough, on the same in-memory tensors, in one process.
 
-fastmerge: ``fastmerge.merge_tensors(method, fine_tunes, base, **params)`` in default mode (the torch
-backend: these methods have no C++ kernel yet), bf16 in, bf16 out. mergekit:
+fastmerge: ``fastmerge.merge_tensors(method, fine_tunes, base, **params)`` in default mode (the
+backend ``auto`` picks: the C++ kernel for sce and passthrough, torch for the others), bf16 in, bf16 out. mergekit:
 ``mergekit.merge_methods.merge_tensors([base, *fine_tunes], method, parameters=..., base_index=0)``, its
 in-memory entry point, which runs the same per-group function as its YAML path (arcee_fusion and
 ramplus_tl return float32 there, mergekit issue #604; no cast is added to its time).

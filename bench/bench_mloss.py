@@ -1,6 +1,6 @@
 """M-Loss and M-TIES benchmarks.
 
-1. ``test_mloss_fused``: one layer's node + layer M-Loss at the issue's shape (B = 128×197 tokens, d_in = 768,
+1. ``test_mloss_fused``: one layer's node + layer M-Loss at the target shape (B = 128×197 tokens, d_in = 768,
    d_out = 3072, q = 8 fine-tunes: ViT-B/32's ``c_fc`` on 128 images), GELU-tanh (the official code's proxy).
    - CUDA: the fused Triton kernel (``kernels/mloss.py``) against the torch eager reference, median of
      ≥ 3 rounds each, and the extra GPU memory of each (``torch.cuda.max_memory_allocated`` − before).
@@ -11,7 +11,7 @@
 2. ``test_row_trim``: M-TIES' per-row trim of T = 8 task vectors of a 3072×768 matrix with row keep ratios
    in [0.7, 0.8]: fastmerge's batched selection against the official code's Python loop over rows
    (``torch.topk`` per row, then ≥ its minimum). Same masks asserted.
-3. ``test_mties_end_to_end``: ``fastmerge.merge`` of the benchmark family (perf-baselines: LLaMA hidden 1024,
+3. ``test_mties_end_to_end``: ``fastmerge.merge`` of the benchmark family (LLaMA hidden 1024,
    8 layers, bf16, base + 3 fine-tunes) with ``merge_method: m_ties`` (8 × 128 generated calibration
    tokens, every layer) and with plain ``ties`` (same weights 1.0, density 0.8), each in a child process:
    wall time (median of the rounds), the m_ties time split (forward / M-Loss / merging), peak RSS (VmHWM).

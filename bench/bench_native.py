@@ -7,7 +7,7 @@ in fp32 and one rounding into ``out``, what ``--backend torch`` runs. Default mo
 Parameters: weight 0.33 and density 0.5 for every fine-tune, gamma 0.01 (breadcrumbs), epsilon 0.15
 (della), each method's defaults otherwise (rescale on for dare/della, off for ties/breadcrumbs).
 
-Inputs: base ~ N(0, 0.02²) and 3 fine-tunes = base + N(0, 0.002²), bf16 (the perf-baselines family's
+Inputs: base ~ N(0, 0.02²) and 3 fine-tunes = base + N(0, 0.002²), bf16 (the benchmark family's
 statistics). Shapes: 4096x4096 and 32000x1024 with FASTMERGE_BENCH_FULL=1 (and timing on), 1024x1024
 when timed without it, 64x48 in the CI smoke run (``--benchmark-disable``, 1 round). Rounds alternate
 torch (pytest-benchmark's untimed ``setup``, timed here) and native (the benchmarked target), after one
@@ -15,7 +15,7 @@ untimed warm-up of each; the ratio is median(torch) / median(native), in
 ``benchmark.extra_info["speedup_vs_torch"]`` and in ``$FASTMERGE_BENCH_DIR/native.md``.
 
     pytest bench/bench_native.py --benchmark-disable                           # smoke (CI)
-    FASTMERGE_BENCH_FULL=1 pytest bench/bench_native.py --benchmark-enable -s  # the issue's shapes (~3 min)
+    FASTMERGE_BENCH_FULL=1 pytest bench/bench_native.py --benchmark-enable -s  # the full shapes (~3 min)
 """
 
 from __future__ import annotations

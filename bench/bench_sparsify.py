@@ -2,8 +2,8 @@
 implementation of dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della and della_linear, on the
 same in-memory tensors, in one process.
 
-fastmerge: ``fastmerge.merge_tensors(method, fine_tunes, base, **params)`` (the torch backend: these
-methods have no C++ kernel yet), bf16 in, bf16 out, in default mode (fp32 math) and in
+fastmerge: ``fastmerge.merge_tensors(method, fine_tunes, base, **params)`` (the backend ``auto``
+picks: the C++ kernels in default mode, torch under ``mergekit_compat``), bf16 in, bf16 out, in default mode (fp32 math) and in
 ``mergekit_compat`` mode (mergekit's bf16 arithmetic). mergekit:
 ``mergekit.merge_methods.merge_tensors([base, *fine_tunes], method, parameters=..., base_index=0)``, its
 in-memory entry point, which calls the same ``GeneralizedTaskArithmeticMerge.merge_group`` as its YAML

@@ -1,7 +1,8 @@
 """pytest setup for the benchmarks in bench/ (``pytest bench``; see bench/README.md).
 
-Collects ``bench_*.py`` here without touching the project's ``python_files`` (``pytest`` alone runs
-tests/ only), decides smoke vs full mode, and stamps every benchmark with the machine it ran on.
+Collects ``bench_*.py`` here without touching the project's ``python_files``, decides smoke vs full mode,
+stamps every benchmark with the machine it ran on, and, as tests/conftest.py does, fails a run that is
+missing fastmerge._C, triton or mergekit (``FASTMERGE_ALLOW_MISSING=1`` lets such benchmarks skip).
 """
 
 from __future__ import annotations
@@ -21,6 +22,22 @@ REPO = Path(__file__).resolve().parent.parent
 # native extension and no fastmerge.kernels: kernels/ is mapped there at install time).
 if importlib.util.find_spec("fastmerge") is None and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))  # tests/helpers importable as `helpers`
+
+from helpers import requirements  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    requirements.check_session()  # `pytest bench` alone: same rule as tests/conftest.py
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A benchmark skipped because fastmerge._C, triton or mergekit is missing fails (FASTMERGE_ALLOW_MISSING=1
+    lets it skip), as in tests/."""
+    outcome = yield
+    requirements.skip_to_failure(item, outcome.get_result())
 
 
 def pytest_collect_file(file_path: Path, parent):

@@ -16,7 +16,6 @@
 
 #include "fastmerge/common.h"
 #include "fastmerge/gta.h"
-#include "fastmerge/linear.h"
 #include "fastmerge/ties.h"
 
 #ifndef FASTMERGE_VERSION
@@ -84,41 +83,6 @@ void check_device_pointer(uintptr_t p, const std::string& name) {
   }
   FM_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
            name << ": must point to device memory (got a host pointer)");
-}
-
-void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
-                           const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype,
-                           const std::vector<double>& weights, double divisor, double lam, uintptr_t stream) {
-  FM_CHECK(n >= 0, "n: element count must be >= 0, got " << n);
-  FM_CHECK(!inputs.empty(), "inputs: need at least one input buffer");
-  FM_CHECK(int(inputs.size()) <= cuda::kMaxInputs,
-           "inputs: at most " << cuda::kMaxInputs << " inputs per launch, got " << inputs.size());
-  FM_CHECK(input_dtypes.size() == inputs.size(), "input_dtypes: " << input_dtypes.size() << " dtype codes for "
-                                                                  << inputs.size() << " inputs");
-  FM_CHECK(weights.size() == inputs.size(),
-           "weights: " << weights.size() << " weights for " << inputs.size() << " inputs");
-  FM_CHECK_DTYPE(out_dtype, "out_dtype");
-  if (base != 0) FM_CHECK_DTYPE(base_dtype, "base_dtype");
-  if (n == 0) return;
-  std::vector<const void*> ptrs;
-  std::vector<float> w;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    FM_CHECK_DTYPE(input_dtypes[i], "input_dtypes[" << i << "]");
-    check_device_pointer(inputs[i], "inputs[" + std::to_string(i) + "]");
-    ptrs.push_back(reinterpret_cast<const void*>(inputs[i]));
-    w.push_back(static_cast<float>(weights[i]));
-  }
-  check_device_pointer(out, "out");
-  if (base != 0) check_device_pointer(base, "base");
-  const WdsArgs a = make_wds_args(reinterpret_cast<void*>(out), out_dtype, n, int(ptrs.size()), ptrs.data(),
-                                  input_dtypes.data(), w.data(), reinterpret_cast<const void*>(base), base_dtype,
-                                  divisor, lam);
-  cudaError_t e;
-  {
-    py::gil_scoped_release nogil;  // the launch is asynchronous; this only covers the launch overhead
-    e = static_cast<cudaError_t>(cuda::weighted_delta_sum(a, reinterpret_cast<void*>(stream)));
-  }
-  if (e != cudaSuccess) throw std::runtime_error("weighted_delta_sum: kernel launch failed: " + err_text(e));
 }
 
 void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
@@ -204,11 +168,6 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("is_available", &is_available,
         "(True, description) if a driver, a device and a kernel image for it are present; else (False, reason).");
   m.def("device_count", &device_count, "Number of CUDA devices (0 without a driver).");
-  m.def("weighted_delta_sum", &py_weighted_delta_sum, py::arg("out"), py::arg("out_dtype"), py::arg("n"),
-        py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"),
-        py::arg("divisor"), py::arg("lam"), py::arg("stream") = 0,
-        "Same semantics as fastmerge._C.weighted_delta_sum on device pointers, enqueued on `stream` "
-        "(a cudaStream_t as int, e.g. torch.cuda.current_stream().cuda_stream; 0 = default stream).");
   m.def("ties", &py_ties, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
         py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
         py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"), py::arg("stream") = 0,

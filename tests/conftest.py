@@ -1,4 +1,9 @@
-"""Test setup. TRITON_INTERPRET must be set before anything imports triton kernels (GPU-less machines)."""
+"""Test setup. TRITON_INTERPRET must be set before anything imports triton kernels (GPU-less machines).
+
+A run requires fastmerge._C, triton and mergekit: missing ones stop it at session start, and a test
+skipped for one of them fails (``FASTMERGE_ALLOW_MISSING=1`` lets them skip; see helpers/requirements.py).
+GPU lanes (``@pytest.mark.gpu``, no CUDA device) skip.
+"""
 
 import os
 
@@ -20,9 +25,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers importable as `helpers`
 
 from fastmerge import _native  # noqa: E402
+from helpers import requirements  # noqa: E402
 from fastmerge.testing import LlamaShape, make_family  # noqa: E402
 
 TINY = LlamaShape(hidden=64, layers=3, intermediate=176, vocab=301, heads=4)
+
+
+def pytest_sessionstart(session):
+    requirements.check_session()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    requirements.skip_to_failure(item, outcome.get_result())
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,7 +56,7 @@ def _seed():
 
 def available_backends() -> list[str]:
     out = ["torch"]
-    if _native.HAS_CPU_EXT:
+    if _native.HAS_CPU_EXT or requirements.required():  # required: a missing _C fails, never vanishes
         out.append("native")
     return out
 

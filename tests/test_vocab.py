@@ -348,7 +348,7 @@ def test_ties_base_rows_preferred_and_padding(tmp_path, vfam, backend):
            "models": [{"model": str(fams[n]), "parameters": {"weight": 1.0}} for n in ("ft1", "ft2")],
            "tokenizer": {"source": str(fams["ft1"]), "pad_to_multiple_of": 16}}
     merge(doc, tmp_path / "out", progress=False, backend=backend)
-    got, base, a = _load(tmp_path / "out"), _load(fams["base"]), _load(fams["ft1"])
+    got, a = _load(tmp_path / "out"), _load(fams["ft1"])
     merge(doc, tmp_path / "ref", progress=False, backend="torch")
     assert all(torch.equal(t, _load(tmp_path / "ref")[k]) for k, t in got.items())  # every backend alike
     assert got[EMB].shape == (48, 16) and json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 48

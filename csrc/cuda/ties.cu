@@ -26,7 +26,6 @@
 
 #include "fastmerge/common.h"
 #include "fastmerge/gta.h"
-#include "fastmerge/linear.h"
 #include "fastmerge/ties.h"
 
 namespace fastmerge {
@@ -366,6 +365,11 @@ cudaError_t ties_impl(const TiesArgs& a, cudaStream_t stream) {
 }  // namespace
 
 int ties(const TiesArgs& a, void* stream) { return int(ties_impl(a, static_cast<cudaStream_t>(stream))); }
+
+int check_kernel_image() {
+  cudaFuncAttributes attr;
+  return int(cudaFuncGetAttributes(&attr, merge_kernel));
+}
 
 }  // namespace cuda
 }  // namespace fastmerge

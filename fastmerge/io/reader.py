@@ -23,7 +23,7 @@ import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from .._lazy import torch
 from ..errors import CheckpointError

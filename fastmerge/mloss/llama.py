@@ -101,7 +101,9 @@ def _lin(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
     return y if b is None else y + b.float()
 
 
-def attention_residual(h: torch.Tensor, w: Mapping[str, torch.Tensor], cfg: LlamaConfig, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def attention_residual(
+    h: torch.Tensor, w: Mapping[str, torch.Tensor], cfg: LlamaConfig, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """h + self-attention(RMSNorm_in(h)) for h [N, T, hidden] fp32; ``w`` holds the layer's tensors by
     their names relative to the layer ("self_attn.q_proj.weight", "input_layernorm.weight", ...)."""
     N, T, H = h.shape
@@ -136,7 +138,9 @@ def mlp_residual(h_mid: torch.Tensor, x: torch.Tensor, w: Mapping[str, torch.Ten
     return h_mid + _lin(torch.nn.functional.silu(g) * u, w["mlp.down_proj.weight"])
 
 
-def decoder_layer(h: torch.Tensor, w: Mapping[str, torch.Tensor], cfg: LlamaConfig, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def decoder_layer(
+    h: torch.Tensor, w: Mapping[str, torch.Tensor], cfg: LlamaConfig, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """One LLaMA decoder layer (fp32)."""
     h_mid = attention_residual(h, w, cfg, rope)
     return mlp_residual(h_mid, mlp_input(h_mid, w, cfg), w)

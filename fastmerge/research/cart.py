@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from ..errors import ConfigError
-from ..methods.cart import DEFAULT_TARGETS, CartParams, lowrank_selected, matches_targets, rank_for
+from ..methods.cart import DEFAULT_TARGETS, matches_targets, rank_for
 from ..ops.randomized_svd import (
     DEFAULT_POWER_ITERS, CenteredFactors, centered_factors, target_rank, weight_average,
 )
@@ -333,5 +330,6 @@ from ..engine.sweep import SweepReport, rank_sweep, sweep_dir_name  # noqa: E402
 
 __all__ = [
     "merge", "route", "lowrank_terms", "merge_state_dicts", "route_state_dicts", "factorize", "CartFactors",
-    "adapt", "AdaptResult", "entropy_loss", "rank_sweep", "SweepReport", "rank_for",
+    "adapt", "AdaptResult", "entropy_loss", "rank_sweep", "SweepReport", "sweep_dir_name",
+    "rank_for",
 ]

@@ -160,7 +160,15 @@ def test_density_epsilon_validated(density, epsilon):
 
 
 def test_density_one_needs_no_epsilon_check():
-    merge_tensors("della", [torch.randn(4)], torch.randn(4), weight=1.0, density=1.0, epsilon=0.5)
+    """density 1 keeps every entry whatever epsilon (no drop, so density ± epsilon is not checked): one
+    model at weight 1 gives base + (x - base) exactly. Were epsilon applied, p would span [0.5, 1.5] and
+    about a quarter of the 256 entries would fall back to the base."""
+    x, b = torch.randn(256), torch.randn(256)
+    for method in ("della", "della_linear"):
+        got = merge_tensors(method, [x], b, weight=1.0, density=1.0, epsilon=0.5)
+        assert torch.equal(got, b + (x - b)), method
+    with pytest.raises(ConfigError, match="density ± epsilon"):  # below 1 the same epsilon is refused
+        merge_tensors("della", [x], b, weight=1.0, density=0.9, epsilon=0.5)
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])

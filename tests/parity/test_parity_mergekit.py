@@ -30,11 +30,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-import fastmerge
 from fastmerge import _native
 from fastmerge.testing import LlamaShape, make_family
-from helpers.parity import *  # noqa: F403 (comparison helpers shared by every parity test)
-from helpers.parity import OFFLINE_ENV, ParityRuns
+from helpers.parity import (
+    OFFLINE_ENV, ParityRuns, assert_bit_exact, compare_models, config_dtype, describe, load_model,
+    max_operand_scale_ulps,
+)
 
 pytestmark = [
     pytest.mark.parity,

@@ -168,9 +168,14 @@ size_t gta_scratch_bytes();
 }  // namespace cpu
 
 namespace cuda {
+// Most inputs one launch takes: the pointers travel by value in the kernel's parameter block.
+constexpr int kMaxInputs = 32;
 // Device pointers; synchronous on `stream` (a cudaStream_t; the selection reads histograms back to the host).
 // Returns a cudaError_t.
 int ties(const TiesArgs& a, void* stream);
+// cudaSuccess if this binary holds code (SASS or PTX) that the current device can run, else the
+// cudaError_t of asking (cudaErrorNoKernelImageForDevice when built for other architectures).
+int check_kernel_image();
 }  // namespace cuda
 
 }  // namespace fastmerge

@@ -1,5 +1,5 @@
-// fastmerge/linear.h: the per-element formula of `weighted_delta_sum`, shared by csrc/cpu/linear.cpp and
-// csrc/cuda/linear.cu so that the two cannot drift apart.
+// fastmerge/linear.h: the per-element formula of `weighted_delta_sum` (csrc/cpu/linear.cpp), written with
+// the fm_* operations of common.h so that it compiles for the host and the device alike.
 //
 // It serves `linear` (no base; divisor = fp32 sum of the weights when normalize) and `task_arithmetic`
 // (base; optional divisor; lambda). Per element, in fp32, one rounding per operation, in this order:
@@ -88,16 +88,5 @@ namespace cpu {
 // `threads`: 0 = OpenMP default. The caller releases the GIL.
 void weighted_delta_sum(const WdsArgs& a, int threads);
 }  // namespace cpu
-
-namespace cuda {
-// Most inputs one launch takes: the pointers travel by value in the kernel's parameter block
-// (32 x 16 bytes = 512 B, well under the 4 KiB limit).
-constexpr int kMaxInputs = 32;
-// Device pointers; `stream` is a cudaStream_t (0 = legacy default stream). Returns a cudaError_t.
-int weighted_delta_sum(const WdsArgs& a, void* stream);
-// cudaSuccess if this binary holds code (SASS or PTX) that the current device can run, else the
-// cudaError_t of asking (cudaErrorNoKernelImageForDevice when built for other architectures).
-int check_kernel_image();
-}  // namespace cuda
 
 }  // namespace fastmerge

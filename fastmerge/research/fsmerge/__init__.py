@@ -2,7 +2,6 @@
 
 Paper: E. Kinderman, I. Hubara, H. Maron, D. Soudry, "Foldable SuperNets: Scalable Merging of
 Transformers with Different Initializations and Tasks", https://arxiv.org/abs/2410.01483
-(implementation notes, with the paper's errors and the official code's bugs: shared/specs/fs-merge.md).
 
 n frozen models of one architecture sit side by side in a SuperNet; before every frozen linear layer a
 learned unmerge ``U`` (d -> n·d) rebuilds each model's input, after it a learned merge ``M`` (n·d -> d)

@@ -397,7 +397,8 @@ class ViTSpec(_LayoutSpec):
         """The spec of ``sd``: width from the class token, depth from the block keys (heads, patch size,
         eps and activation are not recoverable from shapes alone and must be given)."""
         lay = _layout(layout)
-        pat = re.escape(lay.prefix) + {"timm": r"blocks\.(\d+)\.", "hf_clip": r"vision_model\.encoder\.layers\.(\d+)\."}.get(lay.name, r"blocks\.(\d+)\.")
+        layer_re = {"timm": r"blocks\.(\d+)\.", "hf_clip": r"vision_model\.encoder\.layers\.(\d+)\."}
+        pat = re.escape(lay.prefix) + layer_re.get(lay.name, r"blocks\.(\d+)\.")
         depth = _depth_from(sd, pat)
         canon = lay.to_canonical(sd, 0)
         return cls(canon["cls"].shape[0], depth, heads, patch, eps, act, layout)
@@ -504,7 +505,8 @@ def features(spec: Spec, canon: Params, inputs: Inputs, batch_size: int = 1024) 
     """``spec.forward`` without gradients, in batches (targets and evaluation)."""
     n = n_inputs(inputs)
     with torch.no_grad():
-        return torch.cat([spec.forward(canon, take(inputs, slice(i, i + batch_size))) for i in range(0, max(n, 1), batch_size)])  # n = 0: one empty batch, shape kept
+        # n = 0: one empty batch, shape kept
+        return torch.cat([spec.forward(canon, take(inputs, slice(i, i + batch_size))) for i in range(0, max(n, 1), batch_size)])
 
 
 def check_same_shapes(canons: Sequence[Params], where: str = "fsmerge") -> None:

@@ -69,7 +69,9 @@ class Folded:
         return feats @ self.unmerge[k].to(feats.dtype)
 
 
-def to_original_layout(spec: Any, canon: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], list[str]]:
+def to_original_layout(
+    spec: Any, canon: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]]
+) -> tuple[dict[str, Tensor], list[str]]:
     """``canon`` in the first model's layout, keys in its order, its dtypes. Keys the layout does not know
     (task heads, buffers) are copied when all models agree on them (e.g. constant buffers) and dropped
     (returned) otherwise: heads are per task and never merged."""

@@ -1,4 +1,4 @@
-"""FS-Merge studies on sklearn's 8x8 digits (issue 9): ``fastmerge lab fsmerge_mlp`` and ``fsmerge_vit``.
+"""FS-Merge studies on sklearn's 8x8 digits: ``fastmerge lab fsmerge_mlp`` and ``fsmerge_vit``.
 
 **fsmerge_mlp** -- the paper's Table 2 analogue (MNIST halves -> digits halves). Task A = digits 0-4,
 task B = digits 5-9 (5-way each, the lab's identity split: ~540 train / 180 test images per half). Per
@@ -362,7 +362,9 @@ VIT_METHODS = ["Original models", "Ensemble (logits)", "Ensemble (features)", "A
                "Distillation, LoRA", "FS-Merge, diagonal", "FS-Merge, low rank"]
 
 
-def vit_results(st: ViTStudy, cache_dir: Optional[Path], smoke: bool) -> tuple[dict[int, dict[str, Row]], dict[str, int], list[float], object]:
+def vit_results(
+    st: ViTStudy, cache_dir: Optional[Path], smoke: bool
+) -> tuple[dict[int, dict[str, Row]], dict[str, int], list[float], object]:
     """{originals per task: {method: Row}}, learnable parameter counts, the original models' own accuracies,
     and the model config."""
     from ..lab.zoo import Zoo

@@ -118,16 +118,16 @@ def results(kind: str, cache_dir: Optional[Path], smoke: bool) -> dict:
         {t: evaluate(FeatureEnsemble(list(fts.values()), head=fts[t].head), zoo.tasks[t]) for t in names}, "-")
     avg = merge_bodies("linear", bodies, None, weight=1.0)
     rows["weight average"] = (bench.accs(avg), "-")
-    lam, b = tune(bench, lambda l: merge_bodies("task_arithmetic", bodies, base, weight=l), lams)
+    lam, b = tune(bench, lambda x: merge_bodies("task_arithmetic", bodies, base, weight=x), lams)
     rows["task arithmetic"] = (bench.accs(b), f"λ={lam:g}")
     ta_lam = lam
     for k in (0.2, 0.8):
-        lam, b = tune(bench, lambda l: merge_bodies("ties", bodies, base, weight=1.0, density=k, **{"lambda": l}), lams)
+        lam, b = tune(bench, lambda x: merge_bodies("ties", bodies, base, weight=1.0, density=k, **{"lambda": x}), lams)
         rows[f"TIES (k={k:g})"] = (bench.accs(b), f"λ={lam:g}")
-    lam, b = tune(bench, lambda l: merge_bodies("dare_ties", bodies, base, weight=1.0, density=0.5, **{"lambda": l}),
+    lam, b = tune(bench, lambda x: merge_bodies("dare_ties", bodies, base, weight=1.0, density=0.5, **{"lambda": x}),
                   lams)
     rows["DARE-TIES (k=0.5)"] = (bench.accs(b), f"λ={lam:g}")
-    lam, b = tune(bench, lambda l: lowrank_ta(bodies, base, 0.08, l, "top", True), lams)
+    lam, b = tune(bench, lambda x: lowrank_ta(bodies, base, 0.08, x, "top", True), lams)
     rows["CART (rank 8 %)"] = (bench.accs(b), f"λ={lam:g}")
     cart_lam = lam
     rows["M-TIES (k=0.8, e=0.1)"] = _mties(zoo, kind, fts, base, heads, bench, lams)

@@ -7,6 +7,7 @@ import torch
 
 from fastmerge.research import lab
 from fastmerge.research.fsmerge.study import MLP_METHODS, VIT_METHODS, Bench, augment, digit_halves
+from helpers.mdtables import num, table
 
 
 def test_digit_halves_are_two_five_way_tasks():
@@ -48,6 +49,16 @@ def test_mlp_study_smoke(tmp_path):
     text = path.read_text()
     assert path.name == "fsmerge_mlp.md" and "Smoke run" in text
     assert all(f"| {m} |" in text for m in MLP_METHODS)
+    per, joint = table(text, "Per-task test accuracy"), table(text, "Joint test accuracy")
+    depths = len(per["Method"])
+    for d in range(depths):
+        # the logit ensemble routes each task to its own model's head: per-task it IS the originals
+        assert per["Ensemble (logits)"][d] == per["Original models"][d]
+        # trained: well above the 20 % chance of a 5-way task (seeded run: 70.8 % / 49.4 %)
+        assert num(per["Original models"][d]) > 30
+        for m, cells in joint.items():
+            if m != "Method":  # an image right over both heads' 10 logits is right over its own head's 5
+                assert 0 <= num(cells[d]) <= num(per[m][d]), (m, d)
 
 
 def test_vit_study_smoke(tmp_path):
@@ -55,3 +66,14 @@ def test_vit_study_smoke(tmp_path):
     text = path.read_text()
     assert path.name == "fsmerge_vit.md"
     assert all(f"| {m} |" in text for m in VIT_METHODS)
+    rows = table(text, "original + ")
+    cols = rows["Method"]
+    per, joint, params = cols.index("Per-task (%)"), cols.index("Joint (%)"), cols.index("Learnable parameters")
+    assert rows["Ensemble (logits)"][per] == rows["Original models"][per]  # each task reads its own model
+    assert num(rows["Original models"][per]) > 15  # trained: above the 10 % chance of a 10-way task
+    for m, cells in rows.items():
+        if m != "Method" and cells[joint] != "-":  # joint over 20 logits is harder than per-task over 10
+            assert 0 <= num(cells[joint]) <= num(cells[per]), m
+    # a LoRA student learns fewer parameters than the full one; FS-Merge's diagonal fewer than its low-rank factors
+    assert 0 < num(rows["Distillation, LoRA"][params]) < num(rows["Distillation"][params])
+    assert 0 < num(rows["FS-Merge, diagonal"][params]) < num(rows["FS-Merge, low rank"][params])
