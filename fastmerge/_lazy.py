@@ -40,3 +40,16 @@ def torch_loaded() -> bool:
 
 
 torch = _LazyModule("torch")
+
+
+#: the dtype names of plans, configs and checkpoints' headers (``TensorPlan.out_dtype``, ``compute_dtype``,
+#: ``io.index.TensorInfo.dtype``): the merge kernels' three float types
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype named ``name`` (one of ``DTYPE_NAMES``; KeyError otherwise). The one map from
+    dtype names to torch dtypes: it imports torch when called."""
+    if name not in DTYPE_NAMES:
+        raise KeyError(name)
+    return getattr(torch, name)

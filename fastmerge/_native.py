@@ -10,34 +10,20 @@ was found) are imported here and nowhere else. Import never raises: what loaded 
 ``HAS_CUDA_EXT`` only says the module imported: it links the CUDA runtime statically, so it imports on a
 machine without a GPU or driver. ``cuda_usable()`` asks the driver.
 
-The extensions take raw pointers (``tensor.data_ptr()``) and cannot check the tensors behind them, so
-every call goes through the wrappers below, which check device, contiguity, size and dtype and raise
-``TypeError`` / ``ValueError`` naming the argument. The kernels compute in fp32 and round once to the
-output dtype (round-to-nearest-even), bit-identical to the torch references in ``fastmerge.methods``
-(the L1 rescale of the sparsifying methods excepted, whose two norms are summed more accurately than
-torch's fp32 ``sum``: see ``csrc/include/fastmerge/gta.h``).
+The extensions take raw pointers and cannot check the buffers behind them, so every call goes through
+the wrappers below: one per kernel, each taking torch tensors (``tensor.data_ptr()``) *or* raw views
+(``fastmerge.io.reader.RawView``: ``ptr``, ``dtype`` name, ``numel``; the torch-free engine's mapped
+files), with its argument list written once. They check device, contiguity, size and dtype (for a raw
+view: dtype and size; its address is trusted) and raise ``TypeError`` / ``ValueError`` naming the
+argument. The kernels compute in fp32 and round once to the output dtype (round-to-nearest-even),
+bit-identical to the torch references in ``fastmerge.methods`` (the L1 rescale of the sparsifying
+methods excepted, whose two norms are summed more accurately than torch's fp32 ``sum``: see
+``csrc/include/fastmerge/gta.h``). Every kernel releases the GIL while it runs.
 
-Importing this module does not import torch (the typed wrappers import it when called). For a torch-free
-caller (the native fast path, which maps safetensors files itself) every kernel also has a ``*_raw``
-entry point taking addresses (ints), element counts and dtype codes (``DTYPE_CODES``); they check what can
-be checked without the buffers (list lengths, codes, parameter ranges) and trust the pointers:
-
-* ``weighted_delta_sum_raw(out, out_dtype, n, inputs, input_dtypes, base, base_dtype, weights, divisor,
-  lambda_, threads)``: linear (``base=0``), task_arithmetic;
-* ``ties_raw(out, out_dtype, n, inputs, input_dtypes, base, base_dtype, weights, densities, normalize,
-  lambda_, election, topk, threads, rescale)``;
-* ``dare_raw(..., weights, densities, consensus, normalize, lambda_, rescale, seed, key, threads)``:
-  dare_ties (``consensus="sum"``), dare_linear (None);
-* ``della_raw(..., weights, densities, epsilons, consensus, normalize, lambda_, rescale, seed, key, shape,
-  threads)``: della ("sum"), della_linear (None); ``shape`` is the tensor's shape, which defines the ranked
-  rows (``della_rows``);
-* ``breadcrumbs_raw(..., weights, densities, gammas, consensus, normalize, lambda_, rescale, topk,
-  threads)``: breadcrumbs_ties ("sum"), breadcrumbs (None);
-* ``sce_raw(out, out_dtype, n, inputs, input_dtypes, base, base_dtype, select_topk, threads)``: sce.
-
-``fastmerge.backends.native.NativeBackend.run_raw`` maps a method's parameters onto these.
+Importing this module does not import torch, nor does a call on raw views. Which method runs on which
+kernel, with which arguments, is declared by the method (``MergeMethod.native``, ``methods/<m>.py``).
 ``key`` is the tensor name's hash (``fastmerge.methods.base.ParamContext(name).key``), ``seed`` the run's
-seed (any int; taken modulo 2^64). Every raw entry point releases the GIL while the kernel runs.
+seed (any int; taken modulo 2^64).
 """
 
 from __future__ import annotations
@@ -46,37 +32,12 @@ import importlib
 import math
 import os
 import traceback
-from typing import TYPE_CHECKING, Any, Sequence
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any, Sequence
 
 __all__ = [
-    "HAS_CPU_EXT",
-    "HAS_CUDA_EXT",
-    "LOAD_ERRORS",
-    "BUILD_INFO",
-    "cuda_usable",
-    "report",
-    "DTYPE_CODES",
-    "weighted_delta_sum",
-    "ties",
-    "dare",
-    "della",
-    "breadcrumbs",
-    "ties_cuda",
-    "kth_largest_abs_diff",
-    "weighted_delta_sum_raw",
-    "ties_raw",
-    "dare_raw",
-    "della_raw",
-    "breadcrumbs_raw",
-    "sce",
-    "sce_raw",
-    "della_rows",
-    "nearswap",
-    "nearswap_raw",
-    "NEARSWAP_MIN_T",
+    "HAS_CPU_EXT", "HAS_CUDA_EXT", "LOAD_ERRORS", "BUILD_INFO", "cuda_usable", "report", "DTYPE_CODES", "is_raw",
+    "weighted_delta_sum", "ties", "dare", "della", "della_rows", "breadcrumbs", "sce", "nearswap", "copy",
+    "kth_largest_abs_diff", "NEARSWAP_MIN_T",
 ]
 
 #: the smallest NearSwap t the kernel covers (the clamp form; methods/nearswap.py DIFF_FLOOR)
@@ -177,50 +138,75 @@ def report(verbose: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Typed wrappers (CPU)
+# The wrappers: one per kernel, on torch tensors or raw views, arguments checked here once
 
 _ELECTIONS = {"sum": 0, "count": 1}
 #: consensus codes of the generalized-task-arithmetic kernels: TIES's sign election, or None (weighted sum)
 _CONSENSUS = {"sum": 0, "count": 1, None: 2}
 #: dtype codes of the kernels, by torch name and by safetensors name
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "F32": 0, "F16": 1, "BF16": 2}
+_ITEMSIZE = (4, 2, 2)  # by dtype code
 
 
-def _dtype_code(t: "torch.Tensor", name: str) -> int:
-    import torch
-
-    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-    try:
-        return codes[t.dtype]
-    except KeyError:
-        raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}") from None
+def is_raw(x: Any) -> bool:
+    """Whether ``x`` is a raw view (``ptr``, ``dtype`` name, ``numel``) rather than a torch tensor."""
+    return not hasattr(x, "data_ptr") and hasattr(x, "ptr")
 
 
-def _check_tensor(t: Any, name: str, numel: int | None, device: str = "cpu") -> int:
-    """Checks one buffer argument (on ``device``: "cpu" or "cuda"); returns its dtype code."""
-    import torch
+def _buffer(x: Any, name: str, numel: int | None, device: str = "cpu") -> tuple[int, int, int]:
+    """(address, dtype code, element count) of one buffer argument, checked: a torch tensor on ``device``
+    ("cpu" | "cuda"), contiguous, float32/float16/bfloat16, of ``numel`` elements; or a raw view (host
+    memory; its address is trusted: the caller mapped it) of a known dtype and ``numel`` elements."""
+    if hasattr(x, "data_ptr"):  # a torch tensor: torch is loaded (the caller made it)
+        import torch
 
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != device:
-        raise ValueError(f"{name}: must be a {device.upper()} tensor, got device '{t.device}'")
-    code = _dtype_code(t, name)
-    if not t.is_contiguous():
-        raise ValueError(
-            f"{name}: must be contiguous (call .contiguous()); shape {tuple(t.shape)} has strides {t.stride()}"
-        )
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"{name}: has {t.numel()} elements, expected {numel} (the size of out)")
-    return code
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != device:
+            raise ValueError(f"{name}: must be a {device.upper()} tensor, got device '{x.device}'")
+        code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}.get(x.dtype)
+        if code is None:
+            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {x.dtype}")
+        if not x.is_contiguous():
+            raise ValueError(
+                f"{name}: must be contiguous (call .contiguous()); shape {tuple(x.shape)} has strides {x.stride()}"
+            )
+        ptr, n = x.data_ptr(), x.numel()
+    elif all(hasattr(x, a) for a in ("ptr", "dtype", "numel")):  # a raw view (io.reader.RawView)
+        if device != "cpu":
+            raise ValueError(f"{name}: a raw view is host memory; the {device} kernel takes torch tensors")
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None:
+            raise TypeError(f"{name}: dtype must be float32, float16 or bfloat16, got {x.dtype!r}")
+        ptr, n = int(x.ptr), int(x.numel)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__} (or a raw view: ptr, dtype, numel)")
+    if numel is not None and n != numel:
+        raise ValueError(f"{name}: has {n} elements, expected {numel} (the size of out)")
+    return ptr, code, n
 
 
-def _check_inputs(inputs: Sequence["torch.Tensor"], numel: int, device: str = "cpu") -> tuple[list[int], list[int]]:
+def _buffers(out: Any, inputs: Any, base: Any, needs_base: str | None, device: str = "cpu") -> tuple:
+    """The leading arguments of every merge kernel, checked: ``(out, out_dtype, n, inputs, input_dtypes,
+    base, base_dtype)`` (base 0 when None). ``needs_base``: the method's name in the error when base is None."""
+    out_ptr, out_code, n = _buffer(out, "out", None, device)
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs: expected a sequence of tensors, got {type(inputs).__name__}")
     if len(inputs) == 0:
         raise ValueError("inputs: need at least one input tensor")
-    codes = [_check_tensor(x, f"inputs[{i}]", numel, device) for i, x in enumerate(inputs)]
-    return [x.data_ptr() for x in inputs], codes
+    ins = [_buffer(x, f"inputs[{i}]", n, device) for i, x in enumerate(inputs)]
+    if base is None:
+        if needs_base is not None:
+            raise ValueError(f"base: {needs_base} needs a base model tensor, got None")
+        base_ptr, base_code = 0, 0
+    else:
+        base_ptr, base_code, _ = _buffer(base, "base", n, device)
+    return out_ptr, out_code, n, [p for p, _, _ in ins], [c for _, c, _ in ins], base_ptr, base_code
+
+
+def _device(out: Any) -> str:
+    dev = getattr(out, "device", None)
+    return "cuda" if getattr(dev, "type", None) == "cuda" else "cpu"
 
 
 def _check_floats(values: Sequence[float], name: str, count: int) -> list[float]:
@@ -233,102 +219,6 @@ def _check_floats(values: Sequence[float], name: str, count: int) -> list[float]
     return vals
 
 
-def _check_threads(threads: int) -> int:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"threads: must be an int >= 0 (0 = OpenMP default), got {threads!r}")
-    return threads
-
-
-def _cpu_ext() -> Any:
-    if _C is None:
-        raise RuntimeError(f"fastmerge._C is not available: {LOAD_ERRORS.get('_C', 'not loaded')}")
-    return _C
-
-
-def weighted_delta_sum(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor | None",
-    weights: Sequence[float],
-    divisor: float | None,
-    lam: float = 1.0,
-    threads: int = 0,
-) -> None:
-    """``out = [base +] lam · Σ_i w_i·(x_i [− base]) [/ divisor]`` in fp32, one rounding into ``out``.
-
-    Serves ``linear`` (``base=None``; ``divisor`` = the fp32 sum of the weights, or None) and
-    ``task_arithmetic``. Per element the op order is exactly the references': ``acc = 0``;
-    ``acc = acc + w_i * (x_i - b)`` in model order; ``/ divisor``; ``* lam`` (if lam != 1); ``b + acc``.
-    All tensors: CPU, contiguous, same number of elements, float32/float16/bfloat16 (may differ).
-    ``threads``: 0 = OpenMP default; the result does not depend on it. Releases the GIL.
-    """
-    ext = _cpu_ext()
-    n = None
-    out_code = _check_tensor(out, "out", n)
-    n = out.numel()
-    ptrs, codes = _check_inputs(inputs, n)
-    base_ptr, base_code = 0, 0
-    if base is not None:
-        base_code = _check_tensor(base, "base", n)
-        base_ptr = base.data_ptr()
-    w = _check_floats(weights, "weights", len(inputs))
-    if divisor is None:
-        div = 0.0
-    else:
-        div = float(divisor)
-        if div == 0.0:
-            raise ValueError("divisor: 0 would divide by zero (pass None for no division)")
-    ext.weighted_delta_sum(
-        out.data_ptr(), out_code, n, ptrs, codes, base_ptr, base_code, w, div, float(lam), _check_threads(threads)
-    )
-
-
-def ties(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
-    weights: Sequence[float],
-    densities: Sequence[float],
-    normalize: bool,
-    lam: float = 1.0,
-    election: str = "sum",
-    exact_k: bool = False,
-    threads: int = 0,
-    rescale: bool = False,
-) -> None:
-    """Fused TIES-merging (trim, elect sign, disjoint merge) in fp32, one rounding into ``out``.
-
-    Same maths as ``fastmerge.methods.ties``: each model keeps its ``k_i = max(1, int(density_i · numel))``
-    largest ``|x_i − base|`` (density >= 1 keeps all); ``exact_k=False`` keeps every value equal to the k-th
-    largest, ``exact_k=True`` keeps exactly k, breaking ties at the threshold by index order
-    (``selection: topk``). ``election``: "sum" or "count". ``rescale``: L1-rescale each trimmed delta
-    (one more read of the inputs). The thresholds of all models are found together in one read of the
-    inputs (a sampled bracket, then a selection among ~3% of the elements; no sort), exact.
-    """
-    ext = _cpu_ext()
-    out_code = _check_tensor(out, "out", None)
-    n = out.numel()
-    ptrs, codes = _check_inputs(inputs, n)
-    if base is None:
-        raise ValueError("base: TIES needs a base model tensor, got None")
-    base_code = _check_tensor(base, "base", n)
-    w = _check_floats(weights, "weights", len(inputs))
-    d = _check_densities(densities, len(inputs))
-    if election not in _ELECTIONS:
-        raise ValueError(f"election: must be 'sum' or 'count', got {election!r}")
-    ext.ties(
-        out.data_ptr(), out_code, n, ptrs, codes, base.data_ptr(), base_code, w, d, bool(normalize), float(lam),
-        _ELECTIONS[election], bool(exact_k), _check_threads(threads), bool(rescale),
-    )
-
-
-def _consensus_code(consensus: str | None) -> int:
-    try:
-        return _CONSENSUS[consensus]
-    except (KeyError, TypeError):
-        raise ValueError(f"consensus: must be 'sum', 'count' or None, got {consensus!r}") from None
-
-
 def _check_densities(densities: Sequence[float], count: int) -> list[float]:
     d = _check_floats(densities, "densities", count)
     for i, di in enumerate(d):
@@ -337,16 +227,23 @@ def _check_densities(densities: Sequence[float], count: int) -> list[float]:
     return d
 
 
-def _gta_common(out: Any, inputs: Any, base: Any, weights: Any) -> tuple[Any, int, int, list[int], list[int], int, list[float]]:
-    ext = _cpu_ext()
-    out_code = _check_tensor(out, "out", None)
-    n = out.numel()
-    ptrs, codes = _check_inputs(inputs, n)
-    if base is None:
-        raise ValueError("base: this method needs a base model tensor, got None")
-    base_code = _check_tensor(base, "base", n)
-    w = _check_floats(weights, "weights", len(inputs))
-    return ext, out_code, n, ptrs, codes, base_code, w
+def _check_threads(threads: int) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads: must be an int >= 0 (0 = OpenMP default), got {threads!r}")
+    return threads
+
+
+def _election_code(election: str) -> int:
+    if election not in _ELECTIONS:
+        raise ValueError(f"election: must be 'sum' or 'count', got {election!r}")
+    return _ELECTIONS[election]
+
+
+def _consensus_code(consensus: str | None) -> int:
+    try:
+        return _CONSENSUS[consensus]
+    except (KeyError, TypeError):
+        raise ValueError(f"consensus: must be 'sum', 'count' or None, got {consensus!r}") from None
 
 
 def _seed64(seed: int) -> int:
@@ -361,57 +258,11 @@ def _key63(key: int) -> int:
     return key
 
 
-def dare(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
-    weights: Sequence[float],
-    densities: Sequence[float],
-    consensus: str | None,
-    normalize: bool,
-    lam: float,
-    rescale: bool,
-    seed: int,
-    key: int,
-    threads: int = 0,
-) -> None:
-    """Fused DARE (``dare_ties``: ``consensus="sum"``; ``dare_linear``: ``None``) into ``out``.
-
-    Same maths and the same random mask as ``fastmerge.methods.dare`` for one ``seed`` and ``key`` (the
-    tensor name's hash): element j of model i is kept iff ``u(seed, key, i, j) < fp32(density_i)``
-    (``fastmerge.methods.rng``); density >= 1 keeps the delta whole. ``rescale``: mergekit's L1 rule.
-    """
-    ext, out_code, n, ptrs, codes, base_code, w = _gta_common(out, inputs, base, weights)
-    d = _check_densities(densities, len(inputs))
-    ext.dare(
-        out.data_ptr(), out_code, n, ptrs, codes, base.data_ptr(), base_code, w, d, _consensus_code(consensus),
-        bool(normalize), float(lam), bool(rescale), _seed64(seed), _key63(key), _check_threads(threads),
-    )
-
-
 def _check_select_topk(select_topk: float) -> float:
     v = float(select_topk)
     if not 0.0 < v <= 1.0:  # also catches NaN
         raise ValueError(f"select_topk: must be in (0, 1], got {select_topk}")
     return v
-
-
-def sce(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
-    select_topk: float = 1.0,
-    threads: int = 0,
-) -> None:
-    """Fused SCE (default mode) into ``out``: ``fastmerge.methods.sce``'s variance selection
-    (``select_topk`` < 1), matrix-level weights and sign-elected disjoint mean, fp32 math, one rounding.
-
-    The weights' mean squares are summed in double and rounded once (see ``csrc/include/fastmerge/sce.h``)."""
-    ext, out_code, n, ptrs, codes, base_code, _ = _gta_common(out, inputs, base, [1.0] * len(inputs))
-    ext.sce(
-        out.data_ptr(), out_code, n, ptrs, codes, base.data_ptr(), base_code, _check_select_topk(select_topk),
-        _check_threads(threads),
-    )
 
 
 def _check_nearswap_t(t: float) -> float:
@@ -421,16 +272,104 @@ def _check_nearswap_t(t: float) -> float:
     return t
 
 
-def nearswap(out: "torch.Tensor", x: "torch.Tensor", base: "torch.Tensor", t: float, threads: int = 0) -> None:
+def _cpu_ext() -> Any:
+    if _C is None:
+        raise RuntimeError(f"fastmerge._C is not available: {LOAD_ERRORS.get('_C', 'not loaded')}")
+    return _C
+
+
+def weighted_delta_sum(
+    out: Any, inputs: Sequence[Any], base: Any | None, weights: Sequence[float], divisor: float | None,
+    lam: float = 1.0, threads: int = 0,
+) -> None:
+    """``out = [base +] lam · Σ_i w_i·(x_i [− base]) [/ divisor]`` in fp32, one rounding into ``out``.
+
+    Serves ``linear`` (``base=None``; ``divisor`` = the fp32 sum of the weights, or None) and
+    ``task_arithmetic``. Per element the op order is exactly the references': ``acc = 0``;
+    ``acc = acc + w_i * (x_i - b)`` in model order; ``/ divisor``; ``* lam`` (if lam != 1); ``b + acc``.
+    All buffers: CPU, contiguous, same number of elements, float32/float16/bfloat16 (may differ).
+    ``threads``: 0 = OpenMP default; the result does not depend on it. Releases the GIL.
+    """
+    bufs = _buffers(out, inputs, base, None)
+    w = _check_floats(weights, "weights", len(inputs))
+    div = 0.0 if divisor is None else float(divisor)
+    if divisor is not None and div == 0.0:
+        raise ValueError("divisor: 0 would divide by zero (pass None for no division)")
+    _cpu_ext().weighted_delta_sum(*bufs, w, div, float(lam), _check_threads(threads))
+
+
+def ties(
+    out: Any, inputs: Sequence[Any], base: Any, weights: Sequence[float], densities: Sequence[float],
+    normalize: bool, lam: float = 1.0, election: str = "sum", exact_k: bool = False, threads: int = 0,
+    rescale: bool = False,
+) -> None:
+    """Fused TIES-merging (trim, elect sign, disjoint merge) in fp32, one rounding into ``out``.
+
+    Same maths as ``fastmerge.methods.ties``: each model keeps its ``k_i = max(1, int(density_i · numel))``
+    largest ``|x_i − base|`` (density >= 1 keeps all); ``exact_k=False`` keeps every value equal to the k-th
+    largest, ``exact_k=True`` keeps exactly k, breaking ties at the threshold by index order
+    (``selection: topk``). ``election``: "sum" or "count". ``rescale``: L1-rescale each trimmed delta
+    (one more read of the inputs). The thresholds of all models are found together in one read of the
+    inputs (a sampled bracket, then a selection among ~3% of the elements; no sort), exact.
+
+    CUDA tensors run ``fastmerge._C_cuda`` (radix-select thresholds, three histogram passes; the same
+    per-element formulas, so the same bits as the CPU kernel) on torch's current stream, and return when
+    the result is written (the selection reads histograms back); ``threads`` is then unused.
+    """
+    dev = _device(out)
+    bufs = _buffers(out, inputs, base, "TIES", dev)
+    flags = (
+        _check_floats(weights, "weights", len(inputs)), _check_densities(densities, len(inputs)), bool(normalize),
+        float(lam), _election_code(election), bool(exact_k),
+    )
+    if dev == "cuda":
+        import torch
+
+        ok, why = cuda_usable()
+        if not ok:
+            raise RuntimeError(f"fastmerge._C_cuda is not usable: {why}")
+        _C_cuda.ties(*bufs, *flags, torch.cuda.current_stream().cuda_stream, bool(rescale))
+    else:
+        _cpu_ext().ties(*bufs, *flags, _check_threads(threads), bool(rescale))
+
+
+def dare(
+    out: Any, inputs: Sequence[Any], base: Any, weights: Sequence[float], densities: Sequence[float],
+    consensus: str | None, normalize: bool, lam: float, rescale: bool, seed: int, key: int, threads: int = 0,
+) -> None:
+    """Fused DARE (``dare_ties``: ``consensus="sum"``; ``dare_linear``: ``None``) into ``out``.
+
+    Same maths and the same random mask as ``fastmerge.methods.dare`` for one ``seed`` and ``key`` (the
+    tensor name's hash): element j of model i is kept iff ``u(seed, key, i, j) < fp32(density_i)``
+    (``fastmerge.methods.rng``); density >= 1 keeps the delta whole. ``rescale``: mergekit's L1 rule.
+    """
+    bufs = _buffers(out, inputs, base, "this method")
+    _cpu_ext().dare(
+        *bufs, _check_floats(weights, "weights", len(inputs)), _check_densities(densities, len(inputs)),
+        _consensus_code(consensus), bool(normalize), float(lam), bool(rescale), _seed64(seed), _key63(key),
+        _check_threads(threads),
+    )
+
+
+def sce(out: Any, inputs: Sequence[Any], base: Any, select_topk: float = 1.0, threads: int = 0) -> None:
+    """Fused SCE (default mode) into ``out``: ``fastmerge.methods.sce``'s variance selection
+    (``select_topk`` < 1), matrix-level weights and sign-elected disjoint mean, fp32 math, one rounding.
+
+    The weights' mean squares are summed in double and rounded once (see ``csrc/include/fastmerge/sce.h``)."""
+    bufs = _buffers(out, inputs, base, "this method")
+    _cpu_ext().sce(*bufs, _check_select_topk(select_topk), _check_threads(threads))
+
+
+def nearswap(out: Any, x: Any, base: Any, t: float, threads: int = 0) -> None:
     """NearSwap in default mode into ``out``: ``min(max(base − t, x), base + t)`` in fp32 (NaN propagates
     as in torch.maximum/minimum), one rounding; ``t`` >= 1e-6 (smaller t: the reference's weighted form)."""
-    ext = _cpu_ext()
-    out_code = _check_tensor(out, "out", None)
-    n = out.numel()
-    x_code = _check_tensor(x, "x", n)
-    base_code = _check_tensor(base, "base", n)
-    ext.nearswap(out.data_ptr(), out_code, n, x.data_ptr(), x_code, base.data_ptr(), base_code, _check_nearswap_t(t),
-                 _check_threads(threads))
+    out_ptr, out_code, n = _buffer(out, "out", None)
+    x_ptr, x_code, _ = _buffer(x, "x", n)
+    if base is None:
+        raise ValueError("base: NearSwap needs a base model tensor, got None")
+    base_ptr, base_code, _ = _buffer(base, "base", n)
+    _cpu_ext().nearswap(out_ptr, out_code, n, x_ptr, x_code, base_ptr, base_code, _check_nearswap_t(t),
+                        _check_threads(threads))
 
 
 def della_rows(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -444,50 +383,32 @@ def della_rows(shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def della(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
-    weights: Sequence[float],
-    densities: Sequence[float],
-    epsilons: Sequence[float],
-    consensus: str | None,
-    normalize: bool,
-    lam: float,
-    rescale: bool,
-    seed: int,
-    key: int,
-    threads: int = 0,
+    out: Any, inputs: Sequence[Any], base: Any, weights: Sequence[float], densities: Sequence[float],
+    epsilons: Sequence[float], consensus: str | None, normalize: bool, lam: float, rescale: bool, seed: int,
+    key: int, threads: int = 0, shape: Sequence[int] | None = None,
 ) -> None:
     """Fused DELLA (``della``: ``consensus="sum"``; ``della_linear``: ``None``) into ``out``.
 
-    Same maths and the same mask as ``fastmerge.methods.della`` (default mode): per row of ``out``'s shape
-    (``della_rows``), ascending |δ| ranks (16-bit keys when model and base share a 16-bit dtype) give keep
-    probabilities ``(density − ε) + 2ε·rank/(n − 1)``, compared with the counter-based uniforms of
-    ``fastmerge.methods.rng``. Ranks come from a stable radix sort per row, not a comparison sort.
+    Same maths and the same mask as ``fastmerge.methods.della`` (default mode): per row of the tensor's
+    shape (``della_rows``: ``shape``, else ``out.shape``; a raw view has none), ascending |δ| ranks (16-bit
+    keys when model and base share a 16-bit dtype) give keep probabilities ``(density − ε) +
+    2ε·rank/(n − 1)``, compared with the counter-based uniforms of ``fastmerge.methods.rng``. Ranks come
+    from a stable radix sort per row, not a comparison sort.
     """
-    ext, out_code, n, ptrs, codes, base_code, w = _gta_common(out, inputs, base, weights)
-    d = _check_densities(densities, len(inputs))
-    e = _check_floats(epsilons, "epsilons", len(inputs))
-    outer, row_len, inner = della_rows(out.shape)
-    ext.della(
-        out.data_ptr(), out_code, n, ptrs, codes, base.data_ptr(), base_code, w, d, e, _consensus_code(consensus),
-        bool(normalize), float(lam), bool(rescale), _seed64(seed), _key63(key), outer, row_len, inner,
-        _check_threads(threads),
+    shape = shape if shape is not None else getattr(out, "shape", None)
+    if shape is None:
+        raise ValueError("della ranks |delta| per row: a raw view needs the tensor's shape (shape=)")
+    bufs = _buffers(out, inputs, base, "this method")
+    _cpu_ext().della(
+        *bufs, _check_floats(weights, "weights", len(inputs)), _check_densities(densities, len(inputs)),
+        _check_floats(epsilons, "epsilons", len(inputs)), _consensus_code(consensus), bool(normalize), float(lam),
+        bool(rescale), _seed64(seed), _key63(key), *della_rows(shape), _check_threads(threads),
     )
 
 
 def breadcrumbs(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
-    weights: Sequence[float],
-    densities: Sequence[float],
-    gammas: Sequence[float],
-    consensus: str | None,
-    normalize: bool,
-    lam: float,
-    rescale: bool,
-    topk: bool,
+    out: Any, inputs: Sequence[Any], base: Any, weights: Sequence[float], densities: Sequence[float],
+    gammas: Sequence[float], consensus: str | None, normalize: bool, lam: float, rescale: bool, topk: bool,
     threads: int = 0,
 ) -> None:
     """Fused Model Breadcrumbs (``breadcrumbs_ties``: ``consensus="sum"``; ``breadcrumbs``: ``None``).
@@ -497,161 +418,44 @@ def breadcrumbs(
     exactly ``target`` entries (ties by index order). The two boundaries of every model are found in one
     read of the inputs (no sort).
     """
-    ext, out_code, n, ptrs, codes, base_code, w = _gta_common(out, inputs, base, weights)
+    bufs = _buffers(out, inputs, base, "this method")
+    w = _check_floats(weights, "weights", len(inputs))
     d = _check_densities(densities, len(inputs))
     g = _check_floats(gammas, "gammas", len(inputs))
     for i, gi in enumerate(g):
         if not 0.0 <= gi <= 1.0:
             raise ValueError(f"gammas[{i}]: gamma must be in [0, 1], got {gi}")
-    ext.breadcrumbs(
-        out.data_ptr(), out_code, n, ptrs, codes, base.data_ptr(), base_code, w, d, g, _consensus_code(consensus),
-        bool(normalize), float(lam), bool(rescale), bool(topk), _check_threads(threads),
+    _cpu_ext().breadcrumbs(
+        *bufs, w, d, g, _consensus_code(consensus), bool(normalize), float(lam), bool(rescale), bool(topk),
+        _check_threads(threads),
     )
 
 
-def ties_cuda(
-    out: "torch.Tensor",
-    inputs: Sequence["torch.Tensor"],
-    base: "torch.Tensor",
-    weights: Sequence[float],
-    densities: Sequence[float],
-    normalize: bool,
-    lam: float = 1.0,
-    election: str = "sum",
-    exact_k: bool = False,
-    rescale: bool = False,
-) -> None:
-    """``ties`` on CUDA tensors (``fastmerge._C_cuda``): the same per-element formulas, so the same bits as
-    the CPU kernel for the same thresholds; radix-select thresholds (three histogram passes). Runs on torch's
-    current stream and returns when the result is written (the selection reads histograms back)."""
-    import torch
+def copy(out: Any, x: Any) -> None:
+    """``out = x``, bytes copied (same dtype and size; passthrough on raw views: no kernel, no torch)."""
+    import ctypes
 
-    ok, why = cuda_usable()
-    if not ok:
-        raise RuntimeError(f"fastmerge._C_cuda is not usable: {why}")
-    out_code = _check_tensor(out, "out", None, "cuda")
-    n = out.numel()
-    ptrs, in_codes = _check_inputs(inputs, n, "cuda")
-    base_code = _check_tensor(base, "base", n, "cuda")
-    w = _check_floats(weights, "weights", len(inputs))
-    d = _check_densities(densities, len(inputs))
-    if election not in _ELECTIONS:
-        raise ValueError(f"election: must be 'sum' or 'count', got {election!r}")
-    _C_cuda.ties(
-        out.data_ptr(), out_code, n, ptrs, in_codes, base.data_ptr(), base_code, w, d,
-        bool(normalize), float(lam), _ELECTIONS[election], bool(exact_k), torch.cuda.current_stream().cuda_stream,
-        bool(rescale),
-    )
+    out_ptr, out_code, n = _buffer(out, "out", None)
+    x_ptr, x_code, _ = _buffer(x, "x", n)
+    if x_code != out_code:
+        raise ValueError("x: a byte copy needs the dtype of out (a conversion goes through torch)")
+    ctypes.memmove(out_ptr, x_ptr, n * _ITEMSIZE[out_code])
 
 
-def kth_largest_abs_diff(x: "torch.Tensor", base: "torch.Tensor | None", k: int, threads: int = 0) -> float:
+def kth_largest_abs_diff(x: Any, base: Any | None, k: int, threads: int = 0) -> float:
     """The k-th largest ``|x − base|`` (``|x|`` if ``base`` is None) in fp32, 1 <= k <= numel.
 
     Equals ``torch.kthvalue((x.float() - base.float()).abs().flatten(), numel - k + 1).values`` (NaN ranks
     largest), found by a two-pass radix select on the fp32 bit patterns."""
     ext = _cpu_ext()
-    x_code = _check_tensor(x, "x", None)
-    n = x.numel()
+    x_ptr, x_code, n = _buffer(x, "x", None)
     base_ptr, base_code = 0, 0
     if base is not None:
-        base_code = _check_tensor(base, "base", n)
-        base_ptr = base.data_ptr()
+        base_ptr, base_code, _ = _buffer(base, "base", n)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     if n == 0:
         raise ValueError("x: empty tensor has no k-th largest value")
     if not 1 <= k <= n:
         raise ValueError(f"k: must be in [1, {n}] (the number of elements), got {k}")
-    return float(ext.kth_largest_abs_diff(x.data_ptr(), x_code, base_ptr, base_code, n, k, _check_threads(threads)))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Raw entry points (no torch): addresses as ints, dtype codes (DTYPE_CODES). See the module docstring.
-
-
-def weighted_delta_sum_raw(
-    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
-    weights: Sequence[float], divisor: float | None, lambda_: float = 1.0, threads: int = 0,
-) -> None:
-    """linear (``base=0``) / task_arithmetic on raw buffers: ``divisor`` is the fp32 sum of the weights
-    (``methods.linear.weight_divisor``, torch-free) or None. See ``weighted_delta_sum``."""
-    div = 0.0 if divisor is None else float(divisor)
-    if divisor is not None and div == 0.0:
-        raise ValueError("divisor: 0 would divide by zero (pass None for no division)")
-    _cpu_ext().weighted_delta_sum(
-        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, [float(w) for w in weights], div,
-        float(lambda_), threads,
-    )
-
-
-def ties_raw(
-    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
-    weights: Sequence[float], densities: Sequence[float], normalize: bool, lambda_: float, election: str,
-    topk: bool, threads: int = 0, rescale: bool = False,
-) -> None:
-    """TIES on raw buffers (``election``: "sum" | "count"; ``topk``: selection topk). See ``ties``."""
-    if election not in _ELECTIONS:
-        raise ValueError(f"election: must be 'sum' or 'count', got {election!r}")
-    _cpu_ext().ties(
-        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, [float(w) for w in weights],
-        [float(d) for d in densities], bool(normalize), float(lambda_), _ELECTIONS[election], bool(topk), threads,
-        bool(rescale),
-    )
-
-
-def dare_raw(
-    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
-    weights: Sequence[float], densities: Sequence[float], consensus: str | None, normalize: bool, lambda_: float,
-    rescale: bool, seed: int, key: int, threads: int = 0,
-) -> None:
-    """DARE on raw buffers (``consensus``: "sum" for dare_ties, None for dare_linear). See ``dare``."""
-    _cpu_ext().dare(
-        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, [float(w) for w in weights],
-        [float(d) for d in densities], _consensus_code(consensus), bool(normalize), float(lambda_), bool(rescale),
-        _seed64(seed), _key63(key), threads,
-    )
-
-
-def della_raw(
-    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
-    weights: Sequence[float], densities: Sequence[float], epsilons: Sequence[float], consensus: str | None,
-    normalize: bool, lambda_: float, rescale: bool, seed: int, key: int, shape: Sequence[int], threads: int = 0,
-) -> None:
-    """DELLA on raw buffers (``consensus``: "sum" for della, None for della_linear); ``shape``: the tensor's
-    shape, which defines the ranked rows (``della_rows``). See ``della``."""
-    outer, row_len, inner = della_rows(shape)
-    _cpu_ext().della(
-        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, [float(w) for w in weights],
-        [float(d) for d in densities], [float(e) for e in epsilons], _consensus_code(consensus), bool(normalize),
-        float(lambda_), bool(rescale), _seed64(seed), _key63(key), outer, row_len, inner, threads,
-    )
-
-
-def breadcrumbs_raw(
-    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
-    weights: Sequence[float], densities: Sequence[float], gammas: Sequence[float], consensus: str | None,
-    normalize: bool, lambda_: float, rescale: bool, topk: bool, threads: int = 0,
-) -> None:
-    """Model Breadcrumbs on raw buffers (``consensus``: "sum" for breadcrumbs_ties, None for breadcrumbs).
-    See ``breadcrumbs``."""
-    _cpu_ext().breadcrumbs(
-        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, [float(w) for w in weights],
-        [float(d) for d in densities], [float(g) for g in gammas], _consensus_code(consensus), bool(normalize),
-        float(lambda_), bool(rescale), bool(topk), threads,
-    )
-
-
-def sce_raw(
-    out: int, out_dtype: int, n: int, inputs: Sequence[int], input_dtypes: Sequence[int], base: int, base_dtype: int,
-    select_topk: float, threads: int = 0,
-) -> None:
-    """SCE (default mode) on raw buffers. See ``sce``."""
-    _cpu_ext().sce(
-        out, out_dtype, n, list(inputs), list(input_dtypes), base, base_dtype, _check_select_topk(select_topk), threads
-    )
-
-
-def nearswap_raw(out: int, out_dtype: int, n: int, x: int, x_dtype: int, base: int, base_dtype: int, t: float,
-                 threads: int = 0) -> None:
-    """NearSwap on raw buffers (the torch-free fast path). See ``nearswap``."""
-    _cpu_ext().nearswap(out, out_dtype, n, x, x_dtype, base, base_dtype, _check_nearswap_t(t), threads)
+    return float(ext.kth_largest_abs_diff(x_ptr, x_code, base_ptr, base_code, n, k, _check_threads(threads)))

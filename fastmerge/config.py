@@ -27,12 +27,6 @@ TOP_LEVEL = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
     "tokenizer", "slices", "modules", "chat_template", "rank_sweep",
 }
-#: mergekit 0.1.5 methods whose base policy is "ignored": its planner (``MergePlanner.normalize_config``)
-#: appends ``base_model`` to the ``models`` inputs when it is not listed, and these methods then merge it
-#: like any other input (karcher averages it in; linear needs a ``weight`` for it; passthrough, which
-#: takes one input, refuses the config). Slices are used as written. ``cart`` is fastmerge's own method
-#: and documents base_model as ignored.
-BASE_AS_INPUT = frozenset({"linear", "karcher", "passthrough"})
 UNSUPPORTED = {
     "modules": "'modules' (multi-module models) is not supported yet",
     "chat_template": "'chat_template' is not supported yet; remove it and set the template on the output",
@@ -45,7 +39,7 @@ class ModelSpec:
 
     path: str
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
-    #: the base_model, appended as one more input (``BASE_AS_INPUT``); not written back by ``to_dict``
+    #: the base_model, appended as one more input (``MergeMethod.base_as_input``); not written back by ``to_dict``
     implicit_base: bool = False
 
 
@@ -149,7 +143,11 @@ class MergeConfig:
             if base is not None and path == base and method.base_policy != "ignored":
                 continue  # mergekit: a base model listed among the models is the base, not an input
             models.append(ModelSpec(path, dict(params)))
-        if (slices is None and base is not None and method.name in BASE_AS_INPUT
+        # mergekit 0.1.5's planner (``MergePlanner.normalize_config``) appends base_model to the inputs of
+        # some methods whose base policy is "ignored" (``MergeMethod.base_as_input``: karcher averages it in;
+        # linear needs a ``weight`` for it; passthrough, which takes one input, refuses the config). Slices
+        # are used as written. ``cart`` is fastmerge's own method and documents base_model as ignored.
+        if (slices is None and base is not None and method.base_as_input
                 and base not in [m.path for m in models]):
             models.append(ModelSpec(base, {}, implicit_base=True))
         gparams = doc.get("parameters") or {}
@@ -166,7 +164,7 @@ class MergeConfig:
             tokenizer_pad_to_multiple_of=pad_to,
             source=source,
             slices=slices,
-            rank_sweep=_rank_sweep(doc.get("rank_sweep"), method.name, where),
+            rank_sweep=_rank_sweep(doc.get("rank_sweep"), method, where),
         )
         cfg.validate()
         return cfg
@@ -280,11 +278,11 @@ def _tokenizer(doc: dict[str, Any], where: str) -> tuple[str | None, int | None]
     return tok, pad_to
 
 
-def _rank_sweep(v: Any, method: str, where: str) -> list[float] | None:
+def _rank_sweep(v: Any, method: MergeMethod, where: str) -> list[float] | None:
     if v is None:
         return None
-    if method != "cart":
-        raise ConfigError(f"{where}: rank_sweep is a cart option (merge_method is '{method}')")
+    if not method.rank_sweep:
+        raise ConfigError(f"{where}: rank_sweep is a cart option (merge_method is '{method.name}')")
     if (not isinstance(v, list) or not v
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1 for x in v)):
         raise ConfigError(f"{where}: rank_sweep must be a non-empty list of rank ratios in [0, 1], got {v!r}")

@@ -7,8 +7,18 @@ machines); the submodules import triton.
 - ``select``: exact k-th largest |x − base| per tensor and model (radix select, no sort)
 - ``gta``: the fused mask/rescale/weight/consensus/λ/+base pass and its driver (``GtaKernel``)
 - ``ties``, ``dare``, ``della``, ``breadcrumbs``, ``linear`` (+ task_arithmetic), ``slerp``,
-  ``model_stock`` (+ ``sphere``: Gram matrices): one kernel plan per method, dispatched by
-  ``fastmerge.backends.triton`` and batched/streamed by ``fastmerge.gpu_runner``
-- ``cart``: CART's fused centered sketch and reconstruct-and-add (``fastmerge.ops.randomized_svd``);
+  ``model_stock`` (+ ``sphere``: Gram matrices): one kernel plan per method, declared by their methods
+  (``MergeMethod.triton``), run by ``fastmerge.backends.triton`` and ``fastmerge.engine.gpu``
+- ``lowrank``: CART's fused centered sketch and reconstruct-and-add (``fastmerge.ops.randomized_svd``);
   other modules serve their own features (see their docstrings)
+
+``interpreting()`` lives here, importable without torch or triton: the planner asks it on CPU merges.
 """
+
+import os
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (the kernels run interpreted on the CPU, for tests): launchers
+    must not touch the CUDA driver, and the Triton backend needs no GPU. The one place that reads it."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

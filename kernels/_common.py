@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+import math
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting
 
 #: elements per program of the elementwise (fused) kernels on a GPU: 2048 bf16 = 8 per thread at 8
 #: warps, i.e. one 16-byte load per thread and model (HOPPER.md: 16-byte accesses, coalesced).
@@ -49,9 +51,9 @@ INTERP_BLOCK = 8192
 OUT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (CPU tests): launchers must not touch the CUDA driver."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def numels(shapes: Sequence[Sequence[int]]) -> list[int]:
+    """Element counts of ``shapes``."""
+    return [math.prod(int(d) for d in s) for s in shapes]
 
 
 def default_block(block: int | None = None) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import torch
 
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams, band
 
-from ._common import Segments
+from ._common import Segments, numels
 from .dare import no_consensus_divisor
 from .gta import MASK_BAND, GtaKernel, weight_rows
 from .select import Selection
@@ -30,6 +30,16 @@ def batch_key(p: BreadcrumbsParams, consensus: str | None) -> tuple:
 
 
 class BreadcrumbsKernel(GtaKernel):
+    @staticmethod
+    def key(method, p: BreadcrumbsParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return batch_key(p, method.consensus)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "BreadcrumbsKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``)."""
+        return cls(params, numels(shapes), device, method.consensus)
+
     def __init__(self, params: Sequence[BreadcrumbsParams], numels: Sequence[int], device, consensus: str | None) -> None:
         keys = {batch_key(p, consensus) for p in params}
         if len(keys) != 1:

@@ -18,7 +18,7 @@ from fastmerge.methods.dare import DareParams
 from fastmerge.methods.linear import weight_divisor
 
 from . import _rng
-from ._common import Segments
+from ._common import Segments, numels
 from .gta import MASK_BERNOULLI, GtaKernel, weight_rows
 
 
@@ -42,6 +42,16 @@ def stream_tables(seeds_keys: Sequence[tuple[int, int]], T: int, device) -> tupl
 
 
 class DareKernel(GtaKernel):
+    @staticmethod
+    def key(method, p: DareParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return batch_key(p, method.consensus)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "DareKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``)."""
+        return cls(params, numels(shapes), device, method.consensus)
+
     def __init__(self, params: Sequence[DareParams], numels: Sequence[int], device, consensus: str | None) -> None:
         keys = {batch_key(p, consensus) for p in params}
         if len(keys) != 1:

@@ -26,6 +26,12 @@ def batch_key(p: DellaParams, consensus: str | None) -> tuple:
     return ("della", consensus, p.normalize, p.rescale)
 
 
+def key_dtypes(dtypes: Sequence[torch.dtype], base_dtype: torch.dtype) -> list[torch.dtype]:
+    """``methods.della.rank_dtype`` per model from the original dtypes (16-bit when model and base share it)."""
+    sixteen = (torch.bfloat16, torch.float16)
+    return [d if d == base_dtype and d in sixteen else torch.float32 for d in dtypes]
+
+
 def row_length(shape: Sequence[int]) -> int:
     """n of ``methods.della.to_rows``: 1-D → numel, otherwise dim 1."""
     if len(shape) < 2:
@@ -37,6 +43,18 @@ def row_length(shape: Sequence[int]) -> int:
 
 
 class DellaKernel(GtaKernel):
+    @staticmethod
+    def key(method, p: DellaParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return batch_key(p, method.consensus)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "DellaKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``): |δ| ranked at
+        ``methods.della.rank_dtype`` of the original dtypes where they are known."""
+        kd = key_dtypes(in_dtypes, base_dtype) if base_dtype is not None else None
+        return cls(params, shapes, device, method.consensus, kd)
+
     def __init__(
         self, params: Sequence[DellaParams], shapes: Sequence[Sequence[int]], device, consensus: str | None,
         key_dtype: torch.dtype | Sequence[torch.dtype] | None = None,

@@ -21,7 +21,7 @@ import triton.language as tl
 from fastmerge.methods.linear import LinearParams, weight_divisor
 from fastmerge.methods.task_arithmetic import TaskArithmeticParams
 
-from ._common import OUT_CODES, Segments, default_block, make_tiles, out_arg, seg_tables, store_rounded
+from ._common import OUT_CODES, Segments, default_block, make_tiles, numels, out_arg, seg_tables, store_rounded
 from .gta import MASK_ALL, GtaKernel, weight_rows
 
 
@@ -89,6 +89,16 @@ class LinearKernel:
 
     n_passes = 0
 
+    @staticmethod
+    def key(method, p: LinearParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return batch_key(p)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "LinearKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``)."""
+        return cls(params, numels(shapes), device)
+
     def __init__(self, params: Sequence[LinearParams], numels: Sequence[int], device) -> None:
         keys = {batch_key(p) for p in params}
         if len(keys) != 1:
@@ -119,6 +129,16 @@ def ta_batch_key(p: TaskArithmeticParams) -> tuple:
 
 
 class TaskArithmeticKernel(GtaKernel):
+    @staticmethod
+    def key(method, p: TaskArithmeticParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return ta_batch_key(p)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "TaskArithmeticKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``)."""
+        return cls(params, numels(shapes), device)
+
     def __init__(self, params: Sequence[TaskArithmeticParams], numels: Sequence[int], device) -> None:
         keys = {ta_batch_key(p) for p in params}
         if len(keys) != 1:

@@ -19,16 +19,13 @@ number of sequential programs. No module-level numpy arrays (they break the inte
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from . import interpreting
 
 
 @triton.jit
@@ -107,7 +104,7 @@ def _reconstruct_add_kernel(
 def _blocks(cols: int) -> tuple[int, int, int, int]:
     """(BLOCK rows, BLOCK cols, BLOCK inner, num_warps). GPU: 64×64×32 tiles, 4 warps (fp32 FMA dot).
     Interpreter: programs run one after another in Python, so fewer, larger tiles (64 KB of fp32)."""
-    if _interpreting():
+    if interpreting():
         return 64, 64, 64, 1
     bl = 64 if cols > 32 else 32
     return 64, bl, 32, 4

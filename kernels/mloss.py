@@ -20,18 +20,14 @@ operands go to ``tl.dot`` as they are (tensor cores, fp32 accumulation); fp32 us
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
+
 #: activation codes: must match ``fastmerge.mloss.reference.ACT_CODES``
 IDENTITY, RELU, LEAKY_RELU, GELU, GELU_TANH, QUICK_GELU, SILU = range(7)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -169,7 +165,7 @@ def _fused_blocks(n: int, k: int) -> tuple[int, int, int, int]:
     64×64 fp32 tiles (two running sums, the gated up sum, two accumulators) are 80 registers per thread
     at 256 threads. A starting point, not tuned: no GPU was available when this was written.
     Interpreter: programs run one after another in Python, so a few large tiles."""
-    if _interpreting():
+    if interpreting():
         return 64, 64, 64, 1
     return 64, 64, 32, 8
 
@@ -204,7 +200,7 @@ def fused_mloss(
             up_bias = up_bias.contiguous()
             assert up_bias.stride() == bias.stride()
     x_dt = x.dtype
-    upcast = _interpreting() or x_dt == torch.float32 or weight.dtype != x_dt
+    upcast = interpreting() or x_dt == torch.float32 or weight.dtype != x_dt
     BB, BN, BK, warps = _fused_blocks(N, K)
     grid = (triton.cdiv(B, BB), triton.cdiv(N, BN))
     al = _alpha(alpha, q, dev)
@@ -236,7 +232,7 @@ def reduce_mloss(
     gated = up is not None
     if gated:
         assert up.shape == h.shape
-    BB, BN = (64, 64) if _interpreting() else (32, 128)
+    BB, BN = (64, 64) if interpreting() else (32, 128)
     grid = (triton.cdiv(B, BB), triton.cdiv(N, BN))
     u = up if gated else h
     _reduce_kernel[grid](
@@ -244,6 +240,6 @@ def reduce_mloss(
         B, N, q,
         *h.stride(), *u.stride(),
         float(eps), float(slope),
-        ACT=int(act), GATED=gated, BLOCK_B=BB, BLOCK_N=BN, num_warps=4 if not _interpreting() else 1,
+        ACT=int(act), GATED=gated, BLOCK_B=BB, BLOCK_N=BN, num_warps=4 if not interpreting() else 1,
     )
     return node, samp

@@ -16,7 +16,7 @@ import torch
 
 from fastmerge.methods.model_stock import ModelStockParams
 
-from ._common import Segments
+from ._common import Segments, numels
 from .linear import combine
 from .sphere import gram
 
@@ -33,10 +33,27 @@ def ratios(g: torch.Tensor) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(den), den))
 
 
+def is_direct(dtypes: Sequence[torch.dtype], base_dtype: torch.dtype) -> bool:
+    """The reference's 16-bit combine form (``methods.sphere.combine``): every input 16-bit."""
+    return all(d in (torch.bfloat16, torch.float16) for d in (*dtypes, base_dtype))
+
+
 class ModelStockKernel:
     """Driver interface of ``gta.GtaKernel``: one data pass (the Gram matrix), then the combine."""
 
     n_passes = 1
+
+    @staticmethod
+    def key(method, p: ModelStockParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return ("model_stock",)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "ModelStockKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``): the 16-bit combine form
+        where the original dtypes are known."""
+        direct = is_direct(in_dtypes, base_dtype) if base_dtype is not None else None
+        return cls(params, numels(shapes), device, direct)
 
     def __init__(self, params: Sequence[ModelStockParams], numels: Sequence[int], device, direct: bool | None = None) -> None:
         """``direct``: combine as (1 − Σc)·base + Σ c_i·x_i (the reference does so when every input is

@@ -15,7 +15,7 @@ import torch
 
 from fastmerge.methods.slerp import DOT_THRESHOLD, NORM_EPS, SlerpParams
 
-from ._common import Segments
+from ._common import Segments, numels
 from .linear import combine
 from .sphere import gram
 
@@ -37,6 +37,16 @@ def coefficients(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 class SlerpKernel:
     """Driver interface of ``gta.GtaKernel``: one data pass (the Gram matrix), then the combine."""
+
+    @staticmethod
+    def key(method, p: SlerpParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return ("slerp",)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "SlerpKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``)."""
+        return cls(params, numels(shapes), device)
 
     def __init__(self, params: Sequence[SlerpParams], numels: Sequence[int], device) -> None:
         self.device = device

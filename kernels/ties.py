@@ -19,7 +19,7 @@ import torch
 
 from fastmerge.methods.ties import TiesParams, keep_count
 
-from ._common import Segments, default_block, make_tiles
+from ._common import Segments, default_block, make_tiles, numels
 from .gta import MASK_BAND, GtaKernel, tie_counts, tie_prefix, weight_rows
 from .select import Selection
 
@@ -30,6 +30,16 @@ def batch_key(p: TiesParams) -> tuple:
 
 
 class TiesKernel(GtaKernel):
+    @staticmethod
+    def key(method, p: TiesParams) -> tuple:
+        """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
+        return batch_key(p)
+
+    @classmethod
+    def for_batch(cls, method, params, shapes, device, in_dtypes=None, base_dtype=None) -> "TiesKernel":
+        """The plan for a batch of tensors (``backends.triton.make_kernel``)."""
+        return cls(params, numels(shapes), device)
+
     def __init__(self, params: Sequence[TiesParams], numels: Sequence[int], device) -> None:
         keys = {batch_key(p) for p in params}
         if len(keys) != 1:

@@ -10,11 +10,12 @@ rows. The torch path of the same selection (8-bit radix histograms, 4 passes) is
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting
 
 
 @triton.jit
@@ -44,6 +45,6 @@ def row_kth_largest(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     if R == 0:
         return out
     kk = k.to(device=x.device, dtype=torch.int32).contiguous()
-    block = 128 if os.environ.get("TRITON_INTERPRET") == "1" else min(1024, triton.next_power_of_2(max(C, 16)))
+    block = 128 if interpreting() else min(1024, triton.next_power_of_2(max(C, 16)))
     _row_kth_kernel[(R,)](x, kk, out, C, x.stride(0), x.stride(1), BLOCK_C=block, num_warps=4)
     return out

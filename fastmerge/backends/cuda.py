@@ -1,11 +1,11 @@
-"""The CUDA C++ backend (``fastmerge._C_cuda``): TIES.
+"""The CUDA C++ backend (``fastmerge._C_cuda``): methods whose native kernel declares CUDA (ties).
 
 Measured on an H100 (bench/RESULTS.md, 2026-11-24): the CUDA C++ TIES kernel (``csrc/cuda/ties.cu``:
 shared-memory radix-select histograms, then the fused merge pass) runs whole ties, selection included,
 9.1-12.1x faster than the Triton kernels (whose selection passes reach only 60-80 GB/s), bit-exact with
 the torch reference (``tests/native/test_native_ties.py::test_cuda_ties_matches_reference``). So it is
 the default for ties on a GPU, and Triton stays as the check (``--backend triton``) and the path for
-batches of small tensors and row-chunked ones (``gpu_runner``). Other methods have no CUDA C++ kernel.
+batches of small tensors and row-chunked ones (``engine.gpu``). Which methods: ``MergeMethod.native.cuda``.
 """
 
 from __future__ import annotations
@@ -17,35 +17,32 @@ from .._lazy import torch, torch_loaded
 from .. import _native
 from .base import MergeJob
 
-#: methods with a CUDA C++ kernel
-METHODS = ("ties",)
 #: inputs a launch takes (``_C_cuda.max_inputs``)
 MAX_INPUTS = 32
-#: under this many elements ``--backend auto`` leaves ties tensors to Triton, which batches small tensors
-#: into one launch; the CUDA kernel takes one tensor per call and synchronises 3 times (its histograms)
+#: under this many elements ``--backend auto`` leaves tensors to Triton, which batches small tensors
+#: into one launch; the CUDA kernel takes one tensor per call and synchronises 3 times (its histograms).
+#: ``backends.select`` applies it (the plan names where a tensor runs; ``engine.gpu`` follows the plan).
 MIN_ELEMS = 1 << 20
 
 
 def param_reasons(job: MergeJob) -> list[str]:
     """Why the CUDA C++ kernels cannot merge ``job``'s method with its parameters ([] if they can)."""
-    if job.method.name not in METHODS:
-        return [f"no CUDA C++ kernel for '{job.method.name}' (ties only)"]
+    kernel = job.method.native
+    if kernel is None or not kernel.cuda:
+        return [f"no CUDA C++ kernel for '{job.method.name}'"]
     out = []
     if job.compat:
         out.append("mergekit_compat (mergekit's native-dtype arithmetic) is emulated by the torch backend only")
     if len(job.params.weight) > MAX_INPUTS:
         out.append(f"{len(job.params.weight)} models: the CUDA kernel takes at most {MAX_INPUTS}")
-    return out
+    return out + kernel.reasons(job.params)
 
 
-def ties_into(out: "torch.Tensor", inputs: Sequence["torch.Tensor"], base: "torch.Tensor", params) -> None:
-    """``ties`` with ``params`` (TiesParams) on CUDA tensors, into ``out`` (flat, CUDA, output dtype)."""
+def run_into(job: MergeJob, out: "torch.Tensor", inputs: Sequence["torch.Tensor"], base: "torch.Tensor") -> None:
+    """``job`` on CUDA tensors (flat, contiguous), into ``out`` (flat, CUDA, output dtype)."""
     if out.numel() == 0:
         return
-    _native.ties_cuda(
-        out, list(inputs), base, params.weight, params.density, params.normalize, params.lambda_, params.election,
-        params.selection == "topk", params.rescale,
-    )
+    job.method.native.run(job.method, job.params, out, list(inputs), base, 0, None)
 
 
 class CudaBackend:
@@ -66,5 +63,5 @@ class CudaBackend:
         xs = [t.reshape(-1).to(dev).contiguous() for t in inputs]
         b = base.reshape(-1).to(dev).contiguous()
         o = torch.empty(out.numel(), dtype=out.dtype, device=dev)
-        ties_into(o, xs, b, job.params)
+        run_into(job, o, xs, b)
         out.copy_(o.view(out.shape))

@@ -20,18 +20,19 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   matrix of slerp/model_stock) running over all its chunks before the merge pass
   (``kernels.gta.GtaKernel``'s driver protocol). The default budget fits the largest tensor group
   whole (no chunking): its inputs + output, one next-largest group, the reserve.
-- ties tensors of at least ``CUDA_MIN_ELEMS`` elements that fit a slot whole go to the CUDA C++ kernel
-  (``backends.cuda``: 9-12x the Triton ties on an H100, bench/RESULTS.md) when ``fastmerge._C_cuda`` is
-  usable, one tensor per unit; batches of small tensors and row-chunked ones stay on Triton
-  (``--backend triton``: Triton for everything, the check; ``--backend cuda``: CUDA C++ for every ties
-  tensor that fits whole, row-chunked ones still on Triton).
-- Tensors the kernels do not cover (``backends.triton.param_reasons``: other methods, mergekit_compat,
-  a few parameter values) run the torch reference on the GPU, one at a time, as ``runner.execute``
-  does with ``device="cuda"``; a group too large for the budget runs it on the CPU.
+- Each tensor runs on the backend the plan chose (``TensorPlan.backend``, from ``backends.select``, the
+  one place that decides): "cuda" (the CUDA C++ kernel, one tensor per unit: 9-12x the Triton ties on an
+  H100, bench/RESULTS.md; ``select`` leaves tensors under ``backends.cuda.MIN_ELEMS`` to Triton's
+  batches), "triton" (batches of small tensors, one unit per larger one) or "torch" (the reference on
+  the GPU, one at a time; a group too large for the budget runs it on the CPU).
+- A tensor too large for slot 0 cannot run whole: it is merged in row chunks on Triton (a "cuda" tensor
+  too), unless the method's kernel declares ``TritonKernel.whole_rows`` and the tensor is 1-D (one row:
+  DELLA ranks within rows), which then runs the torch reference. Scratch per element and the batch key
+  are the method's declarations too (``MergeMethod.triton``).
 
 The same pipeline runs with ``device="cpu"`` (no streams, no pinned memory, the kernels interpreted
 under ``TRITON_INTERPRET=1``): the CPU test suite checks batching, chunking, the pass protocol and the
-writer's order against ``runner.execute`` bit for bit (tests/kernels/test_gpu_runner.py).
+writer's order against ``engine.stream`` bit for bit (tests/engine/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ from typing import Any, Sequence
 import torch
 
 from .. import backends
+from .._lazy import torch_dtype
 from ..backends import cuda as cb
 from ..backends import triton as tb
 from ..backends.base import MergeJob
 from ..errors import BackendUnavailableError, FastMergeError
 from ..io.reader import ModelReader
+from ..kernels import interpreting
 from ..plan import MergePlan, TensorPlan
 from .session import MergeReport, Session, WriteThread, peak_rss_mb, torch_threads
-
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: bytes of one pinned staging buffer (two are allocated): large enough that a copy runs at full
 #: PCIe/NVLink-C2C speed (copies of ≥ 8 MB reach ~90 % of it), small enough to pin quickly (pinning
@@ -67,9 +68,6 @@ MAX_BATCH_TENSORS = 512
 BATCH_ELEMS = 1 << 24
 #: device memory kept outside the slots: tile tables, histograms, rescale partials, allocator slack
 RESERVE_BYTES = 512 << 20
-#: ties tensors from this size go to the CUDA C++ kernel: its selection reads histograms back to the host
-#: (3 syncs per tensor), which for norms and biases costs more than Triton's one batched launch
-CUDA_MIN_ELEMS = cb.MIN_ELEMS  # the plan's rule (backends.select); tests lower it here
 #: host output buffers larger than this are not pinned (D2H then goes through the driver's staging)
 MAX_PINNED_OUT = 2 << 30
 
@@ -168,7 +166,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _elem(dtype: str | torch.dtype) -> int:
-    return torch.empty((), dtype=TORCH_DTYPE[dtype] if isinstance(dtype, str) else dtype).element_size()
+    return torch.empty((), dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype).element_size()
 
 
 def _in_dtypes(tp: TensorPlan) -> list[torch.dtype]:
@@ -176,8 +174,8 @@ def _in_dtypes(tp: TensorPlan) -> list[torch.dtype]:
     after a tokenizer remap their promotion (``vocab.RowMap.apply``), base first."""
     n = len(tp.sources) + (tp.base is not None)
     if tp.compute_dtype:
-        return [TORCH_DTYPE[tp.compute_dtype]] * n
-    ds = ([TORCH_DTYPE[tp.base.dtype]] if tp.base is not None else []) + [TORCH_DTYPE[s.dtype] for s in tp.sources]
+        return [torch_dtype(tp.compute_dtype)] * n
+    ds = ([torch_dtype(tp.base.dtype)] if tp.base is not None else []) + [torch_dtype(s.dtype) for s in tp.sources]
     if getattr(tp, "input_transform", None) is not None:
         p = ds[0]
         for d in ds[1:]:
@@ -192,7 +190,7 @@ def _prepare(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor]) -> li
     if getattr(tp, "input_transform", None) is None:
         return tensors
     if tp.compute_dtype:
-        cd = TORCH_DTYPE[tp.compute_dtype]
+        cd = torch_dtype(tp.compute_dtype)
         tensors = [x.to(cd) for x in tensors]
     return list(getattr(tp, "input_transform", None).apply(tensors, plan.options.mergekit_compat))
 
@@ -219,8 +217,8 @@ class _Budget:
         R = max((_rows(t) for t in plan.tensors), default=1)
         ein = max((_elem(tb.stage_dtype(_in_dtypes(t))) for t in plan.tensors), default=4)
         eout = max((_elem(t.out_dtype) for t in plan.tensors), default=4)
-        # kernel scratch per element: DELLA's int32 ranks per model + torch's argsort temporaries; else ~0
-        escr = (R * 4 + 24) if plan.method.name.startswith("della") else 0
+        caps = plan.method.triton
+        escr = caps.scratch_bytes(R) if caps is not None else 0  # kernel scratch per element (DELLA's ranks)
         self.rows, self.ein, self.eout = R, ein, eout
         self.per_elem = R * ein + eout + escr
         sizes = sorted({_numel(t.shape) for t in plan.tensors}, reverse=True) or [1]
@@ -243,23 +241,20 @@ class _Budget:
         self.cap = int(room - self.cap1)  # slot 0: elements per unit (per row of the packed buffer)
 
 
-def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
-    opts = plan.options
+def _plan_units(plan: MergePlan, budget: _Budget) -> list[_Unit]:
     units: list[_Unit] = []
     cur: _Unit | None = None
     cur_elems = 0
     for i, tp in enumerate(plan.tensors):
         job = _kernel_job(plan, tp)
         n = _numel(tp.shape)
-        use_kernel = opts.backend in ("auto", "triton", "cuda") and not tb.param_reasons(job)
-        if use_kernel and n > budget.cap and len(tp.shape) <= 1 and plan.method.name.startswith("della"):
-            use_kernel = False  # a 1-D tensor is one DELLA row: its ranks need it whole
-        if not use_kernel:
+        kind = _unit_kind(tp, job, n, budget)
+        if kind != "batch":
             cur = None
-            units.append(_Unit("torch", [i]))
+        if kind in ("torch", "cuda"):
+            units.append(_Unit(kind, [i]))
             continue
-        if n > budget.cap:
-            cur = None
+        if kind == "chunked":
             row = _numel(tp.shape[1:]) if len(tp.shape) > 1 else 1
             rows_per = max(1, budget.cap // row)
             if row > budget.cap:
@@ -270,10 +265,6 @@ def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
             total_rows = tp.shape[0] if len(tp.shape) > 1 else n
             chunks = [(r * row, min(rows_per, total_rows - r) * row) for r in range(0, total_rows, rows_per)]
             units.append(_Unit("chunked", [i], tb.batch_key(job), chunks))
-            continue
-        if _use_cuda(opts.backend, job, n, dev):
-            cur = None
-            units.append(_Unit("cuda", [i]))
             continue
         key = (tb.batch_key(job), tuple(_in_dtypes(tp)), tp.out_dtype, _rows(tp), tp.base is not None)
         if (cur is None or cur.key != key or cur_elems + n > min(budget.cap, BATCH_ELEMS)
@@ -286,17 +277,23 @@ def _plan_units(plan: MergePlan, budget: _Budget, dev: _Dev) -> list[_Unit]:
     return units
 
 
-def _use_cuda(backend: str, job: MergeJob, n: int, dev: _Dev) -> bool:
-    """A tensor (that fits a slot whole) for the CUDA C++ kernel rather than Triton."""
-    if backend not in ("auto", "cuda") or (backend == "auto" and n < CUDA_MIN_ELEMS) or not _cuda_usable(dev):
-        return False
-    return not cb.param_reasons(job)
-
-
-def _cuda_usable(dev: _Dev) -> bool:
-    from .. import _native
-
-    return dev.cuda and _native.cuda_usable()[0]
+def _unit_kind(tp: TensorPlan, job: MergeJob, n: int, budget: _Budget) -> str:
+    """How tensor ``tp`` (``n`` elements) runs: on its planned backend ("cuda" | "triton" | "torch") when
+    it fits slot 0 whole; larger, in row chunks on Triton, or on the torch reference where the method's
+    Triton kernel cannot take it in chunks (a 1-D tensor of a ``whole_rows`` kernel, or no kernel)."""
+    if tp.backend not in ("cuda", "triton", "torch"):
+        raise BackendUnavailableError(
+            f"tensor '{tp.name}': planned for the {tp.backend} backend; the GPU engine runs cuda, triton and "
+            "torch (build the plan with device='cuda')"
+        )
+    if tp.backend == "torch":
+        return "torch"
+    if n <= budget.cap:
+        return "cuda" if tp.backend == "cuda" else "batch"
+    caps = job.method.triton
+    if caps is None or tb.param_reasons(job) or (caps.whole_rows and len(tp.shape) <= 1):
+        return "torch"
+    return "chunked"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,9 +436,7 @@ def execute_cuda(plan: MergePlan, out: str | Path, max_gpu_memory: int | None = 
     if torch.device(dev_name).type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError("--device cuda: torch sees no usable CUDA device")
     if torch.device(dev_name).type == "cpu":
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreting():
             raise BackendUnavailableError("execute_cuda(device='cpu') needs TRITON_INTERPRET=1 (the kernels are interpreted)")
     out = Path(out)
     t0 = time.perf_counter()
@@ -454,7 +449,7 @@ def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memor
     if dev.cuda:
         torch.cuda.reset_peak_memory_stats(dev.device)
     budget = _Budget(plan, max_gpu_memory, dev)
-    units = _plan_units(plan, budget, dev)
+    units = _plan_units(plan, budget)
     counts: dict[str, int] = {}
     largest = max((t.in_bytes for t in plan.tensors), default=0)
     batch_in = max((sum(plan.tensors[i].in_bytes for i in u.tensors) for u in units), default=0)
@@ -508,22 +503,16 @@ def _stage_dtype(tp: TensorPlan) -> torch.dtype:
 
 
 def _make_kernel(plan: MergePlan, tps: list[TensorPlan], device: torch.device) -> Any:
-    tp = tps[0]
-    name = plan.method.name
-    ds = _in_dtypes(tp)
-    based = ds[0] if tp.base is not None else None
-    srcd = ds[1:] if tp.base is not None else ds
-    return tb.make_kernel(
-        plan.method, [t.params for t in tps], [t.shape for t in tps], device,
-        key_dtype=tb.della_key_dtypes(srcd, based) if name.startswith("della") and based is not None else None,
-        direct=tb.is_direct(srcd, based) if name == "model_stock" and based is not None else None,
-    )
+    ds = _in_dtypes(tps[0])
+    based = ds[0] if tps[0].base is not None else None
+    srcd = ds[1:] if tps[0].base is not None else ds
+    return tb.make_kernel(plan.method, [t.params for t in tps], [t.shape for t in tps], device, srcd, based)
 
 
 def _out_views(tps: list[TensorPlan], host: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     views, off = [], 0
     for tp in tps:
-        dt = TORCH_DTYPE[tp.out_dtype]
+        dt = torch_dtype(tp.out_dtype)
         nb = _numel(tp.shape) * _elem(dt)
         views.append((tp.name, host[off:off + nb].view(dt).view(tp.shape)))
         off += nb
@@ -531,10 +520,11 @@ def _out_views(tps: list[TensorPlan], host: torch.Tensor) -> list[tuple[str, tor
 
 
 def _compat_out(plan: MergePlan, tp: TensorPlan) -> torch.dtype | None:
-    """linear + mergekit_compat: the kernel rounds to the compute dtype, then the engine to the output's."""
-    if plan.options.mergekit_compat and plan.method.name == "linear" and tp.compute_dtype:
-        cd = TORCH_DTYPE[tp.compute_dtype]
-        return cd if cd != TORCH_DTYPE[tp.out_dtype] else None
+    """mergekit_compat on a kernel that emulates it (``TritonKernel.compat``: linear; the plan sends no other
+    compat tensor to Triton): the kernel rounds to the compute dtype, then the engine to the output's."""
+    if plan.options.mergekit_compat and tp.compute_dtype:
+        cd = torch_dtype(tp.compute_dtype)
+        return cd if cd != torch_dtype(tp.out_dtype) else None
     return None
 
 
@@ -555,7 +545,7 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
             pieces.append((r, starts[s], t.reshape(-1), 0, numels[s]))
     j = engine.slot_for(N)
     rows = engine.upload(j, pieces, R, N, sd)
-    odt = TORCH_DTYPE[tp0.out_dtype]
+    odt = torch_dtype(tp0.out_dtype)
     segs = Segments.packed(numels, shapes=[t.shape for t in tps])
     cdt = _compat_out(plan, tp0)
     dev_out = engine.out_slot(j, N, odt)
@@ -564,7 +554,7 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
         base = rows[0]  # base-less methods (linear) get a dummy
         x = rows[1:] if has_base else rows
         if u.kind == "cuda":  # one tensor; returns when merged (it reads its histograms back, then syncs)
-            cb.ties_into(dev_out, list(x), base, tp0.params)
+            cb.run_into(_kernel_job(plan, tp0), dev_out, list(x), base)
             return
         kernel = _make_kernel(plan, tps, engine.dev.device)
         for p in range(kernel.n_passes):
@@ -595,7 +585,7 @@ def _run_chunked(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool
     flat = [t.reshape(-1) for t in _prepare(plan, tp, loaded[i])]
     row = _numel(tp.shape[1:]) if len(tp.shape) > 1 else 1
     kernel = _make_kernel(plan, [tp], engine.dev.device)
-    odt = TORCH_DTYPE[tp.out_dtype]
+    odt = torch_dtype(tp.out_dtype)
     cdt = _compat_out(plan, tp)
 
     def chunk(c0: int, n: int) -> tuple[int, torch.Tensor, Segments]:
@@ -636,10 +626,10 @@ def _run_torch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
     tp = plan.tensors[i]
     tensors = loaded[i]
     if tp.compute_dtype and getattr(tp, "input_transform", None) is None:
-        cd = TORCH_DTYPE[tp.compute_dtype]
+        cd = torch_dtype(tp.compute_dtype)
         tensors = [x.to(cd) for x in tensors]
     base, inputs = _split(tp, _prepare(plan, tp, tensors))
-    odt = TORCH_DTYPE[tp.out_dtype]
+    odt = torch_dtype(tp.out_dtype)
     host = pool.take()
     view = host[: tp.out_tensor.nbytes].view(odt).view(tp.shape)
     job = _kernel_job(plan, tp)

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import struct
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from .._lazy import torch
 
@@ -88,6 +88,58 @@ def coerce(spec: ParamSpec, value: Any, where: str) -> Any:
     raise TypeError(spec.kind)
 
 
+def _no_reasons(*_: Any) -> list[str]:
+    return []
+
+
+def _no_scratch(rows: int) -> int:
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeKernel:
+    """How a fused C++ kernel (``fastmerge._native``) runs a method: declared on the method, next to its
+    reference, so that ``backends.native`` (and ``backends.cuda``) read declarations instead of testing names.
+
+    Torch-free: the torch-free engine (``engine.stream.RawIO``) and the planner read it without torch."""
+
+    #: ``run(method, params, out, inputs, base, threads, shape)``: calls the kernel's one ``_native`` wrapper,
+    #: which takes torch tensors (``NativeBackend.run``) or raw views (``run_raw``: ``ptr``, ``dtype``,
+    #: ``numel``); ``shape`` is the tensor's shape (raw views carry none; None for tensors)
+    run: Callable[..., None]
+    #: parameter values the kernel does not cover (the torch reference runs them), one line each
+    reasons: Callable[[Any], list[str]] = _no_reasons
+    #: ``(params, input dtype, output dtype)``: why a run on raw views cannot do what ``run`` on tensors
+    #: does (passthrough's scale or cast goes through torch), one line each
+    raw_reasons: Callable[[Any, str, str], list[str]] = _no_reasons
+    #: the same wrapper also runs CUDA tensors (``fastmerge._C_cuda``: the ``cuda`` backend)
+    cuda: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonKernel:
+    """How the Triton kernels (``fastmerge.kernels``) run a method: read by ``backends.triton`` (which
+    tensors they take) and ``engine.gpu`` (batches, scratch, row chunks) instead of testing names.
+
+    Torch-free (the planner asks ``reasons`` for every tensor of a CPU merge too, which must not import
+    torch); the kernel code is imported only when a batch runs."""
+
+    #: ``"<module>:<class>"`` in ``fastmerge.kernels``: the kernel plan, with ``key(method, params)`` (its
+    #: compile-time flags: tensors of equal key share a launch) and ``for_batch(method, params, shapes,
+    #: device, in_dtypes, base_dtype)`` (the plan for a batch, from the original inputs' dtypes)
+    kernel: str
+    #: parameter values the kernels do not cover (the torch reference runs them), one line each
+    reasons: Callable[[Any], list[str]] = _no_reasons
+    #: mergekit_compat emulated: the fp32 result is rounded to the inputs' (compute) dtype, then to the
+    #: output's (mergekit's two roundings); other methods' compat arithmetic is the torch reference's
+    compat: bool = False
+    #: device scratch in bytes per element of a unit, given its packed rows (base + models)
+    scratch_bytes: Callable[[int], int] = _no_scratch
+    #: a row chunk must hold whole rows along dim 0 (the method ranks within rows): a 1-D tensor is one
+    #: row and cannot be chunked; otherwise 1-D tensors are chunked by elements
+    whole_rows: bool = False
+
+
 class MergeMethod(ABC):
     """Base class of every merge method. Subclasses are stateless singletons registered in ``methods/__init__``."""
 
@@ -103,6 +155,15 @@ class MergeMethod(ABC):
     #: the engine this method needs (``fastmerge.engine.ENGINES``), None: any tensor-by-tensor engine.
     #: m_ties sets "layerwise": its M-Loss needs forward passes through the merged layers.
     engine: ClassVar[str | None] = None
+    #: the fused C++ kernel that runs it (``backends.native``), None: none
+    native: ClassVar[NativeKernel | None] = None
+    #: the Triton kernels that run it (``backends.triton``, ``engine.gpu``), None: none
+    triton: ClassVar[TritonKernel | None] = None
+    #: mergekit 0.1.5 appends ``base_model`` to the inputs when it is not listed (its planner's
+    #: ``normalize_config``, for methods whose base policy is "ignored"): ``config`` does the same
+    base_as_input: ClassVar[bool] = False
+    #: ``rank_sweep`` (one output per rank ratio, ``engine.sweep``) is an option of this method
+    rank_sweep: ClassVar[bool] = False
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {p.name: p for p in self.params}

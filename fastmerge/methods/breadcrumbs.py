@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import MergeMethod, NativeKernel, ParamContext, ParamSpec, TritonKernel, as_fp32
 from .gta import check_density, check_divisor, compat_rescaled, gta_params, merge_compat, merge_fp32
 
 
@@ -92,10 +92,28 @@ def band_compat(delta: torch.Tensor, density: float, gamma: float, rescale: bool
     return compat_rescaled(delta, mask.reshape(delta.shape), rescale)
 
 
+
+def _native_run(
+    method: Any, p: BreadcrumbsParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any
+) -> None:
+    from .. import _native
+
+    _native.breadcrumbs(out, inputs, base, p.weight, p.density, p.gamma, method.consensus, p.normalize, p.lambda_,
+                        p.rescale, p.selection == "topk", threads)
+
+
+def _triton_reasons(p: BreadcrumbsParams) -> list[str]:
+    if p.selection != "threshold":
+        return ["breadcrumbs selection 'topk' (exact count at both band edges) is in the torch backend only"]
+    return []
+
+
 class Breadcrumbs(MergeMethod):
     """Model Breadcrumbs: keep a band of magnitudes, then a weighted sum of the task vectors."""
 
     name = "breadcrumbs"
+    native = NativeKernel(_native_run)
+    triton = TritonKernel("breadcrumbs:BreadcrumbsKernel", reasons=_triton_reasons)
     paper_url = "https://arxiv.org/abs/2312.06795"
     base_policy = "required"
     consensus: str | None = None

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from . import rng
-from .base import MergeMethod, ParamContext
+from .base import MergeMethod, NativeKernel, ParamContext, TritonKernel
 from .gta import check_density, check_divisor, compat_rescaled, gta_params, merge_compat, merge_fp32
 
 
@@ -71,10 +71,20 @@ def dare_compat(delta: torch.Tensor, density: float, rescale: bool, seed: int, k
     return compat_rescaled(delta.to(work), mask, rescale).to(delta.dtype)
 
 
+
+def _native_run(method: Any, p: DareParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any) -> None:
+    from .. import _native
+
+    _native.dare(out, inputs, base, p.weight, p.density, method.consensus, p.normalize, p.lambda_, p.rescale, p.seed,
+                 p.key, threads)
+
+
 class DareLinear(MergeMethod):
     """DARE: random drop with L1 rescale, then a weighted sum of the task vectors."""
 
     name = "dare_linear"
+    native = NativeKernel(_native_run)
+    triton = TritonKernel("dare:DareKernel")
     paper_url = "https://arxiv.org/abs/2311.03099"
     base_policy = "required"
     consensus: str | None = None

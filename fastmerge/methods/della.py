@@ -52,7 +52,7 @@ from .._lazy import torch
 
 from ..errors import ConfigError
 from . import rng
-from .base import MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import MergeMethod, NativeKernel, ParamContext, ParamSpec, TritonKernel, as_fp32
 from .dare import work_dtype
 from .gta import check_density, check_divisor, compat_rescaled, gta_params, merge_compat, merge_fp32
 
@@ -160,10 +160,26 @@ def della_compat(
     return compat_rescaled(delta.to(work), mask, rescale).to(delta.dtype)
 
 
+
+def _native_run(method: Any, p: DellaParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any) -> None:
+    from .. import _native
+
+    _native.della(out, inputs, base, p.weight, p.density, p.epsilon, method.consensus, p.normalize, p.lambda_,
+                  p.rescale, p.seed, p.key, threads, shape=shape)
+
+
+def _triton_scratch(rows: int) -> int:
+    """The kernel's int32 |δ| ranks per row of the packed buffer + torch's argsort temporaries, per element."""
+    return rows * 4 + 24
+
+
 class Della(MergeMethod):
     """DELLA: magnitude-ranked random drop with L1 rescale, then TIES sign consensus and disjoint mean."""
 
     name = "della"
+    native = NativeKernel(_native_run)
+    #: ranks are per row of the tensor: row chunks hold whole rows, a 1-D tensor (one row) is merged whole
+    triton = TritonKernel("della:DellaKernel", scratch_bytes=_triton_scratch, whole_rows=True)
     paper_url = "https://arxiv.org/abs/2406.11617"
     base_policy = "required"
     consensus: str | None = "sum"

@@ -133,6 +133,7 @@ def karcher_coefficients(g: torch.Tensor, alphas: Sequence[float], max_iter: int
 
 class Karcher(MergeMethod):
     name = "karcher"
+    base_as_input = True
     paper_url = "https://arxiv.org/abs/2603.04972"
     base_policy = "ignored"
     params = (

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32, round_fp32
+from .base import REQUIRED, MergeMethod, NativeKernel, ParamContext, ParamSpec, TritonKernel, as_fp32, round_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +39,19 @@ def weight_divisor(weight: Sequence[float], normalize: bool) -> float | None:
     return acc
 
 
+
+def _native_run(method: Any, p: LinearParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any) -> None:
+    from .. import _native
+
+    # a base given to linear is ignored, as in mergekit
+    _native.weighted_delta_sum(out, inputs, None, p.weight, weight_divisor(p.weight, p.normalize), 1.0, threads)
+
+
 class Linear(MergeMethod):
     name = "linear"
+    native = NativeKernel(_native_run)
+    triton = TritonKernel("linear:LinearKernel", compat=True)
+    base_as_input = True
     paper_url = "https://arxiv.org/abs/2203.05482"
     base_policy = "ignored"
     params = (

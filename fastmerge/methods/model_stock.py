@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import MergeMethod, ParamContext, ParamSpec
+from .base import MergeMethod, ParamContext, ParamSpec, TritonKernel
 from .sphere import combine, gram, to_rows
 
 
@@ -38,8 +38,16 @@ class ModelStockParams:
     filter_wise: bool = False
 
 
+
+def _triton_reasons(p: ModelStockParams) -> list[str]:
+    if p.filter_wise:
+        return ["model_stock filter_wise: true (a ratio per row) is in the torch backend only"]
+    return []
+
+
 class ModelStock(MergeMethod):
     name = "model_stock"
+    triton = TritonKernel("model_stock:ModelStockKernel", reasons=_triton_reasons)
     paper_url = "https://arxiv.org/abs/2403.19522"
     base_policy = "required"
     params = (ParamSpec("filter_wise", bool, False, per_model=False, doc="one ratio per row instead of per tensor"),)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, NativeKernel, ParamContext, ParamSpec, as_fp32
 
 #: floor of |b − x| before dividing by it (mergekit's value)
 DIFF_FLOOR = 1e-6
@@ -40,8 +40,23 @@ class NearswapParams:
     t: float
 
 
+
+def _native_run(method: Any, p: NearswapParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any) -> None:
+    from .. import _native
+
+    _native.nearswap(out, inputs[0], base, p.t, threads)
+
+
+def _native_reasons(p: NearswapParams) -> list[str]:
+    if not p.t >= DIFF_FLOOR:
+        return [f"nearswap t < {DIFF_FLOOR} (the weighted form) is in the torch backend only"]
+    return []
+
+
 class Nearswap(MergeMethod):
     name = "nearswap"
+    #: the kernel covers the clamp form (t >= DIFF_FLOOR)
+    native = NativeKernel(_native_run, reasons=_native_reasons)
     paper_url = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
     base_policy = "required"
     params = (ParamSpec("t", float, REQUIRED, per_model=False, doc="distance below which the other model's value is taken"),)

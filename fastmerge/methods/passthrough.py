@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import MergeMethod, NativeKernel, ParamContext, ParamSpec, as_fp32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,35 @@ class PassthroughParams:
     scale: tuple[float, ...] = (1.0,)
 
 
+
+def copy_reasons(p: PassthroughParams, in_dtype: str, out_dtype: str) -> list[str]:
+    """Why a passthrough tensor is not a plain byte copy ([]: it is)."""
+    if p.scale[0] != 1:
+        return [f"passthrough scale {p.scale[0]} (a multiply: the torch path)"]
+    if in_dtype != out_dtype:
+        return [f"passthrough {in_dtype} -> {out_dtype} (a conversion: the torch path)"]
+    return []
+
+
+def _native_run(method: Any, p: PassthroughParams, out: Any, inputs: Sequence[Any], base: Any, threads: int,
+                shape: Any) -> None:
+    """Raw views: a byte copy (``copy_reasons`` empty). Tensors: the reference (a copy or one multiply),
+    which torch's ``copy_`` converts to the output dtype."""
+    from .. import _native
+
+    if not _native.is_raw(out):
+        out.copy_(method.reference(inputs, None, p).reshape(out.shape))
+        return
+    why = copy_reasons(p, inputs[0].dtype, out.dtype)
+    if why:
+        raise ValueError(why[0])
+    _native.copy(out, inputs[0])
+
+
 class Passthrough(MergeMethod):
     name = "passthrough"
+    native = NativeKernel(_native_run, raw_reasons=copy_reasons)
+    base_as_input = True
     paper_url = "https://github.com/arcee-ai/mergekit"
     base_policy = "ignored"
     params = (

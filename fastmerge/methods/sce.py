@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import MergeMethod, ParamContext, ParamSpec
+from .base import MergeMethod, NativeKernel, ParamContext, ParamSpec
 
 #: below this total of mean squared deltas the weights become uniform; also the divisor's floor
 TINY = 1e-6
@@ -89,8 +89,16 @@ def matrix_weights(deltas: torch.Tensor, accurate: bool = False) -> torch.Tensor
     return (energy / total).to(deltas.dtype)
 
 
+
+def _native_run(method: Any, p: SceParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any) -> None:
+    from .. import _native
+
+    _native.sce(out, inputs, base, p.select_topk, threads)
+
+
 class Sce(MergeMethod):
     name = "sce"
+    native = NativeKernel(_native_run)
     paper_url = "https://arxiv.org/abs/2408.07990"
     base_policy = "required"
     params = (

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec
+from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, TritonKernel
 from .sphere import combine, gram
 
 #: mergekit 0.1.5 reduces over chunks of this many elements (per output); the chunk boundaries decide
@@ -80,6 +80,7 @@ def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torc
 
 class Slerp(MergeMethod):
     name = "slerp"
+    triton = TritonKernel("slerp:SlerpKernel")
     paper_url = "https://doi.org/10.1145/325165.325242"
     base_policy = "required"
     params = (ParamSpec("t", float, REQUIRED, per_model=False, doc="interpolation factor: 0 = base, 1 = the other model"),)

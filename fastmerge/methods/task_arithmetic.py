@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, NativeKernel, ParamContext, ParamSpec, TritonKernel, as_fp32
 from .linear import weight_divisor
 
 
@@ -55,8 +55,19 @@ def compat_weights(weight: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return w.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+
+def _native_run(
+    method: Any, p: TaskArithmeticParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any
+) -> None:
+    from .. import _native
+
+    _native.weighted_delta_sum(out, inputs, base, p.weight, weight_divisor(p.weight, p.normalize), p.lambda_, threads)
+
+
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    native = NativeKernel(_native_run)
+    triton = TritonKernel("linear:TaskArithmeticKernel")
     paper_url = "https://arxiv.org/abs/2212.04089"
     base_policy = "required"
     params = (

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 
 from ..errors import ConfigError
-from .base import REQUIRED, MergeMethod, ParamContext, ParamSpec, as_fp32
+from .base import REQUIRED, MergeMethod, NativeKernel, ParamContext, ParamSpec, TritonKernel, as_fp32
 from .gta import compat_rescaled, merge_compat, merge_fp32
 
 
@@ -69,8 +69,19 @@ def trim_mask(delta: torch.Tensor, density: float, selection: str) -> torch.Tens
     return keep.reshape(delta.shape)
 
 
+
+def _native_run(method: Any, p: TiesParams, out: Any, inputs: Sequence[Any], base: Any, threads: int, shape: Any) -> None:
+    from .. import _native
+
+    _native.ties(out, inputs, base, p.weight, p.density, p.normalize, p.lambda_, p.election, p.selection == "topk",
+                 threads, p.rescale)
+
+
 class Ties(MergeMethod):
     name = "ties"
+    #: the C++ kernel on the CPU, and on CUDA tensors the CUDA C++ kernel (``csrc/cuda/ties.cu``)
+    native = NativeKernel(_native_run, cuda=True)
+    triton = TritonKernel("ties:TiesKernel")
     paper_url = "https://arxiv.org/abs/2306.01708"
     base_policy = "required"
     params = (

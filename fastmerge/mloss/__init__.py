@@ -18,13 +18,13 @@ CUDA tensors when triton is installed, chunked otherwise).
 
 from __future__ import annotations
 
-import os
 
 from typing import Sequence
 
 import torch
 
 from ..errors import ConfigError
+from ..kernels import interpreting
 from .reference import (
     ACT_CODES, DEFAULT_EPS, STATISTICS, Activation, MLoss, activation, check_alpha, discrepancy, mloss_chunked,
     mloss_from_preacts, mloss_reference, preactivations,
@@ -49,7 +49,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ConfigError(f"M-Loss backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and _triton_ok() else "chunked"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and not interpreting():
         # compiled Triton cannot read host memory (its own error names a pointer, not the remedy)
         raise ConfigError(f"M-Loss backend 'triton' needs CUDA tensors (got {device.type}); "
                           "move them with .cuda(), or use backend='chunked'")

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Sequence
 
 from .._lazy import torch
+from ..kernels import interpreting
 
 #: Oversampling p (l = k + p). ``None`` = auto: p = max(10, k), i.e. l = 2k. Halko et al.'s p = 10 is
 #: enough for the truncation error (‖Δ − Δ̃_k‖_F ≤ 1.01× optimal with 2 power iterations on 768×3072,
@@ -103,7 +103,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cuda" and _triton_available():
             return "triton"
         return "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1, for tests)")
     return backend
 

@@ -1,7 +1,11 @@
-"""fastmerge/gpu_runner.py: the streaming engine's logic (units, batching, row chunks, the data-pass
-protocol over chunks, writer order) must write the same files as ``runner.execute``, bit for bit: on the
+"""fastmerge/engine/gpu.py: the streaming engine's logic (units, batching, row chunks, the data-pass
+protocol over chunks, writer order) must write the same files as ``engine.stream``, bit for bit: on the
 GPU where there is one, else on the CPU (``execute_cuda(device="cpu")``, kernels interpreted). The
-LLM-sized CUDA side (streams, pinned buffers, the memory bound) is in test_triton_gpu.py (``-m gpu``)."""
+LLM-sized CUDA side (streams, pinned buffers, the memory bound) is in test_triton_gpu.py (``-m gpu``).
+
+The GPU engine runs each tensor on the backend its plan chose, so its plans are built for
+``device="cuda"``; without a GPU the planner is told it has one (``gpu_plans``: the Triton backend
+runs interpreted, the CUDA C++ backend is unusable unless a test stands it in)."""
 
 import json
 
@@ -10,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 import fastmerge
+from fastmerge import backends
 from fastmerge.errors import FastMergeError
 from fastmerge.io.index import CheckpointIndex
 from fastmerge.engine.stream import execute
@@ -20,6 +25,16 @@ pytestmark = needs_triton
 
 # 12 tensors, 64-2048 elements each: few interpreted programs per launch
 SHAPE = LlamaShape(hidden=32, layers=1, intermediate=48, vocab=64, heads=2)
+
+
+@pytest.fixture(autouse=True)
+def gpu_plans(monkeypatch):
+    if DEV == "cpu":
+        monkeypatch.setattr(backends, "resolve_device", lambda device: "cuda" if device == "cuda" else "cpu")
+
+
+def _gpu_plan(cfg, out, **kw):
+    return fastmerge.plan(cfg, out, progress=False, copy_tokenizer=False, device="cuda", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +72,7 @@ def _both(cfg, tmp_path, **kw):
     execute(p, tmp_path / "cpu")
     from fastmerge.engine.gpu import execute_cuda
 
-    p = fastmerge.plan(cfg, tmp_path / "gpu", progress=False, copy_tokenizer=False, out_shard_size=6_000)
+    p = _gpu_plan(cfg, tmp_path / "gpu", out_shard_size=6_000)
     rep = execute_cuda(p, tmp_path / "gpu", device=DEV, **kw)
     a, b = _read(tmp_path / "cpu"), _read(tmp_path / "gpu")
     assert list(a) == list(b)
@@ -114,7 +129,7 @@ def test_methods_without_kernels_run_the_reference(fam, tmp_path):
 def test_budget_too_small(fam, tmp_path):
     from fastmerge.engine import gpu as gpu_runner
 
-    p = fastmerge.plan(_config(fam, "ties", {"weight": 0.33, "density": 0.5}), tmp_path / "o", progress=False)
+    p = _gpu_plan(_config(fam, "ties", {"weight": 0.33, "density": 0.5}), tmp_path / "o")
     with pytest.raises(FastMergeError, match="max-gpu-memory"):
         gpu_runner.execute_cuda(p, tmp_path / "o", max_gpu_memory=gpu_runner.RESERVE_BYTES, device=DEV)
     with pytest.raises(FastMergeError, match="does not fit"):  # one row of the 64x32 embedding is 32 elements
@@ -122,45 +137,87 @@ def test_budget_too_small(fam, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_large_ties_tensors_go_to_the_cuda_kernel(fam, tmp_path, monkeypatch):
-    """ties tensors from ``CUDA_MIN_ELEMS`` go to the CUDA C++ kernel, one per unit; the norms stay batched
-    on Triton. On a GPU this runs ``_C_cuda``; without one the CUDA entry point is stood in by the CPU
-    kernel with the same contract (both bit-exact with the reference: tests/native/test_native_ties.py),
-    which checks the plumbing: which tensors, which rows of the slot, the parameters, where the output
-    lands."""
+def _cuda_in_plans(monkeypatch, min_elems: int) -> None:
+    """Plans send ties tensors from ``min_elems`` elements to the CUDA C++ backend (``backends.select``'s
+    size rule, lowered). Without a GPU the CUDA backend is declared usable: its units then call the same
+    wrapper (``_native.ties``) on CPU tensors, i.e. the CPU kernel, with the same contract (both bit-exact
+    with the reference: tests/native/test_native_ties.py)."""
     from fastmerge import _native
-    from fastmerge.engine import gpu as gpu_runner
+    from fastmerge.backends import cuda as cb
 
-    calls = []
     if DEV == "cpu":
         if not _native.HAS_CPU_EXT:
             pytest.skip("the CPU stand-in needs fastmerge._C")
-
-        def stand_in(out, inputs, base, w, d, normalize, lam, election, exact_k, rescale):
-            assert all(x.numel() == out.numel() for x in inputs) and base.numel() == out.numel()
-            calls.append(out.numel())
-            _native.ties(out, inputs, base, w, d, normalize, lam, election, exact_k, 0, rescale)
-
-        monkeypatch.setattr(_native, "ties_cuda", stand_in)
-        monkeypatch.setattr(gpu_runner, "_cuda_usable", lambda dev: True)
+        monkeypatch.setattr(_native, "cuda_usable", lambda: (True, "stand-in: the CPU kernel"))
     elif not _native.cuda_usable()[0]:
         pytest.skip(f"fastmerge._C_cuda not usable: {_native.cuda_usable()[1]}")
-    monkeypatch.setattr(gpu_runner, "CUDA_MIN_ELEMS", 1000)
+    monkeypatch.setattr(cb, "MIN_ELEMS", min_elems)
+
+
+def test_large_ties_tensors_go_to_the_cuda_kernel(fam, tmp_path, monkeypatch):
+    """ties tensors the plan puts on the CUDA C++ backend run there, one per unit; the norms (under the size
+    rule) stay batched on Triton. Checks the plumbing: which tensors, which rows of the slot, the
+    parameters, where the output lands."""
+    from fastmerge.backends import cuda as cb
+
+    _cuda_in_plans(monkeypatch, 1000)
+    calls = []
+    run_into = cb.run_into
+
+    def counted(job, out, inputs, base):
+        assert all(x.numel() == out.numel() for x in inputs) and base.numel() == out.numel()
+        calls.append(out.numel())
+        run_into(job, out, inputs, base)
+
+    monkeypatch.setattr(cb, "run_into", counted)
     cfg = _config(fam, "ties", {"weight": [0.3, 0.5, 0.2], "density": 0.4}, parameters={"election": "count"})
     rep = _both(cfg, tmp_path)
     assert rep.backends == {"cuda": 9, "triton": 3}  # embedding, lm_head, 4 attention, 3 MLP | 3 norms
-    assert DEV != "cpu" or sorted(calls) == sorted([2048, 2048, 1536, 1536, 1536, 1024, 1024, 1024, 1024])
+    assert sorted(calls) == sorted([2048, 2048, 1536, 1536, 1536, 1024, 1024, 1024, 1024])
+
+
+def test_cuda_tensors_too_large_for_a_slot_go_in_row_chunks_on_triton(fam, tmp_path, monkeypatch):
+    from fastmerge.backends import cuda as cb
+
+    _cuda_in_plans(monkeypatch, 1000)
+    monkeypatch.setattr(cb, "run_into", lambda *a: pytest.fail("a tensor over the budget went to the CUDA kernel"))
+    cfg = _config(fam, "ties", {"weight": 0.33, "density": 0.5})
+    rep = _both(cfg, tmp_path, max_gpu_memory=_budget(1000))
+    assert rep.chunked_tensors == 9 and rep.backends == {"triton": 12}
 
 
 def test_backend_triton_keeps_ties_on_triton(fam, tmp_path, monkeypatch):
-    from fastmerge import _native
-    from fastmerge.engine import gpu as gpu_runner
+    from fastmerge.backends import cuda as cb
 
-    monkeypatch.setattr(gpu_runner, "_cuda_usable", lambda dev: True)
-    monkeypatch.setattr(gpu_runner, "CUDA_MIN_ELEMS", 1000)
-    monkeypatch.setattr(_native, "ties_cuda", lambda *a: pytest.fail("--backend triton called the CUDA kernel"))
+    _cuda_in_plans(monkeypatch, 1000)
+    monkeypatch.setattr(cb, "run_into", lambda *a: pytest.fail("--backend triton called the CUDA kernel"))
     cfg = _config(fam, "ties", {"weight": 0.33, "density": 0.5})
-    p = fastmerge.plan(cfg, tmp_path / "gpu", progress=False, copy_tokenizer=False, backend="triton")
+    p = _gpu_plan(cfg, tmp_path / "gpu", backend="triton")
     from fastmerge.engine.gpu import execute_cuda
 
     assert execute_cuda(p, tmp_path / "gpu", device=DEV).backends == {"triton": 12}
+
+
+@pytest.mark.parametrize("method,one_d", [("della", "torch"), ("della_linear", "torch"), ("ties", "chunked")])
+def test_tensors_over_the_budget(fam, tmp_path, method, one_d):
+    """Past slot 0: row chunks on Triton, except a 1-D tensor of a kernel that ranks within rows
+    (``TritonKernel.whole_rows``: DELLA), which is one row and runs the torch reference."""
+    import types
+
+    from fastmerge.engine import gpu as gpu_runner
+
+    params = {"weight": 0.4, "density": 0.6} | ({"epsilon": 0.1} if method.startswith("della") else {})
+    p = _gpu_plan(_config(fam, method, params), tmp_path / "o")
+    small = types.SimpleNamespace(cap=16)
+    kinds = {tp.name: gpu_runner._unit_kind(tp, gpu_runner._kernel_job(p, tp), gpu_runner._numel(tp.shape), small)
+             for tp in p.tensors}
+    assert {kinds[tp.name] for tp in p.tensors if len(tp.shape) == 1} == {one_d}
+    assert {kinds[tp.name] for tp in p.tensors if len(tp.shape) == 2} == {"chunked"}
+
+
+def test_a_cpu_plan_is_refused(fam, tmp_path):
+    p = fastmerge.plan(_config(fam, "ties", {"weight": 0.33, "density": 0.5}), tmp_path / "o", progress=False)
+    from fastmerge.engine.gpu import execute_cuda
+
+    with pytest.raises(FastMergeError, match="planned for the (native|torch) backend"):
+        execute_cuda(p, tmp_path / "o", device=DEV)

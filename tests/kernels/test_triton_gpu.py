@@ -148,11 +148,11 @@ def test_gpu_runner_equals_cpu_runner(fam, tmp_path, method, params, budget, com
         assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
     if compat:
         assert rep.backends == {"torch": len(a)}
-    else:  # ties tensors from gpu_runner.CUDA_MIN_ELEMS that fit whole: the CUDA C++ kernel when built
+    else:  # ties tensors the plan sends to CUDA (from cuda.MIN_ELEMS) that fit whole: the CUDA C++ kernel when built
         from fastmerge import _native
-        from fastmerge.engine.gpu import CUDA_MIN_ELEMS
+        from fastmerge.backends.cuda import MIN_ELEMS
 
-        big = sum(1 for k in a if a[k].numel() >= CUDA_MIN_ELEMS)
+        big = sum(1 for k in a if a[k].numel() >= MIN_ELEMS)
         cuda = big if (method == "ties" and budget is None and _native.cuda_usable()[0]) else 0
         assert rep.backends == {k: v for k, v in (("cuda", cuda), ("triton", len(a) - cuda)) if v}
     if budget is not None:

@@ -23,6 +23,13 @@ from fastmerge.backends.native import NativeBackend
 from fastmerge.methods import get_method, gta
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def raw(t: torch.Tensor):
+    """``t``'s bytes as a raw view (``io.reader.RawView``: what the torch-free engine hands the wrappers)."""
+    from fastmerge.io.reader import RawView
+
+    return RawView(t.data_ptr(), t.numel() * t.element_size(), str(t.dtype).split(".")[1], t.numel())
 DTYPES = [F32, BF16, F16]
 DT_ID = {F32: "f32", F16: "f16", BF16: "bf16"}
 BIG = 2**20 + 3  # not a multiple of the 1024-element blocks, nor of any thread count's share

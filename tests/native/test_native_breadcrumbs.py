@@ -12,7 +12,7 @@ from fastmerge.methods import get_method
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams, band
 from native_cases import (
     BF16, BIG, DT_ID, DTYPES, F16, F32, WEIGHTS, check_bit_exact, check_close, exact_norms, make_case,
-    outputs_for_threads, poisoned, quantised_case, run_native,
+    outputs_for_threads, poisoned, quantised_case, raw, run_native,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -115,10 +115,8 @@ def test_breadcrumbs_raw_entry_point_matches_typed():
     p = params(3, "topk")
     typed = run_native("breadcrumbs", p, inputs, base, BF16)
     out = poisoned(5000, BF16)
-    _native.breadcrumbs_raw(
-        out.data_ptr(), 2, 5000, [x.data_ptr() for x in inputs], [2, 2, 2], base.data_ptr(), 2, p.weight, p.density,
-        p.gamma, None, p.normalize, p.lambda_, p.rescale, True,
-    )
+    _native.breadcrumbs(raw(out), [raw(x) for x in inputs], raw(base), p.weight, p.density, p.gamma, None, p.normalize,
+                        p.lambda_, p.rescale, True)
     assert torch.equal(out, typed)
 
 

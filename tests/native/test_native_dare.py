@@ -14,7 +14,7 @@ from fastmerge.methods import rng
 from fastmerge.methods.dare import DareParams
 from native_cases import (
     BF16, BIG, DENSITIES, DT_ID, DTYPES, F16, F32, WEIGHTS, check_bit_exact, check_close, exact_norms, make_case,
-    outputs_for_threads, poisoned, quantised_case, run_native,
+    outputs_for_threads, poisoned, quantised_case, raw, run_native,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -140,10 +140,8 @@ def test_dare_raw_entry_point_matches_typed():
     p = params(3, rescale=True)
     typed = run_native("dare_ties", p, inputs, base, BF16)
     out = poisoned(5000, BF16)
-    _native.dare_raw(
-        out.data_ptr(), 2, 5000, [x.data_ptr() for x in inputs], [2, 2, 2], base.data_ptr(), 2, p.weight, p.density,
-        "sum", p.normalize, p.lambda_, p.rescale, p.seed, p.key,
-    )
+    _native.dare(raw(out), [raw(x) for x in inputs], raw(base), p.weight, p.density, "sum", p.normalize, p.lambda_,
+                 p.rescale, p.seed, p.key)
     assert torch.equal(out, typed)
 
 

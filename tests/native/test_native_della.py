@@ -11,12 +11,11 @@ from fastmerge import _native
 from fastmerge.api import merge_tensors
 from fastmerge.backends.base import MergeJob
 from fastmerge.backends.native import NativeBackend
-from fastmerge.io.reader import RawView
 from fastmerge.methods import get_method
 from fastmerge.methods.della import DellaParams
 from native_cases import (
     BF16, DT_ID, DTYPES, F16, F32, WEIGHTS, check_bit_exact, check_close, exact_norms, make_case,
-    outputs_for_threads, poisoned, quantised_case, run_native,
+    outputs_for_threads, poisoned, quantised_case, raw, run_native,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -104,12 +103,9 @@ def test_della_run_raw_needs_the_shape_and_matches_run():
     typed = run_native("della", p, inputs, base, BF16)
     out = poisoned(shape, BF16)
 
-    def view(t):
-        return RawView(t.data_ptr(), t.numel() * t.element_size(), str(t.dtype).split(".")[1], t.numel())
-
-    with pytest.raises(ValueError, match=r"della ranks \|delta\| per row: run_raw needs the tensor's shape"):
-        NativeBackend().run_raw(job, view(out), [view(x) for x in inputs], view(base), 0)
-    NativeBackend().run_raw(job, view(out), [view(x) for x in inputs], view(base), 0, shape=shape)
+    with pytest.raises(ValueError, match=r"tensor 't': della ranks \|delta\| per row: a raw view needs the tensor's shape"):
+        NativeBackend().run_raw(job, raw(out), [raw(x) for x in inputs], raw(base), 0)
+    NativeBackend().run_raw(job, raw(out), [raw(x) for x in inputs], raw(base), 0, shape=shape)
     assert torch.equal(out, typed)
 
 

@@ -10,7 +10,7 @@ import torch
 from fastmerge import _native
 from fastmerge.methods import get_method
 from fastmerge.methods.nearswap import NearswapParams
-from native_cases import BF16, BIG, DT_ID, DTYPES, F16, F32, assert_equal_bits, make_case, poisoned, run_native
+from native_cases import BF16, BIG, DT_ID, DTYPES, F16, F32, assert_equal_bits, make_case, poisoned, raw, run_native
 
 pytestmark = pytest.mark.skipif(
     not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}"
@@ -59,9 +59,9 @@ def test_nearswap_thread_count_independence_and_raw_entry_point():
     p = NearswapParams(0.003)
     outs = [run_native("nearswap", p, [x], b, BF16, threads=t) for t in (1, 2, 3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
-    raw = poisoned(BIG, BF16)
-    _native.nearswap_raw(raw.data_ptr(), 2, BIG, x.data_ptr(), 2, b.data_ptr(), 2, p.t, 2)
-    assert torch.equal(raw, outs[0])
+    out = poisoned(BIG, BF16)
+    _native.nearswap(raw(out), raw(x), raw(b), p.t, 2)
+    assert torch.equal(out, outs[0])
 
 
 def test_nearswap_small_t_and_compat_stay_on_torch():

@@ -21,7 +21,7 @@ import torch
 from fastmerge import _native
 from fastmerge.api import merge_tensors
 from fastmerge.methods import sce
-from native_cases import BF16, BIG, DT_ID, DTYPES, F16, F32, assert_equal_bits, make_case, poisoned, run_native
+from native_cases import BF16, BIG, DT_ID, DTYPES, F16, F32, assert_equal_bits, make_case, poisoned, raw, run_native
 
 pytestmark = pytest.mark.skipif(
     not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}"
@@ -144,7 +144,7 @@ def test_sce_raw_entry_point_matches_typed():
     inputs, base = make_case(5000, 3, BF16, BF16, seed=1)
     typed = run_native("sce", sce.SceParams(0.5), inputs, base, BF16)
     out = poisoned(5000, BF16)
-    _native.sce_raw(out.data_ptr(), 2, 5000, [x.data_ptr() for x in inputs], [2, 2, 2], base.data_ptr(), 2, 0.5)
+    _native.sce(raw(out), [raw(x) for x in inputs], raw(base), 0.5)
     assert torch.equal(out, typed)
 
 

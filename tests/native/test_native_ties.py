@@ -13,7 +13,7 @@ from fastmerge.methods import get_method
 from fastmerge.methods.ties import TiesParams
 from native_cases import (
     BF16, BIG, DENSITIES, DT_ID, DTYPES, F16, F32, WEIGHTS, check_bit_exact, check_close, exact_norms, make_case,
-    outputs_for_threads, poisoned, quantised_case, run_native,
+    outputs_for_threads, poisoned, quantised_case, raw, run_native,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -177,19 +177,20 @@ def test_multi_select_thread_count_independence():
 # entry points, scratch
 
 
-def test_ties_raw_entry_point_matches_typed():
+def test_ties_on_raw_views_matches_tensors():
     inputs, base = make_case(5000, 3, BF16, BF16, seed=1)
     p = params(3, "topk", "count")
     typed = run_native("ties", p, inputs, base, BF16)
     out = poisoned(5000, BF16)
-    _native.ties_raw(
-        out.data_ptr(), 2, 5000, [x.data_ptr() for x in inputs], [2, 2, 2], base.data_ptr(), 2, p.weight, p.density,
-        p.normalize, p.lambda_, "count", True, 0, True,
-    )
+    _native.ties(raw(out), [raw(x) for x in inputs], raw(base), p.weight, p.density, p.normalize, p.lambda_, "count",
+                 True, 0, True)
     assert torch.equal(out, typed)
     with pytest.raises(ValueError, match=r"election: must be 'sum' or 'count', got 'mean'"):
-        _native.ties_raw(out.data_ptr(), 2, 5000, [base.data_ptr()], [2], base.data_ptr(), 2, [1.0], [0.5], True,
-                         1.0, "mean", False)
+        _native.ties(raw(out), [raw(base)], raw(base), [1.0], [0.5], True, 1.0, "mean", False)
+    with pytest.raises(ValueError, match=r"inputs\[0\]: has 4999 elements, expected 5000"):
+        _native.ties(raw(out), [raw(base[:4999])], raw(base), [1.0], [0.5], True)
+    with pytest.raises(TypeError, match=r"out: dtype must be float32, float16 or bfloat16, got 'float64'"):
+        _native.ties(raw(out.double()), [raw(base)], raw(base), [1.0], [0.5], True)
 
 
 def test_every_kernel_reuses_its_scratch():
@@ -233,15 +234,15 @@ def test_cuda_ties_matches_reference(out_dtype, selection):
             with exact_norms():
                 expected = get_method("ties").reference(inputs, base, p).to(out_dtype)
             out = torch.full((n,), float("nan"), dtype=out_dtype, device="cuda")
-            _native.ties_cuda(out, [x.cuda() for x in inputs], base.cuda(), p.weight, p.density, p.normalize,
-                              p.lambda_, p.election, selection == "topk", rescale)
+            _native.ties(out, [x.cuda() for x in inputs], base.cuda(), p.weight, p.density, p.normalize,
+                         p.lambda_, p.election, selection == "topk", 0, rescale)
             torch.cuda.synchronize()
             assert torch.equal(out.cpu(), expected), (n, T, rescale)
     xq, bq = quantised_case(100_003, 2, seed=4)  # heavy ties at the threshold: the exact-k cut
     p = TiesParams(weight=(1.0, 0.5), density=(0.37, 0.6), selection=selection)
     out = torch.full((100_003,), float("nan"), dtype=out_dtype, device="cuda")
-    _native.ties_cuda(out, [x.cuda() for x in xq], bq.cuda(), p.weight, p.density, True, 1.0, "sum",
-                      selection == "topk", False)
+    _native.ties(out, [x.cuda() for x in xq], bq.cuda(), p.weight, p.density, True, 1.0, "sum",
+                 selection == "topk", 0, False)
     assert torch.equal(out.cpu(), get_method("ties").reference(xq, bq, p).to(out_dtype))
 
 
