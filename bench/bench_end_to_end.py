@@ -191,33 +191,17 @@ t0 = time.perf_counter()
 run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), sys.argv[2], options=opts, config_source=src)
 print(f"mergekit in-process: run_merge in {time.perf_counter() - t0:.3f} s (")
 """
-# The floor of a whole merge: every input page touched once (MADV_POPULATE_READ on the
-# mapped files, then dropped, as the fast path does) and the output written once (a reused buffer through
-# the same shard writer), no compute. Printed like fastmerge's summary so the same regex reads it.
+# The floor of a whole merge: every input page touched once (MADV_POPULATE_READ on the mapped files, then
+# dropped, as the fast path does) and the output written once (a reused buffer through the same shard
+# writer), no compute: ``fastmerge.benchmark.merge.floor_once``, the floor `fastmerge bench merge` measures.
+# Printed like fastmerge's summary so the same regex reads it.
 FLOOR_CHILD = """
-import sys, time, mmap
-from pathlib import Path
+import sys
 import fastmerge
-from fastmerge.io.reader import READ_AHEAD, Prefetcher, RawReader
-from fastmerge.io.writer import ShardWriter, temp_dir_beside
+from fastmerge.benchmark.merge import floor_once
 p = fastmerge.plan(sys.argv[1])
-t0 = time.perf_counter()
-readers = {}
-for ix in p.indexes.values():
-    r = RawReader(ix)
-    for f in ix.files:
-        readers.setdefault(f, r)
-groups = [[(readers[i.file], i) for i in ([t.base] if t.base else []) + t.sources] for t in p.tensors]
-pf = Prefetcher(groups, budget_bytes=int(READ_AHEAD * max(t.in_bytes for t in p.tensors)))
-out = Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
-w = ShardWriter(out, p.shards)
-buf = mmap.mmap(-1, max(t.out_tensor.nbytes for t in p.tensors))
-for i, views in pf:
-    pf.release(i)
-    w.write(p.tensors[i].name, memoryview(buf)[: p.tensors[i].out_tensor.nbytes])
-w.finalize()
-pf.close()
-print(f"floor: touched {p.in_bytes} input bytes, wrote {sum(t.out_tensor.nbytes for t in p.tensors)} in {time.perf_counter() - t0:.3f} s (")
+s = floor_once(p, sys.argv[2])
+print(f"floor: touched {p.in_bytes} input bytes, wrote {sum(t.out_tensor.nbytes for t in p.tensors)} in {s:.3f} s (")
 """
 
 

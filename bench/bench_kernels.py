@@ -10,9 +10,12 @@ Per kernel, on LLM shapes 4096x4096, 4096x14336 and 128256x4096 with T = 2, 4, 8
 
 - time: ``triton.testing.do_bench`` (CUDA events, median; warm-up first). Every row of every tensor is
   ≥ 32 MB and a case moves ≥ 96 MB, past the 50 MB L2, so repeated runs do not measure the cache;
-- GB/s = the bytes the kernel must move (each input read once per pass, the output written once) /
-  time, and % of the device-to-device copy bandwidth measured in this same script (a 1 GiB
-  ``copy_``, bytes read + written);
+- GB/s = the bytes the method must move / time: for the method cases the physical-minimum rule of
+  ``fastmerge.benchmark.bytes`` (what ``fastmerge bench kernels`` reports; e.g. ties and breadcrumbs read
+  every input twice: before 2026-12 this file counted the Triton kernels' own passes, 4x or 5x), for the
+  sub-kernel cases (select, select8, ties_fused, copy) the passes of that step; and % of the
+  device-to-device copy bandwidth of ``fastmerge.benchmark.roofline.copy_bandwidth`` (a 1 GiB ``copy_``,
+  bytes read + written, CUDA events after an L2 flush), measured in this same run;
 - speed-up vs the torch reference on the GPU (the method's ``reference()``, fp32 math: mergekit's
   formulation with fastmerge's fp32 arithmetic), and for the selection vs ``torch.kthvalue`` and
   ``torch.argsort`` (mergekit's top-k) per model.
@@ -73,11 +76,10 @@ def _bench(fn) -> float:
 def copy_gbps() -> float:
     """Device-to-device copy bandwidth, bytes read + written, of a 1 GiB buffer (measured once)."""
     if "gbps" not in COPY:
-        a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
-        b = torch.empty_like(a)
-        t = _bench(lambda: b.copy_(a))
-        COPY["gbps"] = 2 * a.numel() / t / 1e9
-        del a, b
+        from fastmerge.benchmark.roofline import copy_bandwidth
+        from fastmerge.benchmark.timing import CudaTimer
+
+        COPY["gbps"] = copy_bandwidth("cuda", CudaTimer(), repeats=20).gbps  # `fastmerge bench kernels`' copy
         torch.cuda.empty_cache()
     return COPY["gbps"]
 
@@ -99,6 +101,14 @@ def inputs(shape: tuple[int, int], T: int):
             x[t] = (base.float() + 0.002 * torch.randn(n, device="cuda", generator=g)).to(DTYPE)
         _INPUTS[key] = (x, base)
     return _INPUTS[key]
+
+
+def _physical(method: str, params, n: int, T: int, es: int) -> int:
+    """The bytes ``method`` must move (``fastmerge.benchmark.bytes``, as ``fastmerge bench kernels``)."""
+    from fastmerge.benchmark.bytes import physical_bytes
+    from fastmerge.methods import get_method
+
+    return physical_bytes(get_method(method), params, n, T, es, es, True)
 
 
 def _rows(x, shape):
@@ -162,7 +172,8 @@ def _case(kernel: str, shape, T: int):
             k.end_pass(j)
         return (lambda: k.merge(x, base, out, segs)), read + write, {"torch reference (whole ties)": ref_ties}
     if kernel == "ties":
-        return (lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)), 4 * read + write, {"torch reference": ref_ties}
+        return ((lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)), _physical("ties", ties_p[0], n, T, es),
+                {"torch reference": ref_ties})
     if kernel == "ties8":  # ties with FASTMERGE_SELECT_BITS=8 (4 selection passes) next to the default
 
         def ties8():
@@ -171,7 +182,8 @@ def _case(kernel: str, shape, T: int):
             with mock.patch.dict(os.environ, {"FASTMERGE_SELECT_BITS": "8"}):
                 TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)
 
-        return ties8, 5 * read + write, {"ties (11-bit passes)": lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)}
+        return ties8, _physical("ties", ties_p[0], n, T, es), {
+            "ties (11-bit passes)": lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)}
     if kernel == "ties_cuda":  # the CUDA C++ kernel (csrc/cuda/ties.cu) on the same inputs, next to the Triton one
         from fastmerge import _native
 
@@ -180,7 +192,7 @@ def _case(kernel: str, shape, T: int):
             pytest.skip(f"fastmerge._C_cuda not usable: {why}")
         flat = [x[t] for t in range(T)]
         triton_ties = lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)  # noqa: E731
-        return ((lambda: _native.ties_cuda(out, flat, base, w, (DENSITY,) * T, True)), 4 * read + write,
+        return ((lambda: _native.ties_cuda(out, flat, base, w, (DENSITY,) * T, True)), _physical("ties", ties_p[0], n, T, es),
                 {"triton ties": triton_ties, "torch reference": ref_ties})
     if kernel == "dare_ties":
         p = [DareParams(w, (DENSITY,) * T, seed=1, key=ParamContext("w").key)]
@@ -201,7 +213,8 @@ def _case(kernel: str, shape, T: int):
     if kernel == "breadcrumbs":
         p = [BreadcrumbsParams(w, (DENSITY,) * T, (0.01,) * T)]
         ref = lambda: get_method("breadcrumbs").reference(rows, b2, p[0]).to(DTYPE)  # noqa: E731
-        return (lambda: BreadcrumbsKernel(p, [n], "cuda", None).run(x, base, out, segs)), 4 * read + write, {"torch reference": ref}
+        return ((lambda: BreadcrumbsKernel(p, [n], "cuda", None).run(x, base, out, segs)), _physical("breadcrumbs", p[0], n, T, es),
+                {"torch reference": ref})
     if kernel == "linear":
         p = [LinearParams(w)]
 

@@ -184,7 +184,8 @@ def kernels_table(doc: dict) -> str:
 
 def merge_table(doc: dict) -> str:
     lines = [f"machine: {machine_line(doc['machine'])}", "",
-             "| config | run | wall s (median ± IQR/2) | GB/s of input | vs floor | peak RSS MB | GPU peak MB | read s | compute s | write s | bound by |",
+             "| config | run | wall s (median ± IQR/2) | GB/s of input | vs floor | peak RSS MB | GPU peak MB "
+             "| read s | compute s | write s | bound by |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["results"]:
         t = r["time"]
@@ -192,7 +193,8 @@ def merge_table(doc: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['what']} | {t['median_s']:.3f} ± {(t['q3_s'] - t['q1_s']) / 2:.3f} | {r['gbps_input']:.2f} | "
             f"{_f(r.get('vs_floor'), '.2f', '×')} | {_f(r.get('peak_rss_mb'), '.0f')} | {_f(r.get('gpu_peak_mb'), '.0f')} | "
-            f"{_f(st.get('read_s'), '.3f')} | {_f(st.get('compute_s'), '.3f')} | {_f(st.get('write_s'), '.3f')} | {st.get('bound_by', '–')} |")
+            f"{_f(st.get('read_s'), '.3f')} | {_f(st.get('compute_s'), '.3f')} | {_f(st.get('write_s'), '.3f')} | "
+            f"{st.get('bound_by', '–')} |")
     lines += ["", "floor: every input byte read once (pages populated) and the output written once through the same shard "
               "writer, no compute. read / compute / write: busy time of the read-ahead thread, the merge loop's "
               "backend calls and the writer thread (they overlap: the largest bounds the merge)."]

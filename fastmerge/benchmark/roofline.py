@@ -73,5 +73,4 @@ def copy_bandwidth(device: str, timer: Callable[[Callable[[], Any]], float], rep
     src = torch.ones(n, dtype=torch.uint8, device=device)  # written: pre-faulted
     dst = torch.zeros(n, dtype=torch.uint8, device=device)
     st = measure(lambda: dst.copy_(src), timer, repeats=repeats, warmup=2)
-    del src, dst
     return CopyBandwidth(n, st)
