@@ -40,6 +40,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import backends
+from .._lazy import torch_dtype
 from ..backends.base import MergeJob
 from ..errors import ConfigError
 from ..methods import get_method
@@ -226,7 +227,7 @@ def _run(plan: Any, lcfg: LlamaConfig, mode: str, statistic: str, layers: list[i
 
     def run_on(backend: str, job: MergeJob, tp: TensorPlan, b: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
         ts = time.perf_counter()
-        res = torch.empty(tp.shape, dtype=getattr(torch, tp.out_dtype))
+        res = torch.empty(tp.shape, dtype=torch_dtype(tp.out_dtype))
         backends.BACKENDS[backend].run(job, res, xs, b, plan.options.threads)
         counts[backend] = counts.get(backend, 0) + 1
         times["merge"] += time.perf_counter() - ts

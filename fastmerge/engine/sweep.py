@@ -117,7 +117,7 @@ def run(plan: Any, out_dir: str | Path) -> SweepReport:
 
 def _loop(plan: Any, outputs: list[Output], vals: list[float]) -> tuple[int, float, float]:
     """The one input pass: every tensor factored once, reconstructed into each output."""
-    from .._lazy import torch
+    from .._lazy import torch, torch_dtype
     from ..methods.cart import lowrank_selected
     from ..ops.randomized_svd import centered_factors, target_rank, weight_average
 
@@ -131,10 +131,10 @@ def _loop(plan: Any, outputs: list[Output], vals: list[float]) -> tuple[int, flo
         for i, tensors in s.prefetch:
             tp = plan.tensors[i]
             p = tp.params
-            xs = [x.to(getattr(torch, tp.compute_dtype)) if tp.compute_dtype else x for x in tensors]
+            xs = [x.to(torch_dtype(tp.compute_dtype)) if tp.compute_dtype else x for x in tensors]
             if device.type != "cpu":
                 xs = [x.to(device, non_blocking=True) for x in xs]
-            dt = getattr(torch, tp.out_dtype)
+            dt = torch_dtype(tp.out_dtype)
             if lowrank_selected(xs[0], p):
                 n_low += 1
                 ks = {r: target_rank(xs[0].shape, r, 0) for r in vals}
