@@ -196,9 +196,14 @@ class MergeConfig:
                "and drop base_model)") if implicit else ""
         for gw, n in groups:
             if n < m.min_models:
-                raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base, got {n}")
+                raise ConfigError(
+                    f"{where}: {gw}: merge_method '{m.name}' needs at least {m.min_models} model(s) besides the base, got {n}"
+                )
             if m.max_models is not None and n > m.max_models:
-                raise ConfigError(f"{where}: {gw}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, got {n}{why}")
+                raise ConfigError(
+                    f"{where}: {gw}: merge_method '{m.name}' takes at most {m.max_models} model(s) besides the base, "
+                    f"got {n}{why}"
+                )
         specs = m.param_specs()
         for scope, params in scopes:
             for name, setting in params.items():

@@ -166,7 +166,10 @@ def _num_layers(index: CheckpointIndex) -> int:
 #: Non-layer tensors that come before the layers (embeddings); every other non-layer tensor (final norm,
 #: heads) comes after. Used to order a slices-built output and to take pre/post tensors from the first
 #: and last slice, as mergekit does.
-PRE_RE = re.compile(r"(embed|wte|wpe|tok_embeddings|word_embeddings|position_embeddings|token_type_embeddings|patch_embed|cls_token|pos_embed|shared\.weight)")
+PRE_RE = re.compile(
+    r"(embed|wte|wpe|tok_embeddings|word_embeddings|position_embeddings|token_type_embeddings|patch_embed|cls_token"
+    r"|pos_embed|shared\.weight)"
+)
 
 
 def with_layer(name: str, idx: int) -> str:
@@ -196,7 +199,10 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
                             break
                 if v is None:
                     if spec.default is REQUIRED:
-                        raise ConfigError(f"model #{i + 1} ({path}): no value of '{spec.name}' applies to tensor '{name}' (add a fallback {{value: ...}})")
+                        raise ConfigError(
+                            f"model #{i + 1} ({path}): no value of '{spec.name}' applies to tensor '{name}' "
+                            "(add a fallback {value: ...})"
+                        )
                     v = spec.default
                 vals.append(coerce(spec, v, f"model #{i + 1} ({path}), tensor '{name}'"))
             per_model[spec.name] = vals
@@ -248,7 +254,8 @@ def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
     """Both syntaxes as slices. ``models`` = one slice over every layer of every model."""
     method = config.method
     if config.slices is None:
-        base = _Input(config.base_model, open_index(config.base_model), {}) if config.base_model and method.base_policy != "ignored" else None
+        based = config.base_model and method.base_policy != "ignored"
+        base = _Input(config.base_model, open_index(config.base_model), {}) if based else None
         inputs = [_Input(m.path, open_index(m.path), m.parameters) for m in config.models]
         ref = base or inputs[0]
         return [_Slice(inputs, base, {}, _num_layers(ref.index), config.base_model)], False
