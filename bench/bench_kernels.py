@@ -192,7 +192,7 @@ def _case(kernel: str, shape, T: int):
             pytest.skip(f"fastmerge._C_cuda not usable: {why}")
         flat = [x[t] for t in range(T)]
         triton_ties = lambda: TiesKernel(ties_p, [n], "cuda").run(x, base, out, segs)  # noqa: E731
-        return ((lambda: _native.ties_cuda(out, flat, base, w, (DENSITY,) * T, True)), _physical("ties", ties_p[0], n, T, es),
+        return ((lambda: _native.ties(out, flat, base, w, (DENSITY,) * T, True)), _physical("ties", ties_p[0], n, T, es),
                 {"triton ties": triton_ties, "torch reference": ref_ties})
     if kernel == "dare_ties":
         p = [DareParams(w, (DENSITY,) * T, seed=1, key=ParamContext("w").key)]

@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
+from ._lazy import torch_dtype
 from .io.writer import OutTensor, ShardWriter, plan_shards
 
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ def write_model(
     (``_token_rows``), so models whose tokenizers number the same token differently still agree on its
     row; rows beyond ``len(tokens)`` (``shape.vocab`` larger) are padding rows of their own."""
     out.mkdir(parents=True, exist_ok=True)
-    dt = TORCH_DTYPE[dtype]
+    dt = torch_dtype(dtype)
     specs = shape.tensors()
     shards = plan_shards([OutTensor(n, dtype, s) for n, s in specs], shard_bytes)
     w = ShardWriter(out, shards)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._lazy import torch_dtype
 from ..backends.base import MergeJob
 from ..io.reader import READ_AHEAD, RawReader
 from .session import MergeReport, RawPool, Session, TorchPool, peak_rss_mb, torch_threads
@@ -101,17 +102,16 @@ class TorchIO:
         return TorchPool(nbytes)
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
-        from .._lazy import torch
 
         opts = self.plan.options
         if tp.compute_dtype:  # mergekit_compat: mergekit casts every input to the compute dtype at load
-            cd = getattr(torch, tp.compute_dtype)
+            cd = torch_dtype(tp.compute_dtype)
             tensors = [x.to(cd) for x in tensors]
         if tp.input_transform is not None:  # tokenizer_source: rows moved to the output vocabulary
             tensors = self.remap.apply(tp.input_transform, tensors, opts.mergekit_compat)
         base = tensors[0] if tp.base is not None else None
         inputs = tensors[1:] if tp.base is not None else tensors
-        raw, view = pool.take(tp.shape, getattr(torch, tp.out_dtype))
+        raw, view = pool.take(tp.shape, torch_dtype(tp.out_dtype))
         job = MergeJob(tp.name, self.plan.method, tp.params, opts.mergekit_compat)
         self.backends[tp.backend].run(job, view, inputs, base, opts.threads)
         return raw, view, tp.backend

@@ -36,13 +36,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 
+from .._lazy import torch_dtype
 from ..errors import ConfigError
 
 Checkpoint = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 StateDict = dict[str, torch.Tensor]
 ScoreFn = Callable[[Mapping[str, torch.Tensor]], float]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _Source:
@@ -62,7 +62,7 @@ class _Source:
             index = CheckpointIndex.open(Path(ck))
             self._index = index
             self._reader = ModelReader(index, max_open=2)
-            self.meta = {k: (t.shape, _DTYPES[t.dtype]) for k, t in index.tensors.items()}
+            self.meta = {k: (t.shape, torch_dtype(t.dtype)) for k, t in index.tensors.items()}
             self.where = f"{where} ({Path(ck)})"
         else:
             raise ConfigError(f"{where}: a checkpoint is a state dict or a path, got {type(ck).__name__}")

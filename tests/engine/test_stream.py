@@ -90,7 +90,7 @@ def test_passthrough_is_a_byte_copy(tmp_path, family_bf16):
     for d, name in ((doc | {"out_dtype": "float32"}, "conv"), (scaled, "scaled")):  # the runner's native path
         a = execute(plan(d), tmp_path / f"{name}-native")
         b = execute(plan(d, backend="torch"), tmp_path / f"{name}-torch")
-        assert a.backends == {"native": len(plan(d).tensors)}
+        assert a.backends == {"native": len(plan(d).tensors)} and b.backends == {"torch": len(plan(d).tensors)}
         assert _digests(tmp_path / f"{name}-native") == _digests(tmp_path / f"{name}-torch")
 
 
@@ -104,7 +104,7 @@ def test_nearswap_on_the_fast_path(tmp_path, family_bf16, extra):
     fast = execute_native(p, tmp_path / "fast")
     ref = execute(plan(doc, out_shard_size="300K", backend="torch"), tmp_path / "ref")
     assert _digests(tmp_path / "fast") == _digests(tmp_path / "ref")
-    assert fast.backends == {"native": len(p.tensors)}
+    assert fast.backends == {"native": len(p.tensors)} and ref.backends == {"torch": len(p.tensors)}
     small_t = doc | {"parameters": {"t": 1e-7}}
     assert "runs on torch" in why_not(plan(small_t))
 
