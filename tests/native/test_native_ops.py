@@ -438,27 +438,3 @@ def test_module_state_and_report():
         assert "_C_cuda" in _native.LOAD_ERRORS
     r = _native.report()
     assert r["has_cpu_ext"] is True and r["cuda_usable"] == ok
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CUDA (runs only where a GPU and the CUDA extension are present)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _native.cuda_usable()[0], reason=f"CUDA extension not usable: {_native.cuda_usable()[1]}")
-@pytest.mark.parametrize("out_dtype", DTYPES, ids=DT_ID.get)
-def test_cuda_weighted_delta_sum_matches_reference(out_dtype):
-    codes = {F32: 0, F16: 1, BF16: 2}
-    inputs, base = make_case(BIG, 3, [BF16, F32, F16], BF16, seed=21)
-    p = TaskArithmeticParams(weight=(0.3, -0.6, 0.9), normalize=True, lambda_=0.7)
-    expected = get_method("task_arithmetic").reference(inputs, base, p).to(out_dtype)
-    d_in = [x.cuda() for x in inputs]
-    d_base = base.cuda()
-    out = torch.full((BIG,), float("nan"), dtype=out_dtype, device="cuda")
-    _native._C_cuda.weighted_delta_sum(
-        out.data_ptr(), codes[out_dtype], BIG, [x.data_ptr() for x in d_in], [codes[x.dtype] for x in d_in],
-        d_base.data_ptr(), codes[BF16], list(p.weight), weight_divisor(p.weight, True), p.lambda_,
-        torch.cuda.current_stream().cuda_stream,
-    )
-    torch.cuda.synchronize()
-    assert torch.equal(out.cpu(), expected)
