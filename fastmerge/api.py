@@ -28,14 +28,21 @@ def plan(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Pa
 def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, **options: Any) -> "MergeReport | SweepReport":
     """Merge the checkpoints described by ``config`` (a YAML path, a dict in mergekit's schema, or a
     MergeConfig) into ``out_dir``. Options: device, backend, out_shard_size, threads, seed, overwrite,
-    mergekit_compat, copy_tokenizer, progress, max_gpu_memory. The plan is built and checked first
-    (headers only); then the first engine that can run it (``fastmerge.engine.select``) writes the output."""
-    from . import engine
+    mergekit_compat, copy_tokenizer, progress, max_gpu_memory, resume. The plan is built and checked first
+    (headers only); then the first engine that can run it (``fastmerge.engine.select``) writes the output.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this call and writes its share of the shards;
+    ``resume=True`` keeps the shards an interrupted merge of the same plan completed
+    (``fastmerge.engine.distributed``)."""
+    from .engine import distributed
 
-    cfg = load_config(config)
-    # a rank sweep writes one model per ratio into OUT/rank-<ratio>/: the sweep engine checks those
-    p = build_plan(cfg, make_options(**options), None if cfg.rank_sweep else out_dir)
-    return engine.execute(p, out_dir)
+    opts = make_options(**options)
+
+    def build() -> MergePlan:
+        cfg = load_config(config)
+        # a rank sweep writes one model per ratio into OUT/rank-<ratio>/: the sweep engine checks those
+        return build_plan(cfg, opts, None if cfg.rank_sweep else out_dir)
+
+    return distributed.merge(build, out_dir, opts)
 
 
 def merge_tensors(

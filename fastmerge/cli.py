@@ -32,6 +32,8 @@ def _merge_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=0, help="CPU threads (0: all)")
     p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None, help="seed for random methods")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge of the same plan: keep the shards it completed (checked)")
     p.add_argument("--mergekit-compat", action="store_true", help="reproduce mergekit 0.1.5's native-dtype arithmetic")
     p.add_argument("--no-progress", "--quiet", "-q", dest="progress", action="store_false")
     p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="mergekit flag: --device cuda")
@@ -49,7 +51,7 @@ def _options(a: argparse.Namespace) -> dict:
     return dict(
         device=a.device, backend=a.backend, out_shard_size=a.out_shard_size, threads=a.threads, seed=a.seed,
         overwrite=a.overwrite, mergekit_compat=a.mergekit_compat, copy_tokenizer=a.copy_tokenizer, progress=a.progress,
-        max_gpu_memory=a.max_gpu_memory,
+        max_gpu_memory=a.max_gpu_memory, resume=getattr(a, "resume", False),
     )
 
 
@@ -57,7 +59,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
     from .api import merge
 
     report = merge(a.config, a.out, **_options(a))
-    print(report.summary())
+    if getattr(report, "rank", 0) == 0:  # under torchrun: one summary (rank 0's, with every rank's totals)
+        print(report.summary())
     return 0
 
 
@@ -72,6 +75,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.json:
         doc = p.to_json()
         doc["engine"] = {"name": chosen.name, "skipped": skipped_engines}
+        if a.world_size:
+            from .engine.distributed import partition, shard_weights
+
+            part = partition(shard_weights(p), a.world_size)
+            doc["partition"] = {"world_size": a.world_size, "imbalance": part.imbalance, "loads": part.loads,
+                                "ranks": [[p.shards[i].filename for i in r] for r in part.ranks]}
         print(json.dumps(doc, indent=1))
         return 0
     print(f"{p.method.name}: {len(p.tensors)} tensors, {p.in_bytes / 1e6:.1f} MB in, {p.out_bytes / 1e6:.1f} MB out, "
@@ -79,6 +88,15 @@ def cmd_plan(a: argparse.Namespace) -> int:
     if a.explain:
         for name, why in skipped_engines.items():
             print(f"  engine {name} skipped: {'; '.join(why)}")
+    if a.world_size:
+        from .engine.distributed import explain as explain_partition
+
+        for line in explain_partition(p, a.world_size):
+            print(line)
+        if a.world_size > 1 and chosen.name not in ("gpu", "native", "torch"):
+            print(f"  note: the {chosen.name} engine runs in one process: it refuses a torchrun job")
+    if a.world_size and not a.explain:
+        return 0  # the partition alone: a 60k-tensor plan's tensor list is not what was asked for
     for t in p.tensors:
         skipped = "; ".join(f"{k}: {', '.join(v)}" for k, v in t.skipped.items() if v)
         print(f"  {t.name} {list(t.shape)} {t.out_dtype} -> {t.backend}" + (f"  (not {skipped})" if a.explain else ""))
@@ -160,6 +178,8 @@ def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"])
     p.add_argument("--mergekit-compat", action="store_true")
     p.add_argument("--out-shard-size", default="5B")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="show which rank of a torchrun job of this size writes which shard, and the byte balance")
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("env", help="report versions, devices and native extensions")

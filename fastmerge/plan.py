@@ -49,6 +49,7 @@ class Options:
     copy_tokenizer: bool = True
     progress: bool = True
     max_gpu_memory: int | None = None  # --device cuda: bytes of GPU memory the engine may hold (None: fit the largest group)
+    resume: bool = False  # --resume: keep the shards an interrupted merge of the same plan completed (engine.distributed)
 
 
 def make_options(**options: Any) -> Options:
@@ -102,6 +103,9 @@ class MergePlan:
     shards: list[Shard]
     #: tokenizer_source: the output tokenizer (``fastmerge.vocab.OutputTokenizer``), else None
     tokenizer: Any = None
+    #: this process's share of the output (``engine.session.Part``: the shared temp folder and manifest),
+    #: set by ``engine.distributed`` on a plan ``restricted`` to some shards; None: the whole output
+    part: Any = None
 
     @property
     def method(self) -> MergeMethod:
@@ -148,6 +152,57 @@ class MergePlan:
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)
+
+    def digest(self) -> str:
+        """sha256 (hex) of what determines the output's bytes: every tensor's name, shape, dtypes, sources
+        (model, file name, offsets, dtype, shape), parameters, backend and vocabulary remap; the shards; the
+        options that change bytes (seed, mergekit_compat, out_shard_size, device); every input file's size
+        and tensor table (its header); the fastmerge version. Not mtimes or absolute paths of files (they
+        differ across nodes of one job); the config's model paths are in, as written. Equal digests: the
+        same plan (``engine.distributed`` checks it across ranks and before a resume)."""
+        import hashlib
+
+        from ._version import __version__
+
+        h = hashlib.sha256()
+
+        def put(obj: Any) -> None:
+            h.update(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+            h.update(b"\n")
+
+        o = self.options
+        put({"version": __version__, "config": self.config.to_dict(), "device": self.device, "seed": o.seed,
+             "compat": o.mergekit_compat, "shard_size": o.out_shard_size, "out_layers": self.out_layers})
+        for key, ix in sorted(self.indexes.items()):
+            files = {f: n for n, f in enumerate(ix.files)}
+            put({"model": key, "fmt": ix.fmt, "files": [[f.name, f.stat().st_size if f.exists() else -1] for f in ix.files]})
+            put([[t.name, files.get(t.file, -1), t.dtype, list(t.shape), t.begin, t.end] for t in ix.tensors.values()])
+
+        def src(x: TensorInfo | None) -> Any:
+            return None if x is None else [x.file.name, x.dtype, list(x.shape), x.begin, x.end]
+
+        for t in self.tensors:
+            params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(t.params).items()}
+            put([t.name, list(t.shape), t.out_dtype, t.compute_dtype, src(t.base), [src(s) for s in t.sources],
+                 params, t.backend])
+            if t.input_transform is not None:
+                tr = t.input_transform
+                for f in dataclasses.fields(tr):
+                    v = getattr(tr, f.name)
+                    for a in (v if isinstance(v, list) else [v]):
+                        h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
+        for s in self.shards:
+            h.update(s.header_bytes())
+        return h.hexdigest()
+
+    def restricted(self, filenames: Any, part: Any = None, **options: Any) -> "MergePlan":
+        """This plan with only the shards named ``filenames`` (and their tensors, in plan order), carrying
+        ``part``; ``options``: Options fields replaced (e.g. progress off on ranks other than 0)."""
+        keep = set(filenames)
+        shards = [s for s in self.shards if s.filename in keep]
+        names = {t.name for s in shards for t in s.tensors}
+        return dataclasses.replace(self, tensors=[t for t in self.tensors if t.name in names], shards=shards,
+                                   part=part, options=dataclasses.replace(self.options, **options))
 
 
 def _num_layers(index: CheckpointIndex) -> int:

@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import dataclasses
 import mmap
+import os
 import queue
 import resource
 import shutil
@@ -53,6 +54,9 @@ class MergeReport:
     peak_rss_mb: float
     backends: dict[str, int]
     engine: str = ""
+    world_size: int = 1  # ranks that wrote it (engine.distributed)
+    rank: int = 0  # this process's rank
+    kept_shards: int = 0  # shards kept from an interrupted run (--resume)
 
     @property
     def gbps(self) -> float:
@@ -66,6 +70,8 @@ class MergeReport:
             f"({self.gbps:.2f} GB/s of input; {self.merge_s:.2f} s in kernels)\n"
             f"  peak RSS {self.peak_rss_mb:.0f} MB; tensors per backend: {per}"
             + (f"; engine: {self.engine}" if self.engine else "")
+            + (f"\n  {self.world_size} ranks (totals over all of them)" if self.world_size > 1 else "")
+            + (f"\n  resumed: {self.kept_shards} shard(s) kept from the interrupted run" if self.kept_shards else "")
         )
 
 
@@ -153,18 +159,60 @@ class RawPool:
 # outputs and the writer thread
 
 
+#: test hook (the one place it is read): a process that has completed this many shards of a ``Part``
+#: kills itself with SIGKILL, as an OOM killer or a lost node would (tests/engine/test_resume.py)
+DIE_AFTER_SHARDS_ENV = "FASTMERGE_TEST_DIE_AFTER_SHARDS"
+
+
+class Part:
+    """This process's share of an output that several processes write, or that a later run may resume
+    (``engine.distributed``): the shards go into the shared temp folder ``tmp`` (made beforehand), each
+    completed shard is appended to this process's ``manifest`` (JSON lines: plan digest, shard name, size,
+    crc32 of its bytes, sha256 of its header) after its file is closed, and nothing is committed: the
+    index, the side files and the rename are rank 0's, after every rank finished."""
+
+    def __init__(self, tmp: Path, manifest: Path, digest: str):
+        self.tmp, self.manifest, self.digest = Path(tmp), Path(manifest), digest
+        self.completed = 0
+        self.current: str | None = None  # the tensor being merged (set by the session's prefetch)
+        die = os.environ.get(DIE_AFTER_SHARDS_ENV)
+        self._die_after = int(die) if die else None
+
+    def record(self, shard: Shard, size: int, crc: int) -> None:
+        import hashlib
+        import json
+
+        line = {"digest": self.digest, "shard": shard.filename, "size": size, "crc32": crc,
+                "header_sha256": hashlib.sha256(shard.header_bytes()).hexdigest()}
+        with open(self.manifest, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        self.completed += 1
+        if self._die_after is not None and self.completed >= self._die_after:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Output:
     """One output folder in the making: ``out``, its planned ``shards``, and what writes its side files
-    (``side(tmp)``; default ``io.side_files.write_side_files`` of the session's plan)."""
+    (``side(tmp)``; default ``io.side_files.write_side_files`` of the session's plan). ``part``: write
+    only ``shards`` into ``part.tmp`` with a manifest, and leave the index, side files and commit to the
+    caller (``engine.distributed``); on failure the completed shards stay there for ``--resume``."""
 
-    def __init__(self, out: str | Path, shards: Sequence[Shard], side: Callable[[Path], None] | None = None):
+    def __init__(self, out: str | Path, shards: Sequence[Shard], side: Callable[[Path], None] | None = None,
+                 part: Part | None = None):
         self.out = Path(out)
         self.shards = list(shards)
         self.side = side
+        self.part = part
         self.tmp: Path | None = None
         self.writer: ShardWriter | None = None
 
     def open(self) -> None:
+        if self.part is not None:
+            self.tmp = self.part.tmp
+            self.writer = ShardWriter(self.tmp, self.shards, on_shard=self.part.record)
+            return
         try:
             self.tmp = temp_dir_beside(self.out)
         except OSError as e:
@@ -245,7 +293,7 @@ class Session:
                  progress: tuple[int, str] | None = None, writer_cls: type[WriteThread] = WriteThread):
         self.plan = plan
         if isinstance(outputs, (str, Path)):
-            outputs = [Output(outputs, plan.shards)]
+            outputs = [Output(outputs, plan.shards, part=getattr(plan, "part", None))]
         self.outputs: list[Output] = list(outputs)
         self._reader_cls, self._make_pool, self._read_ahead = reader, pool, read_ahead_bytes
         self._desc, self._sources_only, self._writer_cls = desc, sources_only, writer_cls
@@ -275,7 +323,9 @@ class Session:
                 t = plan.tensors[i]
                 infos = ([t.base] if t.base is not None and not self._sources_only else []) + list(t.sources)
                 groups.append([(self.readers[x.file], x) for x in infos])
-            self.prefetch = _OrderedPrefetch(Prefetcher(groups, budget_bytes=self._read_ahead), self.order)
+            part = getattr(plan, "part", None)
+            self.prefetch = _OrderedPrefetch(Prefetcher(groups, budget_bytes=self._read_ahead), self.order,
+                                             None if part is None else lambda i: setattr(part, "current", plan.tensors[i].name))
             self.pool = self._make_pool() if self._make_pool is not None else None
             self.wthread = self._writer_cls([o.writer for o in self.outputs], self.pool)
             if plan.options.progress:
@@ -328,8 +378,11 @@ class Session:
             self.bar.close()
             self.bar = None
         for o in self.outputs:
-            o.writer.finalize()
-            (o.side or (lambda tmp: write_side_files(self.plan, tmp)))(o.tmp)
+            o.writer.finalize(index=o.part is None)
+            if o.part is None:
+                (o.side or (lambda tmp: write_side_files(self.plan, tmp)))(o.tmp)
+            else:
+                o.tmp = None  # a share: committed by engine.distributed once every share is complete
         self._commit()
         self._close_inputs()
 
@@ -337,12 +390,13 @@ class Session:
         """Every output renamed into place, or none: an OUT that appeared during the merge is found before
         any rename, and an output already renamed is removed again if a later rename fails."""
         overwrite = self.plan.options.overwrite
-        for o in self.outputs:
+        outputs = [o for o in self.outputs if o.part is None]
+        for o in outputs:
             if o.out.exists() and not overwrite:
                 raise OutputError(f"{o.out}: output exists (pass --overwrite to replace it)")
         done: list[Path] = []
         try:
-            for o in self.outputs:
+            for o in outputs:
                 commit_dir(o.tmp, o.out, overwrite)
                 o.tmp = None
                 done.append(o.out)
@@ -369,15 +423,15 @@ class Session:
             self.wthread = None
         for o in self.outputs:
             if o.writer is not None:
-                o.writer.abort()
+                o.writer.abort(remove_partial=o.part is not None)
         self._close_inputs()
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         for o in self.outputs:
-            if o.tmp is not None:
+            if o.tmp is not None and o.part is None:  # a share's folder holds other shares: not ours to remove
                 shutil.rmtree(o.tmp, ignore_errors=True)
-                o.tmp = None
+            o.tmp = None
         if isinstance(exc, OSError):
             where = getattr(exc, "filename", None) or self.outputs[0].out
             outs = ", ".join(str(o.out) for o in self.outputs)
@@ -387,12 +441,14 @@ class Session:
 class _OrderedPrefetch:
     """The prefetcher, with group positions mapped back to plan indices (``order``)."""
 
-    def __init__(self, prefetch: Prefetcher, order: list[int]):
-        self._p, self._order = prefetch, order
+    def __init__(self, prefetch: Prefetcher, order: list[int], on_yield: Callable[[int], None] | None = None):
+        self._p, self._order, self._on_yield = prefetch, order, on_yield
         self._pos = {i: k for k, i in enumerate(order)}
 
     def __iter__(self) -> Iterator[tuple[int, list[Any]]]:
         for k, tensors in self._p:
+            if self._on_yield is not None:
+                self._on_yield(self._order[k])  # the tensor being merged: named by a failing rank's error
             yield self._order[k], tensors
 
     def release(self, i: int) -> None:

@@ -16,8 +16,9 @@ import math
 import os
 import shutil
 import uuid
+import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from .._lazy import torch
 
@@ -103,12 +104,17 @@ def temp_dir_beside(out: Path) -> Path:
 class ShardWriter:
     """Writes planned shards tensor by tensor, in plan order, into ``tmp_dir``."""
 
-    def __init__(self, tmp_dir: Path, shards: Sequence[Shard]):
+    def __init__(self, tmp_dir: Path, shards: Sequence[Shard], on_shard: Callable[[Shard, int, int], None] | None = None):
+        """``on_shard(shard, size, crc32)``: called after each shard file is complete and closed, with its
+        size and the zlib.crc32 of its bytes (computed as they are written; only when ``on_shard`` is given)."""
         self.dir = tmp_dir
         self.shards = list(shards)
         self._order = [(si, t) for si, s in enumerate(self.shards) for t in s.tensors]
         self._next = 0
         self._file: BinaryIO | None = None
+        self._on_shard = on_shard
+        self._crc = 0
+        self._size = 0
         self.bytes_written = 0
 
     def write(self, name: str, tensor: "torch.Tensor | memoryview") -> None:
@@ -131,33 +137,50 @@ class ShardWriter:
             data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         if self._file is None:
             self._file = open(self.dir / self.shards[si].filename, "wb")
-            self._file.write(self.shards[si].header_bytes())
+            head = self.shards[si].header_bytes()
+            self._file.write(head)
+            self._crc, self._size = (zlib.crc32(head), len(head)) if self._on_shard is not None else (0, 0)
         self._file.write(data)
+        if self._on_shard is not None:
+            self._crc = zlib.crc32(data, self._crc)  # releases the GIL on large buffers
+            self._size += data.nbytes
         self.bytes_written += planned.nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != si:
             self._file.close()
             self._file = None
+            if self._on_shard is not None:
+                self._on_shard(self.shards[si], self._size, self._crc)
 
-    def finalize(self) -> None:
-        """Check every planned tensor was written; write the index (sharded output only)."""
+    def finalize(self, index: bool = True) -> None:
+        """Check every planned tensor was written; write the index (sharded output only; ``index=False``:
+        a share of an output whose index another process writes)."""
         if self._next != len(self._order):
             raise FastMergeError(f"writer: {len(self._order) - self._next} planned tensors were never written")
-        if len(self.shards) > 1:
-            total = sum(t.nbytes for s in self.shards for t in s.tensors)
-            from .._version import __version__
+        if index:
+            write_index(self.dir, self.shards)
 
-            index = {
-                "metadata": {"total_size": total, "fastmerge_version": __version__},
-                "weight_map": {t.name: s.filename for s in self.shards for t in s.tensors},
-            }
-            with open(self.dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-
-    def abort(self) -> None:
+    def abort(self, remove_partial: bool = False) -> None:
+        """Close the shard being written (``remove_partial``: and delete it: it is incomplete)."""
         if self._file is not None:
             self._file.close()
+            if remove_partial:
+                Path(self._file.name).unlink(missing_ok=True)
             self._file = None
+
+
+def write_index(dir: Path, shards: Sequence[Shard]) -> None:
+    """``model.safetensors.index.json`` of ``shards`` in ``dir`` (nothing for a one-shard output)."""
+    if len(shards) > 1:
+        total = sum(t.nbytes for s in shards for t in s.tensors)
+        from .._version import __version__
+
+        index = {
+            "metadata": {"total_size": total, "fastmerge_version": __version__},
+            "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+        }
+        with open(dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
 
 
 def commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
