@@ -221,6 +221,7 @@ class _Group:
         self._thread: threading.Thread | None = None
         self.hosts: list[str] = []  # by rank, once the setup gathered them
         self.lost: str | None = None  # why this rank stopped waiting: another rank failed or went silent
+        self.dead: set[int] = set()  # ranks that never reported (killed, lost)
 
     # -- setup collectives (gloo, with the process group's timeout) ----------------------------------
     def all_gather(self, obj: Any) -> list[Any]:
@@ -310,15 +311,17 @@ class _Group:
                 if payload["ok"]:
                     why = self._check_others(seen)
                     if why is not None:
-                        return [results.get(r, {"ok": False, "rank": r, "error": why, "stopped": True})
-                                for r in range(self.world_size)]
+                        return self._missing(results, why)
             except Exception as e:
-                why = f"lost the job's store ({type(e).__name__}: rank 0 or torchrun stopped)"
-                return [results.get(r, {"ok": False, "rank": r, "error": why, "stopped": True}) for r in range(self.world_size)]
+                return self._missing(results, f"lost the job's store ({type(e).__name__}: rank 0 or torchrun stopped)")
             if deadline is not None and time.monotonic() > deadline:
-                return [results.get(r, {"ok": False, "rank": r, "error": "did not stop in 30 s", "stopped": True})
-                        for r in range(self.world_size)]
+                return self._missing(results, "did not stop in 30 s")
             time.sleep(0.05)
+
+    def _missing(self, results: dict[int, dict[str, Any]], why: str) -> list[dict[str, Any]]:
+        """Every rank's result, ``why`` standing in for those that never reported."""
+        self.dead = set(range(self.world_size)) - set(results)
+        return [results.get(r, {"ok": False, "rank": r, "error": why, "stopped": True}) for r in range(self.world_size)]
 
     def set_commit(self, result: dict[str, Any]) -> None:
         self._set("commit", result)
@@ -353,7 +356,8 @@ class _Group:
                     self._set(f"bye/{self.rank}", 1)
                 else:
                     end = time.monotonic() + (60 if ok else 5)
-                    while time.monotonic() < end and not all(self._has(f"bye/{r}") for r in range(1, self.world_size)):
+                    live = [r for r in range(1, self.world_size) if r not in self.dead]
+                    while time.monotonic() < end and not all(self._has(f"bye/{r}") for r in live):
                         time.sleep(0.05)
             except Exception:  # noqa: BLE001 - the store is gone already: nothing to wait for
                 pass

@@ -1,0 +1,23 @@
+"""One rank of a test job (tests/helpers/dist.py): ``dist_worker.py '[[cli args], ...]'`` runs each
+``fastmerge`` command line in turn; prints ``RC <code>`` per command; exits with the largest code."""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    jobs = json.loads(sys.argv[1])
+    if os.environ.get("FASTMERGE_TEST_INIT_GROUP") == "1":
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from fastmerge.cli import main
+
+    worst = 0
+    for args in jobs:
+        rc = main(args)
+        print(f"RC {rc}", flush=True)
+        worst = max(worst, rc)
+    sys.exit(worst)
