@@ -33,7 +33,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs this call and writes its share of the shards;
     ``resume=True`` keeps the shards an interrupted merge of the same plan completed
     (``fastmerge.engine.distributed``)."""
-    from .engine import distributed
+    from . import engine
 
     opts = make_options(**options)
 
@@ -42,7 +42,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
         # a rank sweep writes one model per ratio into OUT/rank-<ratio>/: the sweep engine checks those
         return build_plan(cfg, opts, None if cfg.rank_sweep else out_dir)
 
-    return distributed.merge(build, out_dir, opts)
+    return engine.merge(build, out_dir, opts)
 
 
 def merge_tensors(

@@ -129,4 +129,12 @@ def execute(plan: Any, out: str | Path) -> Any:
     return engine.run(plan, out)
 
 
-__all__ = ["ENGINES", "Engine", "execute", "explain", "select"]
+def merge(build: Any, out: str | Path, options: Any) -> Any:
+    """``fastmerge.merge``'s engine call: build the plan (``build()``) and run it in this process, or as
+    this rank of a ``torchrun`` job, resuming with ``options.resume`` (``distributed.merge``)."""
+    from . import distributed
+
+    return distributed.merge(build, out, options, select)
+
+
+__all__ = ["ENGINES", "Engine", "execute", "explain", "merge", "select"]

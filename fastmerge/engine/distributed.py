@@ -473,12 +473,10 @@ def _say(line: str) -> None:
 # the run
 
 
-def merge(build: Callable[[], Any], out: str | Path, options: Any) -> Any:
+def merge(build: Callable[[], Any], out: str | Path, options: Any, select: Callable[[Any], Any]) -> Any:
     """Build the plan (``build()``) and produce ``out``: in this process, or as this rank of a
-    ``torchrun`` job (see the module docstring). Returns the engine's report (sweep, layerwise) or a
-    ``MergeReport`` with totals over every rank."""
-    from . import select
-
+    ``torchrun`` job (see the module docstring), on the engine ``select(plan)`` picks. Returns the
+    engine's report (sweep, layerwise) or a ``MergeReport`` with totals over every rank."""
     out = Path(out)
     if not requested():
         plan = build()
@@ -548,7 +546,6 @@ def _run(group: Any, plan: Any, engine: Any, out: Path) -> MergeReport:
                           "(NFS, Lustre, GPFS, ...)")
     # -- 2. resume: re-hash the claimed shards, split over the ranks ----------------------------------
     claims: dict[str, Any] = state["claims"]
-    by_name = {s.filename: s for s in plan.shards}
     claimed = [s for s in plan.shards if s.filename in claims]
     check = partition([sum(t.nbytes for t in s.tensors) for s in claimed], world).ranks[rank]
     verdicts = {claimed[i].filename: _verify(tmp, claimed[i], claims[claimed[i].filename]) for i in check}
