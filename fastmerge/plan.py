@@ -20,7 +20,9 @@ from . import backends
 from .backends.base import MergeJob
 from .config import MergeConfig, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
+from .io.arch import check_architectures
 from .io.index import CheckpointIndex, TensorInfo
+from .io.lora import LoraAdapter, lora_transform, split_ref
 from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, parse_size, plan_shards
 from .methods import MergeMethod
 from .methods.base import REQUIRED, ParamContext
@@ -49,6 +51,8 @@ class Options:
     copy_tokenizer: bool = True
     progress: bool = True
     max_gpu_memory: int | None = None  # --device cuda: bytes of GPU memory the engine may hold (None: fit the largest group)
+    allow_crimes: bool = False  # --allow-crimes: merge models of different architectures (as mergekit's flag)
+    write_model_card: bool = False  # --write-model-card: mergekit's model card as OUT/README.md
     resume: bool = False  # --resume: keep the shards an interrupted merge of the same plan completed (engine.distributed)
 
 
@@ -78,8 +82,9 @@ class TensorPlan:
     layer: int | None
     backend: str
     skipped: dict[str, list[str]]
-    #: tokenizer_source: the rows of this vocabulary tensor, per input, in the output vocabulary
-    #: (a ``fastmerge.vocab.RowMap``, applied by the runner before the method); None otherwise
+    #: what the engine does to the inputs before the method: tokenizer_source's rows of a vocabulary tensor in
+    #: the output vocabulary (a ``fastmerge.vocab.RowMap``), or MODEL+ADAPTER inputs' LoRA updates (an
+    #: ``io.lora.LoraTransform``, holding the row map if both apply); None otherwise
     input_transform: Any = None
 
     @property
@@ -142,7 +147,7 @@ class MergePlan:
                     "shard": shard_of[t.name],
                     "backend": t.backend,
                     "skipped": t.skipped,
-                    **({"vocab_remap": t.input_transform.summary()} if t.input_transform is not None else {}),
+                    **(_transform_json(t.input_transform) if t.input_transform is not None else {}),
                 }
                 for t in self.tensors
             ],
@@ -181,10 +186,13 @@ class MergePlan:
         def src(x: TensorInfo | None) -> Any:
             return None if x is None else [x.file.name, x.dtype, list(x.shape), x.begin, x.end]
 
+        rows = []
+        for t in self.tensors:  # one dump for all: 45k tensors (DeepSeek-V3) in about a second
+            params = vars(t.params) if hasattr(t.params, "__dict__") else dataclasses.asdict(t.params)
+            rows.append([t.name, t.shape, t.out_dtype, t.compute_dtype, src(t.base), [src(s) for s in t.sources],
+                         params, t.backend])
+        put(rows)
         for t in self.tensors:
-            params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(t.params).items()}
-            put([t.name, list(t.shape), t.out_dtype, t.compute_dtype, src(t.base), [src(s) for s in t.sources],
-                 params, t.backend])
             if t.input_transform is not None:
                 tr = t.input_transform
                 for f in dataclasses.fields(tr):
@@ -270,7 +278,11 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
                         break
             shared[spec.name] = coerce(spec, spec.default if v is None else v, f"parameters, tensor '{name}'")
     params = method.make_params(per_model, shared, ParamContext(name, seed))
-    method.check(params, f"tensor '{name}'")
+    try:
+        method.check(params, f"tensor '{name}'")
+    except ConfigError as e:  # the methods count models ("model #2"): name the model's path too
+        raise ConfigError(re.sub(r"model #(\d+)", lambda g: f"model #{g[1]} ({inputs[int(g[1]) - 1][0]})"
+                                 if 0 < int(g[1]) <= len(inputs) else g[0], str(e))) from None
     return params
 
 
@@ -335,14 +347,24 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     device = backends.resolve_device(options.device)
     indexes: dict[str, CheckpointIndex] = {}
 
+    adapters: dict[str, LoraAdapter] = {}  # MODEL+ADAPTER references (io.lora), by config path
+    by_model: dict[str, CheckpointIndex] = {}
+
     def open_index(path: str) -> CheckpointIndex:
         if path not in indexes:
-            indexes[path] = CheckpointIndex.open(path)
+            model, lora = split_ref(path)
+            if model not in by_model:
+                by_model[model] = CheckpointIndex.open(model)
+            indexes[path] = by_model[model]
+            if lora is not None:
+                adapters[path] = LoraAdapter.open(lora, by_model[model], model)
         return indexes[path]
 
     slices, sliced = _slices(config, open_index)
+    check_architectures({p: ix.root for p, ix in indexes.items()}, options.allow_crimes)
     if out is not None:
-        roots = [ix.root for ix in indexes.values()] + [Path(p) if Path(p).is_dir() else Path(p).parent for p in indexes]
+        roots = [ix.root for ix in indexes.values()] + [Path(p) if Path(p).is_dir() else Path(p).parent for p in by_model]
+        roots += [a.root for a in adapters.values()]
         check_output(Path(out), roots, options.overwrite)
     first = slices[0].base or slices[0].inputs[0]
     seed = options.seed or 0
@@ -366,13 +388,14 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         ref_info = infos[0]
         out_shape = ref_info.shape
         remap = _vocab_remap(vocabs, out_name, layer, members, infos, sl.base_path) if vocabs else None
+        transform = lora_transform([adapters.get(m.path) for m in members], [i.name for i in infos], remap) if adapters else remap
         if remap is not None:
             out_shape = (remap.n_rows, *ref_info.shape[1:])
         for m, info in zip(members, infos):
             if info.shape != ref_info.shape and (remap is None or info.shape[1:] != ref_info.shape[1:]):
                 raise ShapeMismatchError(
                     f"tensor '{info.name}': shape {list(info.shape)} in {m.path} but {list(ref_info.shape)} in {members[0].path}"
-                    + _vocab_hint(out_name, vocabs is not None)
+                    + _vocab_hint(out_name, vocabs is not None, info.shape, ref_info.shape)
                 )
         params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed)
         base_info = infos[0] if sl.base else None
@@ -384,7 +407,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             name=out_name, shape=out_shape, out_dtype=out_dtype,
             compute_dtype=(config.dtype or ref_info.dtype) if options.mergekit_compat else None,
             base=base_info, sources=sources, params=params, layer=layer_index(out_name), backend=backend, skipped=skipped,
-            input_transform=remap,
+            input_transform=transform,
         ))
 
     if not sliced:
@@ -428,12 +451,21 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                      tokenizer=vocabs.output if vocabs else None)
 
 
-def _vocab_hint(name: str, aligning: bool) -> str:
-    """What to add to a shape error on an embedding / head tensor."""
+def _transform_json(tr: Any) -> dict[str, Any]:
+    """``input_transform`` in ``plan --json``: a LoRA transform's own keys, else a row map's summary."""
+    s = tr.summary()
+    return s if "lora" in s else {"vocab_remap": s}
+
+
+def _vocab_hint(name: str, aligning: bool, shape: tuple[int, ...] = (), ref: tuple[int, ...] = ()) -> str:
+    """What to add to a shape error on an embedding / head tensor: a vocabulary hint only where the rows
+    alone differ; other dimensions differing means other model sizes, whatever the tensor."""
     from .vocab import is_vocab_tensor
 
     if not is_vocab_tensor(name):
         return ""
+    if tuple(shape[1:]) != tuple(ref[1:]):
+        return " (the hidden sizes differ, not only the vocabularies: models of different sizes or architectures)"
     if aligning:
         return " (a vocabulary tensor, but its rows do not match its model's config.json vocab_size)"
     return " (vocabularies differ: set tokenizer_source: base, or a model, to align the rows as mergekit does)"

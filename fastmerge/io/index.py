@@ -177,13 +177,14 @@ class CheckpointIndex:
             raise CheckpointError(f"{index_path}: index has no weight_map")
         is_bin = ".bin." in index_path.name or index_path.name.startswith("pytorch_model")
         ext = (".bin",) if is_bin else (".safetensors",)
-        shards: list[str] = []
+        shards: dict[str, None] = {}  # in first-seen order
         for name, shard in wmap.items():
+            if shard in shards:
+                continue  # checked already (an index lists each shard once per tensor: 45k times for DeepSeek-V3)
             _check_relative(index_path, shard)
             if not shard.endswith(ext):
                 raise CheckpointError(f"{index_path}: shard '{shard}' of tensor '{name}' is not a {ext[0]} file")
-            if shard not in shards:
-                shards.append(shard)
+            shards[shard] = None
         root = index_path.parent
         files = [root / s for s in sorted(shards)]
         for f in files:
