@@ -112,7 +112,16 @@ def cuda_usable() -> tuple[bool, str]:
                 _cuda_status = (bool(ok), str(why))
             except Exception as e:
                 _cuda_status = (False, f"fastmerge._C_cuda.is_available() failed: {type(e).__name__}: {e}")
+            if not _cuda_status[0] and not _nvidia_driver_present():
+                # the runtime says "CUDA driver version is insufficient" where there is no driver at all
+                _cuda_status = (False, f"no CUDA device (no NVIDIA driver on this machine; the CUDA runtime says: "
+                                       f"{_cuda_status[1]})")
     return _cuda_status
+
+
+def _nvidia_driver_present() -> bool:
+    """An NVIDIA driver is loaded (Linux: its /proc entry or a device node; WSL: /dev/dxg)."""
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg"))
 
 
 def report(verbose: bool = False) -> dict[str, Any]:

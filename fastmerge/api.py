@@ -78,6 +78,11 @@ def merge_tensors(
             raise ConfigError(f"merge_tensors: tensors[{i}] has shape {list(t.shape)}, tensors[0] {list(shape)}")
     if base is not None and tuple(base.shape) != shape:
         raise ConfigError(f"merge_tensors: base has shape {list(base.shape)}, tensors {list(shape)}")
+    for i, t in enumerate([*tensors, *([] if base is None else [base])]):
+        if not t.is_floating_point():
+            which = "base" if i == len(tensors) else f"tensors[{i}]"
+            raise ConfigError(f"merge_tensors{f' {tensor_name!r}' if tensor_name else ''}: {which} is {t.dtype}; only "
+                              "floating-point tensors are merged")
     specs = m.param_specs()
     for k in params:
         if k not in specs:
@@ -116,13 +121,20 @@ def merge_state_dicts(
     base: Mapping[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> dict[str, torch.Tensor]:
-    """Merge in-memory state dicts key by key (keys of ``base``, else of the first state dict)."""
+    """Merge in-memory state dicts key by key (keys of ``base``, else of the first state dict). Integer
+    and bool tensors (BatchNorm's ``num_batches_tracked``, index buffers) are not merged: they are copied
+    from ``base``, else from the first state dict, as ``research.soups.uniform_soup`` does."""
+    if not state_dicts:
+        raise ConfigError("merge_state_dicts: no state dicts given")
     ref = base if base is not None else state_dicts[0]
     out: dict[str, torch.Tensor] = {}
     for key in ref:
         for i, sd in enumerate(state_dicts):
             if key not in sd:
                 raise ConfigError(f"merge_state_dicts: key '{key}' missing in state_dicts[{i}]")
+        if not ref[key].is_floating_point():
+            out[key] = ref[key].detach().clone()
+            continue
         # the tensor's name keys the random methods' generator: same-shape tensors get different masks
         out[key] = merge_tensors(
             method, [sd[key] for sd in state_dicts], None if base is None else base[key], **{"tensor_name": key, **kwargs}

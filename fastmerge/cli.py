@@ -21,37 +21,73 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"fastmerge: warning: {message}", file=sys.stderr)
 
 
+#: --out-shard-size's help: mergekit's units kept (a bare B is a billion, as in its parse_kmb)
+SIZE_HELP = ("bytes, or with a suffix: K/KB = 10^3, M/MB = 10^6, G/GB = 10^9, T/TB = 10^12, KiB/MiB/GiB = 2^10/2^20/2^30; "
+             "a bare B means billion, as in mergekit: 5B = 5GB = 5,000,000,000 bytes")
+#: mergekit flags that have nothing to do here, and why
+MERGEKIT_NOOPS = {
+    "--lazy-unpickle": "inputs are always read lazily",
+    "--low-cpu-memory": "memory is always bounded (tensor by tensor)",
+    "--no-cuda": "the default (--device cpu)",
+    "--async-write": "writes are always asynchronous",
+    "--clone-tensors": "tensors are never shared between outputs",
+    "--safe-serialization": "outputs are always safetensors",
+    "--trust-remote-code": "no model code is ever run",
+    "--read-to-gpu": "--device cuda reads each tensor group to the GPU itself",
+    "--verbose": "there is one level of output",
+}
+
+
+def _version_flag(p: argparse.ArgumentParser) -> None:
+    from ._version import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
 def _merge_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="mergekit-style YAML config")
-    p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="where to merge (default: cpu)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"])
-    p.add_argument("--out-shard-size", default="5B", help="max bytes per output shard, K/M/B suffixes (default 5B)")
-    p.add_argument("--max-gpu-memory", default=None,
-                   help="--device cuda: GPU memory the merge may hold, e.g. 8G (default: the largest tensor group)")
-    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=0, help="CPU threads (0: all)")
-    p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None, help="seed for random methods")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("config", help="merge config: a mergekit-style YAML file")
+    p.add_argument("out", help="output folder (written into a temporary folder beside it, renamed into place on success)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where to merge; auto: cuda where a CUDA device is usable, else cpu (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"],
+                   help="per-tensor kernels; auto: the fastest that can run each tensor (`fastmerge plan --explain` "
+                        "says which and why) (default: %(default)s)")
+    p.add_argument("--out-shard-size", default="5B", metavar="SIZE", help=f"max size of an output shard: {SIZE_HELP} "
+                   "(default: %(default)s)")
+    p.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="--device cuda: GPU memory the merge may hold, same units (default: the largest tensor group)")
+    p.add_argument("--threads", "-j", "--num-threads", dest="threads", type=int, default=0,
+                   help="CPU threads (default: 0 = all cores)")
+    p.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None,
+                   help="seed of the random methods (dare_*, della*) (default: 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an earlier fastmerge output; refused (naming them) if OUT holds other files")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted merge of the same plan: keep the shards it completed (checked)")
     p.add_argument("--mergekit-compat", action="store_true", help="reproduce mergekit 0.1.5's native-dtype arithmetic")
-    p.add_argument("--no-progress", "--quiet", "-q", dest="progress", action="store_false")
-    p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="mergekit flag: --device cuda")
-    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True)
-    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
-    # mergekit flags with nothing to do here: bounded memory, lazy loading and async writes are always on.
-    for flag in ("--lazy-unpickle", "--allow-crimes", "--low-cpu-memory", "--no-cuda", "--async-write",
-                 "--clone-tensors", "--write-model-card", "--no-write-model-card", "--safe-serialization",
-                 "--trust-remote-code", "--read-to-gpu", "-v", "--verbose"):
-        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--write-threads", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="merge models whose config.json architectures or model_type differ (refused otherwise, as mergekit)")
+    p.add_argument("--no-progress", "--quiet", "-q", dest="progress", action="store_false",
+                   help="no progress bar (outside a terminal the progress is a line every few seconds)")
+    p.add_argument("--cuda", dest="device", action="store_const", const="cuda", help="mergekit's flag: --device cuda")
+    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
+                   help="copy the tokenizer files of the base (or first) model to OUT (default)")
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy the tokenizer")
+    p.add_argument("--write-model-card", dest="write_model_card", action="store_true", default=False,
+                   help="write mergekit's model card as OUT/README.md (default: not written)")
+    p.add_argument("--no-write-model-card", dest="write_model_card", action="store_false", help="the default")
+    g = p.add_argument_group("mergekit flags accepted with nothing to do")
+    for flag, why in MERGEKIT_NOOPS.items():
+        g.add_argument(flag, *(["-v"] if flag == "--verbose" else []), action="store_true", help=why)
+    g.add_argument("--write-threads", type=int, metavar="N", help="writes run on one writer thread per output")
 
 
 def _options(a: argparse.Namespace) -> dict:
     return dict(
         device=a.device, backend=a.backend, out_shard_size=a.out_shard_size, threads=a.threads, seed=a.seed,
         overwrite=a.overwrite, mergekit_compat=a.mergekit_compat, copy_tokenizer=a.copy_tokenizer, progress=a.progress,
-        max_gpu_memory=a.max_gpu_memory, resume=getattr(a, "resume", False),
+        max_gpu_memory=a.max_gpu_memory, resume=getattr(a, "resume", False), allow_crimes=a.allow_crimes,
+        write_model_card=a.write_model_card,
     )
 
 
@@ -83,11 +119,10 @@ def cmd_plan(a: argparse.Namespace) -> int:
                                 "ranks": [[p.shards[i].filename for i in r] for r in part.ranks]}
         print(json.dumps(doc, indent=1))
         return 0
-    print(f"{p.method.name}: {len(p.tensors)} tensors, {p.in_bytes / 1e6:.1f} MB in, {p.out_bytes / 1e6:.1f} MB out, "
-          f"{len(p.shards)} shard(s), device {p.device}, engine {chosen.name}")
-    if a.explain:
-        for name, why in skipped_engines.items():
-            print(f"  engine {name} skipped: {'; '.join(why)}")
+    from .plan_text import render
+
+    head, body = render(p, chosen.name, skipped_engines, a.explain)
+    print("\n".join(head))
     if a.world_size:
         from .engine.distributed import explain as explain_partition
 
@@ -97,9 +132,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             print(f"  note: the {chosen.name} engine runs in one process: it refuses a torchrun job")
     if a.world_size and not a.explain:
         return 0  # the partition alone: a 60k-tensor plan's tensor list is not what was asked for
-    for t in p.tensors:
-        skipped = "; ".join(f"{k}: {', '.join(v)}" for k, v in t.skipped.items() if v)
-        print(f"  {t.name} {list(t.shape)} {t.out_dtype} -> {t.backend}" + (f"  (not {skipped})" if a.explain else ""))
+    print("\n".join(body))
     return 0
 
 
@@ -156,8 +189,17 @@ def cmd_lab(a: argparse.Namespace) -> int:
         print(f"fastmerge lab: unknown experiment '{a.experiment}' (experiments: {', '.join(lab.EXPERIMENTS)})",
               file=sys.stderr)
         return 2
-    print(lab.run(a.experiment, a.out, a.cache, a.smoke))
+    out = Path(a.out) if a.out else lab_results_dir(a.cache)
+    print(f"fastmerge lab: writing under {out}", file=sys.stderr)
+    print(lab.run(a.experiment, out, a.cache, a.smoke))
     return 0
+
+
+def lab_results_dir(cache: str | None) -> Path:
+    """``fastmerge lab``'s default output folder: ``results/`` in the checkpoint cache (never the current folder)."""
+    from .research.lab.train import default_cache_dir
+
+    return (Path(cache) if cache else default_cache_dir()) / "results"
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -168,31 +210,36 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Fast, streaming, mergekit-compatible model merging.")
+    _version_flag(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _merge_flags(sub.add_parser("merge", help="merge checkpoints described by a YAML config"))
     p = sub.add_parser("plan", help="dry run: what would be merged, how, by which backend")
-    p.add_argument("config")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--explain", action="store_true", help="also show why other backends were skipped")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"])
-    p.add_argument("--mergekit-compat", action="store_true")
-    p.add_argument("--out-shard-size", default="5B")
+    p.add_argument("config", help="merge config: a mergekit-style YAML file")
+    p.add_argument("--json", action="store_true", help="the whole plan as JSON (every tensor's sources, parameters, shard)")
+    p.add_argument("--explain", action="store_true", help="also show why other engines and backends were skipped")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="plan for this device, as `merge --device` (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native", "triton", "cuda"],
+                   help="as `merge --backend` (default: %(default)s)")
+    p.add_argument("--mergekit-compat", action="store_true", help="as `merge --mergekit-compat`")
+    p.add_argument("--out-shard-size", default="5B", metavar="SIZE", help=f"as `merge`: {SIZE_HELP} (default: %(default)s)")
     p.add_argument("--world-size", type=int, default=0,
                    help="show which rank of a torchrun job of this size writes which shard, and the byte balance")
     p = sub.add_parser("methods", help="list merge methods and their parameters")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p = sub.add_parser("env", help="report versions, devices and native extensions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON")
     p = sub.add_parser("demo", help="generate a small LLaMA-shaped family, merge it with ties, verify it")
     p.add_argument("--dir", help="where to cache the generated family (default ~/.cache/fastmerge/demo)")
     p.add_argument("--out", help="output folder (default: a folder in the cache)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native"])
-    p.add_argument("--threads", "-j", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "native"],
+                   help="as `merge --backend` (default: %(default)s)")
+    p.add_argument("--threads", "-j", type=int, default=0, help="CPU threads (default: 0 = all cores)")
     p = sub.add_parser("lab", help="merge-quality lab: an experiment on small models trained on sklearn's digits")
     p.add_argument("experiment", help="experiment name, or 'list'")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 epochs: checks the pipeline in seconds")
-    p.add_argument("--out", default="docs/lab", help="where tables and plots go (default docs/lab)")
+    p.add_argument("--out", default=None,
+                   help="where tables and plots go (default: results/ in the checkpoint cache, never the current folder)")
     p.add_argument("--cache", default=None, help="checkpoint cache (default $FASTMERGE_LAB_CACHE or ~/.cache/fastmerge/lab)")
     from .benchmark.cli import add_parser as add_bench_parser  # argparse only
 
@@ -204,6 +251,7 @@ def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
     warnings.showwarning = _one_line_warning
     if yaml_mode:
         ap = argparse.ArgumentParser(prog=prog, description="mergekit-yaml compatible entry point of fastmerge")
+        _version_flag(ap)
         _merge_flags(ap)
         a = ap.parse_args(argv)
         handler = cmd_merge

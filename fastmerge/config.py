@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -217,6 +218,11 @@ class MergeConfig:
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"{where}: {scope}: unknown parameter '{name}'{hint}")
         for name, spec in specs.items():
+            if not spec.per_model and spec.default is _required() and name not in self.parameters:
+                missing = [f"slices[{i}]" for i, sl in enumerate(self.slices or []) if name not in sl.parameters]
+                if self.slices is None or missing:
+                    raise ConfigError(f"{where}: merge_method '{m.name}' needs parameter '{name}' "
+                                      f"(set parameters: {{{name}: ...}}{', or in ' + missing[0] if missing else ''})")
             if spec.per_model and spec.default is _required():
                 for i, s in enumerate(self.models):
                     if name not in s.parameters and name not in self.parameters:
@@ -365,11 +371,14 @@ def _check_setting(setting: Any, where: str) -> None:
     """A setting is a scalar, a gradient (list of scalars) or a list of {filter, value} conditions."""
     scalar = (int, float, bool, str)
     if isinstance(setting, scalar):
+        _check_finite(setting, where)
         return
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list) and setting:
         if all(isinstance(e, scalar) for e in setting):
+            for e in setting:
+                _check_finite(e, where)
             return
         for c in setting:
             if not isinstance(c, dict) or "value" not in c or set(c) - {"filter", "value"}:
@@ -377,6 +386,18 @@ def _check_setting(setting: Any, where: str) -> None:
             _check_setting(c["value"], where)
         return
     raise ConfigError(f"{where}: expected a number, a list (gradient) or a filter list, got {setting!r}")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """A number (or a number written as a string: YAML reads ``1e400`` as one) must be finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return
+    try:
+        v = float(value)
+    except (ValueError, OverflowError):
+        return  # not a number: the method's parameter type decides (a choice, or "must be a number")
+    if not math.isfinite(v):
+        raise ConfigError(f"{where}: not a finite number, got {value!r}")
 
 
 def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:

@@ -119,7 +119,7 @@ def test_density_out_of_range(fam, capsys, density):
     d = yaml.safe_load(cfg.read_text())
     d["models"][1]["parameters"]["density"] = density
     cfg.write_text(yaml.safe_dump(d))
-    _fails(capsys, tmp, [cfg], "density of model #2 must be in (0, 1]")
+    _fails(capsys, tmp, [cfg], f"density of model #2 ({fts[1]}) must be in (0, 1]")
 
 
 def test_weights_sum_to_zero_under_normalize(fam, capsys):

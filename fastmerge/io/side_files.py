@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,4 +98,67 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
             shutil.copyfile(ref_root / name, tmp / name)
     import yaml
 
-    (tmp / "fastmerge_config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    (tmp / "fastmerge_config.yml").write_text(config_yaml, encoding="utf-8")
+    if getattr(plan.options, "write_model_card", False):
+        (tmp / "README.md").write_text(model_card(plan, config_yaml, out_name(tmp)), encoding="utf-8")
+
+
+#: mergekit 0.1.5's model card (mergekit/card.py), with fastmerge named as the tool that made the merge
+CARD_TEMPLATE = """---
+{metadata}
+---
+# {name}
+
+This is a merge of pre-trained language models created using fastmerge, a
+[mergekit](https://github.com/cg123/mergekit)-compatible merger.
+
+## Merge Details
+### Merge Method
+
+This model was merged using the {merge_method} merge method{base_text}.
+
+### Models Merged
+
+The following models were included in the merge:
+{model_list}
+
+### Configuration
+
+The following YAML configuration was used to produce this model:
+
+```yaml
+{config_yaml}
+```
+"""
+#: a model card fastmerge wrote says so in this line (``--overwrite`` replaces only what fastmerge wrote)
+CARD_MARKER = "created using fastmerge"
+
+
+def out_name(tmp: Path) -> str:
+    """The output folder's name, from its temporary folder's (``.OUT.fastmerge-tmp-XXXX``)."""
+    m = re.fullmatch(r"\.(.+)\.fastmerge-tmp-[^.]*", tmp.name)
+    return m.group(1) if m else tmp.name
+
+
+def model_card(plan: "MergePlan", config_yaml: str, name: str) -> str:
+    """mergekit's README.md for a merged model: the method (linked to its paper), the base, the models, the
+    config. Model references are local paths (fastmerge never downloads), so no Hub links or ``base_model``
+    metadata are written."""
+    import yaml
+
+    cfg, m = plan.config, plan.method
+    base = None if m.base_policy == "ignored" else cfg.base_model  # mergekit: slerp's base is not "a base"
+    paths: list[str] = []
+    for p in [*(s.path for s in cfg.models), *(src.path for sl in cfg.slices or [] for src in sl.sources)]:
+        if p not in paths and p != base:
+            paths.append(p)
+    url = getattr(m, "paper_url", "") or ""
+    return CARD_TEMPLATE.format(
+        metadata=yaml.dump({"base_model": [], "tags": ["mergekit", "merge", "fastmerge"], "library_name": "transformers"}),
+        name=name,
+        merge_method=f"[{m.name}]({url})" if url else m.name,
+        base_text=f" using {base} as a base" if base else "",
+        model_list="\n".join(f"* {p}" for p in paths),
+        config_yaml=config_yaml,
+    )

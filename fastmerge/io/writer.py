@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 import zlib
@@ -30,19 +31,26 @@ ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
 
+#: size suffixes: mergekit's K/M/B (thousand, million, *billion*: its parse_kmb), the decimal byte units
+#: and the binary ones. "5B" is 5 billion bytes, as in mergekit, not 5 bytes.
+SIZE_UNITS = {
+    "": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
 def parse_size(text: str | int, flag: str = "--out-shard-size") -> int:
-    """mergekit's size syntax: an integer with an optional K/M/B (or G/T) suffix, in bytes."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper()
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-    try:
-        if s and s[-1] in mult:
-            v = int(float(s[:-1]) * mult[s[-1]])
-        else:
-            v = int(s)
-    except ValueError:
-        raise FastMergeError(f"{flag}: cannot parse size '{text}' (use e.g. 5B, 500M, 1000000)") from None
+    """A size in bytes: an integer, or a number with a suffix (``SIZE_UNITS``): mergekit's ``5B`` (5
+    billion bytes), ``500M``, ``100K``; ``5GB``, ``500MB``; ``2GiB``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        v = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in SIZE_UNITS:
+            raise FastMergeError(f"{flag}: cannot parse size '{text}' (use bytes, or e.g. 5B = 5GB = 5 billion bytes, "
+                                 "500M = 500MB, 2GiB)")
+        v = int(float(m.group(1)) * SIZE_UNITS[unit])
     if v <= 0:
         raise FastMergeError(f"{flag}: size must be positive, got '{text}'")
     return v

@@ -30,7 +30,14 @@ class ParamSpec:
     choices: tuple[str, ...] | None = None
 
 
-REQUIRED = object()
+class _Required:
+    """The default of a parameter that has none: a config must set it."""
+
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED = _Required()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,10 @@ class ParamContext:
         return int.from_bytes(hashlib.blake2b(self.tensor.encode(), digest_size=8).digest(), "little") >> 1
 
 
+#: the largest finite float32
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def round_fp32(x: float) -> float:
     """``x`` rounded to the nearest fp32 (ties to even, as a C cast); ±inf beyond fp32's range."""
     try:
@@ -61,7 +72,11 @@ def round_fp32(x: float) -> float:
 
 
 def coerce(spec: ParamSpec, value: Any, where: str) -> Any:
-    """Validate and convert one resolved scalar; errors name ``where`` (model / tensor / field)."""
+    """Validate and convert one resolved scalar; errors name ``where`` (model / tensor / field). Numbers
+    must be finite and within float32's range (the merge computes in float32): ``lambda: "1e400"`` is
+    refused, not merged into an inf/NaN model."""
+    if value is REQUIRED:
+        raise ConfigError(f"{where}: missing required parameter '{spec.name}'")
     if spec.kind is bool:
         if isinstance(value, bool):
             return value
@@ -75,10 +90,13 @@ def coerce(spec: ParamSpec, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: parameter '{spec.name}' must be a number, got {value!r}")
         try:
             v = float(value)
+        except OverflowError:
+            v = math.inf  # an integer beyond float64: refused below
         except ValueError:
             raise ConfigError(f"{where}: parameter '{spec.name}' must be a number, got {value!r}") from None
-        if v != v:
-            raise ConfigError(f"{where}: parameter '{spec.name}' is NaN")
+        if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+            what = "not a finite number" if not math.isfinite(v) else "beyond float32's range"
+            raise ConfigError(f"{where}: parameter '{spec.name}' is {what}, got {value!r}")
         return int(v) if spec.kind is int else v
     if spec.kind is str:
         v = str(value)

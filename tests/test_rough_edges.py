@@ -1,0 +1,232 @@
+"""What a user hit: garbage parameters accepted, architectures mixed silently, integer buffers crashing
+merge_state_dicts, and messages that mislead. Each test failed on the code before its fix (the test's
+docstring says how)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from fastmerge import _native, cli, merge, merge_state_dicts, merge_tensors, plan
+from fastmerge.errors import ConfigError, FastMergeError, ShapeMismatchError
+from fastmerge.testing import LlamaShape, make_family
+
+
+def _ties(fam, **glob):
+    base, fts = fam
+    return {"merge_method": "ties", "base_model": str(base), "parameters": glob,
+            "models": [{"model": str(f), "parameters": {"weight": 0.3, "density": 0.5}} for f in fts]}
+
+
+# -- garbage in ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,value", [('"1e400"', "1e400"), ("1e400", 1e400), (".inf", float("inf")),
+                                        ("-.inf", float("-inf")), (".nan", float("nan")), ('"nan"', "nan")])
+def test_non_finite_parameter_is_refused_with_its_field(family_bf16, tmp_path, text, value):
+    """Before: ``lambda: "1e400"`` became inf and the merge wrote inf/NaN tensors."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)).replace("parameters: {}", f"parameters:\n  lambda: {text}"))
+    with pytest.raises(ConfigError, match=r"parameters\.lambda.*not a finite number"):
+        plan(cfg)
+    with pytest.raises(ConfigError, match="lambda.*not a finite number"):
+        merge_tensors("task_arithmetic", [torch.ones(4)], torch.zeros(4), weight=1.0, **{"lambda": value})
+
+
+def test_parameter_beyond_float32_and_non_numeric_are_refused_with_their_field(family_bf16):
+    doc = _ties(family_bf16)
+    doc["models"][1]["parameters"]["weight"] = 1e39  # finite in float64, inf in the float32 the merge computes in
+    with pytest.raises(ConfigError, match=r"ft2.*'weight' is beyond float32's range"):
+        plan(doc)
+    doc["models"][1]["parameters"]["weight"] = "heavy"
+    with pytest.raises(ConfigError, match=r"ft2.*'weight' must be a number, got 'heavy'"):
+        plan(doc)
+
+
+def test_different_architectures_are_refused_unless_allow_crimes(family_bf16, tmp_path, capsys):
+    """Before: a LLaMA and a "Mistral" (same tensor names and shapes) merged silently."""
+    base, fts = family_bf16
+    mistral = tmp_path / "mistral"
+    shutil.copytree(fts[0], mistral)
+    c = json.loads((mistral / "config.json").read_text())
+    c.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (mistral / "config.json").write_text(json.dumps(c))
+    doc = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                                {"model": str(mistral), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(ConfigError, match=r"mistral: architecture MistralForCausalLM \(model_type mistral\) differs .*"
+                                          r"LlamaForCausalLM.*--allow-crimes"):
+        merge(doc, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    merge(doc, tmp_path / "o", progress=False, allow_crimes=True)
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    assert cli.yaml_main([str(cfg), str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "--allow-crimes" in capsys.readouterr().err
+    assert cli.yaml_main([str(cfg), str(tmp_path / "o2"), "--quiet", "--allow-crimes"]) == 0
+
+
+def test_merge_state_dicts_copies_integer_buffers():
+    """Before: a bare TypeError from the backend on BatchNorm's ``num_batches_tracked``."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)) for _ in range(2)]
+    for k, n in enumerate(nets):
+        n[1].num_batches_tracked.fill_(k + 3)
+    sds = [n.state_dict() for n in nets]
+    out = merge_state_dicts("linear", sds, weight=[0.5, 0.5])
+    assert out["1.num_batches_tracked"].dtype == torch.int64 and int(out["1.num_batches_tracked"]) == 3
+    assert torch.allclose(out["0.weight"], (sds[0]["0.weight"] + sds[1]["0.weight"]) / 2)
+    with pytest.raises(ConfigError, match=r"merge_tensors 'n': tensors\[0\] is torch.int64"):
+        merge_tensors("linear", [torch.ones(3, dtype=torch.int64)] * 2, weight=1.0, tensor_name="n")
+
+
+# -- messages that mislead ------------------------------------------------------------------------------
+
+
+def test_hidden_size_mismatch_is_not_blamed_on_vocabularies(family_bf16, tmp_path):
+    """Before: '... (vocabularies differ: set tokenizer_source ...)' for an embedding of another hidden size."""
+    base, _ = family_bf16
+    wide, _ = make_family(tmp_path / "wide", LlamaShape(hidden=128, layers=3, intermediate=176, vocab=301, heads=4),
+                          n_finetunes=0, dtype="bfloat16")
+    doc = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                                {"model": str(wide), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(ShapeMismatchError) as e:
+        plan(doc)
+    assert "vocabularies differ" not in str(e.value) and "hidden sizes differ" in str(e.value)
+
+
+def test_missing_global_parameter_is_named(family_bf16):
+    """Before: slerp without t: "parameter 't' must be a number, got <object object at 0x...>"."""
+    base, fts = family_bf16
+    doc = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(base)}, {"model": str(fts[0])}]}
+    with pytest.raises(ConfigError, match=r"merge_method 'slerp' needs parameter 't'") as e:
+        plan(doc)
+    assert "object at" not in str(e.value)
+
+
+def test_per_model_check_names_the_model_path(family_bf16):
+    """Before: "tensor '...': density of model #2 must be in (0, 1]" named neither the model nor its path."""
+    doc = _ties(family_bf16)
+    doc["models"][1]["parameters"]["density"] = 1.5
+    with pytest.raises(ConfigError, match=r"density of model #2 \(.*ft2\) must be in"):
+        plan(doc)
+
+
+def test_env_without_a_gpu_says_no_cuda_device(monkeypatch):
+    """Before: the CUDA runtime's "CUDA driver version is insufficient for CUDA runtime version"."""
+
+    class FakeCuda:
+        @staticmethod
+        def is_available():
+            return False, "CUDA driver version is insufficient for CUDA runtime version"
+
+    monkeypatch.setattr(_native, "_C_cuda", FakeCuda)
+    monkeypatch.setattr(_native, "_cuda_status", None)
+    monkeypatch.setattr(_native, "_nvidia_driver_present", lambda: False)
+    ok, why = _native.cuda_usable()
+    assert not ok and why.startswith("no CUDA device")
+    monkeypatch.setattr(_native, "_cuda_status", None)
+    monkeypatch.setattr(_native, "_nvidia_driver_present", lambda: True)  # a driver, too old: its own words
+    assert _native.cuda_usable() == (False, "CUDA driver version is insufficient for CUDA runtime version")
+    monkeypatch.setattr(_native, "_cuda_status", None)
+
+
+def test_plan_explain_says_a_shared_reason_once(family_bf16, tmp_path, capsys):
+    """Before: the same ~150-character 'not cuda: ...; triton: ...' on every tensor line."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)))
+    assert cli.main(["plan", str(cfg), "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    tensor_lines = [x for x in lines if " -> " in x]
+    assert len(tensor_lines) == 30
+    shared = next(x for x in lines if x.startswith("  backends skipped for every tensor: "))
+    assert "needs --device cuda" in shared
+    assert not any("needs --device cuda" in x for x in tensor_lines)
+
+
+def test_plan_text_shows_parameters_and_slice_sources(family_bf16, tmp_path, capsys):
+    """Before: the text plan listed names, shapes and backends only."""
+    base, fts = family_bf16
+    doc = {"merge_method": "linear", "slices": [
+        {"sources": [{"model": str(fts[0]), "layer_range": [0, 2], "parameters": {"weight": 1.0}}]},
+        {"sources": [{"model": str(fts[1]), "layer_range": [1, 3], "parameters": {"weight": 0.25}},
+                     {"model": str(fts[0]), "layer_range": [0, 2], "parameters": {"weight": 0.75}}]},
+    ]}
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    assert cli.main(["plan", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"m0 = {fts[0]}" in out and f"m1 = {fts[1]}" in out
+    assert "parameters (every tensor): normalize=True" in out
+    line = next(x for x in out.splitlines() if x.startswith("  model.layers.3.mlp.up_proj.weight"))
+    assert "weight=0.25,0.75" in line and line.endswith("<- m1:2 m0:1")
+    line = next(x for x in out.splitlines() if x.startswith("  model.layers.0.mlp.up_proj.weight"))
+    assert "weight=1" in line and line.endswith("<- m0:0")
+
+
+# -- command line -----------------------------------------------------------------------------------
+
+
+def _actions(parser):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                if name != "bench":  # fastmerge bench: the benchmark's own parser (fastmerge/benchmark/cli.py)
+                    yield from _actions(sub)
+        else:
+            yield a
+
+
+def test_every_option_is_described_and_version(capsys):
+    """Before: --backend, --copy-tokenizer, plan's flags... had no help; mergekit's flags were hidden; no --version."""
+    import argparse
+
+    from fastmerge._version import __version__
+
+    parsers = [cli.build_parser()]
+    ap = argparse.ArgumentParser()
+    cli._version_flag(ap)
+    cli._merge_flags(ap)
+    parsers.append(ap)
+    for parser in parsers:
+        for a in _actions(parser):
+            if a.dest in ("help", "bench_cmd") or isinstance(a, argparse._SubParsersAction):
+                continue
+            assert a.help and a.help != argparse.SUPPRESS, a.option_strings or a.dest
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"fastmerge {__version__}"
+    with pytest.raises(SystemExit):
+        cli.yaml_main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: cpu)" in text and "5B = 5GB = 5,000,000,000 bytes" in text and "--lazy-unpickle" in text
+
+
+@pytest.mark.parametrize("text,expected", [("5B", 5 * 10**9), ("5GB", 5 * 10**9), ("500MB", 500 * 10**6),
+                                           ("500M", 500 * 10**6), ("50K", 50_000), ("2GiB", 2 * 2**30), ("123", 123)])
+def test_out_shard_size_units(text, expected):
+    """Before: '5GB' and '500MB' were refused ("cannot parse size")."""
+    from fastmerge.io.writer import parse_size
+
+    assert parse_size(text) == expected
+    with pytest.raises(FastMergeError, match="cannot parse size"):
+        parse_size(text + "X")
+
+
+def test_write_model_card(family_bf16, tmp_path, capsys):
+    """Before: --write-model-card was accepted and nothing was written."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)))
+    assert cli.yaml_main([str(cfg), str(tmp_path / "merged"), "--quiet", "--write-model-card"]) == 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    base, fts = family_bf16
+    assert card.startswith("---\n") and "# merged\n" in card and "created using fastmerge" in card
+    assert f"merge method using {base} as a base" in card and all(f"* {f}\n" in card for f in fts)
+    assert "merge_method: ties" in card
+    assert cli.yaml_main([str(cfg), str(tmp_path / "plain"), "--quiet"]) == 0
+    assert not (tmp_path / "plain" / "README.md").exists()
