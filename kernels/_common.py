@@ -91,6 +91,15 @@ def store_rounded(ptr, x, mask, OUT: tl.constexpr):
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def store_full(ptr, x, OUT: tl.constexpr):
+    """``store_rounded`` of a full tile: no mask (vector stores where the pointer is aligned)."""
+    if OUT == 1:
+        tl.store(ptr, _to_bf16_bits(x), eviction_policy="evict_first")
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), eviction_policy="evict_first")
+
+
 @dataclasses.dataclass(frozen=True)
 class Segments:
     """S segments of a packed batch: ``start`` (offset in the packed rows), ``numel``, ``idx0`` (index
@@ -133,36 +142,83 @@ class Segments:
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """The program table: program p covers elements [start[p], start[p] + BLOCK) ∩ its segment."""
+    """The program table: program p covers elements [start[p], start[p] + BLOCK) ∩ its segment.
+
+    ``aligned``: the tiles are the BLOCK-aligned windows of the packed rows that meet each segment
+    (start[p] a multiple of BLOCK; a segment's first and last windows are masked at the segment's
+    edges, every window in between is a full tile): the merge kernels' layout, where a full tile is
+    loaded without a mask in 16-byte vectors (its start is a multiple of BLOCK by construction, so
+    ``tl.multiple_of`` is a fact, not a promise the caller must keep). Unaligned: tiles start at the
+    segment's start (every tile but the last is full, none is known to be aligned)."""
 
     seg: torch.Tensor  # int32 [P]
     start: torch.Tensor  # int64 [P]
     first: torch.Tensor  # int64 [P]: index of the first tile of p's segment (for per-segment prefix sums)
     block: int
+    aligned: bool = False
 
     @property
     def count(self) -> int:
         return int(self.seg.numel())
 
 
-def make_tiles(segs: Segments, block: int, device: torch.device | str) -> Tiles:
+def make_tiles(segs: Segments, block: int, device: torch.device | str, aligned: bool = False) -> Tiles:
     """Tiles of ``block`` elements covering every segment, segment after segment, in element order
-    (cached: a tensor's passes and its merge reuse one table instead of 3 host→device copies each)."""
-    return _tiles(segs, block, str(torch.device(device)))
+    (cached: a tensor's passes and its merge reuse one table instead of 3 host→device copies each).
+    ``aligned``: BLOCK-aligned windows (``Tiles``)."""
+    return _tiles(segs, block, str(torch.device(device)), aligned)
 
 
 @functools.lru_cache(maxsize=32)
-def _tiles(segs: Segments, block: int, device: str) -> Tiles:
+def _tiles(segs: Segments, block: int, device: str, aligned: bool = False) -> Tiles:
     import numpy as np  # local: no module-level numpy state in a kernel module (architecture.md §6)
 
     numel = np.asarray(segs.numel, dtype=np.int64)
-    counts = (numel + block - 1) // block
+    seg_start = np.asarray(segs.start, dtype=np.int64)
+    if aligned:
+        w0 = seg_start // block
+        w1 = np.where(numel > 0, (seg_start + numel + block - 1) // block, w0)
+        counts = w1 - w0
+    else:
+        w0 = np.zeros_like(seg_start)
+        counts = (numel + block - 1) // block
     seg = np.repeat(np.arange(segs.count, dtype=np.int32), counts)
     first_of_seg = np.cumsum(counts) - counts
     first = first_of_seg[seg]
-    start = np.asarray(segs.start, dtype=np.int64)[seg] + (np.arange(seg.size, dtype=np.int64) - first) * block
+    within = np.arange(seg.size, dtype=np.int64) - first
+    if aligned:
+        start = (w0[seg] + within) * block
+    else:
+        start = seg_start[seg] + within * block
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return Tiles(as_t(seg), as_t(start), as_t(first.astype(np.int64)), block)
+    return Tiles(as_t(seg), as_t(start), as_t(first.astype(np.int64)), block, aligned)
+
+
+def merge_block(T: int, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the merge passes (``gta``, ``linear``) for T input rows: on a GPU, tiles
+    sized so that the T + 1 rows of a tile sit in registers without spilling (gpu-design.md §3b:
+    8 bf16 per thread per row, 16-byte loads, up to T = 4; 4 per thread, 8-byte loads, up to 20; 2
+    beyond), checked offline for sm_90 by ``tests/kernels/test_sm90_offline.py``."""
+    if block is not None or interpreting():
+        return default_block(block)
+    if T <= 4:
+        return 2048, 8
+    if T <= 20:
+        return 1024, 8
+    return 512, 8
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: str) -> int:
+    return int(torch.cuda.get_device_properties(torch.device(device)).multi_processor_count)
+
+
+def persistent_grid(n_tiles: int, device, per_sm: int = 4) -> int:
+    """Programs of a persistent launch (each loops over tiles p, p + grid, ...): ``per_sm`` per SM on a
+    GPU, one per tile under the interpreter (which runs programs one by one anyway)."""
+    if interpreting() or torch.device(device).type != "cuda":
+        return max(n_tiles, 1)
+    return max(1, min(n_tiles, per_sm * _sm_count(str(torch.device(device)))))
 
 
 def seg_tables(segs: Segments, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ class BreadcrumbsKernel(GtaKernel):
         super().__init__(weight_rows(list(params)), [p.lambda_ for p in params], div, device)
         self.consensus, self.rescale, self.normalize = consensus, p0.rescale, p0.normalize
         k = torch.zeros((self.G, self.T, 2), dtype=torch.int64)  # [.., 0]: upper bound, [.., 1]: lower bound
-        lo = torch.full((self.G, self.T), float("nan"))  # NaN: kept whole (density >= 1)
+        lo = torch.zeros((self.G, self.T))
         hi = torch.full((self.G, self.T), float("inf"))
         self._has_lo = torch.zeros((self.G, self.T), dtype=torch.bool)
         for g, (p, n) in enumerate(zip(params, numels)):
@@ -71,6 +71,8 @@ class BreadcrumbsKernel(GtaKernel):
         self._needs = k[..., 0] > 0
         self.mask.kind = MASK_BAND
         self.mask.lo, self.mask.hi = lo.to(device), hi.to(device)
+        # density >= 1: kept whole, an explicit flag (a selected bound may itself be NaN: then nothing is kept)
+        self.mask.whole = (~self.active).to(torch.int8).to(device)
         self.sel: Selection | None = None
         if bool(self._needs.any()):
             self.sel = Selection.start(k, device)

@@ -70,7 +70,7 @@ class DellaKernel(GtaKernel):
         super().__init__(weight_rows(list(params)), [p.lambda_ for p in params], div, device)
         self.consensus, self.rescale, self.normalize = consensus, p0.rescale, p0.normalize
         self.key_dtype = key_dtype
-        plo = torch.full((self.G, self.T), float("nan"))
+        plo = torch.zeros((self.G, self.T))
         span = torch.zeros((self.G, self.T))
         for g, p in enumerate(params):
             for t, (d, e) in enumerate(zip(p.density, p.epsilon)):
@@ -80,6 +80,7 @@ class DellaKernel(GtaKernel):
                     self.active[g, t] = True
         self.mask.kind = MASK_DELLA
         self.mask.plo, self.mask.pspan = plo.to(device), span.to(device)
+        self.mask.whole = (~self.active).to(torch.int8).to(device)  # density >= 1: kept whole
         self.mask.k0, self.mask.k1h, self.mask.k1 = stream_tables([(p.seed, p.key) for p in params], self.T, device)
         self._cache: tuple | None = None
         self._finish_init()

@@ -6,7 +6,7 @@ their shared torch tail; this is its fused form). Per element, for the T models 
 
     δ_t  = x_t − base                           (fp32; x and base upcast after the load)
     k_t  = keep mask (MASK): 0 all | 1 band lo ≤ |δ_t| ≤ hi (ties: lo = k-th largest, hi = +inf;
-           breadcrumbs: the band's bounds), lo = NaN keeps all | 2 Bernoulli h < threshold (DARE) |
+           breadcrumbs: the band's bounds), ``whole`` (an int8 flag) keeps all | 2 Bernoulli h < threshold (DARE) |
            3 u < p(rank) (DELLA); TOPK: |δ| > lo, or = lo and among the first ``room`` such in index order
     wδ_t = k_t ? w_t·(δ_t·s_t) : 0              (s_t: the L1 rescale ratio, 1 without; ``l1_norms``)
     CONSENSUS 0: num = Σ_t wδ_t  [/ div_s]
@@ -37,7 +37,10 @@ import triton
 import triton.language as tl
 
 from . import _rng
-from ._common import Segments, Tiles, default_block, make_tiles, out_arg, OUT_CODES, seg_tables, store_rounded
+from ._common import (
+    OUT_CODES, Segments, Tiles, default_block, make_tiles, merge_block, out_arg, persistent_grid, seg_tables, store_full,
+    store_rounded,
+)
 
 MASK_ALL, MASK_BAND, MASK_BERNOULLI, MASK_DELLA = 0, 1, 2, 3
 CONSENSUS = {None: 0, "sum": 1, "count": 2}
@@ -45,14 +48,17 @@ CONSENSUS = {None: 0, "sum": 1, "count": 2}
 
 @triton.jit
 def _keep(
-    mag, offs, valid, idx, seg, t, T, p,
-    lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
-    rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-    MASK: tl.constexpr, TOPK: tl.constexpr, BIG: tl.constexpr,
+    mag, ar, valid, idx, seg, t, T, p,
+    lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+    rk_ptr, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+    MASK: tl.constexpr, TOPK: tl.constexpr, BIG: tl.constexpr, FULL: tl.constexpr,
 ):
-    """The keep mask of model t on one tile (see the module docstring)."""
+    """The keep mask of model t on one tile (see the module docstring). ``rk_ptr``: model t's DELLA
+    ranks at the tile's first element (loaded at ``ar``); ``whole_ptr``: int8 [S, T], 1 = the task
+    vector is kept whole (density ≥ 1), an explicit flag: a NaN threshold is a real value (≥ k NaN
+    deltas) and keeps nothing, as in the reference."""
     st = seg * T + t
-    zero = tl.zeros_like(offs).to(tl.int32)  # scalar flags are ORed in as blocks (the interpreter needs it)
+    zero = tl.zeros_like(ar).to(tl.int32)  # scalar flags are ORed in as blocks (the interpreter needs it)
     if MASK == 0:
         keep = mag == mag
         keep = keep | (mag != mag)
@@ -66,7 +72,7 @@ def _keep(
             keep = (mag > lo) | (at & (rank < tl.load(room_ptr + st)))
         else:
             keep = (mag >= lo) & (mag <= hi)
-        keep = keep | ((zero + (lo != lo).to(tl.int32)) != 0)  # lo = NaN: density >= 1, the task vector kept whole (NaN entries too)
+        keep = keep | ((zero + tl.load(whole_ptr + st).to(tl.int32)) != 0)
     else:
         h = _rng.hash_u32(
             idx, tl.load(k0_ptr + st).to(tl.uint32), tl.load(k1h_ptr + st).to(tl.uint32),
@@ -76,32 +82,46 @@ def _keep(
             thr = tl.load(pth_ptr + st)
             keep = (h < thr.to(tl.uint32)) | ((zero + (thr < 0).to(tl.int32)) != 0)  # thr < 0: fp32(density) >= 1, keep all
         else:
-            r = tl.load(rank_ptr + t * srank_t + offs, mask=valid, other=0).to(tl.float32)
+            if FULL:
+                r = tl.load(rk_ptr + ar).to(tl.float32)
+            else:
+                r = tl.load(rk_ptr + ar, mask=valid, other=0).to(tl.float32)
             nm1 = tl.load(nm1_ptr + seg)
             rank_norm = tl.where(nm1 > 0, tl.div_rn(r, tl.maximum(nm1, 1.0)), 0.5)  # a 1-entry row: p = density
             plo = tl.load(plo_ptr + st)
             prob = plo + tl.load(pspan_ptr + st) * rank_norm
             u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)  # _rng.uniform, inlined
-            keep = (u < prob) | ((zero + (plo != plo).to(tl.int32)) != 0)  # plo = NaN: density >= 1
+            keep = (u < prob) | ((zero + tl.load(whole_ptr + st).to(tl.int32)) != 0)
     return keep
 
 
 @triton.jit
+def _row(ptr, ar, valid, FULL: tl.constexpr):
+    """One row of a tile as fp32: unmasked (16-byte vectors where aligned) on a full tile."""
+    if FULL:
+        v = tl.load(ptr + ar, eviction_policy="evict_first")
+    else:
+        v = tl.load(ptr + ar, mask=valid, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _weighted_delta(
-    x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
-    lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
+    xt_ptr, b, w, scale_ptr, ar, valid, idx, seg, t, T, p,
+    lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rk_ptr,
     plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-    MASK: tl.constexpr, RESCALE: tl.constexpr, TOPK: tl.constexpr, BIG: tl.constexpr,
+    MASK: tl.constexpr, RESCALE: tl.constexpr, TOPK: tl.constexpr, BIG: tl.constexpr, FULL: tl.constexpr,
 ):
     """w·δ' of model ``t`` on this tile (fp32): δ = x_t − base, kept by the method's mask (none when
-    MASK == 0), L1-rescaled when RESCALE; pruned entries are 0. Shared by the sum and both election loops."""
-    d = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b
+    MASK == 0), L1-rescaled when RESCALE; pruned entries are 0. Shared by the sum and both election
+    loops (T is a compile-time constant and both loops are unrolled, so the compiler computes it once:
+    the second loop's loads and hashes are the first's, ``test_sm90_offline`` counts the loads)."""
+    d = _row(xt_ptr, ar, valid, FULL) - b
     if MASK == 0:
         wd = w * d
     else:
-        keep = _keep(tl.abs(d), offs, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr,
-                     pth_ptr, rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-                     MASK, TOPK, BIG)
+        keep = _keep(tl.abs(d), ar, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr,
+                     pth_ptr, rk_ptr, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, TOPK, BIG, FULL)
         if RESCALE:
             d = d * tl.load(scale_ptr + seg * T + t)
         wd = tl.where(keep, w * d, 0.0)
@@ -109,66 +129,103 @@ def _weighted_delta(
 
 
 @triton.jit
-def _gta_kernel(
-    x_ptr, sx_t: tl.int64, base_ptr, out_ptr,
-    tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, seg_idx0_ptr,
+def _gta_tile(
+    x_ptr, sx_t, base_ptr, out_ptr, start, seg, seg_start, seg_end, idx0, p,
     w_ptr, scale_ptr, lam_ptr, div_ptr,
-    lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
-    rank_ptr, srank_t: tl.int64, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-    T,
-    MASK: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
-    TOPK: tl.constexpr, BIG: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+    lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+    rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+    T: tl.constexpr, MASK: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
+    TOPK: tl.constexpr, BIG: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
 ):
-    p = tl.program_id(0)
-    seg = tl.load(tile_seg_ptr + p)
-    start = tl.load(tile_start_ptr + p)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < tl.load(seg_end_ptr + seg)
-    idx = tl.load(seg_idx0_ptr + seg) + (offs - tl.load(seg_start_ptr + seg))
-    b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    """One tile of the fused pass: scalar int64 row pointers at the tile's start, int32 in-tile offsets."""
+    ar = tl.arange(0, BLOCK)
+    if FULL:
+        valid = ar < BLOCK
+    else:
+        offs = start + ar.to(tl.int64)
+        valid = (offs >= seg_start) & (offs < seg_end)
+    idx = idx0 + (start - seg_start) + ar.to(tl.int64)  # element index in the whole tensor (random masks)
+    b = _row(base_ptr + start, ar, valid, FULL)
     num = tl.zeros([BLOCK], dtype=tl.float32)
     if CONSENSUS == 0:
-        for t in range(T):
+        for t in tl.static_range(T):
             w = tl.load(w_ptr + seg * T + t)
-            wd = _weighted_delta(x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
-                                 lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
-                                 plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, RESCALE, TOPK, BIG)
+            wd = _weighted_delta(x_ptr + t * sx_t + start, b, w, scale_ptr, ar, valid, idx, seg, t, T, p,
+                                 lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+                                 rank_ptr + t * srank_t + start, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                                 MASK, RESCALE, TOPK, BIG, FULL)
             num = num + wd
         if NORMALIZE:
             num = tl.div_rn(num, tl.load(div_ptr + seg))
     else:
         total = tl.zeros([BLOCK], dtype=tl.float32)
-        for t in range(T):
+        for t in tl.static_range(T):
             w = tl.load(w_ptr + seg * T + t)
-            wd = _weighted_delta(x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
-                                 lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
-                                 plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, RESCALE, TOPK, BIG)
+            wd = _weighted_delta(x_ptr + t * sx_t + start, b, w, scale_ptr, ar, valid, idx, seg, t, T, p,
+                                 lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+                                 rank_ptr + t * srank_t + start, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                                 MASK, RESCALE, TOPK, BIG, FULL)
             if CONSENSUS == 1:
                 total = total + wd
             else:
                 total = total + tl.where(wd > 0, 1.0, tl.where(wd < 0, -1.0, 0.0))  # sign; NaN → 0 as torch
         majority = tl.where(total >= 0, 1.0, -1.0)
         den = tl.zeros([BLOCK], dtype=tl.float32)
-        # second loop: the same wδ_t again (the tile is in L1/L2; recomputing beats holding T tiles)
-        for t in range(T):
+        # second loop: the same wδ_t again (unrolled: the compiler reuses the first loop's values)
+        for t in tl.static_range(T):
             w = tl.load(w_ptr + seg * T + t)
-            wd = _weighted_delta(x_ptr, sx_t, b, w, scale_ptr, offs, valid, idx, seg, t, T, p,
-                                 lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr, rank_ptr, srank_t,
-                                 plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr, MASK, RESCALE, TOPK, BIG)
+            wd = _weighted_delta(x_ptr + t * sx_t + start, b, w, scale_ptr, ar, valid, idx, seg, t, T, p,
+                                 lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+                                 rank_ptr + t * srank_t + start, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                                 MASK, RESCALE, TOPK, BIG, FULL)
             agree = tl.where(wd > 0, 1.0, tl.where(wd < 0, -1.0, 0.0)) == majority  # pruned entries (0) never agree
             num = num + tl.where(agree, wd, 0.0)
             den = den + tl.where(agree, w, 0.0)
         if NORMALIZE:
             num = tl.div_rn(num, tl.where(den == 0, 1.0, den))
     res = b + num * tl.load(lam_ptr + seg)
-    store_rounded(out_ptr + offs, res, valid, OUT)
+    if FULL:
+        store_full(out_ptr + start + ar, res, OUT)
+    else:
+        store_rounded(out_ptr + start + ar, res, valid, OUT)
+
+
+@triton.jit
+def _gta_kernel(
+    x_ptr, sx_t: tl.int64, base_ptr, out_ptr,
+    tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, seg_idx0_ptr, n_tiles,
+    w_ptr, scale_ptr, lam_ptr, div_ptr,
+    lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+    rank_ptr, srank_t: tl.int64, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+    T: tl.constexpr,
+    MASK: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, RESCALE: tl.constexpr,
+    TOPK: tl.constexpr, BIG: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Persistent: program i merges tiles i, i + grid, ... of an aligned tile table (``Tiles.aligned``):
+    a tile inside its segment takes the unmasked path, a segment's edge tiles the masked one."""
+    for p in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        seg = tl.load(tile_seg_ptr + p)
+        start = tl.multiple_of(tl.load(tile_start_ptr + p), BLOCK)  # a multiple of BLOCK by construction
+        seg_start = tl.load(seg_start_ptr + seg)
+        seg_end = tl.load(seg_end_ptr + seg)
+        idx0 = tl.load(seg_idx0_ptr + seg)
+        if (start >= seg_start) & (start + BLOCK <= seg_end):
+            _gta_tile(x_ptr, sx_t, base_ptr, out_ptr, start, seg, seg_start, seg_end, idx0, p,
+                      w_ptr, scale_ptr, lam_ptr, div_ptr, lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+                      rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                      T, MASK, CONSENSUS, NORMALIZE, RESCALE, TOPK, BIG, OUT, BLOCK, True)
+        else:
+            _gta_tile(x_ptr, sx_t, base_ptr, out_ptr, start, seg, seg_start, seg_end, idx0, p,
+                      w_ptr, scale_ptr, lam_ptr, div_ptr, lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+                      rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                      T, MASK, CONSENSUS, NORMALIZE, RESCALE, TOPK, BIG, OUT, BLOCK, False)
 
 
 @triton.jit
 def _l1_kernel(
     x_ptr, sx_t: tl.int64, base_ptr, part_ptr,
     tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, seg_idx0_ptr,
-    lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
+    lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr, pth_ptr,
     rank_ptr, srank_t: tl.int64, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
     T,
     MASK: tl.constexpr, TOPK: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr,
@@ -177,28 +234,31 @@ def _l1_kernel(
     p = tl.program_id(0)
     seg = tl.load(tile_seg_ptr + p)
     start = tl.load(tile_start_ptr + p)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < tl.load(seg_end_ptr + seg)
-    idx = tl.load(seg_idx0_ptr + seg) + (offs - tl.load(seg_start_ptr + seg))
+    ar = tl.arange(0, BLOCK)
+    offs = start + ar.to(tl.int64)
+    seg_start = tl.load(seg_start_ptr + seg)
+    valid = (offs >= seg_start) & (offs < tl.load(seg_end_ptr + seg))
+    idx = tl.load(seg_idx0_ptr + seg) + (offs - seg_start)
     b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     for t in range(T):
         mag = tl.abs(tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b)
-        keep = _keep(mag, offs, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, k0_ptr, k1h_ptr, k1_ptr,
-                     pth_ptr, rank_ptr, srank_t, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
-                     MASK, TOPK, BIG)
+        keep = _keep(mag, ar, valid, idx, seg, t, T, p, lo_ptr, hi_ptr, whole_ptr, k0_ptr, k1h_ptr, k1_ptr,
+                     pth_ptr, rank_ptr + t * srank_t + start, plo_ptr, pspan_ptr, nm1_ptr, eqb_ptr, room_ptr,
+                     MASK, TOPK, BIG, False)
         tl.store(part_ptr + (p * T + t) * 2, tl.sum(tl.where(valid, mag, 0.0), 0))
         tl.store(part_ptr + (p * T + t) * 2 + 1, tl.sum(tl.where(valid & keep, mag, 0.0), 0))
 
 
 @triton.jit
 def _eqcount_kernel(
-    x_ptr, sx_t: tl.int64, base_ptr, cnt_ptr, tile_seg_ptr, tile_start_ptr, seg_end_ptr, thr_ptr, T, BLOCK: tl.constexpr,
+    x_ptr, sx_t: tl.int64, base_ptr, cnt_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, thr_ptr, T,
+    BLOCK: tl.constexpr,
 ):
     """Per tile and model: how many |δ| equal the k-th largest (exact-k TIES ranks them by index)."""
     p = tl.program_id(0)
     seg = tl.load(tile_seg_ptr + p)
     offs = tl.load(tile_start_ptr + p) + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < tl.load(seg_end_ptr + seg)
+    valid = (offs >= tl.load(seg_start_ptr + seg)) & (offs < tl.load(seg_end_ptr + seg))
     b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     for t in range(T):
         mag = tl.abs(tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b)
@@ -232,12 +292,13 @@ class MaskTables:
     kind: int = MASK_ALL
     lo: torch.Tensor | None = None  # fp32 [S, T]
     hi: torch.Tensor | None = None  # fp32 [S, T]
+    whole: torch.Tensor | None = None  # int8 [S, T]: 1 = kept whole (density >= 1), MASK 1 and 3
     k0: torch.Tensor | None = None  # int64 [S, T] stream keys (MASK 2, 3)
     k1h: torch.Tensor | None = None
     k1: torch.Tensor | None = None
     pth: torch.Tensor | None = None  # int64 [S, T] integer Bernoulli thresholds, −1: keep all
     ranks: torch.Tensor | None = None  # int32 [T, N] DELLA ranks in their rows
-    plo: torch.Tensor | None = None  # fp32 [S, T] DELLA lowest probability (NaN: keep all)
+    plo: torch.Tensor | None = None  # fp32 [S, T] DELLA lowest probability
     pspan: torch.Tensor | None = None  # fp32 [S, T] DELLA probability span 2ε
     nm1: torch.Tensor | None = None  # fp32 [S] DELLA row length − 1
     topk: bool = False
@@ -250,8 +311,9 @@ def _mask_args(m: MaskTables, dummy_f: torch.Tensor, dummy_i: torch.Tensor) -> l
     f = lambda v: dummy_f if v is None else v  # noqa: E731
     i = lambda v: dummy_i if v is None else v  # noqa: E731
     ranks = m.ranks if m.ranks is not None else dummy_i.to(torch.int32)
+    whole = m.whole if m.whole is not None else dummy_i.to(torch.int8)
     return [
-        f(m.lo), f(m.hi), i(m.k0), i(m.k1h), i(m.k1), i(m.pth),
+        f(m.lo), f(m.hi), whole, i(m.k0), i(m.k1h), i(m.k1), i(m.pth),
         ranks, ranks.stride(0) if ranks.dim() == 2 else 0, f(m.plo), f(m.pspan), f(m.nm1), i(m.eqb), i(m.room),
     ]
 
@@ -322,10 +384,10 @@ def tie_counts(x: torch.Tensor, base: torch.Tensor, segs: Segments, thr: torch.T
     [S, T] (one extra read of the data: exact-k ranks the tied entries by index)."""
     T = x.shape[0]
     cnt = torch.empty((tiles.count, T), dtype=torch.int64, device=x.device)
-    _, end, _ = seg_tables(segs, x.device)
+    start, end, _ = seg_tables(segs, x.device)
     if tiles.count:
         _eqcount_kernel[(tiles.count,)](
-            x, x.stride(0), base, cnt, tiles.seg, tiles.start, end, thr.contiguous(), T, BLOCK=tiles.block,
+            x, x.stride(0), base, cnt, tiles.seg, tiles.start, start, end, thr.contiguous(), T, BLOCK=tiles.block,
             enable_fp_fusion=False,
         )
     return cnt
@@ -360,15 +422,17 @@ def gta_merge(
     _check(x, base, segs)
     if out.dim() != 1 or not out.is_contiguous() or out.numel() < segs.total:
         raise ValueError("kernels: out must be a contiguous [N] tensor")
-    BLOCK, warps = default_block(block)
-    tiles = tiles or make_tiles(segs, BLOCK, x.device)
+    T = x.shape[0]
+    BLOCK, warps = merge_block(T, block)
+    tiles = tiles or make_tiles(segs, BLOCK, x.device, aligned=True)
+    if not tiles.aligned:
+        raise ValueError("kernels: the fused pass takes an aligned tile table (make_tiles(..., aligned=True))")
     if tiles.count == 0:
         return out
-    T = x.shape[0]
     start, end, idx0 = seg_tables(segs, x.device)
     df, di = _dummies(x.device)
-    _gta_kernel[(tiles.count,)](
-        x, x.stride(0), base, out_arg(out), tiles.seg, tiles.start, start, end, idx0,
+    _gta_kernel[(persistent_grid(tiles.count, x.device),)](
+        x, x.stride(0), base, out_arg(out), tiles.seg, tiles.start, start, end, idx0, tiles.count,
         weight.contiguous(), df if scale is None else scale.contiguous(), lam.contiguous(),
         df if div is None else div.contiguous(),
         *_mask_args(mask, df, di), T,
@@ -449,8 +513,8 @@ class GtaKernel:
     def merge(self, x: torch.Tensor, base: torch.Tensor, out: torch.Tensor, segs: Segments, groups=None,
               block: int | None = None) -> torch.Tensor:
         g = self._groups(segs, groups)
-        BLOCK, _ = default_block(block)
-        tiles = make_tiles(segs, BLOCK, x.device)
+        BLOCK, _ = merge_block(x.shape[0], block)
+        tiles = make_tiles(segs, BLOCK, x.device, aligned=True)
         mask = self._seg_mask(g, segs, x, base, block, tiles)
         return gta_merge(
             x, base, out, segs, self.weight[g], self.lam[g], mask, consensus=self.consensus,
@@ -477,7 +541,7 @@ class GtaKernel:
         m = self.mask
         pick = lambda v: None if v is None else v[g].contiguous()  # noqa: E731
         return dataclasses.replace(
-            m, lo=pick(m.lo), hi=pick(m.hi), k0=pick(m.k0), k1h=pick(m.k1h), k1=pick(m.k1), pth=pick(m.pth),
+            m, lo=pick(m.lo), hi=pick(m.hi), whole=pick(m.whole), k0=pick(m.k0), k1h=pick(m.k1h), k1=pick(m.k1), pth=pick(m.pth),
             plo=pick(m.plo), pspan=pick(m.pspan), nm1=pick(m.nm1), room=pick(m.room),
             big=segs.max_index() >= 1 << 32,
         )

@@ -21,28 +21,31 @@ import triton.language as tl
 from fastmerge.methods.linear import LinearParams, weight_divisor
 from fastmerge.methods.task_arithmetic import TaskArithmeticParams
 
-from ._common import OUT_CODES, Segments, default_block, make_tiles, numels, out_arg, seg_tables, store_rounded
-from .gta import MASK_ALL, GtaKernel, weight_rows
+from ._common import (
+    OUT_CODES, Segments, make_tiles, merge_block, numels, out_arg, persistent_grid, seg_tables, store_full, store_rounded,
+)
+from .gta import MASK_ALL, GtaKernel, _row, weight_rows
 
 
 @triton.jit
-def _linear_kernel(
-    x_ptr, sx_t: tl.int64, base_ptr, out_ptr, tile_seg_ptr, tile_start_ptr, seg_end_ptr, w_ptr, wb_ptr, div_ptr, T,
-    BASE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+def _linear_tile(
+    x_ptr, sx_t, base_ptr, out_ptr, start, seg, seg_start, seg_end, w_ptr, wb_ptr, div_ptr,
+    T: tl.constexpr, BASE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+    FULL: tl.constexpr,
 ):
-    """acc = fma(row, w, acc) over the rows in order; BASE 0: no base | 1: the base is the first row
-    (weight wb) | 2: the last row | 3: rows are x_t − base and the base is added at the end."""
-    p = tl.program_id(0)
-    seg = tl.load(tile_seg_ptr + p)
-    offs = tl.load(tile_start_ptr + p) + tl.arange(0, BLOCK).to(tl.int64)
-    valid = offs < tl.load(seg_end_ptr + seg)
+    ar = tl.arange(0, BLOCK)
+    if FULL:
+        valid = ar < BLOCK
+    else:
+        offs = start + ar.to(tl.int64)
+        valid = (offs >= seg_start) & (offs < seg_end)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if BASE != 0:
-        b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        b = _row(base_ptr + start, ar, valid, FULL)
     if BASE == 1:
         acc = tl.fma(b, tl.load(wb_ptr + seg), acc)
-    for t in range(T):
-        x = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32)
+    for t in tl.static_range(T):
+        x = _row(x_ptr + t * sx_t + start, ar, valid, FULL)
         if BASE == 3:
             x = x - b
         acc = tl.fma(x, tl.load(w_ptr + seg * T + t), acc)
@@ -52,7 +55,32 @@ def _linear_kernel(
         acc = tl.div_rn(acc, tl.load(div_ptr + seg))
     if BASE == 3:
         acc = acc + b
-    store_rounded(out_ptr + offs, acc, valid, OUT)
+    if FULL:
+        store_full(out_ptr + start + ar, acc, OUT)
+    else:
+        store_rounded(out_ptr + start + ar, acc, valid, OUT)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, sx_t: tl.int64, base_ptr, out_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, n_tiles,
+    w_ptr, wb_ptr, div_ptr,
+    T: tl.constexpr, BASE: tl.constexpr, NORMALIZE: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """acc = fma(row, w, acc) over the rows in order; BASE 0: no base | 1: the base is the first row
+    (weight wb) | 2: the last row | 3: rows are x_t − base and the base is added at the end.
+    Persistent over an aligned tile table, as ``gta._gta_kernel``: full tiles unmasked."""
+    for p in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        seg = tl.load(tile_seg_ptr + p)
+        start = tl.multiple_of(tl.load(tile_start_ptr + p), BLOCK)  # a multiple of BLOCK by construction
+        seg_start = tl.load(seg_start_ptr + seg)
+        seg_end = tl.load(seg_end_ptr + seg)
+        if (start >= seg_start) & (start + BLOCK <= seg_end):
+            _linear_tile(x_ptr, sx_t, base_ptr, out_ptr, start, seg, seg_start, seg_end, w_ptr, wb_ptr, div_ptr,
+                         T, BASE, NORMALIZE, OUT, BLOCK, True)
+        else:
+            _linear_tile(x_ptr, sx_t, base_ptr, out_ptr, start, seg, seg_start, seg_end, w_ptr, wb_ptr, div_ptr,
+                         T, BASE, NORMALIZE, OUT, BLOCK, False)
 
 
 def combine(
@@ -64,17 +92,27 @@ def combine(
     ``weight`` fp32 [S, T], ``base_weight`` fp32 [S], ``div`` fp32 [S] (None: no division)."""
     if x.dim() != 2 or x.stride(1) != 1 or out.dim() != 1 or not out.is_contiguous():
         raise ValueError("kernels: x must be [T, N] with contiguous rows, out a contiguous [N]")
-    BLOCK, warps = default_block(block)
-    tiles = make_tiles(segs, BLOCK, x.device)
+    if base_mode != 0 and (base is None or base.dim() != 1 or not base.is_contiguous()):
+        raise ValueError("kernels: base_mode needs a contiguous [N] base")
+    # bounds: every segment inside the rows, the base and the output (an internal caller error would
+    # otherwise read or write out of bounds on a GPU)
+    reach = min(x.shape[1], out.numel(), base.numel() if base_mode != 0 else x.shape[1])
+    if segs.total > reach:
+        raise ValueError(f"kernels: segments reach element {segs.total}, the rows/base/output hold {reach}")
+    T = x.shape[0]
+    if tuple(weight.shape) != (segs.count, T):
+        raise ValueError(f"kernels: weight must be [S, T] = [{segs.count}, {T}], got {list(weight.shape)}")
+    BLOCK, warps = merge_block(T + (base_mode != 0), block)
+    tiles = make_tiles(segs, BLOCK, x.device, aligned=True)
     if tiles.count == 0:
         return out
-    _, end, _ = seg_tables(segs, x.device)
+    start, end, _ = seg_tables(segs, x.device)
     dummy = torch.zeros(1, dtype=torch.float32, device=x.device)
-    _linear_kernel[(tiles.count,)](
-        x, x.stride(0), dummy if base is None else base, out_arg(out), tiles.seg, tiles.start, end,
+    _linear_kernel[(persistent_grid(tiles.count, x.device),)](
+        x, x.stride(0), dummy if base is None else base, out_arg(out), tiles.seg, tiles.start, start, end, tiles.count,
         weight.contiguous(), dummy if base_weight is None else base_weight.contiguous(),
-        dummy if div is None else div.contiguous(), x.shape[0],
-        BASE=base_mode, NORMALIZE=div is not None, OUT=OUT_CODES[out.dtype], BLOCK=tiles.block, num_warps=warps,
+        dummy if div is None else div.contiguous(),
+        T=T, BASE=base_mode, NORMALIZE=div is not None, OUT=OUT_CODES[out.dtype], BLOCK=tiles.block, num_warps=warps,
         enable_fp_fusion=False,
     )
     return out

@@ -60,7 +60,7 @@ GPU_BLOCK, GPU_SUB, GPU_WARPS = 2048, 4, 8
 
 @triton.jit
 def _hist_kernel(
-    x_ptr, sx_t: tl.int64, base_ptr, hist_ptr, prefix_ptr, group_ptr,
+    x_ptr, sx_t: tl.int64, base_ptr, hist_ptr, prefix_ptr, nan_ptr, group_ptr,
     tile_seg_ptr, tile_start_ptr, seg_end_ptr,
     T,
     QPM: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr,
@@ -80,6 +80,7 @@ def _hist_kernel(
         if QPM == 2:
             pre1 = tl.load(prefix_ptr + q0 + 1)
             h1 = tl.zeros([NB], dtype=tl.int32)
+        n_nan = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
         for s in range(SUB):
             offs = start + s * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
             valid = offs < end
@@ -89,6 +90,7 @@ def _hist_kernel(
             digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
             if FIRST:
                 m0 = valid
+                n_nan += tl.sum((valid & (key > 0x7F800000)).to(tl.int32), 0)  # NaN: above +inf
             else:
                 m0 = valid & ((key >> (SHIFT + BITS)) == (pre0 >> (SHIFT + BITS)))
             h0 += tl.histogram(digit, NB, mask=m0)
@@ -99,6 +101,8 @@ def _hist_kernel(
                     m1 = valid & ((key >> (SHIFT + BITS)) == (pre1 >> (SHIFT + BITS)))
                 h1 += tl.histogram(digit, NB, mask=m1)
         tl.atomic_add(hist_ptr + q0 * NB + bins, h0.to(tl.int64), mask=h0 > 0)
+        if FIRST:
+            tl.atomic_add(nan_ptr + g * T + t, n_nan.to(tl.int64), mask=n_nan > 0)
         if QPM == 2:
             tl.atomic_add(hist_ptr + (q0 + 1) * NB + bins, h1.to(tl.int64), mask=h1 > 0)
 
@@ -140,6 +144,8 @@ class Selection:
     k: torch.Tensor  # [G, T, Q] remaining rank, updated by each scan
     prefix: torch.Tensor  # [G, T, Q] resolved bits
     eq: torch.Tensor  # [G, T, Q] entries in the last chosen bin (after the last pass: equal to the value)
+    nan: torch.Tensor  # [G, T] NaN |δ| (counted by the first pass): above every number in the selection's
+    # order, but `NaN > th` is false, so exact-k's room for entries equal to th is k + nan (methods.ties)
     hist: torch.Tensor  # [G*T*Q, 2^max bits]
     schedule: tuple[tuple[int, int], ...] = PASSES  # (shift, bits) per pass, most significant first
 
@@ -149,8 +155,10 @@ class Selection:
         k = k.to(device=device, dtype=torch.int64).contiguous().clone()
         nb = 1 << max(b for _, b in schedule)
         q = k.numel()
+        if k.dim() != 3 or k.shape[2] not in (1, 2):
+            raise ValueError(f"select: k must be [G, T, Q] with 1 or 2 queries per model, got {list(k.shape)}")
         return cls(
-            k=k, prefix=torch.zeros_like(k), eq=torch.zeros_like(k),
+            k=k, prefix=torch.zeros_like(k), eq=torch.zeros_like(k), nan=torch.zeros(k.shape[:2], dtype=torch.int64, device=device),
             hist=torch.zeros((max(q, 1), nb), dtype=torch.int64, device=device), schedule=schedule,
         )
 
@@ -174,13 +182,19 @@ class Selection:
         T = x.shape[0]
         if T != self.k.shape[1]:
             raise ValueError(f"select: x has {T} models, the selection {self.k.shape[1]}")
+        if x.dim() != 2 or x.stride(1) != 1 or base.dim() != 1 or not base.is_contiguous():
+            raise ValueError("select: x must be [T, N] with contiguous rows and base a contiguous [N]")
+        if segs.total > min(x.shape[1], base.numel()):
+            raise ValueError(f"select: segments reach element {segs.total}, the rows/base hold {min(x.shape[1], base.numel())}")
         if isinstance(groups, torch.Tensor):
             g = groups.to(device=x.device, dtype=torch.int64)
         else:
             g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64, device=x.device)
+        if g.numel() != segs.count:
+            raise ValueError(f"select: {segs.count} segments but {g.numel()} group indices")
         _, end, _ = seg_tables(segs, x.device)
         _hist_kernel[(tiles.count,)](
-            x, x.stride(0), base, self._bins(bits), self.prefix, g,
+            x, x.stride(0), base, self._bins(bits), self.prefix, self.nan, g,
             tiles.seg, tiles.start, end, T,
             QPM=self.queries_per_model, SHIFT=shift, BITS=bits, FIRST=pass_no == 0, BLOCK=BLOCK, SUB=SUB,
             num_warps=warps,
@@ -215,6 +229,8 @@ def kth_largest(
     """The k-th largest |x_t − base| of every segment and model: ``k`` [S, T, Q] int64 → a finished
     ``Selection`` (``.values`` fp32 [S, T, Q], ``.k``: entries equal to it within the top k, ``.eq``:
     entries equal to it). ``passes``: the (shift, bits) schedule (default: ``default_passes()``)."""
+    if k.dim() != 3 or k.shape[0] != segs.count or k.shape[1] != x.shape[0]:
+        raise ValueError(f"select: k must be [S, T, Q] = [{segs.count}, {x.shape[0]}, Q], got {list(k.shape)}")
     sel = Selection.start(k, x.device, passes)
     BLOCK, SUB, _ = hist_block(block)
     tiles = make_tiles(segs, BLOCK * SUB, x.device)

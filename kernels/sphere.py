@@ -19,13 +19,21 @@ from .gta import segment_sums
 
 
 @triton.jit
+def part_offset(p, R, i, j):
+    """Element (i, j) of tile p's R×R block of partial sums. ``p`` must be int64 (the kernel casts its
+    program id): P·R² reaches 2^31 at ~2.2 M tiles with R = 31 (a 4.7 G-element stacked embedding at
+    BLOCK 2048); ``tests/kernels/test_triton_bounds.py`` runs this function on int32 and int64 inputs."""
+    return p * R * R + i * R + j
+
+
+@triton.jit
 def _gram_kernel(
     x_ptr, sx_t: tl.int64, base_ptr, part_ptr, tile_seg_ptr, tile_start_ptr, seg_end_ptr, R,
     BASE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """part[p, i·R + j] = Σ over tile p of v_i·v_j (i ≤ j; the rest stays 0). BASE 0: v_i = x_i;
     1: v_i = x_i − base; 2: v_0 = base, v_i = x_(i−1) (R = T + 1)."""
-    p = tl.program_id(0)
+    p = tl.program_id(0).to(tl.int64)  # int64: p·R² passes 2^31 on a stacked embedding (4.7 G elements, R ≥ 31)
     seg = tl.load(tile_seg_ptr + p)
     offs = tl.load(tile_start_ptr + p) + tl.arange(0, BLOCK).to(tl.int64)
     valid = offs < tl.load(seg_end_ptr + seg)
@@ -54,7 +62,7 @@ def _gram_kernel(
                     vj = vj - b
             if F64:
                 vj = vj.to(tl.float64)
-            tl.store(part_ptr + p * R * R + i * R + j, tl.sum(vi * vj, 0).to(tl.float64))
+            tl.store(part_ptr + part_offset(p, R, i, j), tl.sum(vi * vj, 0).to(tl.float64))
 
 
 def gram(x: torch.Tensor, base: torch.Tensor | None, segs: Segments, *, base_mode: int = 0, f64: bool | None = None,
@@ -64,6 +72,11 @@ def gram(x: torch.Tensor, base: torch.Tensor | None, segs: Segments, *, base_mod
     products (default: for fp32 rows, as the reference)."""
     T = x.shape[0]
     R = T + 1 if base_mode == 2 else T
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("kernels: x must be [T, N] with contiguous rows")
+    reach = min(x.shape[1], base.numel() if base is not None and base_mode != 0 else x.shape[1])
+    if segs.total > reach:
+        raise ValueError(f"kernels: segments reach element {segs.total}, the rows/base hold {reach}")
     f64 = (x.dtype == torch.float32) if f64 is None else f64
     BLOCK, warps = default_block(block)
     tiles = make_tiles(segs, BLOCK, x.device)

@@ -54,10 +54,11 @@ class TiesKernel(GtaKernel):
                 if d < 1 and n > 0:
                     k[gi, t, 0] = keep_count(d, n)
         self.active = k[..., 0] > 0
-        nan = torch.full((self.G, self.T), float("nan"))
         self.mask.kind = MASK_BAND
         self.mask.topk = self.topk
-        self.mask.lo = nan.to(device)  # NaN: kept whole, until the selection fills the thresholds in
+        # density >= 1: kept whole, an explicit flag (a selected threshold may itself be NaN: then nothing is kept)
+        self.mask.whole = (~self.active).to(torch.int8).to(device)
+        self.mask.lo = torch.zeros((self.G, self.T)).to(device)  # filled in by the selection
         self.mask.hi = torch.full((self.G, self.T), float("inf")).to(device)
         self.sel: Selection | None = None
         if bool(self.active.any()):
@@ -76,8 +77,10 @@ class TiesKernel(GtaKernel):
         self.sel.scan(j)
         if j == len(self.sel.schedule) - 1:
             act = self.active.to(self.device)
-            self.mask.lo = torch.where(act, self.sel.values[..., 0], torch.full_like(self.mask.lo, float("nan")))
-            self.mask.room = self.sel.k[..., 0].contiguous()  # entries equal to the threshold that exact-k keeps
+            self.mask.lo = torch.where(act, self.sel.values[..., 0], torch.zeros_like(self.mask.lo)).contiguous()
+            # entries equal to the threshold that exact-k keeps: k − #(|δ| > th), where NaN |δ| (above th in
+            # the selection's order) do not compare greater (the reference's `mag > threshold`, the C++ kernel)
+            self.mask.room = (self.sel.k[..., 0] + self.sel.nan).contiguous()
 
     def _seg_mask(self, g, segs, x, base, block, tiles=None):
         m = super()._seg_mask(g, segs, x, base, block, tiles)
