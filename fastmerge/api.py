@@ -42,7 +42,10 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
         # a rank sweep writes one model per ratio into OUT/rank-<ratio>/: the sweep engine checks those
         return build_plan(cfg, opts, None if cfg.rank_sweep else out_dir)
 
-    return engine.merge(build, out_dir, opts)
+    from .engine.signals import terminate_as_interrupt
+
+    with terminate_as_interrupt():  # SIGTERM / SIGHUP unwind like Ctrl-C: the session cleans up
+        return engine.merge(build, out_dir, opts)
 
 
 def merge_tensors(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,13 @@ def _options(a: argparse.Namespace) -> dict:
 
 def cmd_merge(a: argparse.Namespace) -> int:
     from .api import merge
+    from .io.outdir import stale_temp_dirs
+
+    stale = stale_temp_dirs(Path(a.out))
+    if stale and not getattr(a, "resume", False):  # a merge killed (SIGKILL, power cut) before it could clean up
+        names = ", ".join(p.name for p in stale)
+        print(f"fastmerge: note: earlier merges to {a.out} were killed and left {len(stale)} temporary folder(s) beside "
+              f"it: {names}; pass --resume to continue the one of this same plan, or remove them", file=sys.stderr)
 
     report = merge(a.config, a.out, **_options(a))
     if getattr(report, "rank", 0) == 0:  # under torchrun: one summary (rank 0's, with every rank's totals)
@@ -264,9 +272,13 @@ def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
     except FastMergeError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; nothing was left at the output", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP during a merge (engine.signals.Terminated)
+        from .engine.signals import received
+
+        signum = getattr(e, "signum", None) or received()
+        what = "interrupted" if signum is None else f"terminated by {signal.Signals(signum).name}"
+        print(f"{prog}: {what}; nothing was left at the output", file=sys.stderr)
+        return 130 if signum is None else 128 + signum
     except BrokenPipeError:  # `fastmerge plan cfg | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

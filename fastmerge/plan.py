@@ -296,6 +296,12 @@ def check_output(out: Path, input_roots: list[Path], overwrite: bool) -> None:
         raise OutputError(f"{out}: output exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory")
+    if out.is_dir() and overwrite:
+        from .io.outdir import refuse_foreign
+
+        why = refuse_foreign(out)
+        if why:
+            raise OutputError(why)
 
 
 @dataclasses.dataclass

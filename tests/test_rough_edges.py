@@ -230,3 +230,109 @@ def test_write_model_card(family_bf16, tmp_path, capsys):
     assert "merge_method: ties" in card
     assert cli.yaml_main([str(cfg), str(tmp_path / "plain"), "--quiet"]) == 0
     assert not (tmp_path / "plain" / "README.md").exists()
+
+
+# -- outputs that lose what the user had --------------------------------------------------------------
+
+
+def test_overwrite_never_removes_foreign_files(family_bf16, tmp_path, capsys):
+    """Before: --overwrite renamed OUT away and deleted it whole, the user's notes.txt included."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["merge", str(cfg), str(out), "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not a fastmerge output" in err and "notes.txt" in err and (out / "notes.txt").read_text() == "mine"
+    # an earlier fastmerge output is replaced; a file added to it since makes the next --overwrite refuse
+    (out / "notes.txt").unlink()
+    assert cli.main(["merge", str(cfg), str(out), "--overwrite", "-q", "--write-model-card"]) == 0
+    assert cli.main(["merge", str(cfg), str(out), "--overwrite", "-q", "--out-shard-size", "100K"]) == 0
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+    (out / "eval").mkdir()
+    (out / "eval" / "scores.json").write_text("{}")
+    assert cli.main(["merge", str(cfg), str(out), "--overwrite", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "holds files fastmerge did not write: eval/" in err and (out / "eval" / "scores.json").is_file()
+    # the commit checks again: a foreign file that appears during the merge is kept, and the merge refused
+    from fastmerge.io.writer import commit_dir
+
+    tmp = tmp_path / ".out.fastmerge-tmp-x"
+    tmp.mkdir()
+    with pytest.raises(FastMergeError, match="eval/"):
+        commit_dir(tmp, out, overwrite=True)
+    assert (out / "eval" / "scores.json").is_file() and tmp.is_dir()
+
+
+SLOW_MERGE = """
+import sys, time
+from fastmerge.io import writer
+orig = writer.ShardWriter.write
+def slow(self, name, t):
+    time.sleep(0.1)
+    return orig(self, name, t)
+writer.ShardWriter.write = slow
+from fastmerge import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(family_bf16, tmp_path, sig):
+    """Before: SIGTERM/SIGHUP killed the process on the spot and left .OUT.fastmerge-tmp-* behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, "merge", str(cfg), str(out), "-q"],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.fastmerge-tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.fastmerge-tmp-*")), "the merge never started"
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    signum = getattr(signal, sig)
+    assert proc.returncode == 128 + signum, err
+    assert f"terminated by {sig}" in err
+    assert not list(tmp_path.glob(".out.fastmerge*")) and not out.exists()
+
+
+def test_terminate_as_interrupt_restores_handlers_and_respects_ignored():
+    import signal
+
+    from fastmerge.engine.signals import Terminated, terminate_as_interrupt
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with pytest.raises(Terminated) as e:
+            with terminate_as_interrupt():
+                assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+                signal.raise_signal(signal.SIGTERM)
+        assert isinstance(e.value, KeyboardInterrupt) and e.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is before_term and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before_hup)
+
+
+def test_a_stale_temp_folder_is_named_before_the_next_merge(family_bf16, tmp_path, capsys):
+    """Before: the folder a SIGKILLed merge left was never mentioned."""
+    from fastmerge.io.outdir import stale_temp_dirs
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)))
+    stale = tmp_path / ".out.fastmerge-tmp-0123abcd"
+    stale.mkdir()
+    (tmp_path / ".other.fastmerge-tmp-0123abcd").mkdir()
+    assert stale_temp_dirs(tmp_path / "out") == [stale]
+    assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "-q"]) == 0
+    err = capsys.readouterr().err
+    note = [x for x in err.splitlines() if ".out.fastmerge-tmp-0123abcd" in x]
+    assert len(note) == 1 and "--resume" in note[0] and ".other." not in note[0]

@@ -196,6 +196,11 @@ def commit_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
             raise OutputError(f"{out}: output exists (pass --overwrite to replace it)")
+        from .outdir import refuse_foreign
+
+        why = refuse_foreign(out)  # checked again here: files may have appeared during the merge
+        if why:
+            raise OutputError(why)
         old = out.parent / f".{out.name}.fastmerge-old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         os.rename(tmp, out)
