@@ -135,25 +135,29 @@ __global__ void norms_kernel(DevModels mdl, const void* base, int bdt, int64_t n
 }
 
 // The fused pass, one thread per element: the CPU's gtacpu::merge_block + tail_block, element by element,
-// in the same op order.
+// in the same op order. No per-thread array: the election's second loop recomputes w·δ' of each model
+// from the same load (an L1 hit) by the same formula, so the bits are those of the first loop, and the
+// kernel keeps no local memory (it held `float wd[32]` in a 128-byte stack frame: STL/LDL per element;
+// tests/kernels/test_cuda_ptxas.py asserts a zero stack frame with `nvcc -Xptxas -v`).
+__device__ __forceinline__ float merge_wd(const DevModels& mdl, int i, float b, int64_t j) {
+  const float d = fm_sub(load_f32(mdl.x[i], mdl.dtype[i], j), b);
+  const bool keep = mdl.all[i] || ties::kept(d, mdl.th[i], j <= mdl.cut[i]);
+  return gta::weighted_kept(d, mdl.w[i], keep, mdl.rescaled[i] != 0, mdl.factor[i]);
+}
+
 __global__ void merge_kernel(DevModels mdl, int T, const void* base, int bdt, void* out, int odt, int64_t n,
                              gta::Tail tail) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
     const float b = load_f32(base, bdt, j);
-    float wd[kMaxInputs];
     float tot = 0.0f;
-    for (int i = 0; i < T; ++i) {
-      const float d = fm_sub(load_f32(mdl.x[i], mdl.dtype[i], j), b);
-      const bool keep = mdl.all[i] || ties::kept(d, mdl.th[i], j <= mdl.cut[i]);
-      wd[i] = gta::weighted_kept(d, mdl.w[i], keep, mdl.rescaled[i] != 0, mdl.factor[i]);
-      tot = gta::elect_add(tot, wd[i], tail.consensus);
-    }
+    for (int i = 0; i < T; ++i) tot = gta::elect_add(tot, merge_wd(mdl, i, b, j), tail.consensus);
     const float maj = gta::majority(tot);
     float num = 0.0f, div = 0.0f;
     for (int i = 0; i < T; ++i) {
-      const bool ag = gta::agrees(wd[i], maj);
-      num = fm_add(num, ag ? wd[i] : 0.0f);
+      const float wd = merge_wd(mdl, i, b, j);
+      const bool ag = gta::agrees(wd, maj);
+      num = fm_add(num, ag ? wd : 0.0f);
       div = fm_add(div, ag ? mdl.w[i] : 0.0f);
     }
     store_f32(out, odt, j, gta::finish(num, div, b, tail));

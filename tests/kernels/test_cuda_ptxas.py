@@ -1,0 +1,47 @@
+"""The CUDA C++ kernels (csrc/cuda/*.cu) compiled for sm_90 with ``nvcc -Xptxas -v``, no GPU needed:
+no kernel keeps a stack frame (local memory: the TIES merge kernel's ``float wd[32]`` took 128 bytes,
+STL/LDL per element, before it recomputed w·δ' in the election's second loop) and none spills.
+Skipped cleanly where nvcc is absent."""
+
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+
+
+def ptxas_report(src: pathlib.Path, tmp_path) -> dict[str, dict[str, int]]:
+    r = subprocess.run(
+        ["nvcc", "-std=c++17", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v",
+         f"-I{ROOT / 'csrc' / 'include'}", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, name = {}, None
+    for line in r.stderr.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            out[name] = dict(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name in out:
+            out[name]["regs"] = int(m.group(1))
+    return out
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=lambda p: p.name)
+def test_no_stack_frame_no_spills(src, tmp_path):
+    rep = ptxas_report(src, tmp_path)
+    kernels = {k: v for k, v in rep.items() if "kernel" in k}
+    assert kernels, f"no kernels found in the ptxas report of {src.name}"
+    for name, v in kernels.items():
+        assert v["stack"] == 0 and v["spill_stores"] == 0 and v["spill_loads"] == 0, f"{src.name} {name}: {v}"
