@@ -221,3 +221,90 @@ def test_a_cpu_plan_is_refused(fam, tmp_path):
 
     with pytest.raises(FastMergeError, match="planned for the (native|torch) backend"):
         execute_cuda(p, tmp_path / "o", device=DEV)
+
+
+# --------------------------------------------------------------------------------------------------
+# synchronising calls inside a unit, counted on the CPU through a stand-in (gpu-design.md §5.2)
+
+#: the calls that, on a CUDA device, block the host until the compute stream drains: a host→device
+#: copy from pageable memory without non_blocking (``torch.tensor(..., device=)``, ``t.to(dev)``),
+#: a device→host read (``.cpu()``, ``.item()``, ``.tolist()``, ``bool(t)``)
+SYNC_CALLS = ("tensor(device=)", "to()", "cpu()", "item()", "tolist()", "bool()")
+
+
+class _SyncCounter:
+    """Counts would-be synchronising calls made while the engine runs a unit's work (``_Engine.compute``)."""
+
+    def __init__(self, monkeypatch):
+        from fastmerge.engine import gpu as g
+
+        self.active = 0
+        self.calls: dict[str, int] = {}
+        self.units = 0
+        counter = self
+
+        def counted(what, real):
+            def wrapper(*a, **k):
+                if counter.active:
+                    if what == "to()" and (k.get("non_blocking") or not _names_device(a[1:], k)):
+                        return real(*a, **k)
+                    if what == "tensor(device=)" and k.get("device") is None:
+                        return real(*a, **k)
+                    counter.calls[what] = counter.calls.get(what, 0) + 1
+                return real(*a, **k)
+            return wrapper
+
+        monkeypatch.setattr(torch, "tensor", counted("tensor(device=)", torch.tensor))
+        for name, what in (("to", "to()"), ("cpu", "cpu()"), ("item", "item()"), ("tolist", "tolist()"), ("__bool__", "bool()")):
+            monkeypatch.setattr(torch.Tensor, name, counted(what, getattr(torch.Tensor, name)))
+        real_compute = g._Engine.compute
+
+        def compute(engine, j, fn):
+            def run():
+                counter.active += 1
+                counter.units += 1
+                try:
+                    return fn()
+                finally:
+                    counter.active -= 1
+            return real_compute(engine, j, run)
+
+        monkeypatch.setattr(g._Engine, "compute", compute)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def _names_device(args, kwargs) -> bool:
+    if "device" in kwargs:
+        return True
+    return any(isinstance(x, (str, torch.device)) and str(x) not in ("cpu",) or isinstance(x, torch.device)
+               for x in args if not isinstance(x, torch.dtype))
+
+
+def test_synchronising_calls_inside_units_are_counted(fam, tmp_path, monkeypatch):
+    """The instrument: a ties merge (batches and row chunks) counted per unit. Today's kernel plans
+    build their tables with blocking copies (GtaKernel/TiesKernel constructors, ``_groups``, the
+    selection's ``k``, ``segment_sums``): the count is > 0, and bounded so that a regression shows."""
+    from fastmerge.engine.gpu import execute_cuda
+
+    cnt = _SyncCounter(monkeypatch)
+    cfg = _config(fam, "ties", {"weight": 0.5, "density": 0.4})
+    p = _gpu_plan(cfg, tmp_path / "gpu", out_shard_size=6_000)
+    execute_cuda(p, tmp_path / "gpu", device=DEV, max_gpu_memory=_budget(600))
+    assert cnt.units > 0
+    print(f"sync calls in {cnt.units} units: {cnt.calls}")
+    assert cnt.total <= 40 * cnt.units, cnt.calls
+
+
+@pytest.mark.xfail(strict=True, reason="kernel plans still build device tables with blocking copies (gpu-design.md §5.2): "
+                   "one pinned metadata buffer per unit with one non_blocking copy is the open fix")
+def test_no_synchronising_calls_inside_units(fam, tmp_path, monkeypatch):
+    from fastmerge.engine.gpu import execute_cuda
+
+    cnt = _SyncCounter(monkeypatch)
+    cfg = _config(fam, "ties", {"weight": 0.5, "density": 0.4})
+    p = _gpu_plan(cfg, tmp_path / "gpu", out_shard_size=6_000)
+    execute_cuda(p, tmp_path / "gpu", device=DEV, max_gpu_memory=_budget(600))
+    assert cnt.units > 0 and cnt.total == 0, cnt.calls
