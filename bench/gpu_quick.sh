@@ -6,8 +6,19 @@
 #     bash bench/gpu_quick.sh            # build, then --quick (seconds) and the llama-8b table (T = 2, 4)
 #     bash bench/gpu_quick.sh quick      # build, then --quick only
 #
-# build: bench/gpu_session.sh build (fastmerge + its CUDA extension into /tmp/site). Writes under $OUT:
-# kernels-gpu-quick.{json,md}, kernels-gpu.{json,md,png} (the roofline chart), env.txt, build.log.
+# build: bench/gpu_session.sh build (fastmerge + its CUDA extension for sm_90 into /tmp/site; it also runs
+# bench/gpu_diag_cxx_exceptions.sh: cxx_diag.log says which library resolves __cxa_throw/_Unwind_* for _C
+# after `import torch`, and the "exception check" lines say whether the default build or the
+# FASTMERGE_PRIVATE_CXX_RUNTIME=ON build survives a C++ exception: if only the private build does, make it
+# the default). Then, each with its own cap (the whole call stays under 8 minutes):
+#   gate   the GPU test lanes that gate the figures: NaN/inf, bounds, bit-exactness of the merge passes
+#          (T constexpr, aligned full tiles) and the selection, compiled, not interpreted (tests.log)
+#   sync   torch.cuda.set_sync_debug_mode("warn") around a small execute_cuda merge: the number of
+#          synchronising calls inside the engine (sync.log; the CPU stand-in count is in test_gpu.py)
+#   quick / llama-8b   fastmerge bench kernels (rooflines, the timing matrix in physical-minimum bytes)
+#   ncu    three kernels at 4096x14336 (merge T=8, task_arithmetic T=8, the selection's first pass)
+# Writes under $OUT: kernels-gpu-quick.{json,md}, kernels-gpu.{json,md,png} (the roofline chart), env.txt,
+# build.log, cxx_diag.log, tests.log, sync.log, ncu.txt, offline_sm90.md (the same kernels' offline build).
 set -u
 OUT=${OUT:-/tmp/fm_out}
 mkdir -p "$OUT"
@@ -16,12 +27,78 @@ MODE=${1:-full}
 bash "$REPO/bench/gpu_session.sh" build > "$OUT/gpu_session_build.txt" 2>&1 || { tail -40 "$OUT/gpu_session_build.txt"; exit 1; }
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 cd /tmp || exit 1
+grep -E "exception check|== |ok: ValueError" "$OUT/gpu_session_build.txt" "$OUT/cxx_diag.log" 2>/dev/null | head -20
+echo "=== gate (${SECONDS}s)"
+timeout 150 python3 -m pytest "$REPO/tests/kernels/test_triton_nonfinite.py" "$REPO/tests/kernels/test_triton_bounds.py" \
+  "$REPO/tests/kernels/test_triton_ties.py" "$REPO/tests/kernels/test_triton_linear.py" "$REPO/tests/kernels/test_triton_select.py" \
+  "$REPO/tests/kernels/test_triton_breadcrumbs.py" "$REPO/tests/kernels/test_triton_gpu.py" -q -p no:cacheprovider -x > "$OUT/tests.log" 2>&1
+echo "gate rc=$?"; tail -3 "$OUT/tests.log"
+echo "=== sync (${SECONDS}s)"
+timeout 90 python3 - > "$OUT/sync.log" 2>&1 <<'PY'
+import tempfile, warnings, torch, fastmerge
+from fastmerge.testing import LlamaShape, make_family
+from fastmerge.engine import gpu as g
+d = tempfile.mkdtemp()
+b, fts = make_family(d + "/fam", LlamaShape(hidden=256, layers=2, intermediate=512, vocab=1024, heads=4), n_finetunes=3, dtype="bfloat16")
+cfg = {"merge_method": "ties", "base_model": str(b), "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.4}} for f in fts]}
+real = g._Engine.compute
+n = {"units": 0, "syncs": 0}
+def compute(self, j, fn):
+    def run():
+        n["units"] += 1
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                r = fn()
+            n["syncs"] += sum("synchroniz" in str(x.message) for x in w)
+            return r
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return real(self, j, run)
+g._Engine.compute = compute
+for backend in ("auto", "triton"):
+    n.update(units=0, syncs=0)
+    p = fastmerge.plan(cfg, d + "/out-" + backend, progress=False, copy_tokenizer=False, device="cuda", backend=backend)
+    g.execute_cuda(p, d + "/out-" + backend)
+    print(f"sync debug ({backend}): {n['syncs']} synchronising calls inside {n['units']} units")
+PY
+echo "sync rc=$?"; tail -3 "$OUT/sync.log"
+(cd "$REPO" && timeout 120 env -u TRITON_INTERPRET python3 -m fastmerge.kernels.offline > "$OUT/offline_sm90.md" 2>&1) &
 echo "=== quick (${SECONDS}s)"
 timeout 120 python3 -m fastmerge bench kernels --device cuda --quick --no-progress \
   --json "$OUT/kernels-gpu-quick.json" > "$OUT/kernels-gpu-quick.md" 2> "$OUT/kernels-gpu-quick.err"
 echo "rc=$?"; cat "$OUT/kernels-gpu-quick.md"; tail -5 "$OUT/kernels-gpu-quick.err"
 [ "$MODE" = quick ] && exit 0
 echo "=== llama-8b, T=2,4 (${SECONDS}s)"
-timeout "${KERNELS_CAP:-$((560 - SECONDS))}" python3 -m fastmerge bench kernels --device cuda --shapes llama-8b --models 2,4 \
+timeout "${KERNELS_CAP:-$((400 - SECONDS))}" python3 -m fastmerge bench kernels --device cuda --shapes llama-8b --models 2,4 \
   --no-progress --json "$OUT/kernels-gpu.json" --plot "$OUT/kernels-gpu.png" > "$OUT/kernels-gpu.md" 2> "$OUT/kernels-gpu.err"
 echo "rc=$?"; cat "$OUT/kernels-gpu.md"; tail -5 "$OUT/kernels-gpu.err"
+echo "=== ncu (${SECONDS}s)"
+if command -v ncu > /dev/null && [ $((470 - SECONDS)) -gt 20 ]; then
+  cat > /tmp/fm_ncu.py <<'PY'
+import torch
+from fastmerge.kernels._common import Segments
+from fastmerge.kernels.ties import TiesKernel
+from fastmerge.kernels.linear import task_arithmetic_merge
+from fastmerge.methods.ties import TiesParams
+from fastmerge.methods.task_arithmetic import TaskArithmeticParams
+N, T = 4096 * 14336, 8
+base = (torch.randn(N, device="cuda") * 0.02).bfloat16()
+x = (base.float()[None] + 0.002 * torch.randn(T, N, device="cuda")).bfloat16()
+out = torch.empty(N, dtype=torch.bfloat16, device="cuda")
+segs = Segments.packed([N])
+TiesKernel([TiesParams((1 / T,) * T, (0.5,) * T)], [N], "cuda").run(x, base, out, segs)
+task_arithmetic_merge(x, base, out, segs, [TaskArithmeticParams((1 / T,) * T, False, 1.0)])
+torch.cuda.synchronize()
+PY
+  timeout $((470 - SECONDS)) ncu --clock-control none -k "regex:_gta_kernel|_hist_kernel" --launch-count 3 \
+    --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__average_warp_latency_issue_stalled_long_scoreboard,launch__registers_per_thread,gpu__time_duration.sum \
+    python3 /tmp/fm_ncu.py > "$OUT/ncu.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "_kernel|dram__|warps_active|registers|duration" "$OUT/ncu.txt" | head -30
+else
+  echo "ncu: not installed or no time left"
+fi
+wait
+cat "$OUT/offline_sm90.md" 2>/dev/null
+echo "=== done (${SECONDS}s)"
