@@ -37,15 +37,22 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
 
     opts = make_options(**options)
 
+    built: list[MergePlan] = []
+
     def build() -> MergePlan:
         cfg = load_config(config)
         # a rank sweep writes one model per ratio into OUT/rank-<ratio>/: the sweep engine checks those
-        return build_plan(cfg, opts, None if cfg.rank_sweep else out_dir)
+        built.append(build_plan(cfg, opts, None if cfg.rank_sweep else out_dir))
+        return built[-1]
 
     from .engine.signals import terminate_as_interrupt
 
     with terminate_as_interrupt():  # SIGTERM / SIGHUP unwind like Ctrl-C: the session cleans up
-        return engine.merge(build, out_dir, opts)
+        report = engine.merge(build, out_dir, opts)
+    if built and hasattr(report, "shards") and hasattr(report, "out_dtype"):  # the summary names them
+        report.out_dtype = "/".join(sorted({t.out_dtype for t in built[-1].tensors}))
+        report.shards = len(built[-1].shards)
+    return report
 
 
 def merge_tensors(

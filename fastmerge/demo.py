@@ -82,4 +82,5 @@ def run_demo(cache: Path | None = None, out: Path | None = None, backend: str = 
             print(f"MISMATCH {tp.name}: max |diff| {float((got.float() - ref.float()).abs().max()):.3g}")
     n = len(p.tensors)
     print(f"verified {n - bad}/{n} output tensors bit-identical to the torch reference ({time.perf_counter() - t0:.1f} s)")
+    print(f"demo files: the generated family in {root} (kept as a cache), the merged model in {out}")
     return 0 if bad == 0 else 1

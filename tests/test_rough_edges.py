@@ -336,3 +336,56 @@ def test_a_stale_temp_folder_is_named_before_the_next_merge(family_bf16, tmp_pat
     err = capsys.readouterr().err
     note = [x for x in err.splitlines() if ".out.fastmerge-tmp-0123abcd" in x]
     assert len(note) == 1 and "--resume" in note[0] and ".other." not in note[0]
+
+
+# -- display ----------------------------------------------------------------------------------------
+
+
+class _Tty:
+    def __init__(self, tty):
+        import io
+
+        self.buf, self.tty = io.StringIO(), tty
+
+    def write(self, s):
+        return self.buf.write(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_one_rate_on_a_terminal_and_lines_in_a_log(monkeypatch):
+    """Before: the bar showed tqdm's MB/s and a second GB/s postfix; in a log, hundreds of \\r redraws."""
+    from fastmerge.engine import progress
+
+    tty = _Tty(True)
+    bar = progress.make_progress(10**9, "B", "fastmerge ties", tty)
+    bar.update(5 * 10**8)
+    bar.refresh()
+    bar.close()
+    last = tty.buf.getvalue().split("\r")[-1]
+    assert last.count("/s") == 1 and "B/s" in last and "GB/s" not in last
+    log = _Tty(False)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    lines = progress.make_progress(2 * 10**9, "B", "fastmerge ties", log)
+    assert isinstance(lines, progress.LineProgress)
+    lines.every = 0.0
+    lines.update(10**9)
+    lines.update(10**9)
+    lines.close()
+    out = log.buf.getvalue()
+    assert "\r" not in out and out.splitlines()[0].startswith("fastmerge ties: 1.00 GB / 2.00 GB (50%), ")
+
+
+def test_summary_names_output_dtype_and_shards(family_bf16, tmp_path, capsys):
+    """Before: the closing summary named neither the output dtype nor the number of shards."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_ties(family_bf16)))
+    assert cli.main(["merge", str(cfg), str(tmp_path / "o"), "-q", "--out-shard-size", "100K"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    n = len(json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())["weight_map"] and
+            list((tmp_path / "o").glob("model-*.safetensors")))
+    assert n > 1 and first.endswith(f"(bfloat16, {n} shards)"), first

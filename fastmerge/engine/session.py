@@ -57,6 +57,8 @@ class MergeReport:
     world_size: int = 1  # ranks that wrote it (engine.distributed)
     rank: int = 0  # this process's rank
     kept_shards: int = 0  # shards kept from an interrupted run (--resume)
+    out_dtype: str = ""  # the output tensors' dtype(s), e.g. "bfloat16" (set by fastmerge.merge from the plan)
+    shards: int = 0  # the output's shard files
 
     @property
     def gbps(self) -> float:
@@ -65,7 +67,8 @@ class MergeReport:
     def summary(self) -> str:
         per = ", ".join(f"{k}: {v}" for k, v in sorted(self.backends.items()))
         return (
-            f"merged {self.tensors} tensors -> {self.out_dir}\n"
+            f"merged {self.tensors} tensors -> {self.out_dir}"
+            + (f" ({self.out_dtype}, {self.shards} shard{'s' if self.shards != 1 else ''})" if self.shards else "") + "\n"
             f"  read {self.bytes_read / 1e6:.1f} MB, wrote {self.bytes_written / 1e6:.1f} MB in {self.wall_s:.2f} s "
             f"({self.gbps:.2f} GB/s of input; {self.merge_s:.2f} s in kernels)\n"
             f"  peak RSS {self.peak_rss_mb:.0f} MB; tensors per backend: {per}"
@@ -329,10 +332,10 @@ class Session:
             self.pool = self._make_pool() if self._make_pool is not None else None
             self.wthread = self._writer_cls([o.writer for o in self.outputs], self.pool)
             if plan.options.progress:
-                from tqdm import tqdm
+                from .progress import make_progress  # a bar on a terminal, a line every few seconds in a log
 
                 total, unit = self._progress or (sum(sum(x.nbytes for _, x in g) for g in groups), "B")
-                self.bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=self._desc, file=sys.stderr)
+                self.bar = make_progress(total, unit, self._desc, sys.stderr)
         except BaseException as e:
             self._fail(e)
             raise
@@ -350,10 +353,7 @@ class Session:
     def advance(self, n: int) -> None:
         """Progress: ``n`` more units (input bytes by default) merged."""
         if self.bar is not None:
-            self.bar.update(n)
-            if self.bar.unit == "B":
-                rate = self.bar.n / max(time.perf_counter() - self._t0, 1e-9) / 1e9
-                self.bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
+            self.bar.update(n)  # one rate, the bar's own (MB/s of input)
 
     @property
     def bytes_written(self) -> int:
