@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -25,14 +26,26 @@ from typing import Any
 from ..errors import CheckpointError
 
 #: safetensors dtype names this project merges (others are rejected up front, naming the tensor).
-ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+#: F8_E4M3 / F8_E5M2: FP8 weights, dequantised with their scales as they are read (io.fp8)
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 ALL_ST_DTYPES = {
     "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
     "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
 }
 #: A safetensors header is JSON of a few hundred bytes per tensor; 100 MB is the library's own cap.
 MAX_HEADER_BYTES = 100_000_000
+
+
+#: Layer index in common naming schemes: LLaMA/Mistral/Qwen/Gemma "model.layers.3.", GPT-2 "h.3.",
+#: BERT/T5 "layer.3." / "block.3.", ViT "blocks.3.", NeoX "gpt_neox.layers.3.".
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The layer a tensor name belongs to (``LAYER_RE``), None for non-layer tensors."""
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +101,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo
         if st_dtype not in ST_DTYPES:
             kind = "unknown" if st_dtype not in ALL_ST_DTYPES else "unsupported"
             raise CheckpointError(
-                f"{path}: tensor '{name}' has {kind} dtype {st_dtype} (fastmerge merges F32, F16 and BF16)"
+                f"{path}: tensor '{name}' has {kind} dtype {st_dtype} (fastmerge merges F32, F16, BF16 and FP8 F8_E4M3/F8_E5M2)"
             )
         dtype = ST_DTYPES[st_dtype]
         if any(s < 0 for s in shape) or e < b or e - b != math.prod(shape) * ITEMSIZE[dtype]:

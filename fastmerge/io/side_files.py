@@ -24,7 +24,7 @@ NOT_PER_LAYER = frozenset({"architectures"})
 def layer_sources(plan: "MergePlan") -> list[int | None]:
     """For each output layer of a slices plan, the layer of the input it is made from (the slice's
     reference model: its base, else its first source), read from the tensors' input names."""
-    from ..plan import layer_index
+    from .index import layer_index
 
     src: list[int | None] = [None] * (plan.out_layers or 0)
     for t in plan.tensors:
@@ -75,6 +75,9 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
         if plan.tokenizer is not None:  # the output vocabulary sets the embedding rows (mergekit's _update_config_vocab)
             nested = "vocab_size" not in doc and isinstance(doc.get("text_config"), dict) and "vocab_size" in doc["text_config"]
             (doc["text_config"] if nested else doc)["vocab_size"] = plan.tokenizer.n_rows
+        from .fp8 import fix_config
+
+        fix_config(doc, plan)  # FP8 inputs: quantization_config kept for an FP8 output, else removed
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     if plan.tokenizer is not None:
         # tokenizer_source: always written, as mergekit saves the tokenizer it built whatever --copy-tokenizer says
