@@ -389,3 +389,56 @@ def test_summary_names_output_dtype_and_shards(family_bf16, tmp_path, capsys):
     n = len(json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())["weight_map"] and
             list((tmp_path / "o").glob("model-*.safetensors")))
     assert n > 1 and first.endswith(f"(bfloat16, {n} shards)"), first
+
+
+# -- non-finite outputs -----------------------------------------------------------------------------
+
+
+def test_nonfinite_bit_check_matches_torch():
+    from fastmerge.engine.finite import CHUNK, nonfinite
+
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(CHUNK + 77).to(dt)
+        assert not nonfinite(memoryview(x.view(torch.uint8).numpy()), str(dt)[6:])
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            y = x.clone()
+            y[CHUNK + 5] = bad  # in the second pass
+            assert nonfinite(memoryview(y.view(torch.uint8).numpy()), str(dt)[6:])
+        big = torch.full((4,), torch.finfo(dt).max, dtype=dt)
+        assert not nonfinite(memoryview(big.view(torch.uint8).numpy()), str(dt)[6:])
+
+
+def test_warns_once_when_the_merge_makes_inf_from_finite_inputs(family_bf16, tmp_path, backend):
+    """Before: a linear merge overflowing to inf wrote the inf model without a word."""
+    import warnings
+
+    base, fts = family_bf16
+    doc = {"merge_method": "linear", "parameters": {"normalize": False},
+           "models": [{"model": str(base), "parameters": {"weight": 3e38}}, {"model": str(fts[0]), "parameters": {"weight": 3e38}}]}
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        merge(doc, tmp_path / "o", progress=False, backend=backend)
+    hits = [str(x.message) for x in w if "inf or NaN" in str(x.message)]
+    assert len(hits) == 1 and "although its inputs are all finite" in hits[0] and hits[0].startswith("tensor '")
+
+
+def test_no_warning_when_the_inf_came_in_with_an_input(tmp_path, backend):
+    import warnings
+
+    from fastmerge.io.index import CheckpointIndex
+
+    base, fts = make_family(tmp_path / "fam", LlamaShape(hidden=64, layers=2, intermediate=176, vocab=301, heads=4),
+                            n_finetunes=1, dtype="bfloat16")
+    info = CheckpointIndex.open(fts[0]).tensors["model.layers.0.mlp.up_proj.weight"]
+    with open(info.file, "r+b") as f:
+        f.seek(info.begin)
+        f.write(b"\x80\x7f")  # bf16 +inf as its first element
+    doc = {"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                                {"model": str(fts[0]), "parameters": {"weight": 0.5}}]}
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        merge(doc, tmp_path / "o", progress=False, backend=backend)
+    assert not [x for x in w if "inf or NaN" in str(x.message)]
+    from safetensors.torch import load_file
+
+    assert torch.isinf(load_file(tmp_path / "o" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]).any()

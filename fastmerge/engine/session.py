@@ -242,6 +242,7 @@ class WriteThread:
         # of queueing a model's worth of tensors; a pooled engine never has more than its 2 buffers here
         self.q: queue.Queue[Any] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
+        self.check: Callable[[str, Any], None] | None = None  # set by the session before the first put
         self.t = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self.t.start()
 
@@ -256,6 +257,8 @@ class WriteThread:
                     if event is not None:
                         event.synchronize()
                     for name, view in views:
+                        if self.check is not None:
+                            self.check(name, view)  # engine.finite: inf/NaN the merge made, warned once
                         self.writers[k].write(name, view)
             except BaseException as e:
                 self.error = e
@@ -331,6 +334,9 @@ class Session:
                                              None if part is None else lambda i: setattr(part, "current", plan.tensors[i].name))
             self.pool = self._make_pool() if self._make_pool is not None else None
             self.wthread = self._writer_cls([o.writer for o in self.outputs], self.pool)
+            from .finite import NonFiniteWatch
+
+            self.wthread.check = NonFiniteWatch(plan).check
             if plan.options.progress:
                 from .progress import make_progress  # a bar on a terminal, a line every few seconds in a log
 
