@@ -1,8 +1,8 @@
 """The mergekit YAML schema (the subset fastmerge runs today), validated up front.
 
 Every error names the field (and model) at fault. A mergekit feature fastmerge does not run yet
-(``modules``, ``residual_weight``, ``tokenizer_source: union``, ``vocab.tokens``, ``chat_template``,
-LoRA ``model+lora`` references) is a clear error, never silently ignored.
+(``modules``, ``residual_weight``, ``tokenizer_source: union``, ``vocab.tokens``, ``chat_template``) is a
+clear error, never silently ignored. ``MODEL+ADAPTER`` references (PEFT LoRA) are read by ``io.lora``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .io.lora import split_ref
 from .methods import KNOWN_PARAMETERS, MergeMethod, get_method
 
 DTYPES = {
@@ -347,14 +348,25 @@ def _required() -> Any:
 
 
 def _model_ref(ref: Any, where: str) -> str:
-    if isinstance(ref, dict) and "model" in ref:  # mergekit's expanded form {model: {path: ...}}
+    """A model reference as one string: a path, or ``MODEL+ADAPTER`` (a PEFT LoRA adapter merged in per
+    tensor, ``io.lora``; mergekit's expanded form ``{model: {path: M}, lora: {path: A}}`` too)."""
+    if isinstance(ref, dict) and "model" in ref:  # mergekit's expanded form {model: {path: ...}, lora: {path: ...}}
+        lora = ref.get("lora")
         ref = ref["model"]
         if isinstance(ref, dict):
             ref = ref.get("path")
+        if isinstance(lora, dict):
+            lora = lora.get("path")
+        if lora is not None:
+            if not isinstance(lora, str) or not lora or not isinstance(ref, str) or not ref:
+                raise ConfigError(f"{where}: expected {{model: {{path: MODEL}}, lora: {{path: ADAPTER}}}}")
+            ref = f"{ref}+{lora}"
     if not isinstance(ref, str) or not ref:
         raise ConfigError(f"{where}: expected a model path")
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError(f"{where}: '{ref}': LoRA references (model+lora) are not supported yet")
+    try:
+        split_ref(ref)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return ref
 
 

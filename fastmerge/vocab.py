@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 
 from ._lazy import torch
 from .errors import CheckpointError, ConfigError
+from .io.lora import split_ref
 
 #: Vocabulary tensors by name (see the module docstring for the families each name comes from).
 VOCAB_TENSOR_RE = re.compile(
@@ -307,8 +308,8 @@ def _strip(root: Path, vocab: dict[str, int], limit: int) -> dict[str, str]:
 
 
 def model_root(path: str) -> Path:
-    """The folder of a model reference (a folder, or a checkpoint file inside one)."""
-    p = Path(path)
+    """The folder of a model reference (a folder, or a checkpoint file inside one; of MODEL+ADAPTER, MODEL's)."""
+    p = Path(split_ref(path)[0])
     return p.parent if p.is_file() else p
 
 

@@ -178,8 +178,10 @@ def _ties_params(p: Any) -> TiesParams:
 
 def _layout(plan: Any, lcfg: LlamaConfig) -> tuple[list[list[TensorPlan]], list[TensorPlan]]:
     """(the tensors of each decoder layer, the tensors after them), checked against the LLaMA layout."""
-    if any(getattr(tp, "input_transform", None) is not None for tp in plan.tensors):
-        raise ConfigError("m_ties: tokenizer_source (vocabulary remapping) is not supported with m_ties yet")
+    tr = next((tp.input_transform for tp in plan.tensors if getattr(tp, "input_transform", None) is not None), None)
+    if tr is not None:
+        what = getattr(tr, "describe", "tokenizer_source (vocabulary remapping)")
+        raise ConfigError(f"m_ties: {what} is not supported with m_ties yet")
     if not any(tp.name == EMBED for tp in plan.tensors):
         raise ConfigError(f"{plan.ref_root}: m_ties needs '{EMBED}' (a LLaMA-family checkpoint)")
     per_layer: list[list[TensorPlan]] = [[] for _ in range(lcfg.layers)]

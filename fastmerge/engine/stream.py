@@ -53,8 +53,8 @@ class RawIO:
                 return ["mergekit_compat casts inputs to the compute dtype"]
             if t.backend != "native":
                 return [f"tensor '{t.name}' runs on {t.backend}"]
-            if t.input_transform is not None:  # tokenizer_source: vocabulary remapping of embedding rows
-                return [f"tensor '{t.name}' has a vocabulary remap"]
+            if t.input_transform is not None:  # tokenizer_source's row remap, or a model+lora input's LoRA update
+                return [f"tensor '{t.name}' has {getattr(t.input_transform, 'describe', 'a vocabulary remap')}"]
             why = BACKENDS["native"].raw_reasons(MergeJob(t.name, plan.method, t.params, False), t)
             if why:
                 return [f"tensor '{t.name}': {why[0]}"]

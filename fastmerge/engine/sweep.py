@@ -132,6 +132,8 @@ def _loop(plan: Any, outputs: list[Output], vals: list[float]) -> tuple[int, flo
             tp = plan.tensors[i]
             p = tp.params
             xs = [x.to(torch_dtype(tp.compute_dtype)) if tp.compute_dtype else x for x in tensors]
+            if tp.input_transform is not None:  # tokenizer_source rows / model+lora updates (cart has no base input)
+                xs = list(tp.input_transform.apply(xs, plan.options.mergekit_compat))
             if device.type != "cpu":
                 xs = [x.to(device, non_blocking=True) for x in xs]
             dt = torch_dtype(tp.out_dtype)
