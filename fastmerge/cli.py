@@ -216,6 +216,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def cmd_lora(a: argparse.Namespace) -> int:
+    from .lora.cli import run
+
+    return run(a)
+
+
 def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Fast, streaming, mergekit-compatible model merging.")
     _version_flag(ap)
@@ -252,6 +258,9 @@ def build_parser(prog: str = "fastmerge") -> argparse.ArgumentParser:
     from .benchmark.cli import add_parser as add_bench_parser  # argparse only
 
     add_bench_parser(sub)
+    from .lora.cli import add_parsers as add_lora_parsers  # argparse only
+
+    add_lora_parsers(sub)
     return ap
 
 
@@ -266,7 +275,7 @@ def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
     else:
         a = build_parser(prog).parse_args(argv)
         handler = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "env": cmd_env, "demo": cmd_demo,
-                   "lab": cmd_lab, "bench": cmd_bench}[a.cmd]
+                   "lab": cmd_lab, "bench": cmd_bench, "extract-lora": cmd_lora}[a.cmd]
     try:
         return handler(a)
     except FastMergeError as e:

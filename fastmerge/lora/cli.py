@@ -1,0 +1,52 @@
+"""``fastmerge extract-lora`` (mergekit-extract-lora's flags): argparse only until a command runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("extract-lora", help="a fine-tune minus its base as a PEFT LoRA adapter (mergekit-extract-lora)",
+                       description="Extract model - base_model as a PEFT LoRA adapter, tensor by tensor, with the batched "
+                                   "randomized SVD (mergekit-extract-lora's flags).")
+    p.add_argument("--model", required=True, help="fine-tuned model path")
+    p.add_argument("--base-model", required=True, help="base model path")
+    p.add_argument("--out-path", required=True, help="output folder for the adapter")
+    p.add_argument("--max-rank", type=int, default=128, help="maximum rank of each module (default: %(default)s)")
+    p.add_argument("--sv-epsilon", type=float, default=0.0, help="drop singular values <= this (default: %(default)s)")
+    p.add_argument("--embed-lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="factor embeddings too (default: saved whole in modules_to_save)")
+    p.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True,
+                   help="A = sqrt(S) V^T, B = U sqrt(S) (else A = S V^T, B = U) (default: on)")
+    p.add_argument("--save-module", dest="save_modules", action="append", default=[], metavar="NAME",
+                   help="save this module at full rank (repeatable)")
+    p.add_argument("--exclude-regex", "-e", dest="exclude_regexes", action="append", default=[], metavar="RE",
+                   help="skip modules matching RE (repeatable)")
+    p.add_argument("--include-regex", "-i", dest="include_regexes", action="append", default=[], metavar="RE",
+                   help="only modules matching RE (repeatable)")
+    p.add_argument("--skip-undecomposable", action="store_true", help="do not save non-matrix modules (norms) at full rank")
+    p.add_argument("--svd", default="randomized", choices=["randomized", "exact"],
+                   help="randomized (batched, default) or exact (torch.linalg.svd, as mergekit)")
+    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="randomized SVD test matrix seed (default: %(default)s)")
+    p.add_argument("--threads", "-j", "--num-threads", type=int, default=0, help="CPU threads (default: 0 = all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    # mergekit flags with nothing to do here
+    for flag in ("--cuda", "--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code", "--no-lazy-unpickle",
+                 "--copy-tokenizer", "--no-copy-tokenizer", "--safe-serialization", "--allow-crimes"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.cmd == "extract-lora":
+        from .extract import extract_lora
+
+        rep = extract_lora(a.model, a.base_model, a.out_path, max_rank=a.max_rank, sv_epsilon=a.sv_epsilon,
+                           embed_lora=a.embed_lora, save_modules=a.save_modules, include_regexes=a.include_regexes,
+                           exclude_regexes=a.exclude_regexes, skip_undecomposable=a.skip_undecomposable,
+                           distribute_scale=a.distribute_scale, svd=a.svd, power_iters=a.power_iters, seed=a.seed,
+                           threads=a.threads, overwrite=a.overwrite)
+        print(rep.summary())
+        return 0
+    raise AssertionError(a.cmd)

@@ -1,0 +1,277 @@
+"""``fastmerge extract-lora``: a fine-tune's task vector as a PEFT LoRA adapter, mergekit-extract-lora's
+command line and output, streamed tensor by tensor with the batched randomized SVD.
+
+What is extracted (mergekit 0.1.5's ``scripts/extract_lora.py`` rules, on tensor names instead of
+transformers modules, so no model class is instantiated): a module is a tensor name without its last
+component (``model.layers.0.self_attn.q_proj``); its ``weight`` and ``bias`` travel together.
+
+1. Without ``--embed-lora``, input and output embeddings (``fastmerge.vocab``'s names) go to
+   ``modules_to_save`` unless an ``--exclude-regex`` matches them; so do they when the vocabularies of
+   the two models differ.
+2. A module in ``modules_to_save`` (``--save-module``, by full name or last component) is saved at full
+   rank: the fine-tune's tensors under ``base_model.model.<name>``.
+3. Else, when the include/exclude regexes (``re.search`` on the module name) let it through: a 2-D
+   weight is factored, Δ = W_ft − W_base ≈ B·A at rank ``min(--max-rank, #σ > --sv-epsilon)`` (at least
+   1), A = √S·Vᵀ, B = U·√S (``--no-distribute-scale``: A = S·Vᵀ, B = U); input embeddings are factored
+   transposed (``lora_embedding_A/B``, PEFT's Embedding layout). A bias of a factored module is saved as
+   ``lora_B.bias`` = Δbias with ``lora_bias: true`` (mergekit writes the key without the flag, which
+   PEFT then ignores). Anything else (norms, 3-D tensors) is saved at full rank and its last component
+   added to ``modules_to_save``, unless ``--skip-undecomposable``.
+
+``adapter_config.json`` is mergekit's: ``r`` = the largest rank written, ``lora_alpha = r`` (scale 1),
+``rank_pattern`` = ``alpha_pattern`` = every module whose rank differs, ``target_modules`` the last
+components of the factored modules (full names for a component some module of which was not factored, so
+PEFT wraps exactly the factored ones).
+
+SVD: ``svd="randomized"`` (default) runs ``ops.randomized_svd`` batched over same-shape task vectors (the
+layers' q_proj together, ...), with l = 2k sketch columns and ``power_iters`` iterations; it falls back to
+the exact SVD where a sketch would not be cheaper (k + p ≥ min(m, n)/2). ``svd="exact"``:
+``torch.linalg.svd`` as mergekit. Δ is formed in fp32 per batch of at most ``batch_bytes``; factors are
+written in the fine-tune's dtype into a temporary folder beside ``out_path``, renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .._lazy import torch
+from ..errors import CheckpointError, ConfigError, OutputError
+from ..io.index import CheckpointIndex, TensorInfo
+from ..io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
+from ..vocab import is_vocab_tensor
+
+#: input embeddings (nn.Embedding in transformers): factored transposed, as PEFT's LoRA Embedding layer
+INPUT_EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|shared)\.weight$"
+                            r"|^backbone\.embeddings\.weight$")
+ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclasses.dataclass
+class ExtractReport:
+    out_path: str
+    factored: int  # modules written as LoRA factors
+    saved: int  # tensors saved at full rank (modules_to_save)
+    max_rank: int  # r of adapter_config.json
+    svd: str  # "randomized" | "exact" | "randomized+exact" (small matrices fall back)
+    wall_s: float
+    svd_s: float
+    ranks: dict[str, int]
+
+    def summary(self) -> str:
+        return (f"extracted {self.factored} LoRA modules (r = {self.max_rank}, {self.svd} SVD) and {self.saved} "
+                f"full tensors -> {self.out_path} in {self.wall_s:.2f} s ({self.svd_s:.2f} s in SVD)")
+
+
+@dataclasses.dataclass
+class _Lora:
+    module: str
+    weight: TensorInfo  # the fine-tune's
+    base: TensorInfo
+    transpose: bool
+    bias: tuple[TensorInfo, TensorInfo] | None = None  # (fine-tune, base)
+
+
+class _SafetensorsStream:
+    """Tensors appended one by one to a data file; ``close`` writes header + data as one safetensors file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = open(str(path) + ".data", "wb")
+        self.header: dict[str, Any] = {}
+        self.pos = 0
+
+    def add(self, name: str, t: Any) -> None:
+        t = t.contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 1-D: stride 1 even for size-1 dims
+        dt = str(t.dtype).removeprefix("torch.")
+        self.header[name] = {"dtype": ST_DTYPE[dt], "shape": list(t.shape), "data_offsets": [self.pos, self.pos + len(raw)]}
+        self.data.write(raw)
+        self.pos += len(raw)
+
+    def close(self) -> None:
+        self.data.close()
+        head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(self.path, "wb") as f, open(str(self.path) + ".data", "rb") as d:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            shutil.copyfileobj(d, f, 16 << 20)
+        os.unlink(str(self.path) + ".data")
+
+
+def _factor(deltas: Any, k: int, svd: str, power_iters: int, seed: int) -> tuple[Any, Any, Any, str]:
+    """Top-k SVD of a batch (B, m, n): U (B, m, k), S (B, k), V (B, n, k) and which SVD ran."""
+    from ..ops.randomized_svd import EXACT_ABOVE, auto_oversample, randomized_svd
+
+    r = min(deltas.shape[-2:])
+    k = min(k, r)
+    if svd == "exact" or k + auto_oversample(k, None) >= EXACT_ABOVE * r:
+        u, s, vh = torch.linalg.svd(deltas, full_matrices=False)
+        return u[..., :k], s[..., :k], vh[..., :k, :].mT, "exact"
+    u, s, v = randomized_svd(deltas, k, power_iters=power_iters, seed=seed)
+    return u, s, v, "randomized"
+
+
+def extract_lora(
+    model: str | Path, base_model: str | Path, out_path: str | Path, *, max_rank: int = 128, sv_epsilon: float = 0.0,
+    embed_lora: bool = False, save_modules: Sequence[str] = (), include_regexes: Sequence[str] = (),
+    exclude_regexes: Sequence[str] = (), skip_undecomposable: bool = False, distribute_scale: bool = True,
+    svd: str = "randomized", power_iters: int = 2, seed: int = 0, threads: int = 0, batch_bytes: int = 256 << 20,
+    overwrite: bool = False,
+) -> ExtractReport:
+    """Extract ``model − base_model`` as a PEFT LoRA adapter into ``out_path`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ConfigError(f"--max-rank: expected a positive integer, got {max_rank!r}")
+    if svd not in ("randomized", "exact"):
+        raise ConfigError(f"--svd: expected 'randomized' or 'exact', got {svd!r}")
+    if sv_epsilon < 0:
+        raise ConfigError(f"--sv-epsilon: expected >= 0, got {sv_epsilon}")
+    for r in [*include_regexes, *exclude_regexes]:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise ConfigError(f"--include-regex/--exclude-regex: '{r}' is not a regular expression ({e})") from None
+    ft, base = CheckpointIndex.open(model), CheckpointIndex.open(base_model)
+    out = Path(out_path)
+    for root in (ft.root, base.root):
+        if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
+            raise OutputError(f"{out}: output is inside input model folder {root} (inputs are never written)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise OutputError(f"{out}: output exists (pass --overwrite to replace it)")
+
+    modules_to_save = list(save_modules)
+    vocab_differs = any(is_vocab_tensor(n) and n in base.tensors and base.tensors[n].shape != t.shape
+                        for n, t in ft.tensors.items())
+    if vocab_differs:
+        embed_lora = False  # as mergekit: embeddings of a resized vocabulary go to modules_to_save
+
+    def should_extract(mod: str) -> bool:
+        if include_regexes and not any(re.search(r, mod) for r in include_regexes):
+            return False
+        return not any(re.search(r, mod) for r in exclude_regexes)
+
+    mods: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in ft.tensors.items():
+        mod, _, leaf = name.rpartition(".")
+        mods.setdefault(mod, {})[leaf] = info
+    loras: list[_Lora] = []
+    full: list[TensorInfo] = []
+    candidates: dict[str, list[str]] = {}  # last component -> 2-D weight modules
+    for mod, parts in mods.items():
+        w = parts.get("weight")
+        last = mod.rpartition(".")[2]
+        if w is not None and len(w.shape) == 2:
+            candidates.setdefault(last, []).append(mod)
+        if (w is not None and not embed_lora and is_vocab_tensor(w.name)
+                and not any(re.search(r, mod) for r in exclude_regexes) and last not in modules_to_save):
+            modules_to_save.append(last)
+        if mod in modules_to_save or last in modules_to_save:
+            full += list(parts.values())
+        elif should_extract(mod):
+            if w is not None and len(w.shape) == 2 and set(parts) <= {"weight", "bias"}:
+                bw = base.tensors.get(w.name)
+                if bw is None or bw.shape != w.shape:
+                    have = "is missing" if bw is None else f"has shape {list(bw.shape)}"
+                    raise CheckpointError(f"{base_model}: tensor '{w.name}' {have}, {model} has {list(w.shape)}")
+                bias = None
+                if "bias" in parts:
+                    bb = base.tensors.get(parts["bias"].name)
+                    if bb is None or bb.shape != parts["bias"].shape:
+                        raise CheckpointError(f"{base_model}: tensor '{parts['bias'].name}' is missing or has another shape")
+                    bias = (parts["bias"], bb)
+                loras.append(_Lora(mod, w, bw, INPUT_EMBED_RE.search(w.name) is not None, bias))
+            elif not skip_undecomposable:
+                full += list(parts.values())
+                if last not in modules_to_save:
+                    modules_to_save.append(last)
+
+    from ..io.reader import ModelReader
+
+    readers = {"ft": ModelReader(ft), "base": ModelReader(base)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    ranks: dict[str, int] = {}
+    kinds: set[str] = set()
+    svd_s = 0.0
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS)
+        groups: dict[tuple, list[_Lora]] = {}
+        for lo in loras:
+            groups.setdefault((lo.weight.shape, lo.transpose), []).append(lo)
+        for (shape, transpose), items in groups.items():
+            m, n = (shape[1], shape[0]) if transpose else shape
+            per = max(1, batch_bytes // (4 * m * n))
+            for b0 in range(0, len(items), per):
+                batch = items[b0:b0 + per]
+                d = torch.empty((len(batch), m, n), dtype=torch.float32)
+                for i, lo in enumerate(batch):
+                    x = readers["ft"].get(lo.weight).float()
+                    x -= readers["base"].get(lo.base)
+                    d[i].copy_(x.T if transpose else x)
+                    del x
+                ts = time.perf_counter()
+                u, s, v, kind = _factor(d, max_rank, svd, power_iters, seed)
+                svd_s += time.perf_counter() - ts
+                kinds.add(kind)
+                del d
+                for i, lo in enumerate(batch):
+                    k = s.shape[-1]
+                    if sv_epsilon > 0:
+                        k = max(1, min(k, int((s[i] > sv_epsilon).sum())))
+                    sq = s[i, :k].sqrt() if distribute_scale else s[i, :k]
+                    a = (v[i, :, :k] * sq).T  # (k, n)
+                    bm = u[i, :, :k] * sq if distribute_scale else u[i, :, :k]  # (m, k)
+                    dt = torch.promote_types(getattr(torch, lo.weight.dtype), getattr(torch, lo.base.dtype))
+                    if transpose:
+                        w.add(f"{PREFIX}{lo.module}.lora_embedding_A", a.to(dt))
+                        w.add(f"{PREFIX}{lo.module}.lora_embedding_B", bm.to(dt))
+                    else:
+                        w.add(f"{PREFIX}{lo.module}.lora_A.weight", a.to(dt))
+                        w.add(f"{PREFIX}{lo.module}.lora_B.weight", bm.to(dt))
+                    if lo.bias is not None:
+                        db = readers["ft"].get(lo.bias[0]).float() - readers["base"].get(lo.bias[1]).float()
+                        w.add(f"{PREFIX}{lo.module}.lora_B.bias", db.to(dt))
+                    ranks[lo.module] = k
+        for info in full:
+            w.add(PREFIX + info.name, readers["ft"].get(info))
+        w.close()
+        r = max(ranks.values(), default=1)
+        factored_last: dict[str, list[str]] = {}
+        for mod in ranks:
+            factored_last.setdefault(mod.rpartition(".")[2], []).append(mod)
+        targets: list[str] = []
+        for last, ms in sorted(factored_last.items()):
+            targets += [last] if len(ms) == len(candidates.get(last, [])) else sorted(ms)
+        different = {mod: k for mod, k in ranks.items() if k != r}
+        cfg = {
+            "base_model_name_or_path": str(base_model), "peft_type": "LORA", "use_rslora": False,
+            "target_modules": targets, "modules_to_save": modules_to_save or None, "task_type": "CAUSAL_LM",
+            "r": r, "lora_alpha": r, "rank_pattern": different, "alpha_pattern": dict(different),
+            "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True, "bias": "none",
+            "lora_bias": any(lo.bias is not None for lo in loras),
+        }
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if threads:
+            torch.set_num_threads(saved_threads)
+    kind = "+".join(sorted(kinds, reverse=True)) or svd
+    return ExtractReport(str(out), len(ranks), len(full), max(ranks.values(), default=0), kind,
+                         time.perf_counter() - t0, svd_s, ranks)
