@@ -129,6 +129,8 @@ def default_methods(device: str, T: int = 2) -> tuple[str, ...]:
     """Methods a non-reference backend of ``device`` can run, with a bandwidth rule (the fast paths)."""
     out = []
     for name, m in REGISTRY.items():
+        if m.max_models == 1 and m.base_policy == "ignored":
+            continue  # a copy of its one input (passthrough): the copy bandwidth itself, not a merge kernel
         try:
             job = make_job(name, max(T, m.min_models) if m.max_models is None else m.min_models, 1 << 20)
         except Exception:  # noqa: BLE001 - a method that needs more than parameters (m_ties) is not a kernel

@@ -139,9 +139,16 @@ def _f(x: Any, fmt: str, suffix: str = "") -> str:
     return format(x, fmt) + suffix
 
 
+def _num(x: float, digits: int = 3) -> str:
+    """``digits`` significant digits without exponents: 0.0532, 4.27, 27.9, 416, 14900."""
+    if x >= 10 ** (digits - 1):
+        return f"{round(x, digits - len(str(int(x)))):.0f}"
+    return f"{x:.{digits}g}"
+
+
 def _ms(r: dict) -> str:
     t = r["time"]
-    return f"{t['median_s'] * 1e3:.3g} ± {(t['q3_s'] - t['q1_s']) * 1e3 / 2:.2g}"
+    return f"{_num(t['median_s'] * 1e3)} ± {_num((t['q3_s'] - t['q1_s']) * 1e3 / 2, 2)}"
 
 
 def machine_line(m: dict) -> str:
@@ -172,7 +179,7 @@ def kernels_table(doc: dict) -> str:
             continue
         lines.append(
             f"| {r['method']} | {shape} | {r['models']} | {r['dtype']} | {r['backend']} | {_ms(r)} | "
-            f"{_f(r.get('gbps'), '.1f')} | {_f(r.get('pct_of_copy'), '.0f', ' %')} | "
+            f"{_num(r['gbps'], 2) if r.get('gbps') is not None else '–'} | {_f(r.get('pct_of_copy'), '.0f', ' %')} | "
             f"{_f(r.get('speedup_vs_torch'), '.1f', '×')} | {_f(r.get('speedup_vs_mergekit'), '.1f', '×')} |")
     if skipped:
         lines += ["", "not timed:", *skipped]
@@ -229,7 +236,7 @@ def plot(doc: dict, path: str) -> str:
         rs = [r for r in rows if r["backend"] == b]
         ax.scatter([r["bytes"] for r in rs], [r["gbps"] for r in rs], marker=markers[i % len(markers)],
                    color=cmap(i), label=b, s=42, zorder=3)
-        for r in rs:
+        for r in rs if b not in ("torch", "mergekit") else ():  # the baselines' labels would bury the kernels'
             ax.annotate(f"{r['method']} T{r['models']}", (r["bytes"], r["gbps"]), fontsize=6.5,
                         xytext=(4, 2), textcoords="offset points", color=cmap(i))
     cg = doc["copy"]["gbps"]
