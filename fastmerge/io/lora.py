@@ -174,36 +174,8 @@ class LoraAdapter:
 
     @classmethod
     def open(cls, ref: str, model: CheckpointIndex, model_ref: str) -> "LoraAdapter":
-        root = Path(ref)
-        cfg_path = root / ADAPTER_CONFIG
-        if not root.is_dir():
-            raise CheckpointError(f"{root}: LoRA adapter folder not found (from '{model_ref}+{ref}'; nothing is downloaded)")
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path}: missing (a PEFT LoRA adapter folder has {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-        cfg = read_adapter_config(cfg_path)
-        wpath = root / ADAPTER_WEIGHTS
-        if not wpath.is_file():
-            alt = " (only adapter_model.bin: load it and save it with safetensors)" if (root / "adapter_model.bin").is_file() else ""
-            raise CheckpointError(f"{wpath}: missing{alt}")
-        _, infos = read_safetensors_header(wpath)
-        r0, alpha0 = cfg["r"], cfg["lora_alpha"]
-        rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
-        factors: dict[str, dict[str, TensorInfo]] = {}
-        replaces: dict[str, TensorInfo] = {}
-        for info in infos:
-            key = info.name
-            if not key.startswith(PREFIX):
-                raise CheckpointError(f"{wpath}: tensor '{key}' does not start with '{PREFIX}' (not a PEFT adapter for a model)")
-            key = key[len(PREFIX):]
-            m = _LORA_KEY.match(key)
-            if m:
-                factors.setdefault(m["mod"], {})[m["part"]] = info
-            elif "lora_" in key:
-                raise CheckpointError(f"{wpath}: tensor '{info.name}' is not a plain LoRA factor (DoRA / other variants "
-                                      "are not supported)")
-            else:
-                replaces[key.replace(".base_layer.", ".")] = info
+        p = ParsedAdapter.read(ref, f" (from '{model_ref}+{ref}'; nothing is downloaded)")
+        cfg, wpath, root, factors, replaces = p.config, p.weights, p.root, p.factors, p.replaces
         updates: dict[str, list[LoraUpdate]] = {}
 
         def target(name: str, by: TensorInfo) -> TensorInfo:
@@ -228,15 +200,8 @@ class LoraAdapter:
             if len(a.shape) != 2 or len(b.shape) != 2:
                 raise CheckpointError(f"{wpath}: tensor '{a.name}' has shape {list(a.shape)}: only Linear and Embedding "
                                       "LoRA layers are supported (not conv)")
-            rk = pattern_key(list(rank_pat), mod)
-            ak = pattern_key(list(alpha_pat), mod)
-            r = rank_pat[rk] if rk is not None else r0
-            alpha = alpha_pat[ak] if ak is not None else alpha0
-            if a.shape[0] != r or b.shape[1] != r:
-                field = f"rank_pattern['{rk}']" if rk is not None else "r"
-                raise CheckpointError(f"{cfg_path}: {field} = {r} but '{a.name}' / '{b.name}' have rank "
-                                      f"{a.shape[0]} / {b.shape[1]}")
-            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            scale = p.scale(mod, a, b)
+            fifo = bool(cfg.get("fan_in_fan_out"))
             w = target(f"{mod}.weight", a)
             if len(w.shape) != 2:
                 raise ShapeMismatchError(f"{wpath}: '{mod}.weight' in {model_ref} has shape {list(w.shape)}, not a matrix")
@@ -256,6 +221,66 @@ class LoraAdapter:
                                              f"in {model_ref} has {list(bt.shape)}")
                 updates.setdefault(bt.name, []).append(LoraUpdate(ref, bt.name, "bias", b=bias, scale=scale))
         return cls(ref, root, cfg, {k: tuple(v) for k, v in updates.items()})
+
+
+@dataclasses.dataclass
+class ParsedAdapter:
+    """An adapter folder read without a model: its config, and its tensors by module (``factors``: the
+    ``_LORA_KEY`` parts of each module) or as whole tensors by model tensor name (``replaces``)."""
+
+    root: Path
+    config_path: Path
+    weights: Path
+    config: dict[str, Any]
+    factors: dict[str, dict[str, TensorInfo]]
+    replaces: dict[str, TensorInfo]
+
+    @classmethod
+    def read(cls, ref: str | Path, hint: str = " (nothing is downloaded)") -> "ParsedAdapter":
+        root = Path(ref)
+        cfg_path = root / ADAPTER_CONFIG
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: LoRA adapter folder not found{hint}")
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path}: missing (a PEFT LoRA adapter folder has {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        cfg = read_adapter_config(cfg_path)
+        wpath = root / ADAPTER_WEIGHTS
+        if not wpath.is_file():
+            alt = " (only adapter_model.bin: load it and save it with safetensors)" if (root / "adapter_model.bin").is_file() else ""
+            raise CheckpointError(f"{wpath}: missing{alt}")
+        _, infos = read_safetensors_header(wpath)
+        factors: dict[str, dict[str, TensorInfo]] = {}
+        replaces: dict[str, TensorInfo] = {}
+        for info in infos:
+            key = info.name
+            if not key.startswith(PREFIX):
+                raise CheckpointError(f"{wpath}: tensor '{key}' does not start with '{PREFIX}' (not a PEFT adapter for a model)")
+            key = key[len(PREFIX):]
+            m = _LORA_KEY.match(key)
+            if m:
+                factors.setdefault(m["mod"], {})[m["part"]] = info
+            elif "lora_" in key:
+                raise CheckpointError(f"{wpath}: tensor '{info.name}' is not a plain LoRA factor (DoRA / other variants "
+                                      "are not supported)")
+            else:
+                replaces[key.replace(".base_layer.", ".")] = info
+        return cls(root, cfg_path, wpath, cfg, factors, replaces)
+
+    def rank_alpha(self, mod: str) -> tuple[int, float, str | None]:
+        """(r, lora_alpha, the rank_pattern key that set r) of module ``mod``, PEFT's rule."""
+        cfg = self.config
+        rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rk, ak = pattern_key(list(rank_pat), mod), pattern_key(list(alpha_pat), mod)
+        return (rank_pat[rk] if rk is not None else cfg["r"]), (alpha_pat[ak] if ak is not None else cfg["lora_alpha"]), rk
+
+    def scale(self, mod: str, a: TensorInfo, b: TensorInfo) -> float:
+        """PEFT's ``scaling`` of module ``mod``, after checking its factors' rank against the config."""
+        r, alpha, rk = self.rank_alpha(mod)
+        if a.shape[0] != r or b.shape[1] != r:
+            field = f"rank_pattern['{rk}']" if rk is not None else "r"
+            raise CheckpointError(f"{self.config_path}: {field} = {r} but '{a.name}' / '{b.name}' have rank "
+                                  f"{a.shape[0]} / {b.shape[1]}")
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
