@@ -179,10 +179,10 @@ def run(config: str | Path, repeat: int = 3, workdir: str | Path | None = None, 
                 torch.cuda.reset_peak_memory_stats()
             rep = fastmerge.merge(config, tmp / "out", **opts)
             walls.append(rep.wall_s)
-            rss.append(peak_rss_mb() if reset_ok else rep.peak_rss_mb)
+            rss.append(peak_rss_mb() if reset_ok else float(getattr(rep, "peak_rss_mb", 0.0) or peak_rss_mb()))
             if cuda:
                 gpu.append(getattr(rep, "gpu_peak_mb", 0.0))
-            stages.append((probe.read_s, rep.merge_s, probe.write_s))
+            stages.append((probe.read_s, float(getattr(rep, "merge_s", 0.0) or 0.0), probe.write_s))
             last = rep
             shutil.rmtree(tmp / "out", ignore_errors=True)
             if bar is not None:
