@@ -161,7 +161,7 @@ class MergeConfig:
             base_model=base,
             parameters=dict(gparams),
             dtype=_dtype(doc.get("dtype"), f"{where}: dtype"),
-            out_dtype=_dtype(doc.get("out_dtype"), f"{where}: out_dtype"),
+            out_dtype=_dtype(doc.get("out_dtype"), f"{where}: out_dtype", fp8=True),
             tokenizer_source=tok,
             tokenizer_pad_to_multiple_of=pad_to,
             source=source,
@@ -370,11 +370,19 @@ def _model_ref(ref: Any, where: str) -> str:
     return ref
 
 
-def _dtype(v: Any, where: str) -> str | None:
+#: out_dtype only: FP8 output, re-quantised with the input family's block scheme (io.fp8)
+FP8_OUT_DTYPES = {"float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn"}
+
+
+def _dtype(v: Any, where: str, fp8: bool = False) -> str | None:
     if v is None:
         return None
     key = str(v).removeprefix("torch.")
+    if fp8 and key in FP8_OUT_DTYPES:
+        return FP8_OUT_DTYPES[key]
     if key not in DTYPES:
+        if fp8:
+            raise ConfigError(f"{where}: unsupported dtype '{v}' (use float32, float16, bfloat16 or float8_e4m3fn)")
         raise ConfigError(f"{where}: unsupported dtype '{v}' (use float32, float16 or bfloat16)")
     return DTYPES[key]
 

@@ -21,20 +21,15 @@ from .backends.base import MergeJob
 from .config import MergeConfig, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
 from .io.arch import check_architectures
+from .io.fp8 import Fp8Index, fp8_transform, is_fp8, output_quant_config, requant_for
 from .io.index import CheckpointIndex, TensorInfo
 from .io.lora import LoraAdapter, lora_transform, split_ref
 from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, parse_size, plan_shards
 from .methods import MergeMethod
 from .methods.base import REQUIRED, ParamContext
 
-#: Layer index in common naming schemes: LLaMA/Mistral/Qwen/Gemma "model.layers.3.", GPT-2 "h.3.",
-#: BERT/T5 "layer.3." / "block.3.", ViT "blocks.3.", NeoX "gpt_neox.layers.3.".
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    m = LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
+#: ``layer_index`` / ``LAYER_RE`` live in io.index (side files need them below the plan); the plan's names
+from .io.index import LAYER_RE, layer_index  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +81,9 @@ class TensorPlan:
     #: the output vocabulary (a ``fastmerge.vocab.RowMap``), or MODEL+ADAPTER inputs' LoRA updates (an
     #: ``io.lora.LoraTransform``, holding the row map if both apply); None otherwise
     input_transform: Any = None
+    #: ``out_dtype: float8_e4m3fn``: how this tensor is re-quantised (an ``io.fp8.Requant``: its scale tensor
+    #: is written right after it), None: written in ``out_dtype``
+    out_quant: Any = None
 
     @property
     def in_bytes(self) -> int:
@@ -111,6 +109,8 @@ class MergePlan:
     #: this process's share of the output (``engine.session.Part``: the shared temp folder and manifest),
     #: set by ``engine.distributed`` on a plan ``restricted`` to some shards; None: the whole output
     part: Any = None
+    #: FP8 inputs (io.fp8): {"quantization_config": the dict an FP8 output keeps, or None (removed)}; None: no FP8 input
+    fp8: Any = None
 
     @property
     def method(self) -> MergeMethod:
@@ -148,6 +148,7 @@ class MergePlan:
                     "backend": t.backend,
                     "skipped": t.skipped,
                     **(_transform_json(t.input_transform) if t.input_transform is not None else {}),
+                    **({"out_scale": t.out_quant.scale_name} if t.out_quant is not None else {}),
                 }
                 for t in self.tensors
             ],
@@ -374,6 +375,14 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         check_output(Path(out), roots, options.overwrite)
     first = slices[0].base or slices[0].inputs[0]
     seed = options.seed or 0
+    # FP8 inputs (io.fp8): weights paired with their scales; scales are companions, never output tensors
+    fp8_of = {p: Fp8Index.of(ix) for p, ix in indexes.items()}
+    fp8_family = list({id(f): f for f in fp8_of.values() if f.any}.values())
+    out_fp8 = config.out_dtype if config.out_dtype and is_fp8(config.out_dtype) else None
+    if out_fp8 and not fp8_family:
+        raise ConfigError(f"out_dtype: {out_fp8} re-quantises the weights an FP8 input family holds in FP8, and no "
+                          "input has FP8 weights (use bfloat16, float16 or float32)")
+    companions = frozenset().union(*(f.companions for f in fp8_family))
     plans: list[TensorPlan] = []
     vocabs = None
     if config.tokenizer_source:
@@ -395,6 +404,8 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         out_shape = ref_info.shape
         remap = _vocab_remap(vocabs, out_name, layer, members, infos, sl.base_path) if vocabs else None
         transform = lora_transform([adapters.get(m.path) for m in members], [i.name for i in infos], remap) if adapters else remap
+        if fp8_family:
+            transform = fp8_transform([fp8_of[m.path] for m in members], [i.name for i in infos], transform)
         if remap is not None:
             out_shape = (remap.n_rows, *ref_info.shape[1:])
         for m, info in zip(members, infos):
@@ -406,14 +417,21 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed)
         base_info = infos[0] if sl.base else None
         sources = infos[1:] if sl.base else infos
-        out_dtype = config.out_dtype or config.dtype or ref_info.dtype
+        ref_dtype = "bfloat16" if is_fp8(ref_info.dtype) else ref_info.dtype  # FP8 inputs: a bf16 output by default
+        out_dtype = (None if out_fp8 else config.out_dtype) or config.dtype or ref_dtype
+        out_quant = None
+        if out_fp8 and getattr(transform, "before_cast", False):
+            out_quant = requant_for(out_name, out_shape, [d for d in transform.inputs if d is not None],
+                                    next((f.block for f in fp8_family if f.block), None), out_fp8)
+            if out_quant is not None:
+                out_dtype = out_fp8
         job = MergeJob(out_name, method, params, options.mergekit_compat, numel=math.prod(out_shape))
         backend, skipped = backends.select(job, device, options.backend)
         plans.append(TensorPlan(
             name=out_name, shape=out_shape, out_dtype=out_dtype,
-            compute_dtype=(config.dtype or ref_info.dtype) if options.mergekit_compat else None,
+            compute_dtype=(config.dtype or ref_dtype) if options.mergekit_compat else None,
             base=base_info, sources=sources, params=params, layer=layer_index(out_name), backend=backend, skipped=skipped,
-            input_transform=transform,
+            input_transform=transform, out_quant=out_quant,
         ))
 
     if not sliced:
@@ -421,16 +439,18 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         sl = slices[0]
         n_layers = sl.length
         for name in first.index.tensors:
+            if name in companions:  # an FP8 weight's scale: read with its weight, never merged
+                continue
             li = layer_index(name)
             t = 0.0 if li is None else (li / (n_layers - 1) if n_layers > 1 else 1.0)
             add(name, sl, li, t)
         for m in sl.inputs:
-            extra = [n for n in m.index.tensors if n not in first.index.tensors]
+            extra = [n for n in m.index.tensors if n not in first.index.tensors and n not in companions]
             if extra:
                 raise CheckpointError(f"{m.path}: tensor '{extra[0]}' is not in {first.path} (models must share tensor names)")
     else:
         names = list(first.index.tensors)
-        non_layer = [n for n in names if layer_index(n) is None]
+        non_layer = [n for n in names if layer_index(n) is None and n not in companions]
         for n in non_layer:  # embeddings, from the first slice (as mergekit's pre-weights)
             if PRE_RE.search(n):
                 add(n, slices[0], None, 0.0)
@@ -440,27 +460,33 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             ref = sl.base or sl.inputs[0]
             for i in range(sl.length):
                 src_layer = ref.start + i
-                layer_names = [n for n in ref.index.tensors if layer_index(n) == src_layer]
+                layer_names = [n for n in ref.index.tensors if layer_index(n) == src_layer and n not in companions]
                 if not layer_names:
                     raise CheckpointError(f"{ref.path}: slices[{si}] asks for layer {src_layer}, which this model does not have")
                 t = i / (sl.length - 1) if sl.length > 1 else 1.0
                 for n in layer_names:
                     add(with_layer(n, offset + i), sl, i, t)
             offset += sl.length
-        for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n)]:  # final norm, heads
+        for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
-    shards = plan_shards([p.out_tensor for p in plans], options.out_shard_size)
+    outs = []
+    for p in plans:  # an FP8 output's scales right after their weight (same shard when it fits)
+        outs.append(p.out_tensor)
+        if p.out_quant is not None:
+            outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
+    shards = plan_shards(outs, options.out_shard_size)
     # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None
     return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards,
-                     tokenizer=vocabs.output if vocabs else None)
+                     tokenizer=vocabs.output if vocabs else None,
+                     fp8={"quantization_config": output_quant_config(fp8_family) if out_fp8 else None} if fp8_family else None)
 
 
 def _transform_json(tr: Any) -> dict[str, Any]:
     """``input_transform`` in ``plan --json``: a LoRA transform's own keys, else a row map's summary."""
     s = tr.summary()
-    return s if "lora" in s else {"vocab_remap": s}
+    return s if "lora" in s or "fp8" in s else {"vocab_remap": s}
 
 
 def _vocab_hint(name: str, aligning: bool, shape: tuple[int, ...] = (), ref: tuple[int, ...] = ()) -> str:

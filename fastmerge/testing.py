@@ -90,18 +90,29 @@ def _base_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch
 
 def write_model(
     out: Path, shape: LlamaShape, dtype: str, shard_bytes: int, seed: int, base_seed: int | None = None,
-    noise: float = 0.002, tokens: Sequence[str] | None = None,
+    noise: float = 0.002, tokens: Sequence[str] | None = None, fp8_block: tuple[int, int] | None = None,
 ) -> Path:
     """Write one model. With ``base_seed`` it is a "fine-tune": the base (regenerated from ``base_seed``)
     plus N(0, noise²) and, on 1% of entries, larger task-specific changes (so TIES has signal to keep).
 
     With ``tokens`` (token of id i = ``tokens[i]``), the embedding and lm_head rows are drawn per token
     (``_token_rows``), so models whose tokenizers number the same token differently still agree on its
-    row; rows beyond ``len(tokens)`` (``shape.vocab`` larger) are padding rows of their own."""
+    row; rows beyond ``len(tokens)`` (``shape.vocab`` larger) are padding rows of their own.
+
+    ``fp8_block`` (e.g. (128, 128)): an FP8 checkpoint in DeepSeek-V3's layout: every weight
+    ``fp8_quantized`` picks stored as F8_E4M3 with its fp32 ``<name>_scale_inv`` per block beside it
+    (``io.fp8.quantize_blocks``), the rest in ``dtype``; ``config.json`` declares the ``quantization_config``."""
     out.mkdir(parents=True, exist_ok=True)
     dt = torch_dtype(dtype)
     specs = shape.tensors()
-    shards = plan_shards([OutTensor(n, dtype, s) for n, s in specs], shard_bytes)
+    layout: list[OutTensor] = []
+    for n, s in specs:
+        if fp8_block is not None and fp8_quantized(n, s):
+            layout += [OutTensor(n, "float8_e4m3fn", s),
+                       OutTensor(n + "_scale_inv", "float32", (-(-s[0] // fp8_block[0]), -(-s[1] // fp8_block[1])))]
+        else:
+            layout.append(OutTensor(n, dtype, s))
+    shards = plan_shards(layout, shard_bytes)
     w = ShardWriter(out, shards)
     for k, (name, s) in enumerate(specs):
         if tokens is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -114,11 +125,31 @@ def write_model(
             t = t + noise * torch.randn(s, generator=g2)
             spikes = torch.rand(s, generator=g2) < 0.01
             t = t + spikes * (10 * noise) * torch.randn(s, generator=g2)
+        if fp8_block is not None and fp8_quantized(name, s):
+            from .io.fp8 import quantize_blocks
+
+            q, scale = quantize_blocks(t, fp8_block)
+            w.write(name, q.contiguous())
+            w.write(name + "_scale_inv", scale.contiguous())
+            continue
         w.write(name, t.to(dt).contiguous())
     w.finalize()
-    (out / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
+    cfg = shape.config(dtype)
+    if fp8_block is not None:
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": list(fp8_block)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}))
     return out
+
+
+#: weights an FP8 checkpoint keeps in bf16 (DeepSeek-V3's and Qwen3-FP8's choice): embeddings, heads, norms, routers
+FP8_KEEP = ("embed", "lm_head", "norm", "mlp.gate.", "e_score_correction_bias")
+
+
+def fp8_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether an FP8 checkpoint of this family stores ``name`` in FP8: the 2-D projection weights."""
+    return len(shape) == 2 and name.endswith(".weight") and not any(k in name for k in FP8_KEEP)
 
 
 def _token_rows(name: str, tokens: Sequence[str], shape: tuple[int, ...], seed: int, base_seed: int | None,
@@ -218,15 +249,15 @@ def make_vocab_family(
 
 def make_family(
     root: Path, shape: LlamaShape = LlamaShape(), n_finetunes: int = 3, dtype: str = "bfloat16",
-    shard_bytes: int = 20_000_000, seed: int = 0, workers: int = 1,
+    shard_bytes: int = 20_000_000, seed: int = 0, workers: int = 1, fp8_block: tuple[int, int] | None = None,
 ) -> tuple[Path, list[Path]]:
     """base + ``n_finetunes`` fine-tunes under ``root`` (``base/``, ``ft1/``...). Returns (base, fine-tunes).
 
     ``workers`` > 1 writes the models in that many processes at once (the same bytes: each model is a
     function of its seeds alone): torch draws a seeded generator's numbers on one core, so a 1B-parameter
     family (13.8G draws) takes minutes serially on a many-core GPU machine."""
-    jobs = [(root / "base", shape, dtype, shard_bytes, seed, None)] + [
-        (root / f"ft{i + 1}", shape, dtype, shard_bytes, seed + i + 1, seed) for i in range(n_finetunes)
+    jobs = [(root / "base", shape, dtype, shard_bytes, seed, None, fp8_block)] + [
+        (root / f"ft{i + 1}", shape, dtype, shard_bytes, seed + i + 1, seed, fp8_block) for i in range(n_finetunes)
     ]
     if workers > 1:
         import concurrent.futures
@@ -242,5 +273,140 @@ def make_family(
 
 
 def _write_job(job: tuple) -> Path:
-    out, shape, dtype, shard_bytes, seed, base_seed = job
-    return write_model(out, shape, dtype, shard_bytes, seed, base_seed=base_seed)
+    out, shape, dtype, shard_bytes, seed, base_seed, fp8_block = job
+    return write_model(out, shape, dtype, shard_bytes, seed, base_seed=base_seed, fp8_block=fp8_block)
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE families: the real expert counts and expert shapes by default; fewer layers (and, for tests,
+# smaller dimensions through the fields) so that a family fits a disk. ``make_family(root, shape)``
+# writes them like a LLaMA family; ``fp8_block=(128, 128)`` gives DeepSeek-V3's FP8 layout.
+
+
+def _count(specs: list[tuple[str, tuple[int, ...]]]) -> int:
+    n = 0
+    for _, s in specs:
+        k = 1
+        for d in s:
+            k *= d
+        n += k
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSeekV3Shape:
+    """DeepseekV3ForCausalLM (HF names): MLA attention, ``first_k_dense`` dense MLP layers, then MoE layers of
+    ``experts`` routed experts (+ ``shared_experts`` shared ones, one fused MLP) and a router. Defaults: the
+    real model's dimensions (hidden 7168, 256 experts of 2048, 128 heads), 4 layers instead of 61."""
+
+    hidden: int = 7168
+    layers: int = 4
+    first_k_dense: int = 3
+    intermediate: int = 18432
+    moe_intermediate: int = 2048
+    experts: int = 256
+    shared_experts: int = 1
+    heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope: int = 128
+    qk_rope: int = 64
+    v_head: int = 128
+    vocab: int = 129280
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h = self.hidden
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [(p + "input_layernorm.weight", (h,))]
+            if n < self.first_k_dense:
+                i = self.intermediate
+                out += [(p + "mlp.down_proj.weight", (h, i)), (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h))]
+            else:
+                i = self.moe_intermediate
+                for e in range(self.experts):
+                    q = f"{p}mlp.experts.{e}."
+                    out += [(q + "down_proj.weight", (h, i)), (q + "gate_proj.weight", (i, h)), (q + "up_proj.weight", (i, h))]
+                out += [(p + "mlp.gate.e_score_correction_bias", (self.experts,)), (p + "mlp.gate.weight", (self.experts, h))]
+                si = i * self.shared_experts
+                out += [(p + "mlp.shared_experts.down_proj.weight", (h, si)), (p + "mlp.shared_experts.gate_proj.weight", (si, h)),
+                        (p + "mlp.shared_experts.up_proj.weight", (si, h))]
+            a = p + "self_attn."
+            out += [
+                (p + "post_attention_layernorm.weight", (h,)),
+                (a + "kv_a_layernorm.weight", (self.kv_lora_rank,)),
+                (a + "kv_a_proj_with_mqa.weight", (self.kv_lora_rank + self.qk_rope, h)),
+                (a + "kv_b_proj.weight", (self.heads * (self.qk_nope + self.v_head), self.kv_lora_rank)),
+                (a + "o_proj.weight", (h, self.heads * self.v_head)),
+                (a + "q_a_layernorm.weight", (self.q_lora_rank,)),
+                (a + "q_a_proj.weight", (self.q_lora_rank, h)),
+                (a + "q_b_proj.weight", (self.heads * (self.qk_nope + self.qk_rope), self.q_lora_rank)),
+            ]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    @property
+    def numel(self) -> int:
+        return _count(self.tensors())
+
+    def config(self, dtype: str) -> dict:
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate, "moe_intermediate_size": self.moe_intermediate,
+            "num_hidden_layers": self.layers, "first_k_dense_replace": self.first_k_dense,
+            "n_routed_experts": self.experts, "n_shared_experts": self.shared_experts, "num_experts_per_tok": 8,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.heads, "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank, "qk_nope_head_dim": self.qk_nope, "qk_rope_head_dim": self.qk_rope,
+            "v_head_dim": self.v_head, "vocab_size": self.vocab, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 0, "eos_token_id": 1,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3MoeShape:
+    """Qwen3MoeForCausalLM (Qwen3-30B-A3B's dimensions by default: hidden 2048, 128 experts of 768, 32 query
+    and 4 key/value heads of 128, q/k norms), 4 layers instead of 48."""
+
+    hidden: int = 2048
+    layers: int = 4
+    moe_intermediate: int = 768
+    experts: int = 128
+    heads: int = 32
+    kv_heads: int = 4
+    head_dim: int = 128
+    vocab: int = 151936
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, i, d = self.hidden, self.moe_intermediate, self.head_dim
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [(p + "input_layernorm.weight", (h,))]
+            for e in range(self.experts):
+                q = f"{p}mlp.experts.{e}."
+                out += [(q + "down_proj.weight", (h, i)), (q + "gate_proj.weight", (i, h)), (q + "up_proj.weight", (i, h))]
+            a = p + "self_attn."
+            out += [
+                (p + "mlp.gate.weight", (self.experts, h)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (a + "k_norm.weight", (d,)), (a + "k_proj.weight", (self.kv_heads * d, h)),
+                (a + "o_proj.weight", (h, self.heads * d)), (a + "q_norm.weight", (d,)),
+                (a + "q_proj.weight", (self.heads * d, h)), (a + "v_proj.weight", (self.kv_heads * d, h)),
+            ]
+        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        return out
+
+    @property
+    def numel(self) -> int:
+        return _count(self.tensors())
+
+    def config(self, dtype: str) -> dict:
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": self.hidden,
+            "moe_intermediate_size": self.moe_intermediate, "intermediate_size": 6144, "num_hidden_layers": self.layers,
+            "num_experts": self.experts, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim, "vocab_size": self.vocab, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 151643, "eos_token_id": 151645,
+        }

@@ -43,6 +43,8 @@ def _special(plan: Any, name: str) -> list[str]:
     need = plan.method.engine
     if need is not None and need != name:
         reasons.append(f"'{plan.method.name}' runs on the {need} engine only")
+    if getattr(plan, "fp8", None) is not None and name not in ("native", "torch"):
+        reasons.append("FP8 inputs are dequantised (and FP8 outputs re-quantised) by the CPU streaming engine only")
     return reasons
 
 

@@ -116,7 +116,7 @@ def partition(weights: Sequence[int], world_size: int) -> Partition:
 def shard_weights(plan: Any, shards: Sequence[Any] | None = None) -> list[int]:
     """What a shard costs: the input bytes its tensors read (reading dominates a merge)."""
     in_bytes = {t.name: t.in_bytes for t in plan.tensors}
-    return [sum(in_bytes[t.name] for t in s.tensors) for s in (plan.shards if shards is None else shards)]
+    return [sum(in_bytes.get(t.name, 0) for t in s.tensors) for s in (plan.shards if shards is None else shards)]
 
 
 def explain(plan: Any, world_size: int) -> list[str]:

@@ -53,7 +53,9 @@ class RawIO:
                 return ["mergekit_compat casts inputs to the compute dtype"]
             if t.backend != "native":
                 return [f"tensor '{t.name}' runs on {t.backend}"]
-            if t.input_transform is not None:  # tokenizer_source's row remap, or a model+lora input's LoRA update
+            if t.out_quant is not None:
+                return [f"tensor '{t.name}' is re-quantised to {t.out_dtype}"]
+            if t.input_transform is not None:  # tokenizer_source's row remap, a model+lora input's LoRA update, FP8 scales
                 return [f"tensor '{t.name}' has {getattr(t.input_transform, 'describe', 'a vocabulary remap')}"]
             why = BACKENDS["native"].raw_reasons(MergeJob(t.name, plan.method, t.params, False), t)
             if why:
@@ -104,15 +106,25 @@ class TorchIO:
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 
         opts = self.plan.options
+        tr = tp.input_transform
+        if getattr(tr, "before_cast", False):  # FP8 inputs: dequantised first (io.fp8), then any row map / LoRA
+            tensors, tr = self.remap.apply(tr, tensors, opts.mergekit_compat), None
         if tp.compute_dtype:  # mergekit_compat: mergekit casts every input to the compute dtype at load
             cd = torch_dtype(tp.compute_dtype)
             tensors = [x.to(cd) for x in tensors]
-        if tp.input_transform is not None:  # tokenizer_source: rows moved to the output vocabulary
-            tensors = self.remap.apply(tp.input_transform, tensors, opts.mergekit_compat)
+        if tr is not None:  # tokenizer_source: rows moved to the output vocabulary
+            tensors = self.remap.apply(tr, tensors, opts.mergekit_compat)
         base = tensors[0] if tp.base is not None else None
         inputs = tensors[1:] if tp.base is not None else tensors
-        raw, view = pool.take(tp.shape, torch_dtype(tp.out_dtype))
         job = MergeJob(tp.name, self.plan.method, tp.params, opts.mergekit_compat)
+        if tp.out_quant is not None:  # out_dtype float8_e4m3fn: merged in fp32, re-quantised, scales after it
+            from .._lazy import torch
+
+            acc = torch.empty(tp.shape, dtype=torch.float32)
+            self.backends[tp.backend].run(job, acc, inputs, base, opts.threads)
+            q, scale = tp.out_quant.quantize(acc)
+            return None, [(tp.name, q), (tp.out_quant.scale_name, scale)], tp.backend
+        raw, view = pool.take(tp.shape, torch_dtype(tp.out_dtype))
         self.backends[tp.backend].run(job, view, inputs, base, opts.threads)
         return raw, view, tp.backend
 
@@ -183,7 +195,10 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
             del tensors
             io.next_tensor(i)
             s.prefetch.release(i)
-            s.put(tp.name, written, raw)
+            if isinstance(written, list):  # a weight and its FP8 scales
+                s.put_many(written, raw)
+            else:
+                s.put(tp.name, written, raw)
             s.advance(tp.in_bytes)
     return MergeReport(
         out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=s.bytes_written,

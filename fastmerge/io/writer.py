@@ -26,7 +26,7 @@ from .._lazy import torch
 from ..errors import FastMergeError, OutputError
 from .index import ITEMSIZE
 
-ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_NAME = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 #: mergekit's --out-shard-size default: 5 billion bytes
 DEFAULT_SHARD_BYTES = 5_000_000_000
 
