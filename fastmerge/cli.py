@@ -275,7 +275,8 @@ def _run(argv: Sequence[str], prog: str, yaml_mode: bool = False) -> int:
     else:
         a = build_parser(prog).parse_args(argv)
         handler = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "env": cmd_env, "demo": cmd_demo,
-                   "lab": cmd_lab, "bench": cmd_bench, "extract-lora": cmd_lora}[a.cmd]
+                   "lab": cmd_lab, "bench": cmd_bench, "extract-lora": cmd_lora,
+                   "merge-adapters": cmd_lora}[a.cmd]
     try:
         return handler(a)
     except FastMergeError as e:

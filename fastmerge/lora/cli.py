@@ -1,4 +1,5 @@
-"""``fastmerge extract-lora`` (mergekit-extract-lora's flags): argparse only until a command runs."""
+"""``fastmerge extract-lora`` (mergekit-extract-lora's flags) and ``fastmerge merge-adapters`` (PEFT's
+add_weighted_adapter): argparse only until a command runs."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def add_parsers(sub: Any) -> None:
         p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
 
 
+    p = sub.add_parser("merge-adapters", help="combine PEFT LoRA adapters into one (PEFT's add_weighted_adapter)",
+                       description="Combine PEFT LoRA adapters as PEFT's add_weighted_adapter does, on the adapter files.")
+    p.add_argument("adapters", nargs="+", help="adapter folders (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--weights", "-w", type=float, nargs="+", required=True, help="one weight per adapter")
+    p.add_argument("--out-path", required=True, help="output adapter folder")
+    p.add_argument("--combination-type", default="svd",
+                   choices=["svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
+                            "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd"], help="(default: %(default)s)")
+    p.add_argument("--svd-rank", type=int, default=None, help="rank of the *svd types (default: the largest input r)")
+    p.add_argument("--svd-clamp", type=float, default=None, help="clamp the factors at this quantile")
+    p.add_argument("--density", type=float, default=None, help="kept fraction for ties / dare / magnitude_prune types")
+    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    p.add_argument("--svd", default="randomized", choices=["randomized", "exact"],
+                   help="SVD of the dense *_svd types (svd itself is exact from the factors)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the DARE masks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
 def run(a: argparse.Namespace) -> int:
     if a.cmd == "extract-lora":
         from .extract import extract_lora
@@ -47,6 +66,14 @@ def run(a: argparse.Namespace) -> int:
                            exclude_regexes=a.exclude_regexes, skip_undecomposable=a.skip_undecomposable,
                            distribute_scale=a.distribute_scale, svd=a.svd, power_iters=a.power_iters, seed=a.seed,
                            threads=a.threads, overwrite=a.overwrite)
+        print(rep.summary())
+        return 0
+    if a.cmd == "merge-adapters":
+        from .adapters import merge_adapters
+
+        rep = merge_adapters(a.adapters, a.weights, a.out_path, combination_type=a.combination_type, svd_rank=a.svd_rank,
+                             svd_clamp=a.svd_clamp, density=a.density, majority_sign_method=a.majority_sign_method,
+                             svd=a.svd, seed=a.seed, overwrite=a.overwrite)
         print(rep.summary())
         return 0
     raise AssertionError(a.cmd)

@@ -198,6 +198,7 @@ def extract_lora(
     from ..io.reader import ModelReader
 
     readers = {"ft": ModelReader(ft), "base": ModelReader(base)}
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     ranks: dict[str, int] = {}
     kinds: set[str] = set()

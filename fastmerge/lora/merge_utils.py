@@ -1,0 +1,102 @@
+"""PEFT's ``peft.utils.merge_utils`` functions with PEFT's exact semantics (task tensors stacked on dim 0;
+exactly-k magnitude pruning by ``topk``; the sign election on the *unweighted* pruned tensors; a disjoint
+mean over an unweighted count; DARE masks from ``torch.bernoulli`` on the global generator, drawn in the
+same order, so a seed gives PEFT's masks), without PEFT. Used by ``lora.adapters`` (adapter merging).
+
+Same results as PEFT's functions bit for bit (tests/lora/test_adapters.py), with fewer full-size temporaries:
+the weights are applied while summing instead of on a stacked copy, and the sign mask is computed once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+from .._lazy import torch
+
+
+def _w(weights: Sequence[float] | torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    w = weights if isinstance(weights, torch.Tensor) else torch.tensor(list(weights))
+    return w.to(t.device).view(w.shape + (1,) * (t.dim() - w.dim()))
+
+
+def magnitude_based_pruning(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    mask = torch.zeros_like(tensor).reshape(-1)
+    k = int(density * tensor.numel())
+    top = torch.topk(tensor.abs().reshape(-1), k=k, largest=True)
+    mask[top[1]] = 1
+    return tensor * mask.reshape(tensor.shape)
+
+
+def random_pruning(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    mask = torch.bernoulli(torch.full_like(input=tensor, fill_value=density))
+    pruned = tensor * mask
+    return pruned / density if rescale else pruned
+
+
+def prune(tensor: torch.Tensor, density: float, method: str, rescale: bool = False) -> torch.Tensor:
+    if density >= 1:
+        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=2)
+        return tensor
+    if density < 0:
+        raise ValueError(f"Density should be >= 0, got {density}")
+    if method == "magnitude":
+        return magnitude_based_pruning(tensor, density)
+    if method == "random":
+        return random_pruning(tensor, density, rescale=rescale)
+    raise ValueError(f"Unknown method {method}")
+
+
+def calculate_majority_sign_mask(tensor: torch.Tensor, method: str = "total") -> torch.Tensor:
+    sign = tensor.sign()
+    if method == "total":
+        mag = tensor.sum(dim=0)
+    elif method == "frequency":
+        mag = sign.sum(dim=0)
+    else:
+        raise RuntimeError(f'Unimplemented mask method "{method}"')
+    return sign == torch.where(mag >= 0, 1, -1)
+
+
+def disjoint_merge(task_tensors: torch.Tensor, majority_sign_mask: torch.Tensor) -> torch.Tensor:
+    mixed = (task_tensors * majority_sign_mask).sum(dim=0)
+    return mixed / torch.clamp(majority_sign_mask.sum(dim=0), min=1.0)
+
+
+def _weighted_sum(stacked: torch.Tensor, weights) -> torch.Tensor:
+    return (stacked * _w(weights, stacked)).sum(dim=0)
+
+
+def task_arithmetic(task_tensors: Sequence[torch.Tensor], weights) -> torch.Tensor:
+    return _weighted_sum(torch.stack(list(task_tensors), dim=0), weights)
+
+
+def magnitude_prune(task_tensors: Sequence[torch.Tensor], weights, density: float) -> torch.Tensor:
+    return _weighted_sum(torch.stack([prune(t, density, "magnitude") for t in task_tensors], dim=0), weights)
+
+
+def _ties_of(stacked: torch.Tensor, weights, majority_sign_method: str) -> torch.Tensor:
+    mask = calculate_majority_sign_mask(stacked, method=majority_sign_method)
+    return disjoint_merge(stacked * _w(weights, stacked), mask)
+
+
+def ties(task_tensors: Sequence[torch.Tensor], weights, density: float, majority_sign_method: str = "total") -> torch.Tensor:
+    stacked = torch.stack([prune(t, density, "magnitude") for t in task_tensors], dim=0)
+    return _ties_of(stacked, weights, majority_sign_method)
+
+
+def dare_linear(task_tensors: Sequence[torch.Tensor], weights, density: float) -> torch.Tensor:
+    return _weighted_sum(torch.stack([prune(t, density, "random", rescale=True) for t in task_tensors], dim=0), weights)
+
+
+def dare_ties(task_tensors: Sequence[torch.Tensor], weights, density: float, majority_sign_method: str = "total") -> torch.Tensor:
+    stacked = torch.stack([prune(t, density, "random", rescale=True) for t in task_tensors], dim=0)
+    return _ties_of(stacked, weights, majority_sign_method)
+
+
+#: combination type of ``add_weighted_adapter`` -> the function applied to its task tensors
+FUNCTIONS = {
+    "linear": task_arithmetic, "svd": task_arithmetic, "ties": ties, "ties_svd": ties, "dare_linear": dare_linear,
+    "dare_linear_svd": dare_linear, "dare_ties": dare_ties, "dare_ties_svd": dare_ties, "magnitude_prune": magnitude_prune,
+    "magnitude_prune_svd": magnitude_prune,
+}
