@@ -31,7 +31,6 @@ TOP_LEVEL = {
 }
 UNSUPPORTED = {
     "modules": "'modules' (multi-module models) is not supported yet",
-    "chat_template": "'chat_template' is not supported yet; remove it and set the template on the output",
 }
 
 
@@ -84,6 +83,9 @@ class MergeConfig:
     slices: list[SliceSpec] | None = None
     #: cart only: one output model per rank ratio, from one factorization (OUT/rank-<value>/)
     rank_sweep: list[float] | None = None
+    #: ``chat_template``: auto | a built-in name | a file | a Jinja string (io.chat_template), written into
+    #: the output's tokenizer_config.json
+    chat_template: str | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -167,6 +169,7 @@ class MergeConfig:
             source=source,
             slices=slices,
             rank_sweep=_rank_sweep(doc.get("rank_sweep"), method, where),
+            chat_template=_chat_template(doc.get("chat_template"), where),
         )
         cfg.validate()
         return cfg
@@ -254,7 +257,7 @@ class MergeConfig:
             ]
         else:
             d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models if not s.implicit_base]
-        for k in ("parameters", "dtype", "out_dtype", "tokenizer_source", "rank_sweep"):
+        for k in ("parameters", "dtype", "out_dtype", "tokenizer_source", "rank_sweep", "chat_template"):
             v = getattr(self, k)
             if v:
                 d[k] = v
@@ -312,8 +315,11 @@ def _parse_slices(raw: Any, where: str) -> list[SliceSpec]:
         extra = set(sl) - {"sources", "base_model", "parameters", "residual_weight"}
         if extra:
             raise ConfigError(f"{sw}: unknown field '{sorted(extra)[0]}'")
-        if sl.get("residual_weight") is not None:
-            raise ConfigError(f"{sw}: 'residual_weight' is not supported yet")
+        rw = sl.get("residual_weight")
+        if rw is not None:  # mergekit 0.1.5 parses it and never reads it: accepted and ignored the same way
+            if not isinstance(rw, (int, float)) or isinstance(rw, bool):
+                raise ConfigError(f"{sw}: residual_weight: expected a number, got {rw!r}")
+            warnings.warn(f"{sw}: residual_weight is ignored (mergekit 0.1.5 accepts it and never applies it)", stacklevel=2)
         sources = []
         for j, src in enumerate(sl["sources"]):
             srw = f"{sw}.sources[{j}]"
@@ -372,6 +378,12 @@ def _model_ref(ref: Any, where: str) -> str:
 
 #: out_dtype only: FP8 output, re-quantised with the input family's block scheme (io.fp8)
 FP8_OUT_DTYPES = {"float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn"}
+
+
+def _chat_template(v: Any, where: str) -> str | None:
+    from .io.chat_template import check
+
+    return check(v, where)
 
 
 def _dtype(v: Any, where: str, fp8: bool = False) -> str | None:

@@ -1,7 +1,6 @@
 """Config validation and plan building: parameter resolution, errors that name the field, JSON plan."""
 
 import json
-import warnings
 
 import pytest
 
@@ -101,7 +100,7 @@ def test_unknown_method_and_field(family_bf16):
 
 @pytest.mark.parametrize(
     "field,value,msg",
-    [("slices", [{"sources": []}], "slices"), ("modules", {"a": {}}, "modules"), ("chat_template", "chatml", "chat_template"),
+    [("slices", [{"sources": []}], "slices"), ("modules", {"a": {}}, "modules"), ("chat_template", "nonsense", "chat_template"),
      ("tokenizer_source", "union", "union"), ("dtype", "int8", "unsupported dtype")],
 )
 def test_unsupported_features_are_errors(family_bf16, field, value, msg):

@@ -85,7 +85,7 @@ def test_precedence_and_gradient_per_slice(fam):
         ([{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}], "same number of layers"),
         ([{"sources": [{"model": "a", "layer_range": [2, 2]}]}], "layer_range"),
         ([{"sources": [{"model": "a"}]}], "layer_range"),
-        ([{"sources": [{"model": "a", "layer_range": [0, 1]}], "residual_weight": 0.5}], "residual_weight"),
+        ([{"sources": [{"model": "a", "layer_range": [0, 1]}], "residual_weight": "x"}], "residual_weight"),
     ],
 )
 def test_slice_validation(slices, msg):

@@ -96,6 +96,17 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+    if getattr(cfg, "chat_template", None):
+        from . import chat_template
+
+        roots = [model_root(p) for p in dict.fromkeys(
+            [*([cfg.base_model] if cfg.base_model else []), *(m.path for m in cfg.models if not m.implicit_base),
+             *(src.path for sl in cfg.slices or [] for src in sl.sources)])]
+        text = chat_template.resolve(cfg.chat_template, roots, plan.options.mergekit_compat)
+        if text is not None and not chat_template.write(tmp, text):
+            import warnings
+
+            warnings.warn("chat_template: the output has no tokenizer_config.json (no tokenizer copied); not written", stacklevel=2)
     for name in MODEL_FILES:  # generation defaults (stop tokens, sampling): the config.json donor's
         if (ref_root / name).is_file():
             shutil.copyfile(ref_root / name, tmp / name)

@@ -1,0 +1,124 @@
+"""Per-tensor overhead: merge throughput on a MoE family of >= 20k small tensors vs a family of large tensors.
+
+    python bench/bench_moe.py [--root /tmp/fastmerge-moe] [--repeat 3] [--mergekit] [--fp8]
+
+Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-tunes, bf16):
+
+- ``moe-small``: DeepSeek-V3-shaped with its real expert count (256 routed + 1 shared per MoE layer) and
+  tiny dimensions (hidden 64, experts of 32): 27 layers, 20,330 tensors per model of 4 KB each.
+- ``dense-large``: LLaMA-shaped, hidden 1024, 4 layers: 39 tensors per model of 0.5-32 MB.
+- ``--fp8``: ``moe-small`` in DeepSeek-V3's FP8 layout (hidden 256, experts of 128: whole 128x128 blocks).
+
+Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process) for ties and linear on
+the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``), the ratio of the
+large-tensor family's throughput to the small one's, the time of ``fastmerge plan`` (in-process
+``build_plan``) and, with ``--mergekit``, mergekit 0.1.5's wall time on the same configs (``mergekit-yaml``,
+a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+import fastmerge
+from fastmerge.testing import DeepSeekV3Shape, LlamaShape, make_family
+
+SMALL = DeepSeekV3Shape(hidden=64, layers=27, first_k_dense=1, intermediate=96, moe_intermediate=32, experts=256,
+                        heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=512)
+FP8 = DeepSeekV3Shape(hidden=256, layers=4, first_k_dense=1, intermediate=384, moe_intermediate=128, experts=256,
+                      heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=64, v_head=64, vocab=1024)
+LARGE = LlamaShape(hidden=1024, layers=4, intermediate=2816, vocab=16000, heads=8)
+
+
+def family(root: Path, name: str, shape, fp8: bool = False) -> tuple[Path, list[Path]]:
+    d = root / name
+    if not (d / "ft2" / "config.json").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        make_family(d, shape, n_finetunes=2, shard_bytes=2_000_000_000, fp8_block=(128, 128) if fp8 else None)
+    return d / "base", [d / "ft1", d / "ft2"]
+
+
+def config(method: str, base: Path, fts: list[Path]) -> dict:
+    if method == "linear":
+        return {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1 / 3}} for p in [base, *fts]],
+                "dtype": "bfloat16"}
+    return {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+            "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in fts]}
+
+
+def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, int, str]:
+    os.environ["FASTMERGE_FASTPATH"] = "1" if engine == "native" else "0"
+    times, nbytes, used = [], 0, ""
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            t0 = time.perf_counter()
+            r = fastmerge.merge(cfg, Path(tmp) / "out", threads=2, progress=False)
+            times.append(time.perf_counter() - t0)
+            nbytes, used = r.bytes_read, r.engine
+    os.environ.pop("FASTMERGE_FASTPATH", None)
+    return statistics.median(times), nbytes, used
+
+
+def run_mergekit(cfg: dict, timeout: float) -> float | None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        p = Path(tmp) / "c.yml"
+        p.write_text(yaml.safe_dump(cfg))
+        exe = shutil.which("mergekit-yaml") or "mergekit-yaml"
+        t0 = time.perf_counter()
+        try:
+            subprocess.run([exe, str(p), str(Path(tmp) / "out"), "--no-copy-tokenizer", "-j", "2"], check=True,
+                           capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/fastmerge-moe")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--mergekit", action="store_true")
+    ap.add_argument("--mergekit-timeout", type=float, default=900)
+    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--methods", default="ties,linear")
+    a = ap.parse_args()
+    root = Path(a.root)
+    fams = {"moe-small": family(root, "moe-small", SMALL), "dense-large": family(root, "dense-large", LARGE)}
+    if a.fp8:
+        fams["moe-fp8"] = family(root, "moe-fp8", FP8, fp8=True)
+    print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model", flush=True)
+    for name, (base, fts) in fams.items():
+        t0 = time.perf_counter()
+        plan = fastmerge.plan(config("ties", base, fts))
+        print(f"plan {name}: {len(plan.tensors)} tensors in {time.perf_counter() - t0:.2f} s", flush=True)
+    rows = {}
+    for method in a.methods.split(","):
+        for name, (base, fts) in fams.items():
+            for engine in ("native", "torch"):
+                if name == "moe-fp8" and engine == "native":
+                    continue
+                wall, nbytes, used = run_fastmerge(config(method, base, fts), engine, a.repeat)
+                rows[(method, name, engine)] = nbytes / wall / 1e9
+                print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s  {nbytes / 1e6:8.1f} MB  "
+                      f"{nbytes / wall / 1e9:6.3f} GB/s", flush=True)
+            if a.mergekit and name != "moe-fp8":
+                t = run_mergekit(config(method, base, fts), a.mergekit_timeout)
+                print(f"{method:7s} {name:12s} mergekit       " + (f"{t:7.2f} s" if t else f"> {a.mergekit_timeout:.0f} s"), flush=True)
+        for engine in ("native", "torch"):
+            s, big = rows.get((method, "moe-small", engine)), rows.get((method, "dense-large", engine))
+            if s and big:
+                print(f"{method} {engine}: large/small throughput ratio {big / s:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
