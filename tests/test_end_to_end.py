@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from fastmerge import merge, plan
+from fastmerge.errors import OutputError
 from fastmerge.io.index import CheckpointIndex
 from fastmerge.io.reader import ModelReader
 from helpers.tolerance import assert_bitwise_equal, file_digest
@@ -125,8 +126,11 @@ def test_single_file_and_bin_inputs_give_same_result(tmp_path, family_fp32):
 def test_overwrite_replaces_atomically(tmp_path, family_bf16):
     cfg = _config(family_bf16, "linear")
     out = tmp_path / "out"
-    merge(cfg, out, progress=False)
-    (out / "stale.txt").write_text("old")
+    merge(cfg, out, progress=False, out_shard_size="50K")  # several shards; the next output has one
     merge(cfg, out, overwrite=True, progress=False)
-    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"] and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (out / "stale.txt").write_text("old")  # not fastmerge's: never removed (tests/test_rough_edges.py)
+    with pytest.raises(OutputError, match="stale.txt"):
+        merge(cfg, out, overwrite=True, progress=False)
+    assert (out / "stale.txt").read_text() == "old"

@@ -176,7 +176,8 @@ def _actions(parser):
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
             for name, sub in a.choices.items():
-                if name != "bench":  # fastmerge bench: the benchmark's own parser (fastmerge/benchmark/cli.py)
+                # the merge front door's commands (bench, extract-lora, merge-adapters: their modules' own parsers)
+                if name in ("merge", "plan", "methods", "env", "demo", "lab"):
                     yield from _actions(sub)
         else:
             yield a
