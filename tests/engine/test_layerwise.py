@@ -139,8 +139,10 @@ def test_errors(fam, tmp_path):
     (other / "config.json").write_text(json.dumps(doc))
     bad = config(fam)
     bad["base_model"] = str(other)
-    with pytest.raises(ConfigError, match="GPT2LMHeadModel.*not supported"):
-        fastmerge.merge(bad, tmp_path / "o", progress=False)
+    with pytest.raises(ConfigError, match="differs from .*GPT2LMHeadModel.*--allow-crimes"):
+        fastmerge.merge(bad, tmp_path / "o", progress=False)  # the plan refuses mixed architectures first
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel.*not supported"):  # allowed, M-TIES still needs LLaMA
+        fastmerge.merge(bad, tmp_path / "o", progress=False, allow_crimes=True)
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="calibration"):
         fastmerge.merge(config(fam, calibration=""), tmp_path / "o", progress=False)
