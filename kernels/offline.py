@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump([dataclasses.asdict(b) for b in builds], f, indent=1)
-    print(f"| variant (sm_{a.arch}, {NUM_WARPS} warps) | T | BLOCK | regs | stack | spills (st/ld B) | loads, full-tile path | stores | masked loads |")
+    print(f"| variant (sm_{a.arch}, {NUM_WARPS} warps) | T | BLOCK | regs | stack | spills (st/ld B) "
+          "| loads, full-tile path | stores | masked loads |")
     print("|---|---|---|---|---|---|---|---|---|")
     for b in builds:
         fmt = lambda d: ", ".join(f"{n}×{w}" for w, n in sorted(d.items())) or "–"  # noqa: E731

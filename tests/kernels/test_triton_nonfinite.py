@@ -37,10 +37,12 @@ def assert_bits_equal_nan(got: torch.Tensor, want: torch.Tensor, what: str) -> N
     assert got.dtype == want.dtype and got.shape == want.shape, what
     gn, wn = torch.isnan(got), torch.isnan(want)
     bad = (gn != wn).nonzero()
-    assert not bad.numel(), f"{what}: NaN at {bad.numel()} elements differs, first {int(bad[0])}: got {float(got[bad[0]])}, want {float(want[bad[0]])}"
+    assert not bad.numel(), (f"{what}: NaN at {bad.numel()} elements differs, first {int(bad[0])}: "
+                             f"got {float(got[bad[0]])}, want {float(want[bad[0]])}")
     iv = IV[got.element_size()]
     diff = ((got.view(iv) != want.view(iv)) & ~gn).nonzero()
-    assert not diff.numel(), f"{what}: {diff.numel()} elements differ, first {int(diff[0])}: got {float(got[diff[0]])}, want {float(want[diff[0]])}"
+    assert not diff.numel(), (f"{what}: {diff.numel()} elements differ, first {int(diff[0])}: "
+                              f"got {float(got[diff[0]])}, want {float(want[diff[0]])}")
 
 
 def poison_inputs(x: torch.Tensor, base: torch.Tensor, n_nan: int = 300) -> None:
