@@ -30,6 +30,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--svd", default="randomized", choices=["randomized", "exact"],
                    help="randomized (batched, default) or exact (torch.linalg.svd, as mergekit)")
     p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default: %(default)s)")
+    p.add_argument("--oversample", type=int, default=10, help="randomized SVD extra sketch columns (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="randomized SVD test matrix seed (default: %(default)s)")
     p.add_argument("--threads", "-j", "--num-threads", type=int, default=0, help="CPU threads (default: 0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -64,7 +65,7 @@ def run(a: argparse.Namespace) -> int:
         rep = extract_lora(a.model, a.base_model, a.out_path, max_rank=a.max_rank, sv_epsilon=a.sv_epsilon,
                            embed_lora=a.embed_lora, save_modules=a.save_modules, include_regexes=a.include_regexes,
                            exclude_regexes=a.exclude_regexes, skip_undecomposable=a.skip_undecomposable,
-                           distribute_scale=a.distribute_scale, svd=a.svd, power_iters=a.power_iters, seed=a.seed,
+                           distribute_scale=a.distribute_scale, svd=a.svd, power_iters=a.power_iters, oversample=a.oversample, seed=a.seed,
                            threads=a.threads, overwrite=a.overwrite)
         print(rep.summary())
         return 0

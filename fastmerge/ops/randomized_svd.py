@@ -32,6 +32,7 @@ is used instead (``svd_kind`` of the result says which ran).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Sequence
@@ -132,7 +133,7 @@ def _lu_basis(y: torch.Tensor) -> torch.Tensor:
     scikit-learn's randomized range finder does: only the final basis must be orthonormal, and
     ``lu_factor`` costs 3 ms where ``qr`` (which also forms Q) costs 10 ms on a 2816×162 matrix
     (1 thread; 12 vs 220 ms with 2 threads on a busy 2-core machine)."""
-    lu, piv = torch.linalg.lu_factor(y)
+    lu, piv, _ = torch.linalg.lu_factor_ex(y)  # a rank-deficient y (a zero or low-rank Δ) is fine: P·L still spans it
     m, l = y.shape[-2], y.shape[-1]
     basis = lu.tril(-1)
     basis.diagonal(dim1=-2, dim2=-1).fill_(1.0)
@@ -195,16 +196,40 @@ class _TritonCentered:
         return torch.stack([(x - self.avg).square().sum(dim=(-2, -1)) for x in self.xs])
 
 
+class _one_thread:
+    """The thin factorizations (LU / QR of m×l, SVD of l×l) on one CPU thread. MKL's LAPACK on such thin
+    matrices is bound by OpenMP barriers: on the 2-core machine, busy, a batch of 8 QRs of 2816×138 took
+    2.0 s with 2 threads and 0.24 s with 1, 8 SVDs of 138×138 1.6 s vs 0.03 s. The GEMMs keep every thread."""
+
+    def __enter__(self) -> None:
+        self.n = torch.get_num_threads()
+        if self.n > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n > 1:
+            torch.set_num_threads(self.n)
+
+
 def _sketch_svd(op, omega: torch.Tensor, power_iters: int):
     """Randomized SVD of every Δ_t of ``op`` at l = omega.shape[1] columns:
     U (T', *B, m, l), S (T', *B, l), V (T', *B, n, l)."""
+    cpu = omega.device.type == "cpu"
+    thin = _one_thread() if cpu else contextlib.nullcontext()
     q = op.mm(omega)
     for _ in range(power_iters):
-        q = op.mm(_lu_basis(op.mm_t(_lu_basis(q))))
-    q = _orth(q)
+        with thin:
+            b = _lu_basis(q)
+        b = op.mm_t(b)
+        with thin:
+            b = _lu_basis(b)
+        q = op.mm(b)
+    with thin:
+        q = _orth(q)
     w = op.mm_t(q)  # = (QᵀΔ)ᵀ
-    qw, rw = torch.linalg.qr(w, mode="reduced")
-    ut, s, vth = torch.linalg.svd(rw.mT, full_matrices=False)  # l×l
+    with thin:
+        qw, rw = torch.linalg.qr(w, mode="reduced")
+        ut, s, vth = torch.linalg.svd(rw.mT, full_matrices=False)  # l×l
     return q @ ut, s, qw @ vth.mT
 
 
