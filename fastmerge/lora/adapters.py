@@ -42,10 +42,15 @@ from ..errors import CheckpointError, ConfigError, OutputError, ShapeMismatchErr
 from ..io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, ParsedAdapter, read_tensor
 from .merge_utils import FUNCTIONS
 
-COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
-                     "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
-NEEDS_DENSITY = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
-                 "magnitude_prune_svd")
+#: combination type -> (how: "cat" | "core" (exact SVD from the factors) | "factors" (PEFT's factor-wise merge) |
+#: "dense" (ΔW, merge_utils function, SVD), the merge_utils function's arguments: "w" | "density" | "sign")
+COMBINATIONS = {
+    "svd": ("core", "w"), "linear": ("factors", "w"), "cat": ("cat", "w"), "ties": ("factors", "sign"),
+    "ties_svd": ("dense", "sign"), "dare_ties": ("factors", "sign"), "dare_linear": ("factors", "density"),
+    "dare_ties_svd": ("dense", "sign"), "dare_linear_svd": ("dense", "density"), "magnitude_prune": ("factors", "density"),
+    "magnitude_prune_svd": ("dense", "density"),
+}
+COMBINATION_TYPES = tuple(COMBINATIONS)
 
 
 @dataclasses.dataclass
@@ -105,7 +110,7 @@ def merge_adapters(
         raise ConfigError(f"combination_type: '{combination_type}' is not one of {', '.join(COMBINATION_TYPES)}")
     if len(adapters) != len(weights) or not adapters:
         raise ConfigError(f"give one weight per adapter ({len(adapters)} adapters, {len(weights)} weights)")
-    if combination_type in NEEDS_DENSITY and (density is None or not 0 <= density <= 1):
+    if COMBINATIONS[combination_type][1] != "w" and (density is None or not 0 <= density <= 1):
         raise ConfigError(f"density: combination_type '{combination_type}' needs a density in [0, 1], got {density!r}")
     if majority_sign_method not in ("total", "frequency"):
         raise ConfigError(f"majority_sign_method: expected 'total' or 'frequency', got {majority_sign_method!r}")
@@ -126,12 +131,13 @@ def merge_adapters(
         if any("lora_B.bias" in parts for parts in p.factors.values()):
             raise CheckpointError(f"{p.config_path}: lora_bias: adapters with LoRA biases cannot be merged (use model+lora)")
     ctype = "linear" if len(parsed) == 1 else combination_type  # PEFT: one adapter is a linear merge
+    how, args = COMBINATIONS[ctype]
     ranks = [_max_rank(p.config) for p in parsed]
-    if ctype in ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune"):
+    if how == "factors":
         if len(set(ranks)) != 1:
             raise ConfigError(f"combination_type '{ctype}' needs adapters of one rank (r = {ranks}); use 'cat' or 'svd'")
         new_rank = ranks[0]
-    elif ctype == "cat":
+    elif how == "cat":
         new_rank = sum(ranks)
     else:
         new_rank = svd_rank or max(ranks)
@@ -166,25 +172,24 @@ def merge_adapters(
             dtype = ins[0][0].dtype
             ka, kb = (f"{PREFIX}{mod}.lora_embedding_A", f"{PREFIX}{mod}.lora_embedding_B") if emb else (
                 f"{PREFIX}{mod}.lora_A.weight", f"{PREFIX}{mod}.lora_B.weight")
-            if ctype == "cat":
+            if how == "cat":
                 A = torch.cat([a * w * s for a, b, s, w, *_ in ins], dim=0)
                 B = torch.cat([b for a, b, *_ in ins], dim=1)
                 pa = torch.zeros((new_rank, A.shape[1]), dtype=A.dtype)
                 pb = torch.zeros((B.shape[0], new_rank), dtype=B.dtype)
                 pa[: A.shape[0]], pb[:, : B.shape[1]] = A, B
                 A, B = pa, pb
-            elif ctype == "svd":
+            elif how == "core":
                 B, A = svd_from_factors([b for a, b, *_ in ins], [a.float() * (w * s) for a, b, s, w, *_ in ins], new_rank)
                 if svd_clamp is not None:
                     B, A = _clamp(B, A, svd_clamp)
-            elif ctype.endswith("_svd"):
+            elif how == "dense":
                 deltas = []
                 for a, b, s, w, transpose, _ in ins:
                     d = b.float() @ a.float()
                     deltas.append((d.T if transpose else d) * s)  # PEFT's get_delta_weight, in the weight's layout
                 ws = torch.tensor([x[3] for x in ins])
-                d = fn(deltas, ws, density, majority_sign_method) if "ties" in ctype else (
-                    fn(deltas, ws, density) if ctype != "svd" else fn(deltas, ws))
+                d = fn(deltas, ws, density, majority_sign_method) if args == "sign" else fn(deltas, ws, density)
                 if ins[0][4]:
                     d = d.T
                 B, A = _lowrank(d.contiguous(), new_rank, svd, seed or 0)
@@ -200,9 +205,9 @@ def merge_adapters(
                 wb = torch.tensor([math.sqrt(abs(w * s)) for a, b, s, w, *_ in ins])
                 out_ab = []
                 for tensors, wv in (([a for a, *_ in ins], wa), ([b for a, b, *_ in ins], wb)):
-                    if ctype == "linear":
+                    if args == "w":
                         out_ab.append(fn(tensors, wv))
-                    elif ctype in ("ties", "dare_ties"):
+                    elif args == "sign":
                         out_ab.append(fn(tensors, wv, density, majority_sign_method))
                     else:
                         out_ab.append(fn(tensors, wv, density))
