@@ -30,7 +30,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--svd", default="randomized", choices=["randomized", "exact"],
                    help="randomized (batched, default) or exact (torch.linalg.svd, as mergekit)")
     p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default: %(default)s)")
-    p.add_argument("--oversample", type=int, default=10, help="randomized SVD extra sketch columns (default: %(default)s)")
+    p.add_argument("--oversample", type=int, default=None,
+                   help="randomized SVD extra sketch columns (default: max(10, rank): 10 is faster, less accurate)")
     p.add_argument("--seed", type=int, default=0, help="randomized SVD test matrix seed (default: %(default)s)")
     p.add_argument("--threads", "-j", "--num-threads", type=int, default=0, help="CPU threads (default: 0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

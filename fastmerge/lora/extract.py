@@ -24,8 +24,9 @@ components of the factored modules (full names for a component some module of wh
 PEFT wraps exactly the factored ones).
 
 SVD: ``svd="randomized"`` (default) runs ``ops.randomized_svd`` batched over same-shape task vectors (the
-layers' q_proj together, ...), with l = k + ``oversample`` (10) sketch columns and ``power_iters`` (2) power
-iterations (on the 168M benchmark family: within 1.01x of the optimal error, bench/RESULTS.md); it falls back to
+layers' q_proj together, ...), with l = k + ``oversample`` (default: max(10, k)) sketch columns and
+``power_iters`` (2) power iterations (on the 168M benchmark family's full-rank noise deltas, the worst case for a
+sketch: within 1.008x of the optimal error; with 10 extra columns 1.024x, bench/RESULTS.md); it falls back to
 the exact SVD where a sketch would not be cheaper (k + p ≥ min(m, n)/2). ``svd="exact"``:
 ``torch.linalg.svd`` as mergekit. Δ is formed in fp32 per batch of at most ``batch_bytes``; factors are
 written in the fine-tune's dtype into a temporary folder beside ``out_path``, renamed into place at the end.
@@ -126,7 +127,7 @@ def extract_lora(
     model: str | Path, base_model: str | Path, out_path: str | Path, *, max_rank: int = 128, sv_epsilon: float = 0.0,
     embed_lora: bool = False, save_modules: Sequence[str] = (), include_regexes: Sequence[str] = (),
     exclude_regexes: Sequence[str] = (), skip_undecomposable: bool = False, distribute_scale: bool = True,
-    svd: str = "randomized", power_iters: int = 2, oversample: int | None = 10, seed: int = 0, threads: int = 0,
+    svd: str = "randomized", power_iters: int = 2, oversample: int | None = None, seed: int = 0, threads: int = 0,
     batch_bytes: int = 256 << 20,
     overwrite: bool = False,
 ) -> ExtractReport:
