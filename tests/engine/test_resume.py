@@ -15,7 +15,7 @@ import yaml
 from fastmerge import cli, merge, plan as make_plan
 from fastmerge.engine.distributed import MANIFEST_GLOB, PLAN_FILE, tmp_dir_for
 from fastmerge.errors import OutputError
-from helpers.dist import ROOT, error_lines, tree_bytes
+from helpers.dist import error_lines, tree_bytes
 
 SHARD = "30K"
 
@@ -34,10 +34,10 @@ def job(family_bf16, tmp_path):
 
 def killed_after(cfg, out, shards: int):
     """`fastmerge merge` in a child that SIGKILLs itself after ``shards`` completed shards."""
-    env = {**os.environ, "FASTMERGE_TEST_DIE_AFTER_SHARDS": str(shards), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "FASTMERGE_TEST_DIE_AFTER_SHARDS": str(shards)}
     env.pop("WORLD_SIZE", None)
     p = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(out), "--out-shard-size", SHARD,
-                        "--seed", "3", "-q"], env=env, capture_output=True, text=True, timeout=120)
+                        "--seed", "3", "-q"], env=env, capture_output=True, text=True, timeout=120, cwd=out.parent)
     assert p.returncode == -9, p.stderr[-2000:]
     assert not out.exists()
     tmp = tmp_dir_for(out, make_plan(cfg, None, out_shard_size=SHARD, seed=3).digest())

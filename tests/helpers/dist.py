@@ -9,11 +9,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -34,14 +34,15 @@ def run_ranks(world: int, jobs: Sequence[Sequence[str]], *, env: dict[int, dict[
     for r in range(world):
         e = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
              "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-             "FASTMERGE_TEST_INIT_GROUP": "1" if init_group else "0", "PYTHONPATH": str(ROOT),
-             **((env or {}).get(r, {}))}
+             "FASTMERGE_TEST_INIT_GROUP": "1" if init_group else "0", **((env or {}).get(r, {}))}
         if module:
             assert len(jobs) == 1
             cmd = [sys.executable, "-m", "fastmerge", *jobs[0]]
         else:
             cmd = [sys.executable, str(WORKER), json.dumps([list(j) for j in jobs])]
-        procs.append(subprocess.Popen(cmd, env=e, cwd=str((cwd or {}).get(r, ROOT)), stdout=subprocess.PIPE,
+        # never the repository root as cwd or on PYTHONPATH: `python -m` puts the cwd first on sys.path, and
+        # the source tree's fastmerge (no built _C, no fastmerge.kernels) would shadow the installed one
+        procs.append(subprocess.Popen(cmd, env=e, cwd=str((cwd or {}).get(r, tempfile.gettempdir())), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:

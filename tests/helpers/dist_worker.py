@@ -13,7 +13,13 @@ if __name__ == "__main__":
         import torch.distributed as dist
 
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    from fastmerge import _native
     from fastmerge.cli import main
+
+    if not _native.HAS_CPU_EXT and os.environ.get("FASTMERGE_ALLOW_MISSING") != "1":
+        # a rank without the native extension would still write the right bytes (on torch) and hide it
+        print(f"dist_worker: fastmerge._C is not loaded ({_native.LOAD_ERRORS.get('_C')})", file=sys.stderr)
+        sys.exit(3)
 
     worst = 0
     for args in jobs:
