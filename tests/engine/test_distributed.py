@@ -77,7 +77,7 @@ def test_torchrun_just_works(cases):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                         "-m", "fastmerge", "merge", str(cfg), str(out), *flags],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=out.parent)  # not the repository: see helpers.dist
     assert p.returncode == 0, p.stderr[-3000:]
     assert tree_bytes(out) == want
 
