@@ -62,27 +62,31 @@ struct BandKeep {
 };
 
 #if FM_HAS_FUSED_BLOCK
-// BandKeep for gtacpu::fused_block, 16 lanes at a time, for a block where each boundary's tie rule is
+// BandKeep for gtacpu::fused_block, W lanes at a time, for a block where each boundary's tie rule is
 // uniform: ok[2i] / ok[2i + 1] = every / no tie at lo / hi kept (all ones / zeros). Blocks that a topk
 // cut runs through (at most two per model) take merge_block.
 //
 // The open interval lo < |δ| < hi is one unsigned compare on bit patterns (band_bits): GCC 12 lowered the
 // AND of two float-compare masks lane by lane here (breadcrumbs_ties 3x slower than merge_block, measured).
+template <int W>
 struct BandVKeep {
   const Band* bands;
   const int32_t* ok;
   const uint32_t* bb;  // per model: band_bits' (base, width)
-  FM_ALWAYS_INLINE gtacpu::fm_v16i operator()(int i, int64_t, gtacpu::fm_v16f d) const {
-    gtacpu::fm_v16u bits;
+  FM_ALWAYS_INLINE typename gtacpu::Lanes<W>::I operator()(int i, int64_t, typename gtacpu::Lanes<W>::F d) const {
+    typedef typename gtacpu::Lanes<W>::F VF;
+    typedef typename gtacpu::Lanes<W>::I VI;
+    typedef typename gtacpu::Lanes<W>::U VU;
+    VU bits;
     std::memcpy(&bits, &d, sizeof bits);
     bits &= 0x7fffffffu;
-    gtacpu::fm_v16f x;
+    VF x;
     std::memcpy(&x, &bits, sizeof x);
-    const gtacpu::fm_v16i inside = (bits - bb[2 * i]) < bb[2 * i + 1];
-    const gtacpu::fm_v16f lo = gtacpu::fm_v16f{} + bands[i].lo;
-    const gtacpu::fm_v16f hi = gtacpu::fm_v16f{} + bands[i].hi;
-    const gtacpu::fm_v16i lo_ok = gtacpu::fm_v16i{} + ok[2 * i];
-    const gtacpu::fm_v16i hi_ok = gtacpu::fm_v16i{} + ok[2 * i + 1];
+    const VI inside = (bits - bb[2 * i]) < bb[2 * i + 1];
+    const VF lo = VF{} + bands[i].lo;
+    const VF hi = VF{} + bands[i].hi;
+    const VI lo_ok = VI{} + ok[2 * i];
+    const VI hi_ok = VI{} + ok[2 * i + 1];
     return inside | ((x == lo) & lo_ok) | ((x == hi) & hi_ok);
   }
 };
@@ -105,8 +109,9 @@ FM_ALWAYS_INLINE void band_bits(float lo, float hi, uint32_t* base, uint32_t* wi
 }
 #endif
 
-FM_TARGET_CLONES void band_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const Band* bands,
-                                       int64_t off, int64_t len, float* rows) {
+template <int W>
+FM_ALWAYS_INLINE void band_merge_block_w(const GtaArgs& g, const gtacpu::ModelScale* ms, const Band* bands,
+                                         int64_t off, int64_t len, float* rows) {
 #if FM_HAS_FUSED_BLOCK
   if (gtacpu::fusable(g, len)) {
     int32_t ok[2 * gtacpu::kMaxFusedModels];
@@ -121,18 +126,29 @@ FM_TARGET_CLONES void band_merge_block(const GtaArgs& g, const gtacpu::ModelScal
       uniform = uniform && lo_rule >= 0 && hi_rule >= 0;
     }
     if (uniform) {
-      gtacpu::fused_block(g, ms, BandVKeep{bands, ok, bb}, off, len, rows);
+      gtacpu::fused_block<W>(g, ms, BandVKeep<W>{bands, ok, bb}, off, len, rows);
       return;
     }
   }
 #endif
-  gtacpu::merge_block(g, ms, BandKeep{bands}, off, len, rows);
+  gtacpu::merge_block<W>(g, ms, BandKeep{bands}, off, len, rows);
 }
 
-FM_TARGET_CLONES void band_sums_block(const GtaArgs& g, const char* need, const Band* bands, int64_t off,
-                                      int64_t len, float* rows, double* partial) {
-  gtacpu::sums_block(g, need, BandKeep{bands}, off, len, rows, partial);
+FM_LANE_CLONES(band_merge_block,
+               (const GtaArgs& g, const gtacpu::ModelScale* ms, const Band* bands, int64_t off, int64_t len,
+                float* rows),
+               (g, ms, bands, off, len, rows))
+
+template <int W>
+FM_ALWAYS_INLINE void band_sums_block_w(const GtaArgs& g, const char* need, const Band* bands, int64_t off,
+                                        int64_t len, float* rows, double* partial) {
+  gtacpu::sums_block<W>(g, need, BandKeep{bands}, off, len, rows, partial);
 }
+
+FM_LANE_CLONES(band_sums_block,
+               (const GtaArgs& g, const char* need, const Band* bands, int64_t off, int64_t len, float* rows,
+                double* partial),
+               (g, need, bands, off, len, rows, partial))
 
 // topk: the index range of the ties at v kept by the band [n_bot, n_bot + target).
 void tie_range(const GtaArgs& g, int i, const KthAbs& r, int64_t n_bot, int64_t target, int threads,

@@ -35,17 +35,20 @@ struct DareKeep {
 };
 
 #if FM_HAS_FUSED_BLOCK
-// DareKeep for gtacpu::fused_block: the generator on 16 lanes (rng.h's hash_lo_lanes: the same integer
+// DareKeep for gtacpu::fused_block: the generator on W lanes (rng.h's hash_lo_lanes: the same integer
 // operations per lane, so the same bits as DareKeep).
+template <int W>
 struct DareVKeep {
   const DareModel* dm;
   int64_t off;  // the block's first element
-  FM_ALWAYS_INLINE gtacpu::fm_v16i operator()(int i, int64_t j, gtacpu::fm_v16f) const {
+  FM_ALWAYS_INLINE typename gtacpu::Lanes<W>::I operator()(int i, int64_t j, typename gtacpu::Lanes<W>::F) const {
+    typedef typename gtacpu::Lanes<W>::U VU;
+    typedef typename gtacpu::Lanes<W>::I VI;
     const DareModel& m = dm[i];
     const uint32_t hw = rng::hi_word(m.st, uint64_t(off));  // a block never straddles a multiple of 2^32
-    const gtacpu::fm_v16u lo = (gtacpu::fm_v16u{} + uint32_t(off + j)) + gtacpu::kLane16;
-    const gtacpu::fm_v16u h = rng::hash_lo_lanes(m.st, lo, hw) >> 8;  // < 2^24: the int32 compare of keep_scalar
-    return reinterpret_cast<const gtacpu::fm_v16i&>(h) < m.threshold;
+    const VU lo = (VU{} + uint32_t(off + j)) + gtacpu::lane_const<W>(gtacpu::kLaneIndex);
+    const VU h = rng::hash_lo_lanes(m.st, lo, hw) >> 8;  // < 2^24: the int32 compare of keep_scalar
+    return reinterpret_cast<const VI&>(h) < m.threshold;
   }
 };
 #endif
@@ -62,26 +65,44 @@ struct DareKeepStore {
   }
 };
 
-FM_TARGET_CLONES void dare_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const DareModel* dm,
-                                       int64_t off, int64_t len, float* rows) {
+template <int W>
+FM_ALWAYS_INLINE void dare_merge_block_w(const GtaArgs& g, const gtacpu::ModelScale* ms, const DareModel* dm,
+                                         int64_t off, int64_t len, float* rows) {
 #if FM_HAS_FUSED_BLOCK
   if (gtacpu::fusable(g, len)) {
-    gtacpu::fused_block(g, ms, DareVKeep{dm, off}, off, len, rows);
+    gtacpu::fused_block<W>(g, ms, DareVKeep<W>{dm, off}, off, len, rows);
     return;
   }
 #endif
-  gtacpu::merge_block(g, ms, DareKeep{dm}, off, len, rows);
+  gtacpu::merge_block<W>(g, ms, DareKeep{dm}, off, len, rows);
 }
 
-FM_TARGET_CLONES void dare_merge_block_stored(const GtaArgs& g, const gtacpu::ModelScale* ms,
-                                              const gtacpu::MaskKeep& mk, int64_t off, int64_t len, float* rows) {
-  gtacpu::mask_merge_block(g, ms, mk, off, len, rows);
+FM_LANE_CLONES(dare_merge_block,
+               (const GtaArgs& g, const gtacpu::ModelScale* ms, const DareModel* dm, int64_t off, int64_t len,
+                float* rows),
+               (g, ms, dm, off, len, rows))
+
+template <int W>
+FM_ALWAYS_INLINE void dare_merge_block_stored_w(const GtaArgs& g, const gtacpu::ModelScale* ms,
+                                                const gtacpu::MaskKeep& mk, int64_t off, int64_t len, float* rows) {
+  gtacpu::mask_merge_block<W>(g, ms, mk, off, len, rows);
 }
 
-FM_TARGET_CLONES void dare_sums_block(const GtaArgs& g, const char* need, const DareKeepStore& ks, int64_t off,
-                                      int64_t len, float* rows, double* partial) {
-  gtacpu::sums_block(g, need, ks, off, len, rows, partial);
+FM_LANE_CLONES(dare_merge_block_stored,
+               (const GtaArgs& g, const gtacpu::ModelScale* ms, const gtacpu::MaskKeep& mk, int64_t off,
+                int64_t len, float* rows),
+               (g, ms, mk, off, len, rows))
+
+template <int W>
+FM_ALWAYS_INLINE void dare_sums_block_w(const GtaArgs& g, const char* need, const DareKeepStore& ks, int64_t off,
+                                        int64_t len, float* rows, double* partial) {
+  gtacpu::sums_block<W>(g, need, ks, off, len, rows, partial);
 }
+
+FM_LANE_CLONES(dare_sums_block,
+               (const GtaArgs& g, const char* need, const DareKeepStore& ks, int64_t off, int64_t len, float* rows,
+                double* partial),
+               (g, need, ks, off, len, rows, partial))
 
 }  // namespace
 

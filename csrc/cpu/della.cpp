@@ -150,8 +150,9 @@ FM_ALWAYS_INLINE void or_word(uint64_t* mask, int64_t w, uint64_t word) {
 }
 
 // One row of one model: mask bits into `mask`, norms into sums.
-FM_TARGET_CLONES void della_row(const DellaArgs& a, const DellaModel& m, int i, const float* ptab, int64_t row,
-                                const RowBufs& rb, uint64_t* mask, double* sums) {
+template <int W>
+FM_ALWAYS_INLINE void della_row_w(const DellaArgs& a, const DellaModel& m, int i, const float* ptab, int64_t row,
+                                  const RowBufs& rb, uint64_t* mask, double* sums) {
   const GtaArgs& g = a.g;
   const int64_t L = a.row_len, inner = a.inner;
   const int64_t o = row / inner, qq = row % inner;
@@ -190,7 +191,7 @@ FM_TARGET_CLONES void della_row(const DellaArgs& a, const DellaModel& m, int i, 
     for (int64_t c = 0; c < L; ++c) u[c] = rng::uniform(rng::hash(m.st, uint64_t(start + c * inner)));
   }
   for (int64_t c = 0; c < L; ++c) km[c] = u[c] < ptab[rank[c]];
-  gtacpu::abs_sums(d, km, L, &sums[0], &sums[1]);
+  gtacpu::abs_sums<W>(d, km, L, &sums[0], &sums[1]);
   // mask bits: whole 64-bit words inside the row are this row's alone (plain stores); the partial words at
   // its ends may be shared with the neighbouring rows (atomic OR)
   if (inner == 1) {
@@ -223,10 +224,21 @@ FM_TARGET_CLONES void della_row(const DellaArgs& a, const DellaModel& m, int i, 
   }
 }
 
-FM_TARGET_CLONES void della_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const gtacpu::MaskKeep& mk,
-                                        int64_t off, int64_t len, float* rows) {
-  gtacpu::mask_merge_block(g, ms, mk, off, len, rows);
+FM_LANE_CLONES(della_row,
+               (const DellaArgs& a, const DellaModel& m, int i, const float* ptab, int64_t row, const RowBufs& rb,
+                uint64_t* mask, double* sums),
+               (a, m, i, ptab, row, rb, mask, sums))
+
+template <int W>
+FM_ALWAYS_INLINE void della_merge_block_w(const GtaArgs& g, const gtacpu::ModelScale* ms,
+                                          const gtacpu::MaskKeep& mk, int64_t off, int64_t len, float* rows) {
+  gtacpu::mask_merge_block<W>(g, ms, mk, off, len, rows);
 }
+
+FM_LANE_CLONES(della_merge_block,
+               (const GtaArgs& g, const gtacpu::ModelScale* ms, const gtacpu::MaskKeep& mk, int64_t off,
+                int64_t len, float* rows),
+               (g, ms, mk, off, len, rows))
 
 }  // namespace
 

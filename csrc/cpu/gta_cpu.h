@@ -4,8 +4,8 @@
 //
 // A method supplies a Keep functor, `keep(i, off, len, d, km)`, that writes km[j] = 1 / 0 (keep element
 // off + j of model i) for one block, given the block's fp32 deltas d. The block functions below are
-// always_inline templates: each method instantiates them inside its own FM_TARGET_CLONES function, so
-// they are compiled (and vectorised) once per SIMD clone.
+// always_inline templates: each method instantiates them inside its own FM_TARGET_CLONES / FM_LANE_CLONES
+// function, so they are compiled (and vectorised) once per SIMD clone, with that clone's lane count.
 #pragma once
 
 #include <cstddef>
@@ -98,49 +98,77 @@ FM_ALWAYS_INLINE void tail_loops(const float* b, const float* wd, int T, const f
 }
 
 #if defined(__GNUC__)
-// The same tail, 16 elements at a time with tot / num / div in vector registers: every w·δ' row is read
-// once or twice instead of the ~3T+4 passes of tail_loops over L1 rows (the merge pass of ties was ~3x a
-// weighted delta sum, bench/RESULTS.md). GCC vector types, as abs_sums below: auto-vectorising a
-// one-loop version failed (GCC 12: "two or more consecutive inner loops"). Per element the operations
-// and their order are tail_loops', so the bits are the same. Whole vectors run past len up to the next
-// multiple of 16: every row is kBlock (a multiple of 16) long, and the extra lanes are never stored.
-typedef float fm_v16f __attribute__((vector_size(64)));
-typedef int32_t fm_v16i __attribute__((vector_size(64)));
+// The fused code below runs W lanes at a time with GCC vector types (W = the SIMD clone's lanes: 16 on
+// x86-64-v4, 8 on v3, 4 on v2 / default, see common.h's FM_LANE_CLONES). The width must match the clone's
+// registers: GCC 12 lowers a compare or select of a vector type wider than the target's (64-byte vectors
+// under AVX2 or SSE) lane by lane, with a vucomiss and branches per lane, while it splits +, −, ×, & into
+// halves; with 16 lanes in every clone, ties on 3 bf16 4096x4096 models took 1.5 s instead of 85 ms on an
+// AVX2 CPU (bench/RESULTS.md, "The fused block on CPUs without AVX-512").
+// Per element the operations and their order are the same for every W, so the bits are too.
+template <int W>
+struct Lanes {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef int32_t I __attribute__((vector_size(4 * W)));
+  typedef uint32_t U __attribute__((vector_size(4 * W)));
+  typedef uint16_t H __attribute__((vector_size(2 * W)));
+  typedef double D __attribute__((vector_size(8 * W)));
+};
 
-FM_ALWAYS_INLINE fm_v16f vload16(const float* p) {
-  fm_v16f v;
+template <int W>
+FM_ALWAYS_INLINE typename Lanes<W>::F vload(const float* p) {
+  typename Lanes<W>::F v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
+// Lane constants: 0, 1, ..., W − 1 and 1, 2, 4, ..., 2^(W − 1).
+alignas(64) constexpr uint32_t kLaneIndex[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+alignas(64) constexpr uint32_t kLaneBit[16] = {1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,
+                                               1u << 6,  1u << 7,  1u << 8,  1u << 9,  1u << 10, 1u << 11,
+                                               1u << 12, 1u << 13, 1u << 14, 1u << 15};
+template <int W>
+FM_ALWAYS_INLINE typename Lanes<W>::U lane_const(const uint32_t* table) {
+  typename Lanes<W>::U v;
+  std::memcpy(&v, table, sizeof v);
+  return v;
+}
+
 // gta::sign per lane: 1, −1, 0 (either zero), NaN
-FM_ALWAYS_INLINE fm_v16f vsign16(fm_v16f v) {
-  const fm_v16f zero = {};
-  const fm_v16f one = zero + 1.0f;
+template <class VF>
+FM_ALWAYS_INLINE VF vsign(VF v) {
+  const VF zero = {};
+  const VF one = zero + 1.0f;
   return v > zero ? one : (v < zero ? -one : (v == zero ? zero : v));
 }
 
-// The tail of one 16-lane chunk: wd holds T chunks of w·δ' at stride `stride` floats; returns the result
-// before rounding. Shared by tail_block (rows of kBlock) and fused_block (T chunks of 16 on the stack).
-FM_ALWAYS_INLINE fm_v16f tail_chunk(fm_v16f bv, const float* wd, int64_t stride, int T, const float* weights,
-                                    const gta::Tail& t) {
-  const fm_v16f zero = {};
-  const fm_v16f one = zero + 1.0f;
-  fm_v16f nm = zero;
-  fm_v16f dv = zero;
+// The tail of one W-lane chunk: wd holds T chunks of w·δ' at stride `stride` floats; returns the result
+// before rounding. Shared by tail_block (rows of kBlock) and fused_block (T chunks of W on the stack).
+// Every w·δ' row is read once or twice instead of the ~3T+4 passes of tail_loops over L1 rows (the merge
+// pass of ties was ~3x a weighted delta sum, bench/RESULTS.md). GCC vector types, as abs_sums below:
+// auto-vectorising a one-loop version failed (GCC 12: "two or more consecutive inner loops"). Per element
+// the operations and their order are tail_loops', so the bits are the same.
+template <int W>
+FM_ALWAYS_INLINE typename Lanes<W>::F tail_chunk(typename Lanes<W>::F bv, const float* wd, int64_t stride, int T,
+                                                 const float* weights, const gta::Tail& t) {
+  typedef typename Lanes<W>::F VF;
+  typedef typename Lanes<W>::I VI;
+  const VF zero = {};
+  const VF one = zero + 1.0f;
+  VF nm = zero;
+  VF dv = zero;
   if (t.consensus == gta::NONE) {
-    for (int i = 0; i < T; ++i) nm = nm + vload16(wd + int64_t(i) * stride);
+    for (int i = 0; i < T; ++i) nm = nm + vload<W>(wd + int64_t(i) * stride);
   } else {
-    fm_v16f tt = zero;
+    VF tt = zero;
     if (t.consensus == gta::COUNT) {
-      for (int i = 0; i < T; ++i) tt = tt + vsign16(vload16(wd + int64_t(i) * stride));
+      for (int i = 0; i < T; ++i) tt = tt + vsign(vload<W>(wd + int64_t(i) * stride));
     } else {
-      for (int i = 0; i < T; ++i) tt = tt + vload16(wd + int64_t(i) * stride);
+      for (int i = 0; i < T; ++i) tt = tt + vload<W>(wd + int64_t(i) * stride);
     }
-    const fm_v16f maj = tt >= zero ? one : -one;
+    const VF maj = tt >= zero ? one : -one;
     for (int i = 0; i < T; ++i) {
-      const fm_v16f v = vload16(wd + int64_t(i) * stride);
-      const fm_v16i ag = vsign16(v) == maj;
+      const VF v = vload<W>(wd + int64_t(i) * stride);
+      const VI ag = vsign(v) == maj;
       nm = nm + (ag ? v : zero);
       dv = dv + (ag ? zero + weights[i] : zero);
     }
@@ -150,45 +178,47 @@ FM_ALWAYS_INLINE fm_v16f tail_chunk(fm_v16f bv, const float* wd, int64_t stride,
   return bv + nm;
 }
 
+// The tail over one block, W lanes at a time. Whole vectors run past len up to the next multiple of W:
+// every row is kBlock (a multiple of 16) long, and the extra lanes are never stored.
+template <int W>
 FM_ALWAYS_INLINE void tail_block(const float* b, const float* wd, int T, const float* weights, const gta::Tail& tail,
                                  float* tot, float* div, float* num, int64_t len) {
   (void)tot;
   (void)div;
   const gta::Tail t = tail;  // a local: the stores to num cannot alias it
-  for (int64_t j = 0; j < len; j += 16) {
-    const fm_v16f r = tail_chunk(vload16(b + j), wd + j, kBlock, T, weights, t);
+  for (int64_t j = 0; j < len; j += W) {
+    const typename Lanes<W>::F r = tail_chunk<W>(vload<W>(b + j), wd + j, kBlock, T, weights, t);
     std::memcpy(num + j, &r, sizeof r);
   }
 }
 
-// 16 elements of a bf16 or fp32 operand as fp32 (bf16: the bits shifted up, as bf16_to_f32).
-typedef uint16_t fm_v16u16 __attribute__((vector_size(32)));
-FM_ALWAYS_INLINE fm_v16f vload16_dt(const void* p, int dt, int64_t i) {
+// W elements of a bf16 or fp32 operand as fp32 (bf16: the bits shifted up, as bf16_to_f32).
+template <int W>
+FM_ALWAYS_INLINE typename Lanes<W>::F vload_dt(const void* p, int dt, int64_t i) {
   if (dt == BF16) {
-    fm_v16u16 h;
+    typename Lanes<W>::H h;
     std::memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
-    const fm_v16i w = __builtin_convertvector(h, fm_v16i) << 16;
-    fm_v16f f;
+    const typename Lanes<W>::I w = __builtin_convertvector(h, typename Lanes<W>::I) << 16;
+    typename Lanes<W>::F f;
     std::memcpy(&f, &w, sizeof f);
     return f;
   }
-  return vload16(static_cast<const float*>(p) + i);
+  return vload<W>(static_cast<const float*>(p) + i);
 }
 
-// MaskKeep (the stored bits of model i) 16 lanes at a time: off + j is a multiple of 16, so the 16 bits sit
-// in one word.
-typedef uint32_t fm_v16u __attribute__((vector_size(64)));
-constexpr fm_v16u kLane16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
+// MaskKeep (the stored bits of model i) W lanes at a time: off + j is a multiple of W, so the W bits sit in
+// one word. Lane l is kept iff bit l is set: (bits & 2^l) != 0, a compare every ISA has (a per-lane shift
+// count needs AVX2).
+template <int W>
 struct MaskVKeep {
   const uint64_t* mask;
   int64_t words;
   int64_t off;  // the block's first element
-  FM_ALWAYS_INLINE fm_v16i operator()(int i, int64_t j, fm_v16f) const {
+  FM_ALWAYS_INLINE typename Lanes<W>::I operator()(int i, int64_t j, typename Lanes<W>::F) const {
+    typedef typename Lanes<W>::U VU;
     const int64_t e = off + j;
-    const uint32_t bits = uint32_t(mask[i * words + (e >> 6)] >> (e & 63)) & 0xffffu;
-    const fm_v16u lane = ((fm_v16u{} + bits) >> kLane16) & 1u;
-    return fm_v16i{} - reinterpret_cast<const fm_v16i&>(lane);
+    const uint32_t bits = uint32_t(mask[i * words + (e >> 6)] >> (e & 63));
+    return ((VU{} + bits) & lane_const<W>(kLaneBit)) != 0;
   }
 };
 
@@ -212,49 +242,51 @@ inline bool fusable(const GtaArgs& a, int64_t len) {
   return true;
 }
 
-// One block of the merge in a single streaming loop: per 16-lane chunk, the base and every model's 16
+// One block of the merge in a single streaming loop: per W-lane chunk, the base and every model's W
 // elements are read straight from their tensors, δ, keep and w·δ' stay in registers (w·δ' of the T models
-// in a 16 × T stack array in L1), then tail_chunk. merge_block instead converts each operand's whole block
+// in a W × T stack array in L1), then tail_chunk. merge_block instead converts each operand's whole block
 // to an fp32 row and makes ~4 passes over each: its loads are one stream at a time, with compute in
 // between, and at T=3 its merge pass took 2.8x a weighted delta sum over the same bytes (80 vs 29 ms,
 // 32000x1024 bf16, 1 thread). Per element the operations and their order are merge_block's: same bits.
 // `vkeep(i, j, d)` returns the keep lanes (each all ones or all zeros) of model i for chunk j (block-relative) given
 // its fp32 deltas; it is only called for models that are not ms[i].whole. Callers check fusable().
-
-template <class VKeep>
+template <int W, class VKeep>
 FM_ALWAYS_INLINE void fused_block(const GtaArgs& a, const ModelScale* ms, const VKeep& vkeep, int64_t off, int64_t len,
                                   float* num) {
+  typedef typename Lanes<W>::F VF;
+  typedef typename Lanes<W>::I VI;
   const int T = a.num_inputs;
   const gta::Tail t = a.tail;
-  const fm_v16f zero = {};
-  alignas(64) float wd[kMaxFusedModels * 16];
-  for (int64_t j = 0; j < len; j += 16) {
-    const fm_v16f bv = vload16_dt(a.base, a.base_dtype, off + j);
+  const VF zero = {};
+  alignas(64) float wd[kMaxFusedModels * W];
+  for (int64_t j = 0; j < len; j += W) {
+    const VF bv = vload_dt<W>(a.base, a.base_dtype, off + j);
     for (int i = 0; i < T; ++i) {
-      const fm_v16f d = vload16_dt(a.inputs[i], a.input_dtypes[i], off + j) - bv;
-      const fm_v16f w = zero + a.weights[i];
-      fm_v16f v;
+      const VF d = vload_dt<W>(a.inputs[i], a.input_dtypes[i], off + j) - bv;
+      const VF w = zero + a.weights[i];
+      VF v;
       if (ms[i].whole) {
         v = w * d;
       } else {
         // the product ANDed with the keep lanes (all ones / all zeros) gives the product or +0.0f, as the
         // select of weighted_kept; GCC 12 lowered `keep != 0 ? w * d : zero` here lane by lane (ties at
         // density 0.5 took 610 ms instead of ~45). The product of a dropped lane is computed and discarded.
-        const fm_v16f p = ms[i].rescaled ? w * (d * ms[i].factor) : w * d;
-        fm_v16i pb;
+        const VF p = ms[i].rescaled ? w * (d * ms[i].factor) : w * d;
+        VI pb;
         std::memcpy(&pb, &p, sizeof pb);
         pb &= vkeep(i, j, d);
         std::memcpy(&v, &pb, sizeof v);
       }
-      std::memcpy(wd + 16 * i, &v, sizeof v);
+      std::memcpy(wd + W * i, &v, sizeof v);
     }
-    const fm_v16f r = tail_chunk(bv, wd, 16, T, a.weights, t);
+    const VF r = tail_chunk<W>(bv, wd, W, T, a.weights, t);
     std::memcpy(num + j, &r, sizeof r);
   }
   store_block(a.out, a.out_dtype, off, num, len);
 }
 #define FM_HAS_FUSED_BLOCK 1
 #else
+template <int W>
 FM_ALWAYS_INLINE void tail_block(const float* b, const float* wd, int T, const float* weights, const gta::Tail& t,
                                  float* tot, float* div, float* num, int64_t len) {
   tail_loops(b, wd, T, weights, t, tot, div, num, len);
@@ -263,7 +295,7 @@ FM_ALWAYS_INLINE void tail_block(const float* b, const float* wd, int T, const f
 #endif
 
 // One block of the merge: δ_i = x_i − b, the method's keep mask, w·δ' rows, the tail, one rounding on store.
-template <class Keep>
+template <int W, class Keep>
 FM_ALWAYS_INLINE void merge_block(const GtaArgs& a, const ModelScale* ms, const Keep& keep, int64_t off, int64_t len,
                                   float* rows) {
   float* b = rows;
@@ -292,41 +324,59 @@ FM_ALWAYS_INLINE void merge_block(const GtaArgs& a, const ModelScale* ms, const 
       for (int64_t j = 0; j < len; ++j) wdi[j] = gta::weighted_kept(d[j], w, km[j] != 0, false, 1.0f);
     }
   }
-  tail_block(b, wd, T, a.weights, a.tail, tot, div, num, len);
+  tail_block<W>(b, wd, T, a.weights, a.tail, tot, div, num, len);
   store_block(a.out, a.out_dtype, off, num, len);
 }
 
 // ‖δ‖₁ and ‖keep·δ‖₁ of one block in double, 8 fixed lanes (lane l adds elements l, l + 8, ...; the tail
 // continues in lanes 0, 1, ...), lanes combined pairwise: the same order whatever the threading and the SIMD
 // clone. Written with GCC vector extensions: GCC does not vectorise an array of 8 double accumulators
-// (it kept 16 scalar vaddsd per 8 elements: 40% of a DARE merge's time, measured), the vector types
-// compile to whatever the clone's ISA offers. Masked entries are selected out, not multiplied by 0 (an
-// inf or NaN |δ| that is not kept must not reach the kept norm).
+// (it kept 16 scalar vaddsd per 8 elements: 40% of a DARE merge's time, measured). The 8 lanes are held in
+// vectors of the clone's width, W/2 doubles each (one 8-double vector under AVX2 had no register: GCC
+// kept it in memory and rebuilt it through general registers every step, store-forwarding stalls that
+// took ~40% of dare_ties' norms pass). Masked entries are selected out, not multiplied by 0 (an inf or NaN
+// |δ| that is not kept must not reach the kept norm).
 #if defined(__GNUC__)
-typedef float fm_v8f __attribute__((vector_size(32)));
-typedef int32_t fm_v8i __attribute__((vector_size(32)));
-typedef double fm_v8d __attribute__((vector_size(64)));
-
+template <int W>
 FM_ALWAYS_INLINE void abs_sums(const float* d, const int32_t* km, int64_t len, double* s_all, double* s_kept) {
-  fm_v8d acc = {0, 0, 0, 0, 0, 0, 0, 0};
-  fm_v8d kac = {0, 0, 0, 0, 0, 0, 0, 0};
-  const fm_v8f zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  constexpr int CF = W < 8 ? W : 8;  // floats per load: the clone's width, at most the 8 lanes
+  constexpr int WD = W / 2;          // doubles per accumulator register
+  typedef typename Lanes<CF>::F VF;
+  typedef typename Lanes<CF>::I VI;
+  typedef typename Lanes<CF>::D VFD;  // a load's floats as doubles
+  typedef typename Lanes<WD>::D VD;
+  VD acc[8 / WD], kac[8 / WD];
+  for (int q = 0; q < 8 / WD; ++q) {
+    acc[q] = VD{};
+    kac[q] = VD{};
+  }
+  const VF zero = {};
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
-    fm_v8i bits, k;
-    std::memcpy(&bits, d + j, sizeof bits);
-    std::memcpy(&k, km + j, sizeof k);
-    bits &= 0x7fffffff;
-    fm_v8f a;
-    std::memcpy(&a, &bits, sizeof a);
-    const fm_v8f ka = k != 0 ? a : zero;
-    acc += __builtin_convertvector(a, fm_v8d);
-    kac += __builtin_convertvector(ka, fm_v8d);
+    for (int c = 0; c < 8 / CF; ++c) {
+      VI bits, k;
+      std::memcpy(&bits, d + j + c * CF, sizeof bits);
+      std::memcpy(&k, km + j + c * CF, sizeof k);
+      bits &= 0x7fffffff;
+      VF a;
+      std::memcpy(&a, &bits, sizeof a);
+      const VF ka = k != 0 ? a : zero;
+      const VFD ad = __builtin_convertvector(a, VFD);
+      const VFD kd = __builtin_convertvector(ka, VFD);
+      VD ah[CF / WD], kh[CF / WD];
+      std::memcpy(ah, &ad, sizeof ah);
+      std::memcpy(kh, &kd, sizeof kh);
+      for (int p = 0; p < CF / WD; ++p) {
+        acc[c * (CF / WD) + p] += ah[p];
+        kac[c * (CF / WD) + p] += kh[p];
+      }
+    }
   }
   double al[8], kl[8];
-  std::memcpy(al, &acc, sizeof al);
-  std::memcpy(kl, &kac, sizeof kl);
+  std::memcpy(al, acc, sizeof al);
+  std::memcpy(kl, kac, sizeof kl);
 #else
+template <int W>
 FM_ALWAYS_INLINE void abs_sums(const float* d, const int32_t* km, int64_t len, double* s_all, double* s_kept) {
   double al[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   double kl[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -380,20 +430,21 @@ struct MaskKeep {
 
 // One block of a merge whose keep masks are stored bits (dare with rescale, della): fused_block where it can
 // take the block, merge_block elsewhere.
+template <int W>
 FM_ALWAYS_INLINE void mask_merge_block(const GtaArgs& a, const ModelScale* ms, const MaskKeep& mk, int64_t off,
                                        int64_t len, float* rows) {
 #if FM_HAS_FUSED_BLOCK
   if (fusable(a, len)) {
-    fused_block(a, ms, MaskVKeep{mk.mask, mk.words, off}, off, len, rows);
+    fused_block<W>(a, ms, MaskVKeep<W>{mk.mask, mk.words, off}, off, len, rows);
     return;
   }
 #endif
-  merge_block(a, ms, mk, off, len, rows);
+  merge_block<W>(a, ms, mk, off, len, rows);
 }
 
 // One block of the norms pass: partial[2i], partial[2i+1] = the block's two norms of model i (for every
 // model that needs them; others get 0).
-template <class Keep>
+template <int W, class Keep>
 FM_ALWAYS_INLINE void sums_block(const GtaArgs& a, const char* need, const Keep& keep, int64_t off, int64_t len,
                                  float* rows, double* partial) {
   float* b = rows;
@@ -407,7 +458,7 @@ FM_ALWAYS_INLINE void sums_block(const GtaArgs& a, const char* need, const Keep&
     load_block(d, a.inputs[i], a.input_dtypes[i], off, len);
     for (int64_t j = 0; j < len; ++j) d[j] = fm_sub(d[j], b[j]);
     keep(i, off, len, d, km);
-    abs_sums(d, km, len, &partial[2 * i], &partial[2 * i + 1]);
+    abs_sums<W>(d, km, len, &partial[2 * i], &partial[2 * i + 1]);
   }
 }
 

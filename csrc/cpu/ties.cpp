@@ -55,32 +55,36 @@ struct TiesKeep {
 };
 
 #if FM_HAS_FUSED_BLOCK
-// TiesKeep for gtacpu::fused_block, 16 lanes at a time, for a block where every model's tie rule is uniform:
+// TiesKeep for gtacpu::fused_block, W lanes at a time, for a block where every model's tie rule is uniform:
 // mode 2 = all (density >= 1), 1 = |δ| >= th (ties kept: threshold mode, or the exact-k cut past the
 // block), 0 = |δ| > th (the cut before the block). `a >= th` is `a > th || a == th` for every float, NaN
 // included (all false), as ties::kept.
+template <int W>
 struct TiesVKeep {
   const ModelSel* sel;
   const signed char* mode;
-  FM_ALWAYS_INLINE gtacpu::fm_v16i operator()(int i, int64_t, gtacpu::fm_v16f d) const {
-    const gtacpu::fm_v16i none = {};
+  FM_ALWAYS_INLINE typename gtacpu::Lanes<W>::I operator()(int i, int64_t, typename gtacpu::Lanes<W>::F d) const {
+    typedef typename gtacpu::Lanes<W>::F VF;
+    typedef typename gtacpu::Lanes<W>::I VI;
+    const VI none = {};
     if (mode[i] == 2) return none - 1;
-    gtacpu::fm_v16i bits;
+    VI bits;
     std::memcpy(&bits, &d, sizeof bits);
     bits &= 0x7fffffff;
-    gtacpu::fm_v16f a;
+    VF a;
     std::memcpy(&a, &bits, sizeof a);
-    const gtacpu::fm_v16f th = gtacpu::fm_v16f{} + sel[i].th;
+    const VF th = VF{} + sel[i].th;
     // bit operations, not a select between two comparisons: GCC 12 lowered that select lane by lane
     // (ties at density 0.5 took 610 ms instead of ~45)
-    const gtacpu::fm_v16i tie_ok = none - (mode[i] == 1 ? 1 : 0);
+    const VI tie_ok = none - (mode[i] == 1 ? 1 : 0);
     return (a > th) | ((a == th) & tie_ok);
   }
 };
 #endif
 
-FM_TARGET_CLONES void ties_merge_block(const GtaArgs& g, const gtacpu::ModelScale* ms, const ModelSel* sel,
-                                       int64_t off, int64_t len, float* rows) {
+template <int W>
+FM_ALWAYS_INLINE void ties_merge_block_w(const GtaArgs& g, const gtacpu::ModelScale* ms, const ModelSel* sel,
+                                         int64_t off, int64_t len, float* rows) {
 #if FM_HAS_FUSED_BLOCK
   const int T = g.num_inputs;
   if (gtacpu::fusable(g, len)) {
@@ -92,18 +96,29 @@ FM_TARGET_CLONES void ties_merge_block(const GtaArgs& g, const gtacpu::ModelScal
       uniform = uniform && (sel[i].all || rule >= 0);
     }
     if (uniform) {
-      gtacpu::fused_block(g, ms, TiesVKeep{sel, mode}, off, len, rows);
+      gtacpu::fused_block<W>(g, ms, TiesVKeep<W>{sel, mode}, off, len, rows);
       return;
     }
   }
 #endif
-  gtacpu::merge_block(g, ms, TiesKeep{sel}, off, len, rows);
+  gtacpu::merge_block<W>(g, ms, TiesKeep{sel}, off, len, rows);
 }
 
-FM_TARGET_CLONES void ties_sums_block(const GtaArgs& g, const char* need, const ModelSel* sel, int64_t off,
-                                      int64_t len, float* rows, double* partial) {
-  gtacpu::sums_block(g, need, TiesKeep{sel}, off, len, rows, partial);
+FM_LANE_CLONES(ties_merge_block,
+               (const GtaArgs& g, const gtacpu::ModelScale* ms, const ModelSel* sel, int64_t off, int64_t len,
+                float* rows),
+               (g, ms, sel, off, len, rows))
+
+template <int W>
+FM_ALWAYS_INLINE void ties_sums_block_w(const GtaArgs& g, const char* need, const ModelSel* sel, int64_t off,
+                                        int64_t len, float* rows, double* partial) {
+  gtacpu::sums_block<W>(g, need, TiesKeep{sel}, off, len, rows, partial);
 }
+
+FM_LANE_CLONES(ties_sums_block,
+               (const GtaArgs& g, const char* need, const ModelSel* sel, int64_t off, int64_t len, float* rows,
+                double* partial),
+               (g, need, sel, off, len, rows, partial))
 
 }  // namespace
 

@@ -205,6 +205,33 @@ FM_HOST_DEVICE void store_f32(void* p, int dt, int64_t i, float v) {
 #define FM_HAS_TARGET_CLONES 0
 #endif
 
+// The same clones for code written with GCC vector types of W float lanes (gta_cpu.h's fused block): W must
+// be the clone's register width, since GCC 12 lowers a compare or select of a wider vector type lane by
+// lane (scalar code, ~20x slower), so one body compiled for every clone does not do. FM_LANE_CLONES(name,
+// params, args) defines `void name params` once per ISA level (GCC function multiversioning: the same
+// ifunc dispatch as target_clones), each calling the always_inline template `name##_w<W> args` with
+// W = 16 (x86-64-v4, AVX-512), 8 (v3, AVX2), 4 (v2 and default, SSE). Without clones, one definition with
+// the width of the compile flags.
+#if FM_HAS_TARGET_CLONES
+#define FM_LANE_CLONES(name, params, args)                                       \
+  __attribute__((target("arch=x86-64-v4"))) void name params { name##_w<16> args; } \
+  __attribute__((target("arch=x86-64-v3"))) void name params { name##_w<8> args; }  \
+  __attribute__((target("arch=x86-64-v2"))) void name params { name##_w<4> args; }  \
+  __attribute__((target("default"))) void name params { name##_w<4> args; }
+#else
+#if !defined(FM_LANES)  // may be set on the command line (tests of each width on one machine)
+#if defined(__AVX512F__)
+#define FM_LANES 16
+#elif defined(__AVX__)
+#define FM_LANES 8
+#else
+#define FM_LANES 4
+#endif
+#endif
+#define FM_LANE_CLONES(name, params, args) \
+  void name params { name##_w<FM_LANES> args; }
+#endif
+
 #if defined(__GNUC__)
 #define FM_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
