@@ -32,8 +32,11 @@ FAMILY = Path(__file__).resolve().parent / "out" / "family-full"
 
 def config(method: str, family: Path) -> dict:
     params = {"weight": 0.33} | ({"density": 0.5} if method not in ("linear", "task_arithmetic") else {})
-    return {"merge_method": method, "dtype": "bfloat16", "base_model": str(family / "base"),
-            "models": [{"model": str(family / f"ft{i}"), "parameters": params} for i in (1, 2, 3)]}
+    doc = {"merge_method": method, "dtype": "bfloat16",
+           "models": [{"model": str(family / f"ft{i}"), "parameters": params} for i in (1, 2, 3)]}
+    if method != "linear":  # linear merges the 3 fine-tunes (a base would be a 4th input that needs a weight)
+        doc["base_model"] = str(family / "base")
+    return doc
 
 
 def command(side: str, child: str) -> list[str]:
