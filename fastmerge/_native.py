@@ -451,6 +451,13 @@ def copy(out: Any, x: Any) -> None:
     ctypes.memmove(out_ptr, x_ptr, n * _ITEMSIZE[out_code])
 
 
+def any_nonfinite(x: Any) -> bool:
+    """Whether ``x`` (a contiguous CPU tensor or a raw view) holds an inf or a NaN: one pass over its bits,
+    GIL released (the engine's non-finite output warning checks every tensor it writes)."""
+    ptr, code, n = _buffer(x, "x", None)
+    return bool(_cpu_ext().any_nonfinite(ptr, code, n))
+
+
 def kth_largest_abs_diff(x: Any, base: Any | None, k: int, threads: int = 0) -> float:
     """The k-th largest ``|x − base|`` (``|x|`` if ``base`` is None) in fp32, 1 <= k <= numel.
 

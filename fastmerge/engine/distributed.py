@@ -11,7 +11,7 @@ process it is the engine selector's choice run over the plan's shards; under ``t
    (``.OUT.fastmerge-tmp-<digest12>``) so every rank and a later ``--resume`` find it, and writes a marker
    in it that every rank must see (a multi-node job needs OUT on a shared filesystem);
 3. ``--resume``: the shards an interrupted run recorded in its manifests are re-hashed (split over the
-   ranks) and kept when name, size, header and crc32 match this plan; the rest is redone;
+   ranks) and kept when name, size, header and checksum (io.checksum) match this plan; the rest is redone;
 4. the shards left are split over the ranks by input bytes (``partition``: longest first onto the least
    loaded rank, ties to the lower rank); each rank runs the selected engine (stream or gpu) on the plan
    ``restricted`` to its shards: a ``session.Part`` writes them into the shared folder and appends each
@@ -44,11 +44,12 @@ import sys
 import threading
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .. import _native
 from ..errors import FastMergeError, OutputError
+from ..io.checksum import algorithm_of, file_checksum
 from ..io.side_files import write_side_files
 from ..io.writer import commit_dir, write_index
 from .session import MergeReport, Part, peak_rss_mb
@@ -388,18 +389,6 @@ def _read_claims(tmp: Path, digest: str) -> dict[str, dict[str, Any]]:
     return claims
 
 
-def file_crc32(path: Path, chunk: int = 16 << 20) -> int:
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                return crc
-            crc = zlib.crc32(view[:n], crc)
-
-
 def _verify(tmp: Path, shard: Any, claim: dict[str, Any]) -> str | None:
     """None when the shard file in ``tmp`` is the complete one ``claim`` describes, else why not."""
     f = tmp / shard.filename
@@ -410,7 +399,10 @@ def _verify(tmp: Path, shard: Any, claim: dict[str, Any]) -> str | None:
     try:
         if f.stat().st_size != size:
             return "size"
-        if file_crc32(f) != claim.get("crc32"):
+        algorithm = algorithm_of(claim.get("hash"))
+        if algorithm is None or (algorithm == "xxh64" and not _native.HAS_CPU_EXT):
+            return "no checksum this process can check"
+        if file_checksum(f, algorithm) != claim["hash"]:
             return "checksum"
     except OSError:
         return "missing"

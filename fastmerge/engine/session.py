@@ -171,7 +171,7 @@ class Part:
     """This process's share of an output that several processes write, or that a later run may resume
     (``engine.distributed``): the shards go into the shared temp folder ``tmp`` (made beforehand), each
     completed shard is appended to this process's ``manifest`` (JSON lines: plan digest, shard name, size,
-    crc32 of its bytes, sha256 of its header) after its file is closed, and nothing is committed: the
+    the ``io.checksum`` hash of its bytes, sha256 of its header) after its file is closed, and nothing is committed: the
     index, the side files and the rename are rank 0's, after every rank finished."""
 
     def __init__(self, tmp: Path, manifest: Path, digest: str):
@@ -181,11 +181,11 @@ class Part:
         die = os.environ.get(DIE_AFTER_SHARDS_ENV)
         self._die_after = int(die) if die else None
 
-    def record(self, shard: Shard, size: int, crc: int) -> None:
+    def record(self, shard: Shard, size: int, checksum: str) -> None:
         import hashlib
         import json
 
-        line = {"digest": self.digest, "shard": shard.filename, "size": size, "crc32": crc,
+        line = {"digest": self.digest, "shard": shard.filename, "size": size, "hash": checksum,
                 "header_sha256": hashlib.sha256(shard.header_bytes()).hexdigest()}
         with open(self.manifest, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")

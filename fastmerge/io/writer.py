@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
@@ -112,16 +111,17 @@ def temp_dir_beside(out: Path) -> Path:
 class ShardWriter:
     """Writes planned shards tensor by tensor, in plan order, into ``tmp_dir``."""
 
-    def __init__(self, tmp_dir: Path, shards: Sequence[Shard], on_shard: Callable[[Shard, int, int], None] | None = None):
-        """``on_shard(shard, size, crc32)``: called after each shard file is complete and closed, with its
-        size and the zlib.crc32 of its bytes (computed as they are written; only when ``on_shard`` is given)."""
+    def __init__(self, tmp_dir: Path, shards: Sequence[Shard], on_shard: Callable[[Shard, int, str], None] | None = None):
+        """``on_shard(shard, size, checksum)``: called after each shard file is complete and closed, with its
+        size and the ``io.checksum`` value of its bytes (computed as they are written; only when ``on_shard``
+        is given)."""
         self.dir = tmp_dir
         self.shards = list(shards)
         self._order = [(si, t) for si, s in enumerate(self.shards) for t in s.tensors]
         self._next = 0
         self._file: BinaryIO | None = None
         self._on_shard = on_shard
-        self._crc = 0
+        self._sum: Any = None
         self._size = 0
         self.bytes_written = 0
 
@@ -147,10 +147,14 @@ class ShardWriter:
             self._file = open(self.dir / self.shards[si].filename, "wb")
             head = self.shards[si].header_bytes()
             self._file.write(head)
-            self._crc, self._size = (zlib.crc32(head), len(head)) if self._on_shard is not None else (0, 0)
+            if self._on_shard is not None:
+                from .checksum import Checksum
+
+                self._sum, self._size = Checksum(), len(head)
+                self._sum.update(head)
         self._file.write(data)
         if self._on_shard is not None:
-            self._crc = zlib.crc32(data, self._crc)  # releases the GIL on large buffers
+            self._sum.update(data)  # the GIL is released while it hashes
             self._size += data.nbytes
         self.bytes_written += planned.nbytes
         self._next += 1
@@ -158,7 +162,7 @@ class ShardWriter:
             self._file.close()
             self._file = None
             if self._on_shard is not None:
-                self._on_shard(self.shards[si], self._size, self._crc)
+                self._on_shard(self.shards[si], self._size, self._sum.value())
 
     def finalize(self, index: bool = True) -> None:
         """Check every planned tensor was written; write the index (sharded output only; ``index=False``:

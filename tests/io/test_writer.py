@@ -78,3 +78,34 @@ def test_parse_size(text, val):
 def test_parse_size_bad():
     with pytest.raises(FastMergeError, match="--out-shard-size"):
         parse_size("lots")
+
+
+def test_checksum_is_xxh64_and_incremental_like_the_reference(tmp_path):
+    """The resume manifests' hash: XXH64 from _C (equal to the `xxhash` package's), the same value
+    however the bytes are split, and the same from the file; crc32 where _C is missing."""
+    import os
+
+    from fastmerge import _native
+    from fastmerge.io.checksum import Checksum, algorithm_of, file_checksum
+
+    data = os.urandom(100_003)
+    whole = Checksum()
+    whole.update(data)
+    parts = Checksum()
+    for i in range(0, len(data), 977):
+        parts.update(memoryview(data)[i:i + 977])
+    assert whole.value() == parts.value()
+    (tmp_path / "f").write_bytes(data)
+    assert file_checksum(tmp_path / "f", algorithm_of(whole.value()), chunk=4096) == whole.value()
+    if _native.HAS_CPU_EXT:
+        xxhash = pytest.importorskip("xxhash")
+        assert whole.value() == f"xxh64:{xxhash.xxh64(data).intdigest():016x}"
+    c = Checksum("crc32")
+    c.update(data)
+    import zlib
+
+    assert c.value() == f"crc32:{zlib.crc32(data):08x}"
+    flipped = bytearray(data)
+    flipped[50_000] ^= 1
+    (tmp_path / "g").write_bytes(bytes(flipped))
+    assert file_checksum(tmp_path / "g", algorithm_of(whole.value())) != whole.value()

@@ -438,3 +438,22 @@ def test_module_state_and_report():
         assert "_C_cuda" in _native.LOAD_ERRORS
     r = _native.report()
     assert r["has_cpu_ext"] is True and r["cuda_usable"] == ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_any_nonfinite_matches_torch_on_every_kind_of_value(dtype):
+    """The engine's non-finite output check: one C++ pass over the bits, equal to torch.isfinite."""
+    width = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    g = torch.Generator().manual_seed(5)
+    for n in (0, 1, 4095, 4096, 4097, 3 * 4096 + 11):
+        bits = torch.randint(-2**15 if width == torch.int16 else -2**31, 2**15 if width == torch.int16 else 2**31 - 1,
+                             (n,), generator=g, dtype=torch.int64).to(width)
+        x = bits.view(dtype).clone()
+        x[~torch.isfinite(x)] = 0  # random bits: finite only
+        assert _native.any_nonfinite(x) is False
+        for special in (float("inf"), float("-inf"), float("nan")):
+            for at in {0, n // 2, n - 1} if n else ():
+                y = x.clone()
+                y[at] = special
+                assert _native.any_nonfinite(y) is True, (n, special, at)
+                assert bool((~torch.isfinite(y)).any()) is True
