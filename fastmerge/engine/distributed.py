@@ -448,7 +448,7 @@ def _prepare(plan: Any, out: Path, digest: str, resume: bool, world_size: int) -
     except OSError as e:
         return {"ok": False, "error": f"{getattr(e, 'filename', None) or out.parent}: cannot create the output's "
                                       f"temporary folder ({e.strerror or e})"}
-    return {"ok": True, "tmp": str(tmp), "nonce": nonce, "claims": claims, "note": note}
+    return {"ok": True, "tmp": str(tmp), "nonce": nonce, "claims": claims, "note": note, "fresh": not claims}
 
 
 def _cleanup_run_files(tmp: Path) -> None:
@@ -532,8 +532,12 @@ def _run(group: Any, plan: Any, engine: Any, out: Path) -> MergeReport:
     group.hosts = [h for h, _ in hosts]
     blind = [(r, h) for r, (h, ok) in enumerate(hosts) if not ok]
     if blind:
+        if rank == 0:  # this run's marker goes; a folder holding no finished shard (made by this run) too
+            (tmp / MARKER_FORMAT.format(nonce=nonce)).unlink(missing_ok=True)
+            if state.get("fresh"):
+                shutil.rmtree(tmp, ignore_errors=True)
         who = ", ".join(f"rank {r} on {h}" for r, h in blind[:4]) + (" ..." if len(blind) > 4 else "")
-        raise OutputError(f"{out.parent} is not shared by every rank: {who} cannot see {tmp.name} that rank 0 on "
+        raise OutputError(f"{out.resolve().parent} is not shared by every rank: {who} cannot see {tmp.name} that rank 0 on "
                           f"{hosts[0][0]} created there; multi-node merges need OUT on a filesystem every node mounts "
                           "(NFS, Lustre, GPFS, ...)")
     # -- 2. resume: re-hash the claimed shards, split over the ranks ----------------------------------

@@ -99,6 +99,24 @@ def test_ranks_that_see_different_files_stop_with_one_line(cases, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.fastmerge-*"))
 
 
+def test_out_not_shared_by_every_rank_stops_with_one_line(cases, tmp_path):
+    """Two "nodes" that do not share OUT's filesystem: the same relative OUT is another folder on each
+    (a working directory per rank), so rank 1 cannot see the marker rank 0 wrote in the temp folder."""
+    root, cs = cases
+    cfg, flags, _ = cs["ties"]
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    res = run_ranks(2, [["merge", str(cfg), "out", *flags]], cwd={0: tmp_path / "node0", 1: tmp_path / "node1"})
+    for rc, _, se in res:
+        lines = error_lines(se)
+        assert rc == 2 and len(lines) == 1, se[-2000:]
+    line = error_lines(res[0][2])[0]
+    assert "is not shared by every rank" in line and "rank 1 on" in line and "filesystem every node mounts" in line
+    for r in (0, 1):  # nothing at OUT on either node, no temp folder left behind
+        assert not (tmp_path / f"node{r}" / "out").exists()
+        assert not list((tmp_path / f"node{r}").glob(".out.fastmerge-*"))
+
+
 def test_a_killed_rank_stops_every_rank_and_resume_finishes(cases):
     root, cs = cases
     cfg, flags, want = cs["ties"]
