@@ -42,8 +42,10 @@ def builds(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(out.parent / "cache")
+    # cwd outside the repository: `python -m` puts the cwd first on sys.path, and the source tree's
+    # fastmerge has no fastmerge.kernels (the wheel maps kernels/ there)
     r = subprocess.run([sys.executable, "-m", "fastmerge.kernels.offline", "--json", str(out)], env=env,
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=900, cwd=out.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout)
     return {b["name"]: b for b in json.loads(out.read_text())}
