@@ -1,0 +1,168 @@
+"""fastmerge.integrations.peft: enable()/disable() swap PEFT's merge_utils functions (and the names
+peft.tuners.lora.model imported) for fastmerge.lora.merge_utils's, with PEFT's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmerge.integrations import peft as fpeft
+from fastmerge.lora import merge_utils as fast
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from peft.tuners.lora import model as lora_model  # noqa: E402
+from peft.utils import merge_utils as pmu  # noqa: E402
+
+NAMES = fpeft.NAMES
+ORIG = {n: getattr(pmu, n) for n in NAMES}  # captured at import, before any test enables
+MODULES = (pmu, lora_model)
+
+
+@pytest.fixture(autouse=True)
+def _always_disabled_after():
+    yield
+    fpeft.disable()
+    assert not fpeft.enabled()
+
+
+def _assert_original():
+    for mod in MODULES:
+        for n in NAMES:
+            assert getattr(mod, n) is ORIG[n], (mod.__name__, n)
+
+
+def _assert_fast():
+    for mod in MODULES:
+        for n in NAMES:
+            assert getattr(mod, n) is getattr(fast, n), (mod.__name__, n)
+
+
+def test_enable_disable_round_trip_restores_the_exact_objects():
+    _assert_original()
+    assert not fpeft.enabled()
+    fpeft.enable()
+    assert fpeft.enabled()
+    _assert_fast()
+    fpeft.enable()  # idempotent
+    _assert_fast()
+    fpeft.disable()  # once is enough
+    assert not fpeft.enabled()
+    _assert_original()
+    fpeft.disable()  # no-op
+    _assert_original()
+    assert fpeft.originals() == ORIG
+    for n in NAMES:  # same signatures
+        import inspect
+
+        assert list(inspect.signature(ORIG[n]).parameters) == list(inspect.signature(getattr(fast, n)).parameters), n
+
+
+def test_patched_context_returns_to_the_previous_state():
+    with fpeft.patched():
+        assert fpeft.enabled()
+        _assert_fast()
+    _assert_original()
+    fpeft.enable()
+    with fpeft.patched():
+        _assert_fast()
+    assert fpeft.enabled()  # was enabled before the block: stays enabled
+    _assert_fast()
+    fpeft.disable()
+    _assert_original()
+    with pytest.raises(RuntimeError), fpeft.patched():
+        raise RuntimeError("boom")
+    _assert_original()
+
+
+def _tensors(seed: int, shape=(33, 17), n=3):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(shape, generator=g) for _ in range(n)]
+    ts[1][:4] = ts[0][:4]  # magnitude ties across models and at the top-k threshold
+    ts[2][0, :5] = 0.25
+    return ts, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deterministic_functions_equal_peft_after_enable(seed):
+    ts, w = _tensors(seed)
+    want = {
+        "task_arithmetic": ORIG["task_arithmetic"](ts, w),
+        "ties_total": ORIG["ties"](ts, w, 0.4),
+        "ties_frequency": ORIG["ties"](ts, w, 0.4, majority_sign_method="frequency"),
+        "magnitude_prune": ORIG["magnitude_prune"](ts, w, 0.3),
+        "ties_full": ORIG["ties"](ts, w, 1.0),
+    }
+    with fpeft.patched():
+        got = {
+            "task_arithmetic": pmu.task_arithmetic(ts, w),
+            "ties_total": lora_model.ties(ts, w, 0.4),
+            "ties_frequency": pmu.ties(ts, w, 0.4, majority_sign_method="frequency"),
+            "magnitude_prune": lora_model.magnitude_prune(ts, w, 0.3),
+            "ties_full": pmu.ties(ts, w, 1.0),
+        }
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        assert torch.equal(got[k].view(torch.int32), want[k].view(torch.int32)), k  # bit for bit
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_functions_use_pefts_generator_rule(name):
+    """Masks from torch.bernoulli on the global generator, drawn in PEFT's order: the same seed gives PEFT's
+    result; a different seed gives a different (finite, same-shape) one."""
+    ts, w = _tensors(3)
+    torch.manual_seed(11)
+    want = ORIG[name](ts, w, 0.5)
+    with fpeft.patched():
+        torch.manual_seed(11)
+        got = getattr(lora_model, name)(ts, w, 0.5)
+        torch.manual_seed(12)
+        other = getattr(pmu, name)(ts, w, 0.5)
+    assert torch.equal(got, want)
+    assert other.shape == want.shape and torch.isfinite(other).all() and not torch.equal(other, want)
+
+
+LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=64, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def lora_pm():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm = peft.get_peft_model(model, peft.LoraConfig(**cfg), adapter_name="one")
+    pm.add_adapter("two", peft.LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:  # lora_B nonzero too
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm
+
+
+def _adapter_weights(pm, name: str) -> dict[str, torch.Tensor]:
+    sd = pm.state_dict()
+    out = {k.replace(f".{name}.", "."): v.clone() for k, v in sd.items() if f".lora_A.{name}." in k or f".lora_B.{name}." in k}
+    assert out
+    return out
+
+
+@pytest.mark.parametrize("ctype,kw", [
+    ("ties", {"density": 0.5}), ("ties", {"density": 0.5, "majority_sign_method": "frequency"}), ("linear", {}),
+    ("magnitude_prune", {"density": 0.4}), ("dare_ties", {"density": 0.6}), ("ties_svd", {"density": 0.5}),
+])
+def test_add_weighted_adapter_same_adapter_with_enable(lora_pm, ctype, kw):
+    tag = ctype + "_" + "_".join(map(str, kw.values())).replace(".", "")
+    torch.manual_seed(5)  # the new adapter's init and DARE's masks come from the global generator
+    lora_pm.add_weighted_adapter(["one", "two"], [0.7, -0.4], f"ref_{tag}", combination_type=ctype, **kw)
+    with fpeft.patched():
+        torch.manual_seed(5)
+        lora_pm.add_weighted_adapter(["one", "two"], [0.7, -0.4], f"fast_{tag}", combination_type=ctype, **kw)
+    want, got = _adapter_weights(lora_pm, f"ref_{tag}"), _adapter_weights(lora_pm, f"fast_{tag}")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert any(v.abs().sum() > 0 for k, v in got.items() if ".lora_B." in k)
+    _assert_original()
