@@ -23,6 +23,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def run(world: int, cfg: Path, out: Path, extra: list[str]) -> tuple[float, floa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="/tmp/fastmerge-dist-bench")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "fastmerge-dist-bench"))
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--shard", default="100M")

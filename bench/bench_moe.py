@@ -1,6 +1,6 @@
 """Per-tensor overhead: merge throughput on a MoE family of >= 20k small tensors vs a family of large tensors.
 
-    python bench/bench_moe.py [--root /tmp/fastmerge-moe] [--repeat 3] [--mergekit] [--fp8]
+    python bench/bench_moe.py [--root DIR] [--repeat 3] [--mergekit] [--fp8]
 
 Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-tunes, bf16):
 
@@ -60,7 +60,7 @@ def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, int, str]
     os.environ["FASTMERGE_FASTPATH"] = "1" if engine == "native" else "0"
     times, nbytes, used = [], 0, ""
     for _ in range(repeat):
-        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             r = fastmerge.merge(cfg, Path(tmp) / "out", threads=2, progress=False)
             times.append(time.perf_counter() - t0)
@@ -70,7 +70,7 @@ def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, int, str]
 
 
 def run_mergekit(cfg: dict, timeout: float) -> float | None:
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "c.yml"
         p.write_text(yaml.safe_dump(cfg))
         exe = shutil.which("mergekit-yaml") or "mergekit-yaml"
@@ -85,7 +85,7 @@ def run_mergekit(cfg: dict, timeout: float) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="/tmp/fastmerge-moe")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "fastmerge-moe"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mergekit", action="store_true")
     ap.add_argument("--mergekit-timeout", type=float, default=900)

@@ -5,7 +5,7 @@ Each model is written as real safetensors shards of HF's layout (5 GB shards + i
 headers are complete and whose data sections are holes (``truncate``): a 1.3 TB model takes ~10 MB of
 disk. Planning reads headers only, so it runs on these exactly as on the real checkpoints.
 
-    python bench/bench_scale.py [--root /tmp/fastmerge-scale] [--models 3] [--only deepseek]
+    python bench/bench_scale.py [--root DIR] [--models 3] [--only deepseek]
 
 Prints, per family: tensors, bytes, the time and peak RSS of ``fastmerge plan --world-size N`` (a
 child process each: its wall time includes the interpreter start), of ``build_plan`` + ``digest()`` +
@@ -21,6 +21,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def child_plan(cfg: Path, world: int) -> tuple[float, float, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="/tmp/fastmerge-scale")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "fastmerge-scale"))
     ap.add_argument("--models", type=int, default=3, help="base + fine-tunes (ties needs >= 2)")
     ap.add_argument("--only", choices=sorted(FAMILIES), default=None)
     a = ap.parse_args()

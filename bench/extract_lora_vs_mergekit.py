@@ -16,6 +16,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def main() -> None:
     ap.add_argument("family", type=Path)
     ap.add_argument("--max-rank", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/fm_extract_bench"))
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fm_extract_bench")
     a = ap.parse_args()
     _warm(a.family)
     common = ["--model", str(a.family / "ft1"), "--base-model", str(a.family / "base"), "--max-rank", str(a.max_rank)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `fastmerge bench kernels` on a lent GPU machine, in one short device call: the same library code
+# `fastmerge bench kernels` on a GPU machine, in one short run: the same library code
 # (fastmerge/benchmark/) as the command a user runs, so bench/RESULTS.md and what users see agree.
 # From the repository root:
 #
@@ -20,7 +20,7 @@
 # Writes under $OUT: kernels-gpu-quick.{json,md}, kernels-gpu.{json,md,png} (the roofline chart), env.txt,
 # build.log, cxx_diag.log, tests.log, sync.log, ncu.txt, offline_sm90.md (the same kernels' offline build).
 set -u
-OUT=${OUT:-/tmp/fm_out}
+OUT=${OUT:-$PWD/bench/out/gpu}
 mkdir -p "$OUT"
 REPO=$(pwd)
 MODE=${1:-full}
