@@ -17,6 +17,7 @@ from fastmerge.mloss import compute_mloss
 from fastmerge.mloss.llama import LlamaConfig, attention_residual, load_calibration, mlp_input, mlp_residual, rope_tables
 from fastmerge.mloss.mties import m_ties_tensors
 from fastmerge.testing import LlamaShape, make_family
+from helpers.faults import count_readers, disk_full_on_write
 
 SHAPE = LlamaShape(hidden=64, layers=3, intermediate=176, vocab=301, heads=4, kv_heads=2)  # GQA
 TARGETS = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
@@ -228,52 +229,16 @@ def test_rss_flat_across_layers(tmp_path, monkeypatch):
 # what the hand-rolled m_ties loop had drifted on (fastmerge/mloss/engine.py at 70b977f)
 
 
-def _count_readers(monkeypatch):
-    """Every ModelReader opened from now on, and the ones closed."""
-    from fastmerge.io import reader as reader_mod
-
-    opened, closed = [], []
-    init, close = reader_mod.ModelReader.__init__, reader_mod.ModelReader.close
-
-    def counting_init(self, *a, **k):
-        init(self, *a, **k)
-        opened.append(id(self))
-
-    def counting_close(self):
-        closed.append(id(self))
-        close(self)
-
-    monkeypatch.setattr(reader_mod.ModelReader, "__init__", counting_init)
-    monkeypatch.setattr(reader_mod.ModelReader, "close", counting_close)
-    return opened, closed
-
-
-def _disk_full_on_write(monkeypatch, at=5):
-    import errno
-
-    from fastmerge.io import writer as writer_mod
-
-    write, calls = writer_mod.ShardWriter.write, []
-
-    def failing(self, name, t):
-        calls.append(name)
-        if len(calls) == at:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "model.safetensors"))
-        write(self, name, t)
-
-    monkeypatch.setattr(writer_mod.ShardWriter, "write", failing)
-
-
 def _files(d):
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.startswith("model")}
 
 
 def test_mties_closes_its_readers(fam, tmp_path, monkeypatch):
-    opened, closed = _count_readers(monkeypatch)
+    opened, closed = count_readers(monkeypatch)
     fastmerge.merge(config(fam, layers=[1]), tmp_path / "m", progress=False)
     assert opened and sorted(set(closed)) == sorted(opened)
     opened.clear(), closed.clear()
-    _disk_full_on_write(monkeypatch)
+    disk_full_on_write(monkeypatch, at=5)
     with pytest.raises(Exception):
         fastmerge.merge(config(fam, layers=[1]), tmp_path / "f", progress=False)
     assert opened and sorted(set(closed)) == sorted(opened)
@@ -283,7 +248,7 @@ def test_mties_oserror_is_one_output_error_line(fam, tmp_path, monkeypatch):
     from fastmerge.errors import OutputError
 
     (tmp_path / "outs").mkdir()
-    _disk_full_on_write(monkeypatch)
+    disk_full_on_write(monkeypatch, at=5)
     with pytest.raises(OutputError) as ei:
         fastmerge.merge(config(fam, layers=[1]), tmp_path / "outs" / "m", progress=False)
     assert "\n" not in str(ei.value) and "No space left on device" in str(ei.value)

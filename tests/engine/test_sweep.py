@@ -9,6 +9,7 @@ from fastmerge.research.cart import sweep_dir_name
 from fastmerge.config import MergeConfig
 from fastmerge.errors import ConfigError
 from fastmerge.testing import LlamaShape, make_family
+from helpers.faults import count_readers, disk_full_on_write
 from helpers.parity import load_model
 
 
@@ -51,42 +52,6 @@ def test_rank_sweep_is_cart_only_and_validated(fam):
 # what the hand-rolled sweep loop had drifted on (fastmerge/cart.py rank_sweep at 70b977f)
 
 
-def _count_readers(monkeypatch):
-    """Every ModelReader opened from now on, and the ones closed."""
-    from fastmerge.io import reader as reader_mod
-
-    opened, closed = [], []
-    init, close = reader_mod.ModelReader.__init__, reader_mod.ModelReader.close
-
-    def counting_init(self, *a, **k):
-        init(self, *a, **k)
-        opened.append(id(self))
-
-    def counting_close(self):
-        closed.append(id(self))
-        close(self)
-
-    monkeypatch.setattr(reader_mod.ModelReader, "__init__", counting_init)
-    monkeypatch.setattr(reader_mod.ModelReader, "close", counting_close)
-    return opened, closed
-
-
-def _disk_full_on_write(monkeypatch, at=3):
-    import errno
-
-    from fastmerge.io import writer as writer_mod
-
-    write, calls = writer_mod.ShardWriter.write, []
-
-    def failing(self, name, t):
-        calls.append(name)
-        if len(calls) == at:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "model.safetensors"))
-        write(self, name, t)
-
-    monkeypatch.setattr(writer_mod.ShardWriter, "write", failing)
-
-
 def test_sweep_restores_torch_threads(tmp_path, fam):
     saved = torch.get_num_threads()
     other = 3 if saved != 3 else 2  # anything but the merge's threads=1
@@ -99,11 +64,11 @@ def test_sweep_restores_torch_threads(tmp_path, fam):
 
 
 def test_sweep_closes_its_readers(tmp_path, fam, monkeypatch):
-    opened, closed = _count_readers(monkeypatch)
+    opened, closed = count_readers(monkeypatch)
     merge(_doc(fam, rank_sweep=[0.05, 0.25]), tmp_path / "s", progress=False)
     assert opened and sorted(set(closed)) == sorted(opened)
     opened.clear(), closed.clear()
-    _disk_full_on_write(monkeypatch)
+    disk_full_on_write(monkeypatch, at=3)
     with pytest.raises(Exception):
         merge(_doc(fam, rank_sweep=[0.05, 0.25]), tmp_path / "t", progress=False)
     assert opened and sorted(set(closed)) == sorted(opened)
@@ -112,7 +77,7 @@ def test_sweep_closes_its_readers(tmp_path, fam, monkeypatch):
 def test_sweep_oserror_is_one_output_error_line(tmp_path, fam, monkeypatch):
     from fastmerge.errors import OutputError
 
-    _disk_full_on_write(monkeypatch)
+    disk_full_on_write(monkeypatch, at=3)
     with pytest.raises(OutputError) as ei:
         merge(_doc(fam, rank_sweep=[0.05, 0.25]), tmp_path / "s", progress=False)
     assert "\n" not in str(ei.value) and "No space left on device" in str(ei.value)
