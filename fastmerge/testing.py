@@ -410,3 +410,139 @@ class Qwen3MoeShape:
             "head_dim": self.head_dim, "vocab_size": self.vocab, "rms_norm_eps": 1e-6, "hidden_act": "silu",
             "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 151643, "eos_token_id": 151645,
         }
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision-language families (``modules:``): a text decoder, a vision tower and the projector between them,
+# with the Hugging Face tensor names and nested ``text_config`` / ``vision_config``. Tiny by default.
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistral3Shape:
+    """Mistral3ForConditionalGeneration (Mistral-Small-3.1's LLaVA layout: ``language_model.``, a Pixtral
+    ``vision_tower.``, ``multi_modal_projector.`` with a patch merger), as its Hub checkpoints name the tensors."""
+
+    hidden: int = 64
+    layers: int = 4
+    intermediate: int = 96
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_intermediate: int = 48
+    vision_heads: int = 2
+    patch: int = 4
+    spatial_merge: int = 2
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, v, s = self.hidden, self.vision_hidden, self.spatial_merge
+        out = [("vision_tower.ln_pre.weight", (v,)), ("vision_tower.patch_conv.weight", (v, 3, self.patch, self.patch))]
+        for n in range(self.vision_layers):
+            p = f"vision_tower.transformer.layers.{n}."
+            vi = self.vision_intermediate
+            out += [(p + "attention.k_proj.weight", (v, v)), (p + "attention.o_proj.weight", (v, v)),
+                    (p + "attention.q_proj.weight", (v, v)), (p + "attention.v_proj.weight", (v, v)),
+                    (p + "attention_norm.weight", (v,)), (p + "feed_forward.down_proj.weight", (v, vi)),
+                    (p + "feed_forward.gate_proj.weight", (vi, v)), (p + "feed_forward.up_proj.weight", (vi, v)),
+                    (p + "ffn_norm.weight", (v,))]
+        q = "multi_modal_projector."
+        out += [(q + "linear_1.weight", (h, v)), (q + "linear_2.weight", (h, h)), (q + "norm.weight", (v,)),
+                (q + "patch_merger.merging_layer.weight", (v, v * s * s))]
+        out += [(f"language_model.{n}", sh) for n, sh in LlamaShape(h, self.layers, self.intermediate, self.vocab, self.heads,
+                                                                     self.kv_heads).tensors()]
+        return out
+
+    @property
+    def numel(self) -> int:
+        return _count(self.tensors())
+
+    def config(self, dtype: str) -> dict:
+        return {
+            "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "image_token_index": 10,
+            "multimodal_projector_bias": False, "projector_hidden_act": "gelu", "spatial_merge_size": self.spatial_merge,
+            "vision_feature_layer": -1, "tie_word_embeddings": False, "torch_dtype": dtype,
+            "text_config": {
+                "model_type": "mistral", "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers, "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "head_dim": self.hidden // self.heads, "vocab_size": self.vocab, "max_position_embeddings": 2048,
+                "rms_norm_eps": 1e-5, "rope_theta": 1000000000.0, "sliding_window": None, "hidden_act": "silu",
+                "tie_word_embeddings": False,
+            },
+            "vision_config": {
+                "model_type": "pixtral", "hidden_size": self.vision_hidden, "intermediate_size": self.vision_intermediate,
+                "num_hidden_layers": self.vision_layers, "num_attention_heads": self.vision_heads,
+                "head_dim": self.vision_hidden // self.vision_heads, "num_channels": 3, "image_size": 16 * self.patch,
+                "patch_size": self.patch, "hidden_act": "silu", "rope_theta": 10000.0,
+            },
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLShape:
+    """Qwen2VLForConditionalGeneration: a Qwen2 text model at the top level (``model.``, ``lm_head.``; q/k/v
+    biases), the vision tower under ``visual.`` (a 3-D patch embedding, ``blocks``), the patch merger under
+    ``visual.merger.``; config.json as Qwen2-VL's Hub checkpoints (text fields at the top level and in
+    ``text_config``, ``vision_config.depth``)."""
+
+    hidden: int = 64
+    layers: int = 4
+    intermediate: int = 96
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 128
+    vision_embed: int = 32
+    vision_depth: int = 3
+    vision_heads: int = 2
+    mlp_ratio: int = 2
+    patch: int = 2
+    temporal_patch: int = 2
+    spatial_merge: int = 2
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, i, e = self.hidden, self.intermediate, self.vision_embed
+        kv = self.kv_heads * (h // self.heads)
+        out = [("lm_head.weight", (self.vocab, h)), ("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [(p + "input_layernorm.weight", (h,)), (p + "mlp.down_proj.weight", (h, i)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "post_attention_layernorm.weight", (h,)), (p + "self_attn.k_proj.bias", (kv,)),
+                    (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                    (p + "self_attn.v_proj.bias", (kv,)), (p + "self_attn.v_proj.weight", (kv, h))]
+        out.append(("model.norm.weight", (h,)))
+        m = e * self.mlp_ratio
+        for n in range(self.vision_depth):
+            p = f"visual.blocks.{n}."
+            out += [(p + "attn.proj.bias", (e,)), (p + "attn.proj.weight", (e, e)), (p + "attn.qkv.bias", (3 * e,)),
+                    (p + "attn.qkv.weight", (3 * e, e)), (p + "mlp.fc1.bias", (m,)), (p + "mlp.fc1.weight", (m, e)),
+                    (p + "mlp.fc2.bias", (e,)), (p + "mlp.fc2.weight", (e, m)), (p + "norm1.bias", (e,)),
+                    (p + "norm1.weight", (e,)), (p + "norm2.bias", (e,)), (p + "norm2.weight", (e,))]
+        g = e * self.spatial_merge ** 2
+        out += [("visual.merger.ln_q.bias", (e,)), ("visual.merger.ln_q.weight", (e,)), ("visual.merger.mlp.0.bias", (g,)),
+                ("visual.merger.mlp.0.weight", (g, g)), ("visual.merger.mlp.2.bias", (h,)), ("visual.merger.mlp.2.weight", (h, g)),
+                ("visual.patch_embed.proj.weight", (e, 3, self.temporal_patch, self.patch, self.patch))]
+        return out
+
+    @property
+    def numel(self) -> int:
+        return _count(self.tensors())
+
+    def config(self, dtype: str) -> dict:
+        text = {
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+            "tie_word_embeddings": False, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        }
+        return {
+            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", **text, "torch_dtype": dtype,
+            "vision_start_token_id": 100, "vision_end_token_id": 101, "image_token_id": 102, "video_token_id": 103,
+            "text_config": {"model_type": "qwen2_vl_text", **text},
+            "vision_config": {
+                "depth": self.vision_depth, "embed_dim": self.vision_embed, "mlp_ratio": self.mlp_ratio,
+                "num_heads": self.vision_heads, "in_chans": 3, "hidden_size": self.hidden, "patch_size": self.patch,
+                "spatial_merge_size": self.spatial_merge, "temporal_patch_size": self.temporal_patch,
+            },
+        }

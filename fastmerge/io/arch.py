@@ -4,8 +4,10 @@ merge: mergekit refuses to mix architectures unless ``--allow-crimes``; so does 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError
 
@@ -46,3 +48,115 @@ def check_architectures(roots: Mapping[str, Path], allow_crimes: bool) -> None:
         if (a[0] and a0[0] and a[0] != a0[0]) or (a[1] and a0[1] and a[1] != a0[1]):
             raise ConfigError(f"{path}: architecture {_describe(a)} differs from {p0}'s {_describe(a0)}; mergekit "
                               "refuses this too: pass --allow-crimes (allow_crimes=True) to merge them anyway")
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-module models (``modules:``): which tensors belong to which module, as the Hugging Face
+# checkpoints of these architectures name them (the names mergekit 0.1.5's architecture files use).
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    """One module of a multi-module architecture. A tensor belongs to the module with the longest of all
+    modules' ``prefixes`` that its name starts with. ``layer``: the prefix of the module's layer tensors
+    with ``{}`` for the index (None: no layers); ``layers_key``: the config.json key (dotted into nested
+    configs) holding its number of layers; ``post``: the non-layer tensors that come after the layers
+    (taken from the last slice, as mergekit's post weights); every other non-layer tensor comes before."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    layer: str | None = None
+    layers_key: str | None = None
+    post: tuple[str, ...] = ()
+
+    @property
+    def _layer_re(self) -> re.Pattern[str] | None:
+        if self.layer is None:
+            return None
+        head, tail = (re.escape(p) for p in self.layer.split("{}"))
+        return re.compile(f"^{head}(\\d+){tail}")
+
+    def layer_of(self, tensor: str) -> int | None:
+        """The module layer ``tensor`` belongs to, None for the module's other tensors."""
+        r = self._layer_re
+        m = r.match(tensor) if r is not None else None
+        return int(m.group(1)) if m else None
+
+    def with_layer(self, tensor: str, idx: int) -> str:
+        """``tensor`` (a layer tensor of this module) with its layer index replaced by ``idx``."""
+        m = self._layer_re.match(tensor)  # type: ignore[union-attr]
+        assert m is not None, tensor
+        return tensor[: m.start(1)] + str(idx) + tensor[m.end(1):]
+
+    def num_layers(self, config: dict, tensors: Iterable[str]) -> int:
+        """Its number of layers: ``layers_key`` in ``config`` (config.json), else one more than the
+        largest layer index among ``tensors``; 0 without layers."""
+        if self.layer is None:
+            return 0
+        v: Any = config
+        for k in (self.layers_key or "").split("."):
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+        idx = [i for i in map(self.layer_of, tensors) if i is not None]
+        return max(idx) + 1 if idx else 0
+
+
+def _llava_like(vision_layer: str, vision_post: tuple[str, ...] = ()) -> tuple[ModuleLayout, ...]:
+    """LLaVA's naming (``language_model.`` / ``vision_tower.`` / ``multi_modal_projector.``), text and
+    vision layer counts in the nested ``text_config`` / ``vision_config``."""
+    lm = "language_model."
+    return (
+        ModuleLayout("text_decoder", (lm,), lm + "model.layers.{}.", "text_config.num_hidden_layers",
+                     (lm + "model.norm.weight", lm + "lm_head.weight")),
+        ModuleLayout("vision_tower", ("vision_tower.",), vision_layer, "vision_config.num_hidden_layers", vision_post),
+        ModuleLayout("multi_modal_projector", ("multi_modal_projector.",)),
+    )
+
+
+def _qwen2_vl(layers_key: str) -> tuple[ModuleLayout, ...]:
+    """Qwen2-VL's naming: the text model at the top level (``model.``, ``lm_head.``), the vision tower under
+    ``visual.``, its patch merger (the projector) under ``visual.merger.``."""
+    return (
+        ModuleLayout("text_decoder", ("model.", "lm_head."), "model.layers.{}.", layers_key, ("model.norm.weight", "lm_head.weight")),
+        ModuleLayout("vision_tower", ("visual.",), "visual.blocks.{}.", "vision_config.depth"),
+        ModuleLayout("multi_modal_projector", ("visual.merger.",)),
+    )
+
+
+#: ``architectures[0]`` of config.json -> its modules, in mergekit 0.1.5's module names
+MODULES: dict[str, tuple[ModuleLayout, ...]] = {
+    "Mistral3ForConditionalGeneration": _llava_like("vision_tower.transformer.layers.{}."),
+    "Qwen2VLForConditionalGeneration": _qwen2_vl("num_hidden_layers"),
+    "Qwen2_5_VLForConditionalGeneration": _qwen2_vl("text_config.num_hidden_layers"),
+}
+
+
+def config_doc(root: Path) -> dict:
+    """config.json of the model in folder ``root`` as a dict ({} without a readable one)."""
+    try:
+        doc = json.loads((Path(root) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def module_layouts(root: Path, where: str) -> dict[str, ModuleLayout]:
+    """The modules of the model in ``root`` by name; one ConfigError line when its architecture has none
+    fastmerge knows."""
+    a = architecture(root)
+    arch = a[0][0] if a and a[0] else None
+    if arch not in MODULES:
+        raise ConfigError(f"{where}: 'modules' needs a multi-module architecture, and {root}'s config.json names "
+                          f"{arch or 'none'} (known: {', '.join(sorted(MODULES))})")
+    return {m.name: m for m in MODULES[arch]}
+
+
+def module_of(tensor: str, layouts: Iterable[ModuleLayout]) -> ModuleLayout | None:
+    """The module ``tensor`` belongs to: the longest matching prefix wins; None when none matches."""
+    best, n = None, -1
+    for m in layouts:
+        for p in m.prefixes:
+            if tensor.startswith(p) and len(p) > n:
+                best, n = m, len(p)
+    return best
