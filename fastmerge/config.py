@@ -1,8 +1,8 @@
 """The mergekit YAML schema (the subset fastmerge runs today), validated up front.
 
 Every error names the field (and model) at fault. A mergekit feature fastmerge does not run yet
-(``modules``, ``residual_weight``, ``tokenizer_source: union``, ``vocab.tokens``, ``chat_template``) is a
-clear error, never silently ignored. ``MODEL+ADAPTER`` references (PEFT LoRA) are read by ``io.lora``.
+(``residual_weight``, ``tokenizer_source: union``, ``vocab.tokens``, ``chat_template``) is a clear error,
+never silently ignored. ``MODEL+ADAPTER`` references (PEFT LoRA) are read by ``io.lora``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ TOP_LEVEL = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
     "tokenizer", "slices", "modules", "chat_template", "rank_sweep",
 }
-UNSUPPORTED = {
-    "modules": "'modules' (multi-module models) is not supported yet",
-}
+UNSUPPORTED: dict[str, str] = {}  # top-level field -> why it is refused (none today)
 
 
 @dataclasses.dataclass
@@ -67,6 +65,17 @@ class SliceSpec:
 
 
 @dataclasses.dataclass
+class ModuleSpec:
+    """One module of a multi-module model (``modules: {text_decoder: ..., vision_tower: ...}``): its inputs
+    as ``models`` or ``slices`` (exactly one; models as in ``MergeConfig.models``), and parameters that
+    rank between its slices' and the global ones (mergekit 0.1.5's ``OutputModuleDefinition``)."""
+
+    models: list[ModelSpec] | None = None
+    slices: list[SliceSpec] | None = None
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class MergeConfig:
     """A validated merge configuration: either ``models`` (whole models; the base model excluded, as
     mergekit's non-base inputs) or ``slices`` (layer ranges, renumbered in the output)."""
@@ -86,6 +95,10 @@ class MergeConfig:
     #: ``chat_template``: auto | a built-in name | a file | a Jinja string (io.chat_template), written into
     #: the output's tokenizer_config.json
     chat_template: str | None = None
+    #: ``modules``: each module of a multi-module (vision-language) model merged from its own models or
+    #: slices, by module name in config order (io.arch names each architecture's modules); ``models`` is
+    #: then empty and ``slices`` None
+    modules: dict[str, ModuleSpec] | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -122,38 +135,17 @@ class MergeConfig:
         if base is not None:
             base = _model_ref(base, f"{where}: base_model")
         raw_models = doc.get("models")
-        slices = None
-        if doc.get("slices") is not None:
-            if raw_models is not None:
-                raise ConfigError(f"{where}: give either 'models' or 'slices', not both")
+        slices, modules = None, None
+        if sum(doc.get(k) is not None for k in ("models", "slices", "modules")) > 1:
+            raise ConfigError(f"{where}: give one of 'models', 'slices' or 'modules', not several")
+        if doc.get("modules") is not None:
+            modules = _parse_modules(doc["modules"], where, base, method)
+            models: list[ModelSpec] = []
+        elif doc.get("slices") is not None:
             slices = _parse_slices(doc["slices"], where)
-            raw_models = []
-        elif not isinstance(raw_models, list) or not raw_models:
-            raise ConfigError(f"{where}: 'models' (or 'slices') must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-        models: list[ModelSpec] = []
-        for i, m in enumerate(raw_models):
-            mw = f"{where}: models[{i}]"
-            if isinstance(m, str):
-                m = {"model": m}
-            if not isinstance(m, dict) or "model" not in m:
-                raise ConfigError(f"{mw}: each entry needs a 'model' field")
-            extra = set(m) - {"model", "parameters"}
-            if extra:
-                raise ConfigError(f"{mw}: unknown field '{sorted(extra)[0]}'")
-            path = _model_ref(m["model"], f"{mw}.model")
-            params = m.get("parameters") or {}
-            if not isinstance(params, dict):
-                raise ConfigError(f"{mw}.parameters: must be a mapping")
-            if base is not None and path == base and method.base_policy != "ignored":
-                continue  # mergekit: a base model listed among the models is the base, not an input
-            models.append(ModelSpec(path, dict(params)))
-        # mergekit 0.1.5's planner (``MergePlanner.normalize_config``) appends base_model to the inputs of
-        # some methods whose base policy is "ignored" (``MergeMethod.base_as_input``: karcher averages it in;
-        # linear needs a ``weight`` for it; passthrough, which takes one input, refuses the config). Slices
-        # are used as written. ``cart`` is fastmerge's own method and documents base_model as ignored.
-        if (slices is None and base is not None and method.base_as_input
-                and base not in [m.path for m in models]):
-            models.append(ModelSpec(base, {}, implicit_base=True))
+            models = []
+        else:
+            models = _parse_models(raw_models, where, base, method)
         gparams = doc.get("parameters") or {}
         if not isinstance(gparams, dict):
             raise ConfigError(f"{where}: parameters: must be a mapping")
@@ -170,6 +162,7 @@ class MergeConfig:
             slices=slices,
             rank_sweep=_rank_sweep(doc.get("rank_sweep"), method, where),
             chat_template=_chat_template(doc.get("chat_template"), where),
+            modules=modules,
         )
         cfg.validate()
         return cfg
@@ -178,6 +171,11 @@ class MergeConfig:
         """Static checks (no file access): base-model rules, model count, parameter names and shapes."""
         where = self.source or "config"
         m = self.method
+        if self.modules is not None:  # each module as a config of its own; its parameters rank above the global ones
+            for name, mod in self.modules.items():
+                MergeConfig(self.merge_method, mod.models or [], self.base_model, {**self.parameters, **mod.parameters},
+                            source=f"{where}: modules.{name}", slices=mod.slices).validate()
+            return
         groups: list[tuple[str, int]] = [("models", len(self.models))]  # (where, number of non-base inputs)
         scopes = [("parameters", self.parameters)] + [
             (f"models[{i}] ({s.path}).parameters", s.parameters) for i, s in enumerate(self.models)
@@ -248,15 +246,12 @@ class MergeConfig:
         d: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model:
             d["base_model"] = self.base_model
-        if self.slices is not None:
-            d["slices"] = [
-                {"sources": [{"model": s.path, "layer_range": list(s.layer_range), "parameters": s.parameters} for s in sl.sources],
-                 **({"base_model": sl.base_model} if sl.base_model else {}),
-                 **({"parameters": sl.parameters} if sl.parameters else {})}
-                for sl in self.slices
-            ]
+        if self.modules is not None:
+            d["modules"] = {name: {**_inputs_dict(mod.models or [], mod.slices),
+                                   **({"parameters": mod.parameters} if mod.parameters else {})}
+                            for name, mod in self.modules.items()}
         else:
-            d["models"] = [{"model": s.path, "parameters": s.parameters} for s in self.models if not s.implicit_base]
+            d.update(_inputs_dict(self.models, self.slices))
         for k in ("parameters", "dtype", "out_dtype", "tokenizer_source", "rank_sweep", "chat_template"):
             v = getattr(self, k)
             if v:
@@ -264,6 +259,78 @@ class MergeConfig:
         if self.tokenizer_pad_to_multiple_of:
             d["tokenizer"] = {"source": d.pop("tokenizer_source"), "pad_to_multiple_of": self.tokenizer_pad_to_multiple_of}
         return d
+
+
+def _inputs_dict(models: list[ModelSpec], slices: list[SliceSpec] | None) -> dict[str, Any]:
+    """``{"slices": [...]}`` or ``{"models": [...]}`` in mergekit's schema (the implicit base left out)."""
+    if slices is not None:
+        return {"slices": [
+            {"sources": [{"model": s.path, "layer_range": list(s.layer_range), "parameters": s.parameters} for s in sl.sources],
+             **({"base_model": sl.base_model} if sl.base_model else {}),
+             **({"parameters": sl.parameters} if sl.parameters else {})}
+            for sl in slices
+        ]}
+    return {"models": [{"model": s.path, "parameters": s.parameters} for s in models if not s.implicit_base]}
+
+
+def _parse_models(raw_models: Any, where: str, base: str | None, method: MergeMethod) -> list[ModelSpec]:
+    """``models: [{model: PATH, parameters: {...}}, ...]``: the inputs besides the base (plus the base, for
+    the methods that merge it as an input)."""
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(f"{where}: 'models' (or 'slices') must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    models: list[ModelSpec] = []
+    for i, m in enumerate(raw_models):
+        mw = f"{where}: models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"{mw}: each entry needs a 'model' field")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            raise ConfigError(f"{mw}: unknown field '{sorted(extra)[0]}'")
+        path = _model_ref(m["model"], f"{mw}.model")
+        params = m.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{mw}.parameters: must be a mapping")
+        if base is not None and path == base and method.base_policy != "ignored":
+            continue  # mergekit: a base model listed among the models is the base, not an input
+        models.append(ModelSpec(path, dict(params)))
+    # mergekit 0.1.5's planner (``MergePlanner.normalize_config``) appends base_model to the inputs of
+    # some methods whose base policy is "ignored" (``MergeMethod.base_as_input``: karcher averages it in;
+    # linear needs a ``weight`` for it; passthrough, which takes one input, refuses the config). Slices
+    # are used as written. ``cart`` is fastmerge's own method and documents base_model as ignored.
+    if base is not None and method.base_as_input and base not in [m.path for m in models]:
+        models.append(ModelSpec(base, {}, implicit_base=True))
+    return models
+
+
+def _parse_modules(raw: Any, where: str, base: str | None, method: MergeMethod) -> dict[str, ModuleSpec]:
+    """``modules: {NAME: {models: [...] | slices: [...], parameters: {...}}}``. Which names a model has is
+    its architecture's (checked by the plan, io.arch); one merge_method merges every module, as in mergekit
+    0.1.5, whose module definition has no method of its own."""
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: 'modules' must be a non-empty mapping {{MODULE: {{models: [...]}} or {{slices: [...]}}}}")
+    out: dict[str, ModuleSpec] = {}
+    for name, mod in raw.items():
+        mw = f"{where}: modules.{name}"
+        if not isinstance(mod, dict):
+            raise ConfigError(f"{mw}: expected a mapping with 'models' or 'slices'")
+        if "merge_method" in mod:
+            raise ConfigError(f"{mw}: merge_method: every module is merged with the top-level merge_method (mergekit 0.1.5's "
+                              "modules have models, slices and parameters only); per-module settings go in its parameters")
+        extra = set(mod) - {"models", "slices", "parameters"}
+        if extra:
+            raise ConfigError(f"{mw}: unknown field '{sorted(extra)[0]}' (a module has models, slices, parameters)")
+        if (mod.get("models") is None) == (mod.get("slices") is None):
+            raise ConfigError(f"{mw}: give either 'models' or 'slices' (exactly one)")
+        params = mod.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{mw}.parameters: must be a mapping")
+        if mod.get("slices") is not None:
+            out[str(name)] = ModuleSpec(None, _parse_slices(mod["slices"], mw), dict(params))
+        else:
+            out[str(name)] = ModuleSpec(_parse_models(mod["models"], mw, base, method), None, dict(params))
+    return out
 
 
 def _tokenizer(doc: dict[str, Any], where: str) -> tuple[str | None, int | None]:

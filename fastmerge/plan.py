@@ -20,7 +20,7 @@ from . import backends
 from .backends.base import MergeJob
 from .config import MergeConfig, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
-from .io.arch import check_architectures
+from .io.arch import ModuleLayout, check_architectures, config_doc, module_layouts, module_of
 from .io.fp8 import Fp8Index, fp8_transform, is_fp8, output_quant_config, requant_for
 from .io.index import CheckpointIndex, TensorInfo
 from .io.lora import LoraAdapter, lora_transform, split_ref
@@ -111,6 +111,9 @@ class MergePlan:
     part: Any = None
     #: FP8 inputs (io.fp8): {"quantization_config": the dict an FP8 output keeps, or None (removed)}; None: no FP8 input
     fp8: Any = None
+    #: ``modules`` given as slices: the output's layer count of each such module by its config.json key
+    #: (dotted into nested configs, e.g. ``text_config.num_hidden_layers``); None otherwise
+    layer_counts: dict[str, int] | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -244,9 +247,10 @@ def with_layer(name: str, idx: int) -> str:
 
 
 def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slice_params: dict[str, Any],
-             global_params: dict[str, Any], name: str, t: float, seed: int) -> Any:
+             global_params: dict[str, Any], name: str, t: float, seed: int, module_params: dict[str, Any] | None = None) -> Any:
     """Resolve every parameter for one output tensor. Precedence: the input's own (slice source or
-    model) parameters > the slice's > global; each value evaluated (filters, gradient at t)."""
+    model) parameters > the slice's > the module's (``modules``) > global; each value evaluated (filters,
+    gradient at t)."""
     from .methods.base import coerce
 
     per_model: dict[str, list[Any]] = {}
@@ -256,7 +260,7 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
             vals = []
             for i, (path, own) in enumerate(inputs):
                 v = None
-                for src in (own, slice_params, global_params):
+                for src in (own, slice_params, module_params or {}, global_params):
                     if spec.name in src:
                         v = evaluate_setting(src[spec.name], name, t)
                         if v is not None:
@@ -272,7 +276,7 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
             per_model[spec.name] = vals
         else:
             v = None
-            for src in (slice_params, global_params):
+            for src in (slice_params, module_params or {}, global_params):
                 if spec.name in src:
                     v = evaluate_setting(src[spec.name], name, t)
                     if v is not None:
@@ -322,6 +326,71 @@ class _Slice:
     params: dict[str, Any]
     length: int
     base_path: str | None = None  # the configured base model (also for base-ignoring methods): preferred row donor
+    module: ModuleLayout | None = None  # ``modules``: the module it belongs to (its layer numbering)
+    module_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _module_slices(config: MergeConfig, open_index) -> tuple[list[list[_Slice]], dict[str, ModuleLayout]]:
+    """``modules``: each configured module's slices (``models`` = one slice over the module's layers, whose
+    number is its config.json key, as mergekit's), in config order. Names, coverage and the layers asked
+    for are checked against the inputs' architecture (io.arch) here, before any tensor is planned."""
+    assert config.modules is not None
+    per_module = []
+    for name, mod in config.modules.items():
+        sub = dataclasses.replace(config, models=mod.models or [], slices=mod.slices, modules=None)
+        slices, _ = _slices(sub, open_index)
+        per_module.append((name, mod, slices))
+    ref = next(iter(per_module))[2][0]
+    ref_in = ref.base or ref.inputs[0]
+    where = f"{config.source or 'config'}: modules"
+    layouts = module_layouts(ref_in.index.root, where)
+    arch = config_doc(ref_in.index.root)["architectures"][0]
+    for name, _, _ in per_module:
+        if name not in layouts:
+            raise ConfigError(f"{where}.{name}: {arch} has no module '{name}' (its modules: {', '.join(layouts)})")
+    seen: set[int] = set()
+    for name, _, slices in per_module:
+        for inp in [i for sl in slices for i in ([sl.base] if sl.base else []) + sl.inputs]:
+            if id(inp.index) in seen:
+                continue
+            seen.add(id(inp.index))
+            for t in inp.index.tensors:
+                if module_of(t, layouts.values()) is None:
+                    raise CheckpointError(f"{inp.path}: tensor '{t}' belongs to no module of {arch} "
+                                          f"(modules: {', '.join(layouts)})")
+    names = list(ref_in.index.tensors)
+    for lay in layouts.values():
+        if lay.name not in config.modules:
+            own = [t for t in names if module_of(t, layouts.values()) is lay]
+            if own:
+                raise ConfigError(f"{where}: module '{lay.name}' of {arch} is not configured ({len(own)} tensors, e.g. "
+                                  f"'{own[0]}'; mergekit would leave them out of the output): add modules.{lay.name}")
+    out = []
+    for name, mod, slices in per_module:
+        lay = layouts[name]
+        for sl in slices:
+            sl.module, sl.module_params = lay, mod.parameters
+        if mod.slices is None:  # models: every layer of the module, counted by the module's own config key
+            ix = (slices[0].base or slices[0].inputs[0]).index
+            slices[0].length = lay.num_layers(config_doc(ix.root), ix.tensors)
+        out.append(slices)
+    return out, layouts
+
+
+def _module_parts(index: CheckpointIndex, layouts: dict[str, ModuleLayout], skip: frozenset[str]) -> dict[str, Any]:
+    """Per module name, its tensors in ``index`` (file order) as (before the layers, {layer: names}, after)."""
+    out: dict[str, Any] = {n: ([], {}, []) for n in layouts}
+    for t in index.tensors:
+        lay = module_of(t, layouts.values())
+        if t in skip or lay is None:
+            continue
+        pre, layers, post = out[lay.name]
+        li = lay.layer_of(t)
+        if li is not None:
+            layers.setdefault(li, []).append(t)
+        else:
+            (post if t in lay.post else pre).append(t)
+    return out
 
 
 def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
@@ -367,8 +436,19 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                 adapters[path] = LoraAdapter.open(lora, by_model[model], model)
         return indexes[path]
 
-    slices, sliced = _slices(config, open_index)
-    check_architectures({p: ix.root for p, ix in indexes.items()}, options.allow_crimes)
+    module_slices, layouts = None, {}
+    if config.modules is not None:
+        for mod in config.modules.values():  # every input opened first: mixed architectures are named before modules
+            for path in [config.base_model] + [m.path for m in mod.models or []] + [
+                    s.path for sl in mod.slices or [] for s in sl.sources] + [sl.base_model for sl in mod.slices or []]:
+                if path:
+                    open_index(path)
+        check_architectures({p: ix.root for p, ix in indexes.items()}, options.allow_crimes)
+        module_slices, layouts = _module_slices(config, open_index)
+        slices, sliced = module_slices[0], False
+    else:
+        slices, sliced = _slices(config, open_index)
+        check_architectures({p: ix.root for p, ix in indexes.items()}, options.allow_crimes)
     if out is not None:
         roots = [ix.root for ix in indexes.values()] + [Path(p) if Path(p).is_dir() else Path(p).parent for p in by_model]
         roots += [a.root for a in adapters.values()]
@@ -394,8 +474,9 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor."""
         members = ([sl.base] if sl.base else []) + sl.inputs
         infos = []
+        relayer = sl.module.with_layer if sl.module is not None else with_layer
         for m in members:
-            in_name = out_name if layer is None or not sliced else with_layer(out_name, m.start + layer)
+            in_name = out_name if layer is None or not (sliced or sl.module) else relayer(out_name, m.start + layer)
             info = m.index.tensors.get(in_name)
             if info is None:
                 raise CheckpointError(f"{m.path}: tensor '{in_name}' is missing (needed for output '{out_name}')")
@@ -414,7 +495,8 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                     f"tensor '{info.name}': shape {list(info.shape)} in {m.path} but {list(ref_info.shape)} in {members[0].path}"
                     + _vocab_hint(out_name, vocabs is not None, info.shape, ref_info.shape)
                 )
-        params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed)
+        params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed,
+                          sl.module_params)
         base_info = infos[0] if sl.base else None
         sources = infos[1:] if sl.base else infos
         ref_dtype = "bfloat16" if is_fp8(ref_info.dtype) else ref_info.dtype  # FP8 inputs: a bf16 output by default
@@ -434,7 +516,48 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             input_transform=transform, out_quant=out_quant,
         ))
 
-    if not sliced:
+    layer_counts: dict[str, int] = {}
+    if module_slices is not None:
+        # modules, in config order: each one's tensors before its layers (first slice), its layers renumbered from 0
+        # across its slices, the tensors after them (last slice), as mergekit's plan_module
+        parts_of: dict[int, Any] = {}
+
+        def parts(inp: _Input, lay: ModuleLayout) -> Any:
+            if id(inp.index) not in parts_of:
+                parts_of[id(inp.index)] = _module_parts(inp.index, layouts, companions)
+            return parts_of[id(inp.index)][lay.name]
+
+        for mslices, (mname, mod) in zip(module_slices, config.modules.items()):
+            lay = layouts[mname]
+            head = mslices[0].base or mslices[0].inputs[0]
+            for n in parts(head, lay)[0]:
+                add(n, mslices[0], None, 0.0)
+            offset = 0
+            for si, sl in enumerate(mslices):
+                ref = sl.base or sl.inputs[0]
+                for i in range(sl.length):
+                    layer_names = parts(ref, lay)[1].get(ref.start + i)
+                    if not layer_names:
+                        at = f"modules.{mname}" + (f".slices[{si}]" if mod.slices is not None else "")
+                        raise CheckpointError(f"{ref.path}: {at} asks for layer {ref.start + i} of {mname}, which this model does not have")
+                    t = i / (sl.length - 1) if sl.length > 1 else 1.0
+                    for n in layer_names:
+                        add(lay.with_layer(n, offset + i), sl, i, t)
+                offset += sl.length
+            tail = mslices[-1].base or mslices[-1].inputs[0]
+            for n in parts(tail, lay)[2]:
+                add(n, mslices[-1], None, 0.0)
+            if mod.slices is not None and lay.layers_key:
+                layer_counts[lay.layers_key] = offset
+            if mod.slices is None:  # models: an input must not hold tensors of the module the reference lacks
+                pre, layers, post = parts(head, lay)
+                mine = set(pre) | set(post) | {n for ns in layers.values() for n in ns}
+                for m in mslices[0].inputs:
+                    p, ls, q = parts(m, lay)
+                    extra = [n for n in p + q + [n for ns in ls.values() for n in ns] if n not in mine]
+                    if extra:
+                        raise CheckpointError(f"{m.path}: tensor '{extra[0]}' is not in {head.path} (models must share tensor names)")
+    elif not sliced:
         # whole models: output names = input names, in the reference model's file order (reads stay sequential)
         sl = slices[0]
         n_layers = sl.length
@@ -479,7 +602,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None
     return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards,
-                     tokenizer=vocabs.output if vocabs else None,
+                     tokenizer=vocabs.output if vocabs else None, layer_counts=layer_counts or None,
                      fp8={"quantization_config": output_quant_config(fp8_family) if out_fp8 else None} if fp8_family else None)
 
 

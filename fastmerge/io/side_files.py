@@ -72,6 +72,12 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
                 doc[k] = plan.out_layers
             if n_src:
                 _follow_slices(doc, n_src, layer_sources(plan))
+        for key, n in (plan.layer_counts or {}).items():  # modules given as slices: each one's own layer count
+            *outer, last = key.split(".")
+            d = doc
+            for k in outer:
+                d = d.setdefault(k, {})
+            d[last] = n
         if plan.tokenizer is not None:  # the output vocabulary sets the embedding rows (mergekit's _update_config_vocab)
             nested = "vocab_size" not in doc and isinstance(doc.get("text_config"), dict) and "vocab_size" in doc["text_config"]
             (doc["text_config"] if nested else doc)["vocab_size"] = plan.tokenizer.n_rows
