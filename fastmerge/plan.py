@@ -20,7 +20,7 @@ from . import backends
 from .backends.base import MergeJob
 from .config import MergeConfig, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
-from .io.arch import ModuleLayout, check_architectures, config_doc, module_layouts, module_of
+from .io.arch import MODULES, ModuleLayout, check_architectures, config_doc, modular_architecture, module_layouts, module_of
 from .io.fp8 import Fp8Index, fp8_transform, is_fp8, output_quant_config, requant_for
 from .io.index import CheckpointIndex, TensorInfo
 from .io.lora import LoraAdapter, lora_transform, split_ref
@@ -449,6 +449,12 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     else:
         slices, sliced = _slices(config, open_index)
         check_architectures({p: ix.root for p, ix in indexes.items()}, options.allow_crimes)
+        multi = modular_architecture((slices[0].base or slices[0].inputs[0]).index.root) if sliced else None
+        if multi:  # one layer numbering would mix the modules' layers (text and vision blocks both match LAYER_RE)
+            names = ", ".join(m.name for m in MODULES[multi])
+            raise ConfigError(f"{config.source or 'config'}: slices: {multi} has several modules ({names}); give each "
+                              "module's slices under modules: {MODULE: {slices: [...]}} (mergekit 0.1.5 refuses top-level "
+                              "slices on it too)")
     if out is not None:
         roots = [ix.root for ix in indexes.values()] + [Path(p) if Path(p).is_dir() else Path(p).parent for p in by_model]
         roots += [a.root for a in adapters.values()]

@@ -252,3 +252,15 @@ def test_config_round_trip(m3):
     again = MergeConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict() and list(again.modules) == ["text_decoder", "vision_tower", "multi_modal_projector"]
     assert again.modules["vision_tower"].parameters == {"density": 0.8}
+
+
+def test_top_level_slices_on_a_multi_module_model_are_refused(tmp_path, m3):
+    """One layer numbering over the whole checkpoint would interleave text and vision layers (both are
+    ``...layers.N.``); mergekit 0.1.5 refuses it as well."""
+    base, (ft1, ft2) = m3
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0},
+           "slices": [{"sources": [{"model": str(ft1), "layer_range": [0, 2]}]}]}
+    with pytest.raises(ConfigError, match=r"slices: Mistral3ForConditionalGeneration has several modules \(text_decoder, "
+                                          r"vision_tower, multi_modal_projector\); give each module's slices under modules"):
+        merge(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,7 @@
 """The inputs' architectures (``config.json``'s ``architectures`` and ``model_type``), compared before a
-merge: mergekit refuses to mix architectures unless ``--allow-crimes``; so does fastmerge."""
+merge: mergekit refuses to mix architectures unless ``--allow-crimes``; so does fastmerge. And the modules
+of multi-module (vision-language) architectures, which ``modules:`` configs name: which tensors each
+module holds, how its layers are numbered and where config.json counts them."""
 
 from __future__ import annotations
 
@@ -139,6 +141,13 @@ def config_doc(root: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def modular_architecture(root: Path) -> str | None:
+    """``architectures[0]`` of the model in ``root`` when it is one of several modules (``MODULES``), else None."""
+    a = architecture(root)
+    arch = a[0][0] if a and a[0] else None
+    return arch if arch in MODULES else None
 
 
 def module_layouts(root: Path, where: str) -> dict[str, ModuleLayout]:
