@@ -264,3 +264,16 @@ def test_top_level_slices_on_a_multi_module_model_are_refused(tmp_path, m3):
                                           r"vision_tower, multi_modal_projector\); give each module's slices under modules"):
         merge(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_side_files_name_every_module_input(tmp_path, m3):
+    """The model card lists the modules' models (the base as the base), and fastmerge_config.yml keeps the
+    modules as written."""
+    import yaml
+
+    base, (ft1, ft2) = m3
+    merge(_per_module(m3), tmp_path / "out", progress=False, write_model_card=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"using {base} as a base" in card and f"* {ft1}\n" in card and f"* {ft2}\n" in card and f"* {base}\n" not in card
+    saved = yaml.safe_load((tmp_path / "out" / "fastmerge_config.yml").read_text())
+    assert saved == MergeConfig.from_dict(_per_module(m3)).to_dict() and list(saved["modules"])[0] == "text_decoder"

@@ -105,9 +105,7 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
     if getattr(cfg, "chat_template", None):
         from . import chat_template
 
-        roots = [model_root(p) for p in dict.fromkeys(
-            [*([cfg.base_model] if cfg.base_model else []), *(m.path for m in cfg.models if not m.implicit_base),
-             *(src.path for sl in cfg.slices or [] for src in sl.sources)])]
+        roots = [model_root(p) for p in model_paths(cfg)]
         text = chat_template.resolve(cfg.chat_template, roots, plan.options.mergekit_compat)
         if text is not None and not chat_template.write(tmp, text):
             import warnings
@@ -161,6 +159,16 @@ def out_name(tmp: Path) -> str:
     return m.group(1) if m else tmp.name
 
 
+def model_paths(cfg: Any) -> list[str]:
+    """Every model a merge config reads, once each, in config order: the base, then the models and slices'
+    sources (of each module, for ``modules``)."""
+    groups = [(cfg.models, cfg.slices)] + [(m.models or [], m.slices) for m in (getattr(cfg, "modules", None) or {}).values()]
+    out = [cfg.base_model] if cfg.base_model else []
+    for models, slices in groups:
+        out += [m.path for m in models if not m.implicit_base] + [src.path for sl in slices or [] for src in sl.sources]
+    return list(dict.fromkeys(out))
+
+
 def model_card(plan: "MergePlan", config_yaml: str, name: str) -> str:
     """mergekit's README.md for a merged model: the method (linked to its paper), the base, the models, the
     config. Model references are local paths (fastmerge never downloads), so no Hub links or ``base_model``
@@ -170,7 +178,7 @@ def model_card(plan: "MergePlan", config_yaml: str, name: str) -> str:
     cfg, m = plan.config, plan.method
     base = None if m.base_policy == "ignored" else cfg.base_model  # mergekit: slerp's base is not "a base"
     paths: list[str] = []
-    for p in [*(s.path for s in cfg.models), *(src.path for sl in cfg.slices or [] for src in sl.sources)]:
+    for p in model_paths(cfg):
         if p not in paths and p != base:
             paths.append(p)
     url = getattr(m, "paper_url", "") or ""
