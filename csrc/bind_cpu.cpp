@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/fp8.h"
 #include "cpu/select.h"
 #include "cpu/xxh64.h"
 #include "fastmerge/common.h"
@@ -55,7 +56,7 @@ Inputs check_inputs(int64_t n, const std::vector<uintptr_t>& inputs, const std::
            "weights: " << weights.size() << " weights for " << inputs.size() << " inputs");
   Inputs r;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    FM_CHECK_DTYPE(input_dtypes[i], "input_dtypes[" << i << "]");
+    FM_CHECK_IN_DTYPE(input_dtypes[i], inputs[i], "input_dtypes[" << i << "]");
     FM_CHECK(n == 0 || inputs[i] != 0, "inputs[" << i << "]: null data pointer");
     r.ptrs.push_back(reinterpret_cast<const void*>(inputs[i]));
     r.dtypes.push_back(input_dtypes[i]);
@@ -95,7 +96,7 @@ void py_weighted_delta_sum(uintptr_t out, int out_dtype, int64_t n, const std::v
   Inputs in = check_inputs(n, inputs, input_dtypes, weights);
   FM_CHECK_DTYPE(out_dtype, "out_dtype");
   FM_CHECK(n == 0 || out != 0, "out: null data pointer");
-  if (base != 0) FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  if (base != 0) FM_CHECK_IN_DTYPE(base_dtype, base, "base_dtype");
   if (n == 0) return;
   const WdsArgs a = make_wds_args(reinterpret_cast<void*>(out), out_dtype, n, int(in.ptrs.size()), in.ptrs.data(),
                                   in.dtypes.data(), in.weights.data(), reinterpret_cast<const void*>(base),
@@ -108,8 +109,8 @@ void py_nearswap(uintptr_t out, int out_dtype, int64_t n, uintptr_t x, int x_dty
                  double t, int threads) {
   FM_CHECK(n >= 0, "n: element count must be >= 0, got " << n);
   FM_CHECK_DTYPE(out_dtype, "out_dtype");
-  FM_CHECK_DTYPE(x_dtype, "x_dtype");
-  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK_IN_DTYPE(x_dtype, x, "x_dtype");
+  FM_CHECK_IN_DTYPE(base_dtype, base, "base_dtype");
   FM_CHECK(n == 0 || (out != 0 && x != 0 && base != 0), "out, x, base: null data pointer");
   FM_CHECK(t >= nearswap::kMinT, "t: the kernel covers t >= 1e-6 (the clamp form), got " << t);
   if (n == 0) return;
@@ -125,7 +126,7 @@ GtaArgs gta_args(const Inputs& in, uintptr_t out, int out_dtype, int64_t n, uint
   FM_CHECK_DTYPE(out_dtype, "out_dtype");
   FM_CHECK(n == 0 || out != 0, "out: null data pointer");
   FM_CHECK(base != 0 || n == 0, "base: this method needs a base model (got a null pointer)");
-  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK_IN_DTYPE(base_dtype, base, "base_dtype");
   FM_CHECK(consensus == gta::SUM || consensus == gta::COUNT || consensus == gta::NONE,
            "consensus: must be 0 (sum), 1 (count) or 2 (none), got " << consensus);
   GtaArgs g{};
@@ -191,7 +192,7 @@ void py_sce(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t
   Inputs in = check_inputs(n, inputs, input_dtypes, std::vector<double>(inputs.size(), 1.0));
   FM_CHECK_DTYPE(out_dtype, "out_dtype");
   FM_CHECK(base != 0 || n == 0, "base: SCE needs a base model (got a null pointer)");
-  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK_IN_DTYPE(base_dtype, base, "base_dtype");
   FM_CHECK(out != 0 || n == 0, "out: null data pointer");
   // `> 0 && <= 1` is also false for NaN
   FM_CHECK(select_topk > 0.0 && select_topk <= 1.0, "select_topk: must be in (0, 1], got " << select_topk);
@@ -284,11 +285,11 @@ py::tuple py_kth_multi(const std::vector<uintptr_t>& xs, const std::vector<int>&
   FM_CHECK(n >= 1, "n: need at least one element, got " << n);
   FM_CHECK(!xs.empty() && xs.size() == x_dtypes.size(), "xs / x_dtypes: need as many dtype codes as buffers");
   FM_CHECK(models.size() == ks.size(), "models / ks: one model index per k");
-  FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK_IN_DTYPE(base_dtype, base, "base_dtype");
   FM_CHECK(base != 0, "base: null data pointer");
   std::vector<const void*> ptrs;
   for (size_t i = 0; i < xs.size(); ++i) {
-    FM_CHECK_DTYPE(x_dtypes[i], "x_dtypes[" << i << "]");
+    FM_CHECK_IN_DTYPE(x_dtypes[i], xs[i], "x_dtypes[" << i << "]");
     FM_CHECK(xs[i] != 0, "xs[" << i << "]: null data pointer");
     ptrs.push_back(reinterpret_cast<const void*>(xs[i]));
   }
@@ -317,8 +318,8 @@ size_t scratch_bytes() { return cpu::gta_scratch_bytes() + cpu::sce_scratch_byte
 
 double py_kth_largest_abs_diff(uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int64_t k,
                                int threads) {
-  FM_CHECK_DTYPE(x_dtype, "x_dtype");
-  if (base != 0) FM_CHECK_DTYPE(base_dtype, "base_dtype");
+  FM_CHECK_IN_DTYPE(x_dtype, x, "x_dtype");
+  if (base != 0) FM_CHECK_IN_DTYPE(base_dtype, base, "base_dtype");
   FM_CHECK(n >= 1, "n: need at least one element, got " << n);
   FM_CHECK(k >= 1 && k <= n, "k: must be in [1, n=" << n << "], got " << k);
   FM_CHECK(x != 0, "x: null data pointer");

@@ -28,6 +28,7 @@ seed (any int; taken modulo 2^64).
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any, Sequence
 __all__ = [
     "HAS_CPU_EXT", "HAS_CUDA_EXT", "LOAD_ERRORS", "BUILD_INFO", "cuda_usable", "report", "DTYPE_CODES", "is_raw",
     "weighted_delta_sum", "ties", "dare", "della", "della_rows", "breadcrumbs", "sce", "nearswap", "copy",
-    "kth_largest_abs_diff", "NEARSWAP_MIN_T",
+    "kth_largest_abs_diff", "NEARSWAP_MIN_T", "Fp8Source",
 ]
 
 #: the smallest NearSwap t the kernel covers (the clamp form; methods/nearswap.py DIFF_FLOOR)
@@ -157,16 +158,77 @@ DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "F32": 0, "F16": 1, "B
 _ITEMSIZE = (4, 2, 2)  # by dtype code
 
 
+#: the kernels' code of an FP8 input (csrc/include/fastmerge/common.h FP8): its pointer is an ``Fp8Source``'s descriptor
+FP8_CODE = 3
+
+
+class _Fp8Desc(ctypes.Structure):
+    """csrc/cpu/fp8.h ``Fp8Src``, field for field (56 bytes)."""
+
+    _fields_ = [("magic", ctypes.c_uint64), ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("cols", ctypes.c_int64), ("scale_cols", ctypes.c_int64), ("bm", ctypes.c_int32), ("bn", ctypes.c_int32),
+                ("kind", ctypes.c_int32), ("format", ctypes.c_int32)]
+
+
+class Fp8Source:
+    """An FP8 input of the CPU kernels, passed wherever they take an input or a base: the weight's FP8 bytes
+    (``float8_e4m3fn`` / ``float8_e5m2``, ``numel`` of them at ``data_ptr``) and its fp32 scales (``scale_ptr``,
+    ``scale_numel`` of them): ``kind`` "block" (one per ``block`` of a 2-D ``shape``, the last block of each
+    dimension partial), "channel" (one per row, ``shape[0]`` rows), "tensor" (one) or "none" (scale 1). The
+    kernels' load step (csrc/cpu/fp8.h) dequantises it in their passes, bit-identical to ``io.fp8.dequantize``.
+
+    Addresses are trusted (as a raw view's); counts and shapes are checked here. ``keep``: objects that own the
+    memory, held as long as this source."""
+
+    dtype = "fp8_source"
+    _FORMATS = {"float8_e4m3fn": 0, "float8_e5m2": 1}
+    _KINDS = {"none": 0, "tensor": 1, "channel": 2, "block": 3}
+
+    def __init__(self, data_ptr: int, numel: int, fmt: str, shape: Sequence[int], kind: str = "none", scale_ptr: int = 0,
+                 scale_numel: int = 0, block: Sequence[int] | None = None, keep: Any = ()):
+        if fmt not in self._FORMATS:
+            raise TypeError(f"FP8 source: format must be float8_e4m3fn or float8_e5m2, got {fmt!r}")
+        if kind not in self._KINDS:
+            raise ValueError(f"FP8 source: scale kind must be one of {list(self._KINDS)}, got {kind!r}")
+        dims = [int(d) for d in shape]
+        if math.prod(dims) != numel:
+            raise ValueError(f"FP8 source: shape {dims} has {math.prod(dims)} elements, the data {numel}")
+        rows = dims[0] if dims else 1
+        cols = max(1, numel // rows) if rows else 1
+        bm = bn = scols = 0
+        want = {"none": 0, "tensor": 1, "channel": rows}.get(kind)
+        if kind == "block":
+            if len(dims) != 2 or block is None or len(block) != 2 or min(block) < 1:
+                raise ValueError(f"FP8 source: block scales need a matrix and a block of two sizes, got shape {dims}, block {block}")
+            bm, bn = int(block[0]), int(block[1])
+            scols = -(-cols // bn)
+            want = -(-rows // bm) * scols
+        if scale_numel != want:
+            raise ValueError(f"FP8 source: {kind} scales of shape {dims} need {want} values, got {scale_numel}")
+        if numel and (not data_ptr or (want and not scale_ptr)):
+            raise ValueError("FP8 source: null data or scale pointer")
+        self.numel, self.format, self.kind, self.shape = int(numel), fmt, kind, tuple(dims)
+        self._keep = keep
+        self._desc = _Fp8Desc(0x0031435253385046, data_ptr, scale_ptr or None, cols, scols, bm, bn, self._KINDS[kind],
+                              self._FORMATS[fmt])
+        self.ptr = ctypes.addressof(self._desc)
+
+
 def is_raw(x: Any) -> bool:
     """Whether ``x`` is a raw view (``ptr``, ``dtype`` name, ``numel``) rather than a torch tensor."""
     return not hasattr(x, "data_ptr") and hasattr(x, "ptr")
 
 
-def _buffer(x: Any, name: str, numel: int | None, device: str = "cpu") -> tuple[int, int, int]:
+def _buffer(x: Any, name: str, numel: int | None, device: str = "cpu", fp8: bool = False) -> tuple[int, int, int]:
     """(address, dtype code, element count) of one buffer argument, checked: a torch tensor on ``device``
     ("cpu" | "cuda"), contiguous, float32/float16/bfloat16, of ``numel`` elements; or a raw view (host
-    memory; its address is trusted: the caller mapped it) of a known dtype and ``numel`` elements."""
-    if hasattr(x, "data_ptr"):  # a torch tensor: torch is loaded (the caller made it)
+    memory; its address is trusted: the caller mapped it) of a known dtype and ``numel`` elements; or, where
+    ``fp8`` (an input or a base of a CPU kernel), an ``Fp8Source``."""
+    if isinstance(x, Fp8Source):
+        if not fp8 or device != "cpu":
+            raise TypeError(f"{name}: an FP8 source is read by the CPU kernels as an input or a base only")
+        ptr, code, n = x.ptr, FP8_CODE, x.numel
+    elif hasattr(x, "data_ptr"):  # a torch tensor: torch is loaded (the caller made it)
         import torch
 
         if not isinstance(x, torch.Tensor):
@@ -203,13 +265,13 @@ def _buffers(out: Any, inputs: Any, base: Any, needs_base: str | None, device: s
         raise TypeError(f"inputs: expected a sequence of tensors, got {type(inputs).__name__}")
     if len(inputs) == 0:
         raise ValueError("inputs: need at least one input tensor")
-    ins = [_buffer(x, f"inputs[{i}]", n, device) for i, x in enumerate(inputs)]
+    ins = [_buffer(x, f"inputs[{i}]", n, device, fp8=True) for i, x in enumerate(inputs)]
     if base is None:
         if needs_base is not None:
             raise ValueError(f"base: {needs_base} needs a base model tensor, got None")
         base_ptr, base_code = 0, 0
     else:
-        base_ptr, base_code, _ = _buffer(base, "base", n, device)
+        base_ptr, base_code, _ = _buffer(base, "base", n, device, fp8=True)
     return out_ptr, out_code, n, [p for p, _, _ in ins], [c for _, c, _ in ins], base_ptr, base_code
 
 
@@ -373,10 +435,10 @@ def nearswap(out: Any, x: Any, base: Any, t: float, threads: int = 0) -> None:
     """NearSwap in default mode into ``out``: ``min(max(base − t, x), base + t)`` in fp32 (NaN propagates
     as in torch.maximum/minimum), one rounding; ``t`` >= 1e-6 (smaller t: the reference's weighted form)."""
     out_ptr, out_code, n = _buffer(out, "out", None)
-    x_ptr, x_code, _ = _buffer(x, "x", n)
+    x_ptr, x_code, _ = _buffer(x, "x", n, fp8=True)
     if base is None:
         raise ValueError("base: NearSwap needs a base model tensor, got None")
-    base_ptr, base_code, _ = _buffer(base, "base", n)
+    base_ptr, base_code, _ = _buffer(base, "base", n, fp8=True)
     _cpu_ext().nearswap(out_ptr, out_code, n, x_ptr, x_code, base_ptr, base_code, _check_nearswap_t(t),
                         _check_threads(threads))
 
@@ -464,10 +526,10 @@ def kth_largest_abs_diff(x: Any, base: Any | None, k: int, threads: int = 0) -> 
     Equals ``torch.kthvalue((x.float() - base.float()).abs().flatten(), numel - k + 1).values`` (NaN ranks
     largest), found by a two-pass radix select on the fp32 bit patterns."""
     ext = _cpu_ext()
-    x_ptr, x_code, n = _buffer(x, "x", None)
+    x_ptr, x_code, n = _buffer(x, "x", None, fp8=True)
     base_ptr, base_code = 0, 0
     if base is not None:
-        base_ptr, base_code, _ = _buffer(base, "base", n)
+        base_ptr, base_code, _ = _buffer(base, "base", n, fp8=True)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     if n == 0:

@@ -261,7 +261,7 @@ void della(const DellaArgs& a, int threads) {
     const bool whole = a.densities[i] >= 1.0;  // della_keep returns None: kept whole, never rescaled
     const int xdt = g.input_dtypes[i];
     dm[i] = DellaModel{rng::stream_keys(a.seed, a.key, uint32_t(i)),
-                       (xdt == g.base_dtype && xdt != F32) ? xdt : int(F32), whole};
+                       (xdt == g.base_dtype && (xdt == F16 || xdt == BF16)) ? xdt : int(F32), whole};
     ms[i] = gtacpu::ModelScale{whole, false, 1.0f};
     sc.need[i] = g.rescale && !whole;
     any = any || !whole;

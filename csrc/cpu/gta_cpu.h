@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/fp8.h"
 #include "fastmerge/common.h"
 #include "fastmerge/gta.h"
 
@@ -192,9 +193,10 @@ FM_ALWAYS_INLINE void tail_block(const float* b, const float* wd, int T, const f
   }
 }
 
-// W elements of a bf16 or fp32 operand as fp32 (bf16: the bits shifted up, as bf16_to_f32).
+// W elements of a bf16, fp32 or FP8 operand as fp32 (bf16: the bits shifted up, as bf16_to_f32; FP8: fp8.h).
 template <int W>
 FM_ALWAYS_INLINE typename Lanes<W>::F vload_dt(const void* p, int dt, int64_t i) {
+  if (dt == FP8) return fp8_vload<typename Lanes<W>::F, W>(p, i);
   if (dt == BF16) {
     typename Lanes<W>::H h;
     std::memcpy(&h, static_cast<const uint16_t*>(p) + i, sizeof h);
@@ -230,8 +232,8 @@ FM_ALWAYS_INLINE int tie_rule(int64_t first, int64_t last, int64_t off, int64_t 
   return -1;
 }
 
-// Whether fused_block can take a block: whole 16-lane chunks, bf16 / fp32 operands only (f16's widening is
-// not a shift; those blocks take merge_block), at most kMaxFusedModels models.
+// Whether fused_block can take a block: whole 16-lane chunks, bf16 / fp32 / FP8 operands only (f16's widening
+// is not a shift; those blocks take merge_block), at most kMaxFusedModels models.
 constexpr int kMaxFusedModels = 16;  // fused_block's stack array of w·δ' chunks
 
 inline bool fusable(const GtaArgs& a, int64_t len) {

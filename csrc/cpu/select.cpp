@@ -438,6 +438,7 @@ bool cpu_has_avx512f() {
 FM_TARGET_CLONES void multi_pass_range(const void* const* xs, const int* x_dtypes, const void* base, int bdt,
                                        int64_t n, int64_t b0, int64_t b1, Scratch& sc, int t, int nt) {
   alignas(64) float bv[kBlock];
+  alignas(64) float xv[kBlock];  // an FP8 model's block, dequantised (fused_bits then reads it as fp32)
   alignas(64) uint32_t bits[kBlock];
   alignas(64) uint8_t flag[kBlock + 8];
   const int nbr = int(sc.brackets.size());
@@ -468,22 +469,30 @@ FM_TARGET_CLONES void multi_pass_range(const void* const* xs, const int* x_dtype
         int32_t ab = 0;
         if (first) {
           int32_t nn = 0;
-          const int dt = x_dtypes[m];
+          int dt = x_dtypes[m];
+          const void* x = xs[m];
+          int64_t xoff = off;
+          if (dt == FP8) {
+            load_block(xv, x, dt, off, len);
+            dt = F32;
+            x = xv;
+            xoff = 0;
+          }
           if (fast) {
             if (dt == BF16) {
-              fused_bits<BF16, false>(bits, flag, bv, xs[m], off, len, lo, hi, &nn, &ab);
+              fused_bits<BF16, false>(bits, flag, bv, x, xoff, len, lo, hi, &nn, &ab);
             } else if (dt == F16) {
-              fused_bits<F16, false>(bits, flag, bv, xs[m], off, len, lo, hi, &nn, &ab);
+              fused_bits<F16, false>(bits, flag, bv, x, xoff, len, lo, hi, &nn, &ab);
             } else {
-              fused_bits<F32, false>(bits, flag, bv, xs[m], off, len, lo, hi, &nn, &ab);
+              fused_bits<F32, false>(bits, flag, bv, x, xoff, len, lo, hi, &nn, &ab);
             }
           } else {
             if (dt == BF16) {
-              fused_bits<BF16, true>(bits, flag, bv, xs[m], off, len, lo, hi, &nn, &ab);
+              fused_bits<BF16, true>(bits, flag, bv, x, xoff, len, lo, hi, &nn, &ab);
             } else if (dt == F16) {
-              fused_bits<F16, true>(bits, flag, bv, xs[m], off, len, lo, hi, &nn, &ab);
+              fused_bits<F16, true>(bits, flag, bv, x, xoff, len, lo, hi, &nn, &ab);
             } else {
-              fused_bits<F32, true>(bits, flag, bv, xs[m], off, len, lo, hi, &nn, &ab);
+              fused_bits<F32, true>(bits, flag, bv, x, xoff, len, lo, hi, &nn, &ab);
             }
           }
           sc.nans[size_t(mi) * nt + t] += nn;

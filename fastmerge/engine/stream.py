@@ -55,8 +55,12 @@ class RawIO:
                 return [f"tensor '{t.name}' runs on {t.backend}"]
             if t.out_quant is not None:
                 return [f"tensor '{t.name}' is re-quantised to {t.out_dtype}"]
-            if t.input_transform is not None:  # tokenizer_source's row remap, a model+lora input's LoRA update, FP8 scales
-                return [f"tensor '{t.name}' has {getattr(t.input_transform, 'describe', 'a vocabulary remap')}"]
+            if t.input_transform is not None:  # tokenizer_source's row remap, a model+lora input's LoRA update
+                raw_why = getattr(t.input_transform, "raw_reasons", None)  # FP8 inputs: read by the kernels (io.fp8)
+                if raw_why is None:
+                    return [f"tensor '{t.name}' has {getattr(t.input_transform, 'describe', 'a vocabulary remap')}"]
+                if raw_why():
+                    return [f"tensor '{t.name}': {raw_why()[0]}"]
             why = BACKENDS["native"].raw_reasons(MergeJob(t.name, plan.method, t.params, False), t)
             if why:
                 return [f"tensor '{t.name}': {why[0]}"]
@@ -71,6 +75,8 @@ class RawIO:
         return RawPool(nbytes)
 
     def merge(self, tp: Any, tensors: list[Any], pool: RawPool) -> tuple[Any, Any, str]:
+        if tp.input_transform is not None:  # FP8 inputs: the FP8 bytes and scales, dequantised by the kernels' load step
+            tensors = tp.input_transform.sources(tensors)
         base = tensors[0] if tp.base is not None else None
         inputs = tensors[1:] if tp.base is not None else tensors
         raw, view, mv = pool.take(tp.out_tensor.nbytes, tp.out_dtype)

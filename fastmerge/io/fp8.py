@@ -234,6 +234,34 @@ class Fp8Transform:
     describe: ClassVar[str] = "FP8 inputs (dequantised per tensor)"
     before_cast: ClassVar[bool] = True
 
+    def raw_reasons(self) -> list[str]:
+        """Why the native kernels cannot read these inputs as they are stored (``sources``); [] if they can."""
+        if self.then is not None:
+            return ["FP8 inputs with a vocabulary remap or a LoRA update on top (applied to the dequantised tensor)"]
+        for d in self.inputs:
+            if d is not None and d.scale is not None and d.scale.dtype not in _SCALE_CODES:
+                return [f"scale '{d.scale.name}' is {d.scale.dtype} (the kernels read float32, bfloat16 or float16 scales)"]
+        return []
+
+    def sources(self, tensors: Sequence[Any]) -> list[Any]:
+        """The inputs as the native kernels read them: each FP8 one (a raw view or a torch tensor of its bytes)
+        as an ``_native.Fp8Source`` with its scales widened to fp32 (read here, small), dequantised inside the
+        fused pass by the kernels' load step (bit-identical to ``dequantize``); the others as they are. Torch-free
+        on raw views."""
+        from .. import _native
+
+        res = []
+        for x, d in zip(tensors, self.inputs):
+            if d is None:
+                res.append(x)
+                continue
+            ptr, n = (x.data_ptr(), x.numel()) if hasattr(x, "data_ptr") else (x.ptr, x.numel)
+            scale = None if d.scale is None or d.kind == "none" else read_scale(d.scale)
+            res.append(_native.Fp8Source(ptr, n, d.weight.dtype, d.weight.shape, d.kind if scale is not None else "none",
+                                         0 if scale is None else scale.buffer_info()[0], 0 if scale is None else len(scale),
+                                         d.block, keep=(x, scale)))
+        return res
+
     def summary(self) -> dict[str, Any]:
         s = {"fp8": [None if d is None else d.summary() for d in self.inputs]}
         if self.then is not None:
@@ -258,6 +286,37 @@ class Fp8Transform:
         if self.then is not None:
             return list(self.then.apply(res, compat, out=out) if out is not None else self.then.apply(res, compat))
         return res
+
+
+#: scale dtypes the native kernels take (widened to fp32 by ``read_scale``)
+_SCALE_CODES = ("float32", "bfloat16", "float16")
+
+
+def read_scale(info: TensorInfo) -> Any:
+    """A scale tensor as an ``array('f')`` of fp32 values, without torch: bf16 widened by a shift, fp16 by
+    ``struct`` (both exact), little-endian as safetensors stores them."""
+    import array
+    import struct
+
+    try:
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            data = f.read(info.nbytes)
+    except OSError as e:
+        raise CheckpointError(f"{info.file}: cannot read scale '{info.name}' ({e.strerror or e})") from None
+    if len(data) != info.nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading scale '{info.name}'")
+    out = array.array("f")
+    if info.dtype == "float32":
+        out.frombytes(data)
+    elif info.dtype == "bfloat16":
+        h = array.array("H", data)
+        out.frombytes(array.array("I", (v << 16 for v in h)).tobytes())
+    elif info.dtype == "float16":
+        out.extend(struct.unpack(f"<{len(data) // 2}e", data))
+    else:
+        raise CheckpointError(f"{info.file}: scale '{info.name}' is {info.dtype}, not float32, bfloat16 or float16")
+    return out
 
 
 def fp8_transform(fp8s: Sequence[Fp8Index | None], names: Sequence[str], then: Any = None) -> Any:

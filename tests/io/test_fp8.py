@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fastmerge
+import fastmerge.engine
 from fastmerge.errors import ConfigError, ShapeMismatchError
 from fastmerge.io import fp8
 from fastmerge.testing import DeepSeekV3Shape, Qwen3MoeShape, fp8_quantized, make_family
@@ -144,11 +145,60 @@ def test_fp8_merge_equals_merge_of_dequantised_copies(fam, tmp_path, method, bac
     a = fastmerge.merge(cfg(method, base, fts, out_dtype="bfloat16"), tmp_path / "a", threads=2, progress=False, backend=backend)
     fastmerge.merge(cfg(method, copies[0], copies[1:], out_dtype="bfloat16"), tmp_path / "b", threads=2, progress=False,
                         backend=backend)
-    assert a.engine == "torch"
+    assert a.engine == backend  # native: the kernels read the FP8 bytes (engine.stream.RawIO); torch: dequantised in torch
     sa, sb = load(tmp_path / "a"), load(tmp_path / "b")
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "breadcrumbs_ties", "sce", "task_arithmetic"])
+def test_native_engine_dequantises_in_the_kernels(fam, tmp_path, monkeypatch, method):
+    """The native engine passes the FP8 bytes and scales to the kernels (no torch, no fp32 copy): the same bytes as
+    the torch engine, which dequantises in torch (io.fp8.dequantize) and runs the same kernels."""
+    _, base, fts = fam
+    c = cfg(method, base, fts)
+    if method == "sce":
+        c["models"] = [{"model": m["model"]} for m in c["models"]]
+    if method.startswith("breadcrumbs"):
+        c["models"] = [{**m, "parameters": {**m["parameters"], "gamma": 0.01}} for m in c["models"]]
+    plan = fastmerge.plan(c)
+    assert fastmerge.engine.explain(plan)["native"] == []
+    calls = []
+    real = fp8.dequantize
+    monkeypatch.setattr(fp8, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r = fastmerge.merge(c, tmp_path / "n", threads=2, progress=False)
+    assert r.engine == "native" and not calls
+    monkeypatch.setenv("FASTMERGE_FASTPATH", "0")  # the torch engine: dequantised in torch, then the same kernels
+    r = fastmerge.merge(c, tmp_path / "t", threads=2, progress=False)
+    assert r.engine == "torch" and calls and r.backends == {"native": len(plan.tensors)}
+    sn, st = load(tmp_path / "n"), load(tmp_path / "t")
+    assert sn.keys() == st.keys()
+    for k in sn:
+        assert torch.equal(sn[k], st[k]), k
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_native_engine_reads_16_bit_scales(tmp_path, scale_dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 200, generator=g) * 0.02
+    q, s = fp8.quantize_blocks(x, BLOCK)
+    s = s.to(scale_dtype)
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"a.weight": q, "a.weight_scale_inv": s}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps({"architectures": ["X"], "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    c = {"merge_method": "linear", "models": [{"model": str(d), "parameters": {"weight": 1.0}}], "out_dtype": "float32"}
+    r = fastmerge.merge(c, tmp_path / "o", threads=1, progress=False)
+    assert r.engine == "native"
+    assert torch.equal(load(tmp_path / "o")["a.weight"], fp8.dequantize(q, s, "block", BLOCK))
+
+
+def test_fp8_output_requantised_in_torch_on_the_torch_engine(fam):
+    _, base, fts = fam
+    plan = fastmerge.plan(cfg("ties", base, fts, out_dtype="float8_e4m3fn"))
+    assert "re-quantised" in fastmerge.engine.explain(plan)["native"][0]
 
 
 def test_bf16_output_by_default_drops_quantization_config(fam, tmp_path):

@@ -24,7 +24,9 @@
 
 namespace fastmerge {
 
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+// FP8 (host kernels, inputs and base only): the pointer is not the data but a cpu::Fp8Src descriptor (the FP8
+// bytes and their scales, csrc/cpu/fp8.h), dequantised to fp32 by the load step (load_block, load_f32).
+enum DType : int { F32 = 0, F16 = 1, BF16 = 2, FP8 = 3 };
 
 FM_HOST_DEVICE bool valid_dtype(int dt) { return dt == F32 || dt == F16 || dt == BF16; }
 
@@ -165,7 +167,18 @@ FM_HOST_DEVICE uint16_t f32_to_f16(float f) {
 // Typed element access by dtype int. The CPU kernels do not use these in their hot loops (they convert
 // whole blocks with the dtype switch hoisted out of the loop, see load_block below); the CUDA kernels do,
 // since a dtype is uniform across a warp and the branch costs nothing.
+#if !defined(__CUDACC__)
+namespace cpu {
+// The FP8 load step (csrc/cpu/fp8.cpp): len elements from flat index off into fp32, and one element.
+void fp8_load_block(float* dst, const void* src, int64_t off, int64_t len);
+float fp8_load_one(const void* src, int64_t i);
+}  // namespace cpu
+#endif
+
 FM_HOST_DEVICE float load_f32(const void* p, int dt, int64_t i) {
+#if !defined(__CUDACC__)
+  if (dt == FP8) return cpu::fp8_load_one(p, i);
+#endif
   if (dt == BF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   if (dt == F16) return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
   return static_cast<const float*>(p)[i];
@@ -250,7 +263,9 @@ constexpr int64_t kBlock = 1024;
 FM_ALWAYS_INLINE int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
 
 FM_ALWAYS_INLINE void load_block(float* dst, const void* src, int dt, int64_t off, int64_t len) {
-  if (dt == BF16) {
+  if (dt == FP8) {  // one call per block: the table, the scales, the multiply (csrc/cpu/fp8.cpp)
+    fp8_load_block(dst, src, off, len);
+  } else if (dt == BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src) + off;
     for (int64_t j = 0; j < len; ++j) dst[j] = bf16_to_f32(s[j]);
   } else if (dt == F16) {
