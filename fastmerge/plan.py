@@ -553,8 +553,8 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             tail = mslices[-1].base or mslices[-1].inputs[0]
             for n in parts(tail, lay)[2]:
                 add(n, mslices[-1], None, 0.0)
-            if mod.slices is not None and lay.layers_key:
-                layer_counts[lay.layers_key] = offset
+            if mod.slices is not None:
+                layer_counts.update(dict.fromkeys(lay.layers_keys, offset))
             if mod.slices is None:  # models: an input must not hold tensors of the module the reference lacks
                 pre, layers, post = parts(head, lay)
                 mine = set(pre) | set(post) | {n for ns in layers.values() for n in ns}

@@ -512,18 +512,25 @@ class Qwen2VLShape:
                     (p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
                     (p + "self_attn.v_proj.bias", (kv,)), (p + "self_attn.v_proj.weight", (kv, h))]
         out.append(("model.norm.weight", (h,)))
-        m = e * self.mlp_ratio
         for n in range(self.vision_depth):
             p = f"visual.blocks.{n}."
             out += [(p + "attn.proj.bias", (e,)), (p + "attn.proj.weight", (e, e)), (p + "attn.qkv.bias", (3 * e,)),
-                    (p + "attn.qkv.weight", (3 * e, e)), (p + "mlp.fc1.bias", (m,)), (p + "mlp.fc1.weight", (m, e)),
-                    (p + "mlp.fc2.bias", (e,)), (p + "mlp.fc2.weight", (e, m)), (p + "norm1.bias", (e,)),
-                    (p + "norm1.weight", (e,)), (p + "norm2.bias", (e,)), (p + "norm2.weight", (e,))]
+                    (p + "attn.qkv.weight", (3 * e, e))] + self._vision_mlp_norms(p)
         g = e * self.spatial_merge ** 2
-        out += [("visual.merger.ln_q.bias", (e,)), ("visual.merger.ln_q.weight", (e,)), ("visual.merger.mlp.0.bias", (g,)),
-                ("visual.merger.mlp.0.weight", (g, g)), ("visual.merger.mlp.2.bias", (h,)), ("visual.merger.mlp.2.weight", (h, g)),
+        out += [(n, s) for n, s in (("visual.merger.ln_q.bias", (e,)), ("visual.merger.ln_q.weight", (e,))) if self._with_bias(n)]
+        out += [("visual.merger.mlp.0.bias", (g,)), ("visual.merger.mlp.0.weight", (g, g)), ("visual.merger.mlp.2.bias", (h,)),
+                ("visual.merger.mlp.2.weight", (h, g)),
                 ("visual.patch_embed.proj.weight", (e, 3, self.temporal_patch, self.patch, self.patch))]
         return out
+
+    def _vision_mlp_norms(self, p: str) -> list[tuple[str, tuple[int, ...]]]:
+        """A vision block's MLP (fc1/fc2, GELU) and LayerNorms (weight and bias)."""
+        e, m = self.vision_embed, self.vision_embed * self.mlp_ratio
+        return [(p + "mlp.fc1.bias", (m,)), (p + "mlp.fc1.weight", (m, e)), (p + "mlp.fc2.bias", (e,)), (p + "mlp.fc2.weight", (e, m)),
+                (p + "norm1.bias", (e,)), (p + "norm1.weight", (e,)), (p + "norm2.bias", (e,)), (p + "norm2.weight", (e,))]
+
+    def _with_bias(self, name: str) -> bool:
+        return True
 
     @property
     def numel(self) -> int:
@@ -546,3 +553,31 @@ class Qwen2VLShape:
                 "spatial_merge_size": self.spatial_merge, "temporal_patch_size": self.temporal_patch,
             },
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLShape(Qwen2VLShape):
+    """Qwen2_5_VLForConditionalGeneration: Qwen2-VL's layout with a gated (SwiGLU) vision MLP with biases and
+    RMSNorms (no bias) in the vision blocks and the merger; the text layer count in ``text_config``."""
+
+    def _vision_mlp_norms(self, p: str) -> list[tuple[str, tuple[int, ...]]]:
+        e, m = self.vision_embed, self.vision_embed * self.mlp_ratio
+        return [(p + "mlp.down_proj.bias", (e,)), (p + "mlp.down_proj.weight", (e, m)), (p + "mlp.gate_proj.bias", (m,)),
+                (p + "mlp.gate_proj.weight", (m, e)), (p + "mlp.up_proj.bias", (m,)), (p + "mlp.up_proj.weight", (m, e)),
+                (p + "norm1.weight", (e,)), (p + "norm2.weight", (e,))]
+
+    def _with_bias(self, name: str) -> bool:
+        return not name.endswith(".bias")
+
+    def config(self, dtype: str) -> dict:
+        doc = super().config(dtype)
+        e = self.vision_embed
+        doc.update(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl")
+        doc["text_config"]["model_type"] = "qwen2_5_vl_text"
+        doc["vision_config"] = {
+            "depth": self.vision_depth, "hidden_size": e, "intermediate_size": e * self.mlp_ratio, "num_heads": self.vision_heads,
+            "in_channels": 3, "out_hidden_size": self.hidden, "patch_size": self.patch, "spatial_merge_size": self.spatial_merge,
+            "temporal_patch_size": self.temporal_patch, "window_size": 4 * self.patch, "fullatt_block_indexes": [self.vision_depth - 1],
+            "hidden_act": "silu",
+        }
+        return doc

@@ -128,13 +128,16 @@ def test_plan_order_modules_in_config_order(m3):
 
 def test_qwen2_vl_merger_is_the_projector_not_the_vision_tower(tmp_path, qvl):
     """Qwen2-VL nests the projector (``visual.merger.``) inside the vision tower's prefix (``visual.``): the
-    longer prefix wins, so the merger takes the projector's parameters; vision blocks renumbered by slices."""
+    longer prefix wins, so the merger takes the projector's parameters; vision blocks and text layers
+    renumbered by slices."""
     base, (ft1, ft2) = qvl
     b, f1, f2 = str(base), str(ft1), str(ft2)
     cfg = {
         "merge_method": "linear",
         "modules": {
-            "text_decoder": {"models": [{"model": f1}, {"model": f2}], "parameters": {"weight": 0.5}},
+            "text_decoder": {"slices": [{"sources": [{"model": f1, "layer_range": [0, 3]}, {"model": f2, "layer_range": [0, 3]}]},
+                                        {"sources": [{"model": f1, "layer_range": [2, 3]}, {"model": f2, "layer_range": [2, 3]}]}],
+                             "parameters": {"weight": 0.5}},
             "vision_tower": {"slices": [{"sources": [{"model": f2, "layer_range": [1, 2]}]},
                                         {"sources": [{"model": f1, "layer_range": [0, 2]}]}], "parameters": {"weight": 1.0}},
             "multi_modal_projector": {"models": [{"model": b, "parameters": {"weight": 1.0}}]},
@@ -151,9 +154,11 @@ def test_qwen2_vl_merger_is_the_projector_not_the_vision_tower(tmp_path, qvl):
     assert torch.equal(got["visual.patch_embed.proj.weight"], m2["visual.patch_embed.proj.weight"])  # first vision slice
     q = "model.layers.2.self_attn.q_proj.bias"
     assert torch.equal(got[q], merge_tensors("linear", [m1[q], m2[q]], backend="torch", weight=[0.5, 0.5]))
-    assert len(got) == len(mb) + 12  # one vision block more than the inputs (3 from 2)
+    assert torch.equal(got["model.layers.3.self_attn.q_proj.bias"], got[q])  # text layer 2 again as layer 3
+    assert len(got) == len(mb) + 12 + 12  # one vision block and one text layer more than the inputs
     cfg_out = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg_out["vision_config"]["depth"] == 3 and cfg_out["num_hidden_layers"] == QVL.layers
+    # Qwen2-VL counts its text layers at the top level and in text_config: both follow the output
+    assert cfg_out["vision_config"]["depth"] == 3 and cfg_out["num_hidden_layers"] == cfg_out["text_config"]["num_hidden_layers"] == 4
 
 
 # ------------------------------------------------------------------------------------------------ bad input

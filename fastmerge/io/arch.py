@@ -61,14 +61,16 @@ def check_architectures(roots: Mapping[str, Path], allow_crimes: bool) -> None:
 class ModuleLayout:
     """One module of a multi-module architecture. A tensor belongs to the module with the longest of all
     modules' ``prefixes`` that its name starts with. ``layer``: the prefix of the module's layer tensors
-    with ``{}`` for the index (None: no layers); ``layers_key``: the config.json key (dotted into nested
-    configs) holding its number of layers; ``post``: the non-layer tensors that come after the layers
-    (taken from the last slice, as mergekit's post weights); every other non-layer tensor comes before."""
+    with ``{}`` for the index (None: no layers); ``layers_keys``: the config.json keys (dotted into nested
+    configs) holding its number of layers, the one read first (Qwen2-VL keeps the text model's both at the
+    top level and in ``text_config``: a merge that changes it sets every one present); ``post``: the
+    non-layer tensors that come after the layers (taken from the last slice, as mergekit's post weights);
+    every other non-layer tensor comes before."""
 
     name: str
     prefixes: tuple[str, ...]
     layer: str | None = None
-    layers_key: str | None = None
+    layers_keys: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
 
     @property
@@ -91,15 +93,16 @@ class ModuleLayout:
         return tensor[: m.start(1)] + str(idx) + tensor[m.end(1):]
 
     def num_layers(self, config: dict, tensors: Iterable[str]) -> int:
-        """Its number of layers: ``layers_key`` in ``config`` (config.json), else one more than the
-        largest layer index among ``tensors``; 0 without layers."""
+        """Its number of layers: the first of ``layers_keys`` in ``config`` (config.json), else one more
+        than the largest layer index among ``tensors``; 0 without layers."""
         if self.layer is None:
             return 0
-        v: Any = config
-        for k in (self.layers_key or "").split("."):
-            v = v.get(k) if isinstance(v, dict) else None
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-            return v
+        for key in self.layers_keys:
+            v: Any = config
+            for k in key.split("."):
+                v = v.get(k) if isinstance(v, dict) else None
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                return v
         idx = [i for i in map(self.layer_of, tensors) if i is not None]
         return max(idx) + 1 if idx else 0
 
@@ -109,19 +112,19 @@ def _llava_like(vision_layer: str, vision_post: tuple[str, ...] = ()) -> tuple[M
     vision layer counts in the nested ``text_config`` / ``vision_config``."""
     lm = "language_model."
     return (
-        ModuleLayout("text_decoder", (lm,), lm + "model.layers.{}.", "text_config.num_hidden_layers",
+        ModuleLayout("text_decoder", (lm,), lm + "model.layers.{}.", ("text_config.num_hidden_layers",),
                      (lm + "model.norm.weight", lm + "lm_head.weight")),
-        ModuleLayout("vision_tower", ("vision_tower.",), vision_layer, "vision_config.num_hidden_layers", vision_post),
+        ModuleLayout("vision_tower", ("vision_tower.",), vision_layer, ("vision_config.num_hidden_layers",), vision_post),
         ModuleLayout("multi_modal_projector", ("multi_modal_projector.",)),
     )
 
 
-def _qwen2_vl(layers_key: str) -> tuple[ModuleLayout, ...]:
+def _qwen2_vl(text_layers_keys: tuple[str, ...]) -> tuple[ModuleLayout, ...]:
     """Qwen2-VL's naming: the text model at the top level (``model.``, ``lm_head.``), the vision tower under
     ``visual.``, its patch merger (the projector) under ``visual.merger.``."""
     return (
-        ModuleLayout("text_decoder", ("model.", "lm_head."), "model.layers.{}.", layers_key, ("model.norm.weight", "lm_head.weight")),
-        ModuleLayout("vision_tower", ("visual.",), "visual.blocks.{}.", "vision_config.depth"),
+        ModuleLayout("text_decoder", ("model.", "lm_head."), "model.layers.{}.", text_layers_keys, ("model.norm.weight", "lm_head.weight")),
+        ModuleLayout("vision_tower", ("visual.",), "visual.blocks.{}.", ("vision_config.depth",)),
         ModuleLayout("multi_modal_projector", ("visual.merger.",)),
     )
 
@@ -129,8 +132,8 @@ def _qwen2_vl(layers_key: str) -> tuple[ModuleLayout, ...]:
 #: ``architectures[0]`` of config.json -> its modules, in mergekit 0.1.5's module names
 MODULES: dict[str, tuple[ModuleLayout, ...]] = {
     "Mistral3ForConditionalGeneration": _llava_like("vision_tower.transformer.layers.{}."),
-    "Qwen2VLForConditionalGeneration": _qwen2_vl("num_hidden_layers"),
-    "Qwen2_5_VLForConditionalGeneration": _qwen2_vl("text_config.num_hidden_layers"),
+    "Qwen2VLForConditionalGeneration": _qwen2_vl(("num_hidden_layers", "text_config.num_hidden_layers")),
+    "Qwen2_5_VLForConditionalGeneration": _qwen2_vl(("text_config.num_hidden_layers", "num_hidden_layers")),
 }
 
 

@@ -75,9 +75,10 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
         for key, n in (plan.layer_counts or {}).items():  # modules given as slices: each one's own layer count
             *outer, last = key.split(".")
             d = doc
-            for k in outer:
-                d = d.setdefault(k, {})
-            d[last] = n
+            for k in outer:  # set where the (nested) config exists: a lone {"num_hidden_layers": n} would not load
+                d = d.get(k) if isinstance(d, dict) else None
+            if isinstance(d, dict):
+                d[last] = n
         if plan.tokenizer is not None:  # the output vocabulary sets the embedding rows (mergekit's _update_config_vocab)
             nested = "vocab_size" not in doc and isinstance(doc.get("text_config"), dict) and "vocab_size" in doc["text_config"]
             (doc["text_config"] if nested else doc)["vocab_size"] = plan.tokenizer.n_rows

@@ -19,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from fastmerge.testing import Mistral3Shape, Qwen2VLShape, make_family
+from fastmerge.testing import Mistral3Shape, Qwen25VLShape, Qwen2VLShape, make_family
 from helpers.parity import ParityRuns, assert_bit_exact, compare_models, load_model
 
 pytestmark = [
@@ -30,6 +30,7 @@ pytestmark = [
 M3 = Mistral3Shape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128, vision_hidden=32,
                    vision_layers=3, vision_intermediate=48, vision_heads=2, patch=4)
 QVL = Qwen2VLShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128, vision_embed=32, vision_depth=3)
+Q25 = Qwen25VLShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128, vision_embed=32, vision_depth=3)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def runs(tmp_path_factory):
     fams = {
         "mistral3": make_family(root / "mistral3", M3, n_finetunes=2, dtype="bfloat16"),
         "qwen2vl": make_family(root / "qwen2vl", QVL, n_finetunes=2, dtype="bfloat16"),
+        "qwen25vl": make_family(root / "qwen25vl", Q25, n_finetunes=2, dtype="bfloat16"),
     }
     return ParityRuns(fams, root / "out")
 
@@ -83,6 +85,21 @@ def _qwen2vl_task_arithmetic(fams):
     }
 
 
+def _qwen25vl_linear(fams):
+    """linear (no base): the text decoder as 0-3 + 1-4 (6 layers, counted in ``text_config``), the vision
+    tower and projector from whole models, weights per module."""
+    base, (ft1, ft2) = fams["qwen25vl"]
+    return {
+        "merge_method": "linear", "parameters": {"weight": 0.5},
+        "modules": {
+            "text_decoder": {"slices": [{"sources": [_src(ft1, (0, 3)), _src(ft2, (0, 3), weight=0.2)]},
+                                        {"sources": [_src(ft2, (1, 4)), _src(base, (1, 4))]}]},
+            "vision_tower": {"models": [{"model": str(ft1)}, {"model": str(base)}], "parameters": {"weight": [0.3, 0.9]}},
+            "multi_modal_projector": {"models": [{"model": str(ft2), "parameters": {"weight": 1.0}}]},
+        },
+    }
+
+
 def _mistral3_models(fams):
     """No ``modules``: mergekit gives every module of the architecture the same models."""
     base, (ft1, ft2) = fams["mistral3"]
@@ -101,6 +118,7 @@ class Case:
 CASES = [
     Case("mistral3-ties-modules", _mistral3_ties, ("text_config.num_hidden_layers", "vision_config.num_hidden_layers"), (5, 3)),
     Case("qwen2vl-task-arithmetic-modules", _qwen2vl_task_arithmetic, ("num_hidden_layers", "vision_config.depth"), (4, 4)),
+    Case("qwen25vl-linear-modules", _qwen25vl_linear, ("text_config.num_hidden_layers", "vision_config.depth"), (6, 3)),
     Case("mistral3-ties-models", _mistral3_models, ("text_config.num_hidden_layers", "vision_config.num_hidden_layers"), (4, 3)),
 ]
 
