@@ -1,8 +1,7 @@
 """The mergekit YAML schema (the subset fastmerge runs today), validated up front.
 
-Every error names the field (and model) at fault. A mergekit feature fastmerge does not run yet
-(``residual_weight``, ``tokenizer_source: union``, ``vocab.tokens``, ``chat_template``) is a clear error,
-never silently ignored. ``MODEL+ADAPTER`` references (PEFT LoRA) are read by ``io.lora``.
+Every error names the field (and model) at fault. A mergekit field fastmerge does not run is a clear
+error, never silently ignored. ``MODEL+ADAPTER`` references (PEFT LoRA) are read by ``io.lora``.
 """
 
 from __future__ import annotations
@@ -86,8 +85,10 @@ class MergeConfig:
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: str | None = None  # "base" or a model path (vocabularies aligned, see fastmerge.vocab)
+    tokenizer_source: str | None = None  # "union", "base" or a model path (vocabularies aligned, see fastmerge.vocab)
     tokenizer_pad_to_multiple_of: int | None = None  # ``tokenizer: {pad_to_multiple_of: N}``
+    #: ``tokenizer: {tokens: {TOKEN: {source: ..., force: bool}}}``, validated, in mergekit's form
+    tokenizer_tokens: dict[str, dict[str, Any]] | None = None
     source: str | None = None  # where it was read from, for messages
     slices: list[SliceSpec] | None = None
     #: cart only: one output model per rank ratio, from one factorization (OUT/rank-<value>/)
@@ -130,7 +131,7 @@ class MergeConfig:
         if "merge_method" not in doc:
             raise ConfigError(f"{where}: missing field 'merge_method'")
         method = get_method(str(doc["merge_method"]))
-        tok, pad_to = _tokenizer(doc, where)
+        tok, pad_to, tokens = _tokenizer(doc, where)
         base = doc.get("base_model")
         if base is not None:
             base = _model_ref(base, f"{where}: base_model")
@@ -158,6 +159,7 @@ class MergeConfig:
             out_dtype=_dtype(doc.get("out_dtype"), f"{where}: out_dtype", fp8=True),
             tokenizer_source=tok,
             tokenizer_pad_to_multiple_of=pad_to,
+            tokenizer_tokens=tokens,
             source=source,
             slices=slices,
             rank_sweep=_rank_sweep(doc.get("rank_sweep"), method, where),
@@ -165,6 +167,7 @@ class MergeConfig:
             modules=modules,
         )
         cfg.validate()
+        _check_token_models(cfg, where)
         return cfg
 
     def validate(self) -> None:
@@ -256,8 +259,10 @@ class MergeConfig:
             v = getattr(self, k)
             if v:
                 d[k] = v
-        if self.tokenizer_pad_to_multiple_of:
-            d["tokenizer"] = {"source": d.pop("tokenizer_source"), "pad_to_multiple_of": self.tokenizer_pad_to_multiple_of}
+        if self.tokenizer_pad_to_multiple_of or self.tokenizer_tokens:
+            d["tokenizer"] = {"source": d.pop("tokenizer_source"),
+                              **({"tokens": self.tokenizer_tokens} if self.tokenizer_tokens else {}),
+                              **({"pad_to_multiple_of": self.tokenizer_pad_to_multiple_of} if self.tokenizer_pad_to_multiple_of else {})}
         return d
 
 
@@ -333,31 +338,109 @@ def _parse_modules(raw: Any, where: str, base: str | None, method: MergeMethod) 
     return out
 
 
-def _tokenizer(doc: dict[str, Any], where: str) -> tuple[str | None, int | None]:
-    """``tokenizer_source: X`` or ``tokenizer: {source: X, pad_to_multiple_of: N}`` -> (X, N). X is "base"
-    or a model; in the ``tokenizer`` form a missing source means mergekit's default, ``union``."""
-    tok, pad_to = doc.get("tokenizer_source"), None
+def _tokenizer(doc: dict[str, Any], where: str) -> tuple[str | None, int | None, dict[str, dict[str, Any]] | None]:
+    """``tokenizer_source: X`` or ``tokenizer: {source: X, tokens: {...}, pad_to_multiple_of: N}`` -> (X, N,
+    tokens). X is "union", "base" or a model; in the ``tokenizer`` form a missing source means mergekit's
+    default, ``union``. ``tokens``: per-token embedding sources (``_token_spec``)."""
+    tok, pad_to, tokens = doc.get("tokenizer_source"), None, None
     t = doc.get("tokenizer")
     if t is not None:
         if tok is not None:
             raise ConfigError(f"{where}: give either 'tokenizer_source' or 'tokenizer', not both")
         if not isinstance(t, dict):
-            raise ConfigError(f"{where}: tokenizer: expected a mapping {{source: base | MODEL, pad_to_multiple_of: N}}")
+            raise ConfigError(f"{where}: tokenizer: expected a mapping {{source: union | base | MODEL, tokens: {{...}}, "
+                              "pad_to_multiple_of: N}")
         extra = set(t) - {"source", "tokens", "pad_to_multiple_of"}
         if extra:
             raise ConfigError(f"{where}: tokenizer: unknown field '{sorted(extra)[0]}'")
-        if t.get("tokens"):
-            raise ConfigError(f"{where}: tokenizer.tokens (per-token embedding sources) is not supported yet")
+        raw = t.get("tokens")
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: tokenizer.tokens: expected a mapping {{TOKEN: {{source: ..., force: bool}}}}")
+            tokens = {str(k): _token_spec(v, f"{where}: tokenizer.tokens[{str(k)!r}]") for k, v in raw.items()} or None
         tok = t.get("source", "union")
         pad_to = t.get("pad_to_multiple_of")
         if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to <= 0):
             raise ConfigError(f"{where}: tokenizer.pad_to_multiple_of: expected a positive integer, got {pad_to!r}")
     if tok is None:
-        return None, None
-    tok = _model_ref(tok, f"{where}: tokenizer_source")
-    if tok == "union":
-        raise ConfigError(f"{where}: tokenizer_source: 'union' (vocabulary merging) is not supported yet; use 'base' or a model")
-    return tok, pad_to
+        return None, None, None
+    return _model_ref(tok, f"{where}: tokenizer_source"), pad_to, tokens
+
+
+def _token_spec(v: Any, where: str) -> dict[str, Any]:
+    """One ``tokenizer.tokens`` entry, in mergekit's form: ``{source: S, force: bool}``, S a model,
+    ``{kind: zero}``, ``{kind: model_token, model: M, token: T}`` (or ``token_id: N``), or absent."""
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: expected a mapping {{source: MODEL | {{kind: zero}} | {{kind: model_token, ...}}, force: bool}}")
+    extra = set(v) - {"source", "force"}
+    if extra:
+        raise ConfigError(f"{where}: unknown field '{sorted(extra)[0]}'")
+    force = v.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"{where}.force: expected true or false, got {force!r}")
+    out: dict[str, Any] = {}
+    src = v.get("source")
+    if isinstance(src, dict) and "kind" in src:
+        kind = src["kind"]
+        allowed = {"zero": {"kind"}, "model_token": {"kind", "model", "token", "token_id"}}.get(kind)
+        if allowed is None:
+            raise ConfigError(f"{where}.source.kind: expected 'zero' or 'model_token', got {kind!r}")
+        if set(src) - allowed:
+            raise ConfigError(f"{where}.source: unknown field '{sorted(set(src) - allowed)[0]}' for kind {kind}")
+        if kind == "zero":
+            out["source"] = {"kind": "zero"}
+        else:
+            if "model" not in src:
+                raise ConfigError(f"{where}.source.model: missing (kind model_token needs a model and a token or token_id)")
+            if ("token" in src) == ("token_id" in src):  # mergekit: exactly one of them
+                raise ConfigError(f"{where}.source: give exactly one of 'token' and 'token_id'")
+            s: dict[str, Any] = {"kind": "model_token", "model": _model_ref(src["model"], f"{where}.source.model")}
+            if "token" in src:
+                if not isinstance(src["token"], str):
+                    raise ConfigError(f"{where}.source.token: expected a string, got {src['token']!r}")
+                s["token"] = src["token"]
+            else:
+                tid = src["token_id"]
+                if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
+                    raise ConfigError(f"{where}.source.token_id: expected a non-negative integer, got {tid!r}")
+                s["token_id"] = tid
+            out["source"] = s
+    elif src is not None:
+        out["source"] = _model_ref(src, f"{where}.source")
+    if force:
+        out["force"] = True
+    return out
+
+
+def token_source_model(spec: dict[str, Any]) -> str | None:
+    """The model a ``tokenizer.tokens`` entry takes its row from (None: zero, or no source)."""
+    src = spec.get("source")
+    return src if isinstance(src, str) else src.get("model") if isinstance(src, dict) else None
+
+
+def referenced_models(cfg: "MergeConfig") -> list[str]:
+    """Every model the merge reads, once each, in config order: base_model first, then models, slices'
+    sources, modules' models and slices (mergekit's ``referenced_models()``, which is an unordered set)."""
+    out = [cfg.base_model] if cfg.base_model else []
+    groups = [(cfg.models, cfg.slices)] + [(mod.models or [], mod.slices) for mod in (getattr(cfg, "modules", None) or {}).values()]
+    for models, slices in groups:
+        out += [m.path for m in models] + [s.path for sl in slices or [] for s in sl.sources]
+    return list(dict.fromkeys(out))
+
+
+def _check_token_models(cfg: "MergeConfig", where: str) -> None:
+    """A ``tokenizer.tokens`` source must be one of the merge's models (mergekit fails on it mid-merge)."""
+    if not cfg.tokenizer_tokens:
+        return
+    known = set(referenced_models(cfg))
+    for tok, spec in cfg.tokenizer_tokens.items():
+        m = token_source_model(spec)
+        if m is not None and m not in known:
+            field = "source.model" if isinstance(spec["source"], dict) else "source"
+            raise ConfigError(f"{where}: tokenizer.tokens[{tok!r}].{field}: {m} is not one of the merge's models "
+                              "(base_model, models or slices)")
 
 
 def _rank_sweep(v: Any, method: MergeMethod, where: str) -> list[float] | None:

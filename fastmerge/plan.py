@@ -472,9 +472,11 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     plans: list[TensorPlan] = []
     vocabs = None
     if config.tokenizer_source:
+        from .config import referenced_models
         from .vocab import Vocabularies
 
-        vocabs = Vocabularies(config.tokenizer_source, config.base_model or first.path, config.tokenizer_pad_to_multiple_of)
+        vocabs = Vocabularies(config.tokenizer_source, config.base_model or first.path, config.tokenizer_pad_to_multiple_of,
+                              referenced_models(config), config.tokenizer_tokens)
 
     def add(out_name: str, sl: _Slice, layer: int | None, t: float) -> None:
         """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor."""

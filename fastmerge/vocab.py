@@ -52,6 +52,8 @@ from typing import Any, Callable, Sequence
 from ._lazy import torch
 from .errors import CheckpointError, ConfigError
 from .io.lora import split_ref
+from .vocab_union import FLAG_KEYS, AddedTokens, ModelTokens, add_missing, added_entry, config_added_decoder, grow
+from .vocab_union import tokenizer_json_added, union_additions
 
 #: Vocabulary tensors by name (see the module docstring for the families each name comes from).
 VOCAB_TENSOR_RE = re.compile(
@@ -100,35 +102,6 @@ def config_vocab_size(root: Path) -> int | None:
         if isinstance(d, dict) and isinstance(d.get("vocab_size"), int) and not isinstance(d["vocab_size"], bool):
             return d["vocab_size"]
     return None
-
-
-class _AddedVocab:
-    """The ``tokenizers`` library's added-token id rule: a token already in the model vocabulary keeps
-    its id; a new one gets ``len(model vocab)``, or max(added id) + 1 once that is beyond it."""
-
-    def __init__(self, model_vocab: dict[str, int]):
-        self.model = model_vocab
-        self.size = len(model_vocab)
-        self.added: dict[str, int] = {}
-
-    def add(self, content: Any) -> None:
-        if isinstance(content, dict):
-            content = content.get("content")
-        if not isinstance(content, str) or not content or content in self.added:
-            return
-        if content in self.model:
-            new = self.model[content]
-        elif self.added:
-            top = max(self.added.values())
-            new = top + 1 if top >= self.size or self.size == 0 else self.size
-        else:
-            new = self.size
-        self.added[content] = new
-
-    def vocab(self) -> dict[str, int]:
-        out = dict(self.model)
-        out.update(self.added)
-        return out
 
 
 def _tokenizer_json_model(doc: Any, path: Path) -> dict[str, int]:
@@ -187,7 +160,7 @@ def _sentencepiece_pieces(path: Path) -> list[str]:
     return pieces
 
 
-def _transformers_additions(root: Path) -> list[Any]:
+def _transformers_additions(root: Path) -> list[dict[str, Any]]:
     """Tokens transformers adds on load, in its order: ``added_tokens_decoder`` of tokenizer_config.json
     (by id) when it has one, else the legacy ``added_tokens.json``; then the named special tokens (bos,
     eos, unk, sep, pad, cls, mask), then the extra special tokens. ``special_tokens_map.json`` is read only
@@ -197,10 +170,10 @@ def _transformers_additions(root: Path) -> list[Any]:
     if tc.is_file():
         d = _json(tc)
         cfg = d if isinstance(d, dict) else {}
-    out: list[Any] = []
+    out: list[dict[str, Any]] = []
     dec = cfg.get("added_tokens_decoder")
     if isinstance(dec, dict):
-        out += [e for _, e in sorted(dec.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)]
+        out += [_entry(e) for _, e in sorted(dec.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)]
     else:
         stm = root / "special_tokens_map.json"
         if stm.is_file():
@@ -211,24 +184,40 @@ def _transformers_additions(root: Path) -> list[Any]:
         if at.is_file():
             d = _json(at)
             if isinstance(d, dict):
-                out += [k for k, _ in sorted(d.items(), key=lambda kv: kv[1])]
-    out += [cfg[k] for k in SPECIAL_KEYS if cfg.get(k)]
+                out += [_entry(k) for k, _ in sorted(d.items(), key=lambda kv: kv[1])]
+    # the named and extra special tokens: AddedToken(special=True, normalized=False) unless the file says otherwise
+    out += [_entry(cfg[k], special=True) for k in SPECIAL_KEYS if cfg.get(k)]
     for key in ("extra_special_tokens", "additional_special_tokens"):
         extra = cfg.get(key)
         if isinstance(extra, list):
-            out += extra
-    return out
+            out += [_entry(e, special=True) for e in extra]
+    return [e for e in out if e is not None]
+
+
+def _entry(e: Any, special: bool = False) -> dict[str, Any] | None:
+    """An added token from a file (a string, or a mapping with ``content`` and settings)."""
+    if isinstance(e, dict):
+        c = e.get("content")
+        return added_entry(c, **{"special": special, **{k: e[k] for k in FLAG_KEYS if k in e}}) if isinstance(c, str) and c else None
+    return added_entry(e, special=special) if isinstance(e, str) and e else None
 
 
 def read_vocab(root: Path) -> dict[str, int] | None:
     """The vocabulary ``{token: id}`` that ``AutoTokenizer.from_pretrained(root).get_vocab()`` returns
     (model vocabulary + added tokens), or None when ``root`` has no tokenizer files."""
+    t = read_tokenizer(root)
+    return None if t is None else t.vocab()
+
+
+def read_tokenizer(root: Path) -> AddedTokens | None:
+    """The tokenizer ``AutoTokenizer.from_pretrained(root)`` loads, as its model vocabulary and its added
+    tokens (``added_tokens_decoder``, settings included), or None when ``root`` has no tokenizer files."""
     tj = root / "tokenizer.json"
-    added: list[Any] = []
+    added: list[dict[str, Any]] = []
     if tj.is_file():
         doc = _json(tj)
         model_vocab = _tokenizer_json_model(doc, tj)
-        added = [e for e in doc.get("added_tokens") or [] if isinstance(e, dict)]
+        added = [x for x in (_entry(e) for e in doc.get("added_tokens") or [] if isinstance(e, dict)) if x is not None]
     elif (root / "vocab.json").is_file():  # GPT-2 style (+ merges.txt)
         model_vocab = {str(k): int(v) for k, v in _json(root / "vocab.json").items()}
     elif (root / "vocab.txt").is_file():  # BERT WordPiece: one token per line, id = line number
@@ -245,10 +234,11 @@ def read_vocab(root: Path) -> dict[str, int] | None:
         model_vocab = {}
         for i, piece in enumerate(_sentencepiece_pieces(sp)):
             model_vocab.setdefault(piece, i)
-    vocab = _AddedVocab(model_vocab)
+    table = AddedTokens(model_vocab)
     for e in added + _transformers_additions(root):
-        vocab.add(e)
-    return vocab.vocab()
+        table.add(e, replace=False)
+    table.mark_loaded()
+    return table
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,8 +263,8 @@ class OutputTokenizer:
         return [n for n in TOKENIZER_FILES if (self.source / n).is_file() or n in self.rewritten]
 
 
-def _strip(root: Path, vocab: dict[str, int], limit: int) -> dict[str, str]:
-    """tokenizer.json / tokenizer_config.json of ``root`` without the tokens whose id >= ``limit``
+def _strip(root: Path, vocab: dict[str, int], limit: int) -> dict[str, Any]:
+    """tokenizer.json / tokenizer_config.json of ``root`` (parsed) without the tokens whose id >= ``limit``
     (mergekit's ``get_stripped_tokenizer``: BPE only; merges that use a dropped token dropped too)."""
     unused = {t for t, i in vocab.items() if i >= limit}
     tj = root / "tokenizer.json"
@@ -296,14 +286,14 @@ def _strip(root: Path, vocab: dict[str, int], limit: int) -> dict[str, str]:
         return not any(p in unused for p in parts) and "".join(parts) not in unused
 
     doc["model"]["merges"] = [m for m in doc["model"].get("merges") or [] if keep(m)]
-    out = {"tokenizer.json": json.dumps(doc, ensure_ascii=False, indent=2)}
+    out: dict[str, Any] = {"tokenizer.json": doc}
     tc = root / "tokenizer_config.json"
     if tc.is_file():
         cfg = _json(tc)
         dec = cfg.get("added_tokens_decoder") if isinstance(cfg, dict) else None
         if isinstance(dec, dict):
             cfg["added_tokens_decoder"] = {k: v for k, v in dec.items() if not (str(k).isdigit() and int(k) >= limit)}
-            out["tokenizer_config.json"] = json.dumps(cfg, ensure_ascii=False, indent=2)
+            out["tokenizer_config.json"] = cfg
     return out
 
 
@@ -315,30 +305,51 @@ def model_root(path: str) -> Path:
 
 class Vocabularies:
     """The output tokenizer plus, per input model, its vocabulary limited to ids < its vocab_size.
-    Built once per merge plan; ``row_map`` then describes one vocabulary tensor."""
+    Built once per merge plan; ``row_map`` then describes one vocabulary tensor.
 
-    def __init__(self, source: str, base: str, pad_to_multiple_of: int | None = None):
+    ``models``: every model of the merge in config order (``tokenizer_source: union`` reads them all);
+    ``tokens``: ``tokenizer.tokens`` as the config validated it (token -> ``{source, force}``)."""
+
+    def __init__(self, source: str, base: str, pad_to_multiple_of: int | None = None, models: Sequence[str] = (),
+                 tokens: dict[str, dict[str, Any]] | None = None):
         self.base = base
+        self.tokens = dict(tokens or {})
         base_root = model_root(base)
-        base_vocab = read_vocab(base_root)
-        if base_vocab is None:
+        base_tok = read_tokenizer(base_root)
+        if base_tok is None:
             raise ConfigError(f"tokenizer_source: {base} (the base model's tokenizer, used to align vocabularies) has no "
                               "tokenizer files (tokenizer.json, vocab.json, vocab.txt or tokenizer.model)")
+        base_vocab = base_tok.vocab()
         limit = config_vocab_size(base_root) or len(base_vocab)
-        self._base_vocab = {t: i for t, i in base_vocab.items() if i < limit}  # mergekit strips the base tokenizer
+        stripped = base_tok.limited(limit)  # mergekit strips the base tokenizer
+        self._base_vocab = stripped.vocab()
         self._models: dict[str, dict[str, int]] = {base: self._base_vocab}
-        if source == "base":
-            rewritten = _strip(base_root, base_vocab, limit) if len(self._base_vocab) < len(base_vocab) else {}
-            out = OutputTokenizer(base_root, dict(self._base_vocab), 0, rewritten)
+        self._tables: dict[str, AddedTokens | None] = {base: stripped}
+        if source in ("base", "union"):
+            root, table = base_root, stripped
+            docs = _strip(base_root, base_vocab, limit) if len(self._base_vocab) < len(base_vocab) else {}
+            if source == "union":
+                views = [ModelTokens(stripped, limit)]
+                for m in dict.fromkeys(models):
+                    t = self._table(m) if m != base else None
+                    if t is not None:  # no tokenizer files: the base's (mergekit: "Assuming same as base")
+                        views.append(ModelTokens(t, config_vocab_size(model_root(m)) or t.size))
+                table = grow(stripped, union_additions(views, self._base_vocab))
         else:
             root = model_root(source)
             if not root.is_dir():
                 raise ConfigError(f"tokenizer_source: {source} is not a local model folder")
-            vocab = read_vocab(root)
-            if vocab is None:
+            loaded = read_tokenizer(root)
+            if loaded is None:
                 raise ConfigError(f"tokenizer_source: {source} has no tokenizer files "
                                   "(tokenizer.json, vocab.json, vocab.txt or tokenizer.model)")
-            out = OutputTokenizer(root, vocab, 0)
+            table, docs = loaded.copy(), {}
+        if self.tokens:
+            add_missing(table, self.tokens)
+        if table.changed:
+            docs = _with_added(root, docs, table, source)
+        rewritten = {n: json.dumps(d, ensure_ascii=False, indent=2) for n, d in docs.items()}
+        out = OutputTokenizer(root, table.vocab(), 0, rewritten)
         n = out.n_vocab
         if n == 0:
             raise ConfigError(f"tokenizer_source: {out.source}: empty vocabulary")
@@ -349,18 +360,54 @@ class Vocabularies:
         out.n_rows = n if not pad_to_multiple_of else -(-n // pad_to_multiple_of) * pad_to_multiple_of
         self.output = out
         self._maps: dict[tuple, RowMap] = {}
+        self._check_tokens()
+
+    def _table(self, path: str) -> AddedTokens | None:
+        if path not in self._tables:
+            self._tables[path] = read_tokenizer(model_root(path))
+        return self._tables[path]
 
     def vocab_of(self, path: str) -> dict[str, int]:
         """``path``'s tokens with ids below its config.json vocab_size (its tokenizer, else the base's)."""
         v = self._models.get(path)
         if v is None:
-            root = model_root(path)
-            own = read_vocab(root)
-            if own is None:
-                own = self._base_vocab  # mergekit: "Unable to load tokenizer ... Assuming same as base"
-            limit = config_vocab_size(root) or len(own)
+            t = self._table(path)
+            own = self._base_vocab if t is None else t.vocab()  # mergekit: "Unable to load tokenizer ... Assuming same as base"
+            limit = config_vocab_size(model_root(path)) or len(own)
             v = self._models[path] = {t: i for t, i in own.items() if i < limit}
         return v
+
+    def _check_tokens(self) -> None:
+        """``tokenizer.tokens`` sources that name a token their model lacks (mergekit: an assertion mid-merge)."""
+        for tok, spec in self.tokens.items():
+            src, field = spec.get("source"), f"tokenizer.tokens[{tok!r}].source"
+            if isinstance(src, str) and tok not in self.vocab_of(src):
+                raise ConfigError(f"{field}: {src} has no token {tok!r} (below its vocab_size) to take the row from")
+            if isinstance(src, dict) and src.get("kind") == "model_token":
+                m = src["model"]
+                if "token" in src and src["token"] not in self.vocab_of(m):
+                    raise ConfigError(f"{field}.token: {m} has no token {src['token']!r} (below its vocab_size)")
+                n = config_vocab_size(model_root(m))
+                if "token_id" in src and n is not None and src["token_id"] >= n:
+                    raise ConfigError(f"{field}.token_id: {src['token_id']} is beyond {m}'s vocab_size {n}")
+
+    def _token_rows(self, members: Sequence[str]) -> dict[str, "TokenRow"]:
+        """``tokenizer.tokens`` in the terms of one tensor's inputs."""
+        out = {}
+        for tok, spec in self.tokens.items():
+            src, force, field = spec.get("source"), bool(spec.get("force")), f"tokenizer.tokens[{tok!r}].source"
+            if isinstance(src, dict) and src.get("kind") == "zero":
+                out[tok] = TokenRow(field, force, zero=True)
+                continue
+            model = src if isinstance(src, str) else src.get("model") if isinstance(src, dict) else None
+            if model is None:
+                out[tok] = TokenRow(field, force)
+                continue
+            row = src.get("token_id") if isinstance(src, dict) else None
+            if row is None:
+                row = self.vocab_of(model)[tok if isinstance(src, str) else src["token"]]
+            out[tok] = TokenRow(field, force, member=members.index(model) if model in members else None, row=row, model=model)
+        return out
 
     def row_map(self, members: Sequence[str], base: str | None) -> "RowMap":
         """How to build the output rows of one vocabulary tensor from its inputs ``members`` (model paths,
@@ -371,8 +418,28 @@ class Vocabularies:
         if rm is None:
             rm = self._maps[key] = RowMap.build(self.output.vocab, self.output.n_rows,
                                                 [self.vocab_of(m) for m in members],
-                                                members.index(base) if base in members else None)
+                                                members.index(base) if base in members else None,
+                                                self._token_rows(members))
         return rm
+
+
+def _with_added(root: Path, docs: dict[str, Any], table: AddedTokens, source: str) -> dict[str, Any]:
+    """The tokenizer files of ``root`` (``docs``: those already rewritten) with ``table``'s added tokens."""
+    tj = docs.get("tokenizer.json")
+    if tj is None:
+        if not (root / "tokenizer.json").is_file():
+            new = [e["content"] for _, e in table.entries() if e["content"] not in table.model][:3]
+            raise ConfigError(f"tokenizer_source: {source}: adding tokens ({', '.join(map(repr, new))}, ...) to {root}'s tokenizer "
+                              "needs its tokenizer.json (a fast tokenizer; this one has none)")
+        tj = _json(root / "tokenizer.json")
+    out = dict(docs)
+    out["tokenizer.json"] = {**tj, "added_tokens": tokenizer_json_added(table.entries())}
+    tc = docs.get("tokenizer_config.json")
+    if tc is None and (root / "tokenizer_config.json").is_file():
+        tc = _json(root / "tokenizer_config.json")
+    if isinstance(tc, dict) and isinstance(tc.get("added_tokens_decoder"), dict):
+        out["tokenizer_config.json"] = {**tc, "added_tokens_decoder": config_added_decoder(table.entries())}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +448,28 @@ class Vocabularies:
 
 def _ints(values: Sequence[int] = ()) -> array:
     return array("q", values)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRow:
+    """One ``tokenizer.tokens`` entry for one tensor: zero, or row ``row`` of input ``member`` (``model``),
+    or no source (``model`` None). ``field`` names the config field for errors."""
+
+    field: str
+    force: bool
+    zero: bool = False
+    member: int | None = None
+    row: int | None = None
+    model: str | None = None
+
+    def input_of(self) -> int:
+        """The input to copy from, once the row is needed (some input lacks the token, or ``force``)."""
+        if self.model is None:  # mergekit: NotImplementedError mid-merge
+            raise ConfigError(f"{self.field}: missing, and the row is needed (force, or an input lacks the token): "
+                              "give a model, {kind: zero} or {kind: model_token, model: M, token: T}")
+        if self.member is None:  # mergekit: "requires a vocabulary weight from model ..." mid-merge
+            raise ConfigError(f"{self.field}: {self.model} is not an input of this vocabulary tensor (a slice without it)")
+        return self.member
 
 
 @dataclasses.dataclass
@@ -407,20 +496,31 @@ class RowMap:
     avg_count: array  # [n_default] number of contributing inputs (0 for copy / zero rows)
 
     @classmethod
-    def build(cls, vocab: dict[str, int], n_rows: int, members: list[dict[str, int]], base: int | None) -> "RowMap":
+    def build(cls, vocab: dict[str, int], n_rows: int, members: list[dict[str, int]], base: int | None,
+              tokens: dict[str, TokenRow] | None = None) -> "RowMap":
+        """``tokens``: ``tokenizer.tokens``' rows; they replace the rules below for their tokens (every
+        input's row too, with ``force``)."""
         n = len(vocab)
         own = [_ints([-1]) * n for _ in members]
         dpos = _ints([-1]) * n
         cp, cm, cs, ap, am, asrc = (_ints() for _ in range(6))
         counts = _ints()
+        tokens = tokens or {}
         for tok, r in vocab.items():
             have = [v.get(tok, -1) for v in members]
+            spec = tokens.get(tok)
+            forced = spec is not None and spec.force
             for m, i in enumerate(have):
-                own[m][r] = i
+                own[m][r] = -1 if forced else i
             present = [m for m, i in enumerate(have) if i >= 0]
-            if len(present) == len(members):
+            if len(present) == len(members) and not forced:
                 continue
             pos = dpos[r] = len(counts)
+            if spec is not None:  # the configured row
+                counts.append(0)
+                if not spec.zero:
+                    cp.append(pos), cm.append(spec.input_of()), cs.append(spec.row)
+                continue
             if len(present) == 1:  # the only input with this token donates its row
                 cp.append(pos), cm.append(present[0]), cs.append(have[present[0]])
                 counts.append(0)

@@ -20,7 +20,8 @@ from fastmerge import merge, plan
 from fastmerge.config import MergeConfig
 from fastmerge.errors import CheckpointError, ConfigError, ShapeMismatchError
 from fastmerge.testing import LlamaShape, make_family, make_vocab_family, vocab_tokens, write_tokenizer
-from fastmerge.vocab import RowMap, is_vocab_tensor, read_vocab
+from fastmerge.vocab import RowMap, TokenRow, is_vocab_tensor, read_tokenizer, read_vocab
+from fastmerge.vocab_union import AddedTokens, ModelTokens, added_entry, union_additions
 
 SHAPE = LlamaShape(hidden=16, layers=2, intermediate=24, vocab=40, heads=2)
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -219,9 +220,16 @@ def test_not_vocab_tensor_names(name):
 
 
 @pytest.mark.parametrize("doc,msg", [
-    ({"tokenizer_source": "union"}, "'union'.*not supported"),
-    ({"tokenizer": {"pad_to_multiple_of": 8}}, "'union'"),  # mergekit's default source is union
-    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "base"}}}}, "tokenizer.tokens"),
+    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "b"}}}}, r"tokenizer.tokens\['<x>'\].source: b is not one"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "b", "token": "t"}}}}},
+     r"tokenizer.tokens\['<x>'\].source.model: b is not one"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "a", "token": "t", "token_id": 1}}}}},
+     "exactly one of 'token' and 'token_id'"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": "a", "token_id": -1}}}}}, "token_id"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "mean"}}}}}, "kind: expected 'zero' or 'model_token'"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "zero"}, "force": "yes"}}}}, r"\['<x>'\].force"),
+    ({"tokenizer": {"tokens": {"<x>": {"sauce": "a"}}}}, "unknown field 'sauce'"),
+    ({"tokenizer": {"tokens": ["<x>"]}}, "tokenizer.tokens: expected a mapping"),
     ({"tokenizer": {"source": "base", "pad_to_multiple_of": 0}}, "pad_to_multiple_of"),
     ({"tokenizer": {"source": "base", "colour": 1}}, "unknown field 'colour'"),
     ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "either"),
@@ -238,6 +246,15 @@ def test_tokenizer_config_forms_round_trip():
     assert (c.tokenizer_source, c.tokenizer_pad_to_multiple_of) == ("base", 64)
     assert MergeConfig.from_dict(c.to_dict()).tokenizer_pad_to_multiple_of == 64
     assert MergeConfig.from_dict({**d, "tokenizer_source": "a"}).to_dict()["tokenizer_source"] == "a"
+    assert MergeConfig.from_dict({**d, "tokenizer_source": "union"}).tokenizer_source == "union"
+    c = MergeConfig.from_dict({**d, "tokenizer": {"pad_to_multiple_of": 8}})  # mergekit's default source: union
+    assert (c.tokenizer_source, c.tokenizer_pad_to_multiple_of, c.tokenizer_tokens) == ("union", 8, None)
+    tokens = {"<x>": {"source": {"kind": "zero"}, "force": True}, "<y>": {"source": "a"}, "<z>": {},
+              "<w>": {"source": {"kind": "model_token", "model": "a", "token": "t"}}}
+    c = MergeConfig.from_dict({**d, "tokenizer": {"source": "base", "tokens": tokens}})
+    assert c.tokenizer_tokens == tokens
+    again = MergeConfig.from_dict(c.to_dict())
+    assert (again.tokenizer_source, again.tokenizer_tokens) == ("base", tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,3 +446,168 @@ def test_yaml_cli_form(tmp_path, vfam):
     with pytest.raises(CheckpointError):
         bad = dict(yaml.safe_load(cfg.read_text()), models=[{"model": str(tmp_path / "missing")}])
         plan(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer_source: union and tokenizer.tokens (mergekit 0.1.5's build_union_tokenizer and
+# PermutedVocabulary; side by side with mergekit: tests/parity/test_parity_tokenizer_union.py)
+
+
+def test_added_token_ids_follow_the_tokenizers_rule():
+    t = AddedTokens({"a": 0, "b": 1, "c": 2})
+    t.add(added_entry("b", special=True))  # in the model vocabulary: keeps its id, becomes an added token
+    t.add(added_entry("x"))
+    t.add(added_entry("y"))
+    assert t.vocab() == {"a": 0, "b": 1, "c": 2, "x": 3, "y": 4}
+    t.mark_loaded()
+    t.add(added_entry("x"))  # the same settings: ignored
+    assert not t.changed
+    t.add(added_entry("x", special=True))  # other settings: replaced, same id
+    assert t.changed and t.vocab()["x"] == 3 and t.flags["x"]["special"] and not t.flags["x"]["normalized"]
+    assert [i for i, _ in t.entries()] == [1, 3, 4]
+    assert t.limited(4).vocab() == {"a": 0, "b": 1, "c": 2, "x": 3}
+
+
+def test_union_order_base_then_models_regular_then_added():
+    base = AddedTokens({"a": 0, "b": 1})
+    m1 = AddedTokens({"a": 0, "c": 1, "b": 2, "d": 3})
+    m1.add(added_entry("<x>", special=True))  # id 4
+    m2 = AddedTokens({"e": 0, "c": 1, "f": 2})  # f (id 2) is beyond m2's vocab_size 2: left out
+    m2.add(added_entry("<x>"))  # other settings: the first model's win
+    m2.add(added_entry("<y>"))
+    got = union_additions([ModelTokens(base, 2), ModelTokens(m1, 5), ModelTokens(m2, 2)], base.vocab())
+    assert [e["content"] for e in got] == ["c", "d", "e", "<x>"]
+    assert got[0] == added_entry("c") and got[0]["normalized"] and not got[0]["special"]
+    assert got[3]["special"]  # m1's settings
+    m2_all = ModelTokens(m2, 5)
+    got = union_additions([ModelTokens(base, 2), m2_all], base.vocab())
+    assert [e["content"] for e in got] == ["e", "c", "f", "<x>", "<y>"]
+
+
+def test_read_tokenizer_settings(tmp_path):
+    write_tokenizer(tmp_path, vocab_tokens(8) + ["<tool>"], n_added=1)
+    t = read_tokenizer(tmp_path)
+    assert t.size == 8 and t.vocab()["<tool>"] == 8
+    assert t.flags["<tool>"] == added_entry("<tool>", normalized=False)  # write_tokenizer's settings
+    assert t.flags["<s>"] == added_entry("<s>", special=True)
+
+
+def test_rows_of_configured_tokens():
+    vocab = {"a": 0, "b": 1, "c": 2, "d": 3}
+    members = [{"a": 0, "b": 1, "c": 2}, {"b": 0, "a": 1, "d": 2}]  # m0 lacks d, m1 lacks c
+    x0, x1 = _rows(1, 2, 3), _rows(10, 20, 30)
+    tokens = {
+        "a": TokenRow("f", force=True, member=1, row=2, model="m1"),  # forced: m1's row 2 everywhere
+        "b": TokenRow("f", force=False, zero=True),  # both have b, not forced: own rows
+        "c": TokenRow("f", force=False, zero=True),  # m1 lacks c: zero instead of m0's row
+        "d": TokenRow("f", force=False, member=0, row=0, model="m0"),  # model_token: m0's row 0 for whoever lacks d
+    }
+    got = RowMap.build(vocab, 4, members, base=None, tokens=tokens).apply([x0, x1], compat=True)
+    assert torch.equal(got[0], _rows(30, 2, 3, 1))
+    assert torch.equal(got[1], _rows(30, 10, 0, 30))
+    with pytest.raises(ConfigError, match=r"tokenizer.tokens\['d'\].source: missing"):
+        RowMap.build(vocab, 4, members, None, {"d": TokenRow("tokenizer.tokens['d'].source", force=False)})
+    with pytest.raises(ConfigError, match="not an input of this vocabulary tensor"):
+        RowMap.build(vocab, 4, members, None, {"d": TokenRow("f", force=False, row=0, model="m9")})
+    # a source-less entry for a token every input has, not forced: never consulted (as mergekit)
+    RowMap.build(vocab, 4, members, None, {"b": TokenRow("f", force=False)})
+
+
+@pytest.fixture(scope="module")
+def ufam(tmp_path_factory):
+    """base: 40 tokens; ft1: + 2 new tokens + added <tool>; ft2: base ids permuted + 1 new token + <tool>
+    + added <img>."""
+    root = tmp_path_factory.mktemp("union_fam")
+    v = vocab_tokens(44)
+    fams = make_vocab_family(root, SHAPE, {"base": v[:40], "ft1": v[:42] + ["<tool>"],
+                                           "ft2": v[:3] + v[3:40][::-1] + [v[42], "<tool>", "<img>"]},
+                             dtype="float32", n_added={"ft1": 1, "ft2": 2})
+    return fams, v
+
+
+def test_union_merge_by_hand(tmp_path, ufam):
+    fams, v = ufam
+    doc = {"merge_method": "linear", "base_model": str(fams["base"]), "dtype": "float32", "tokenizer_source": "union",
+           "models": [{"model": str(fams[n]), "parameters": {"weight": 1.0}} for n in ("ft1", "ft2")],
+           "parameters": {"weight": 1.0}}
+    merge(doc, tmp_path / "out", progress=False, copy_tokenizer=False)
+    out = read_vocab(tmp_path / "out")
+    order = v[:40] + [v[40], v[41], v[42], "<tool>", "<img>"]  # base; ft1's then ft2's new tokens; added tokens
+    assert out == {t: i for i, t in enumerate(order)}
+    got, b, m1, m2 = (_load(p) for p in (tmp_path / "out", fams["base"], fams["ft1"], fams["ft2"]))
+    perm = v[:3] + v[3:40][::-1] + [v[42], "<tool>", "<img>"]
+    ft1_toks = v[:42] + ["<tool>"]
+    for name in (EMB, HEAD):
+        assert got[name].shape == (45, 16)
+        for i, tok in enumerate(order):
+            rows = {"ft1": _row(m1, name, ft1_toks, tok) if tok in ft1_toks else None,
+                    "ft2": _row(m2, name, perm, tok) if tok in perm else None,
+                    "base": _row(b, name, v[:40], tok) if tok in v[:40] else None}
+            have = [r for r in rows.values() if r is not None]
+            # missing: the only holder's row; else the base's; else the mean of the holders (in input order)
+            default = have[0] if len(have) == 1 else rows["base"] if rows["base"] is not None else (rows["ft1"] + rows["ft2"]) / 2
+            want = sum((r if r is not None else default) for r in (rows["base"], rows["ft1"], rows["ft2"])) / 3
+            assert torch.allclose(got[name][i], want, rtol=0, atol=1e-6), (name, tok)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["vocab_size"] == 45
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert tok.get_vocab() == out and tok.convert_ids_to_tokens(tok(f"t0 {v[41]} <img>")["input_ids"]) == ["t0", v[41], "<img>"]
+
+
+def test_tokens_added_to_a_base_or_model_tokenizer(tmp_path, ufam):
+    fams, v = ufam
+    doc = {"merge_method": "linear", "base_model": str(fams["base"]), "dtype": "float32", "parameters": {"weight": 1.0},
+           "models": [{"model": str(fams["ft1"]), "parameters": {"weight": 1.0}}],
+           "tokenizer": {"source": "base", "tokens": {"<new>": {"source": {"kind": "zero"}},
+                                                     v[40]: {"source": str(fams["ft1"])}}}}
+    p = plan(doc)
+    assert p.tokenizer.vocab == {**{t: i for i, t in enumerate(v[:40])}, "<new>": 40, v[40]: 41}
+    merge(doc, tmp_path / "out", progress=False)
+    got, m1 = _load(tmp_path / "out"), _load(fams["ft1"])
+    assert torch.equal(got[EMB][40], torch.zeros(16))
+    assert torch.allclose(got[EMB][41], m1[EMB][40], rtol=0, atol=1e-7)  # ft1's row for base and ft1, averaged 1:1
+    assert read_vocab(tmp_path / "out") == p.tokenizer.vocab
+
+
+@pytest.mark.parametrize("tokens,msg", [
+    ({"<tool>": {"source": "@base"}}, r"tokenizer.tokens\['<tool>'\].source: .*base has no token '<tool>'"),
+    ({"<q>": {"source": {"kind": "model_token", "model": "@ft1", "token": "<img>"}}},
+     r"tokenizer.tokens\['<q>'\].source.token: .*ft1 has no token '<img>'"),
+    ({"<q>": {"source": {"kind": "model_token", "model": "@ft1", "token_id": 43}}}, r"source.token_id: 43 is beyond"),
+    ({"<q>": {}}, r"tokenizer.tokens\['<q>'\].source: missing"),
+    ({"<q>": {"source": "@nowhere"}}, r"tokenizer.tokens\['<q>'\].source: .*nowhere is not one of the merge's models"),
+])
+def test_bad_tokens_name_the_field_and_write_nothing(tmp_path, ufam, tokens, msg):
+    fams, _ = ufam
+
+    def path(x):
+        if isinstance(x, dict):
+            return {k: path(y) for k, y in x.items()}
+        if isinstance(x, str) and x.startswith("@"):  # "@ft1": that model's folder; "@nowhere": no model
+            return str(fams[x[1:]]) if x[1:] in fams else str(tmp_path / x[1:])
+        return x
+
+    doc = {"merge_method": "linear", "base_model": str(fams["base"]), "parameters": {"weight": 1.0},
+           "models": [{"model": str(fams["ft1"]), "parameters": {"weight": 1.0}}],
+           "tokenizer": {"source": "union", "tokens": path(tokens)}}
+    with pytest.raises(ConfigError, match=msg) as e:
+        merge(doc, tmp_path / "out", progress=False)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # no OUT, no temp folder beside it
+
+
+def test_union_needs_a_fast_base_tokenizer_to_add_tokens(tmp_path, ufam):
+    fams, v = ufam
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in fams["base"].iterdir():
+        if f.name != "tokenizer.json":
+            (base / f.name).write_bytes(f.read_bytes())
+    (base / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(v[:40])}))
+    doc = {"merge_method": "linear", "base_model": str(base), "parameters": {"weight": 1.0}, "tokenizer_source": "union",
+           "models": [{"model": str(fams["ft1"]), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ConfigError, match="needs its tokenizer.json"):
+        merge(doc, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
