@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/segments.h"
 #include "cpu/fp8.h"
 #include "cpu/select.h"
 #include "cpu/xxh64.h"
@@ -169,6 +170,30 @@ void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_
   if (n == 0) return;
   py::gil_scoped_release nogil;
   cpu::ties(a, threads);
+}
+
+// py_ties over consecutive segments [offsets[s], offsets[s + 1]) of packed buffers (cpu/segments.cpp).
+void py_ties_segments(uintptr_t out, int out_dtype, const std::vector<int64_t>& offsets,
+                      const std::vector<uintptr_t>& inputs, const std::vector<int>& input_dtypes, uintptr_t base,
+                      int base_dtype, const std::vector<double>& weights, const std::vector<double>& densities,
+                      bool normalize, double lam, int election, bool exact_k, int threads, bool rescale) {
+  FM_CHECK(!offsets.empty() && offsets[0] == 0, "offsets: must start with 0");
+  for (size_t s = 1; s < offsets.size(); ++s) {
+    FM_CHECK(offsets[s] >= offsets[s - 1], "offsets: must not decrease (offsets[" << s << "] = " << offsets[s] << ")");
+  }
+  const int64_t n = offsets.back();
+  Inputs in = check_inputs(n, inputs, input_dtypes, weights);
+  FM_CHECK(base != 0 || n == 0, "base: TIES needs a base model (got a null pointer)");
+  check_per_model(densities, inputs.size(), "densities", true);
+  FM_CHECK(election == ties::SUM || election == ties::COUNT,
+           "election: must be 0 (sum) or 1 (count), got " << election);
+  TiesArgs a{};
+  a.g = gta_args(in, out, out_dtype, n, base, base_dtype, election, normalize, lam, rescale);
+  a.densities = densities.data();
+  a.exact_k = exact_k;
+  if (n == 0) return;
+  py::gil_scoped_release nogil;
+  cpu::ties_segments(a, offsets.data(), int64_t(offsets.size()) - 1, threads);
 }
 
 void py_dare(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
@@ -397,6 +422,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rescale") = false,
         "Fused TIES (trim by magnitude, elect sign, disjoint merge), fp32 math, one rounding on store. "
         "election: 0 = sum, 1 = count; exact_k: selection topk; rescale: L1 rescale of each trimmed delta.");
+  m.def("ties_segments", &py_ties_segments, py::arg("out"), py::arg("out_dtype"), py::arg("offsets"),
+        py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"),
+        py::arg("densities"), py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"),
+        py::arg("threads") = 0, py::arg("rescale") = false,
+        "ties on each segment [offsets[s], offsets[s+1]) of packed buffers, as one ties call per segment.");
   m.def("dare", &py_dare, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
         py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
         py::arg("consensus"), py::arg("normalize"), py::arg("lam"), py::arg("rescale"), py::arg("seed"),

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 __all__ = [
     "HAS_CPU_EXT", "HAS_CUDA_EXT", "LOAD_ERRORS", "BUILD_INFO", "cuda_usable", "report", "DTYPE_CODES", "is_raw",
-    "weighted_delta_sum", "ties", "dare", "della", "della_rows", "breadcrumbs", "sce", "nearswap", "copy",
+    "weighted_delta_sum", "ties", "ties_segments", "dare", "della", "della_rows", "breadcrumbs", "sce", "nearswap", "copy",
     "kth_largest_abs_diff", "NEARSWAP_MIN_T", "Fp8Source",
 ]
 
@@ -402,6 +402,23 @@ def ties(
         _C_cuda.ties(*bufs, *flags, torch.cuda.current_stream().cuda_stream, bool(rescale))
     else:
         _cpu_ext().ties(*bufs, *flags, _check_threads(threads), bool(rescale))
+
+
+def ties_segments(
+    out: Any, inputs: Sequence[Any], base: Any, offsets: Sequence[int], weights: Sequence[float],
+    densities: Sequence[float], normalize: bool, lam: float = 1.0, election: str = "sum", exact_k: bool = False,
+    threads: int = 0, rescale: bool = False,
+) -> None:
+    """``ties`` on each segment ``[offsets[s], offsets[s + 1])`` of packed CPU buffers, bit-identical to one
+    ``ties`` call per segment (each its own k): the engine's batches of small tensors (engine/stream.py).
+    ``offsets`` start at 0 and end at the buffers' element count."""
+    bufs = _buffers(out, inputs, base, "TIES")
+    offs = [int(o) for o in offsets]
+    if not offs or offs[0] != 0 or offs[-1] != bufs[2]:
+        raise ValueError(f"offsets: must run from 0 to the {bufs[2]} elements of out, got {offs[:1]}..{offs[-1:]}")
+    _cpu_ext().ties_segments(bufs[0], bufs[1], offs, *bufs[3:], _check_floats(weights, "weights", len(inputs)),
+                             _check_densities(densities, len(inputs)), bool(normalize), float(lam),
+                             _election_code(election), bool(exact_k), _check_threads(threads), bool(rescale))
 
 
 def dare(

@@ -182,13 +182,24 @@ class MergePlan:
         o = self.options
         put({"version": __version__, "config": self.config.to_dict(), "device": self.device, "seed": o.seed,
              "compat": o.mergekit_compat, "shard_size": o.out_shard_size, "out_layers": self.out_layers})
+        # Files are looked up by identity (every TensorInfo holds its index's Path objects) and their names
+        # taken once: hashing a Path and its .name cost ~3 us each, 136k + 136k times for DeepSeek-V3.
+        # Shapes go in as tuples: JSON writes them as the lists they were.
         for key, ix in sorted(self.indexes.items()):
             files = {f: n for n, f in enumerate(ix.files)}
+            by_id = {id(f): n for n, f in enumerate(ix.files)}
             put({"model": key, "fmt": ix.fmt, "files": [[f.name, f.stat().st_size if f.exists() else -1] for f in ix.files]})
-            put([[t.name, files.get(t.file, -1), t.dtype, list(t.shape), t.begin, t.end] for t in ix.tensors.values()])
+            put([[t.name, by_id[id(t.file)] if id(t.file) in by_id else files.get(t.file, -1), t.dtype, t.shape, t.begin, t.end]
+                 for t in ix.tensors.values()])
+        names: dict[int, str] = {}
 
         def src(x: TensorInfo | None) -> Any:
-            return None if x is None else [x.file.name, x.dtype, list(x.shape), x.begin, x.end]
+            if x is None:
+                return None
+            name = names.get(id(x.file))
+            if name is None:
+                name = names[id(x.file)] = x.file.name
+            return [name, x.dtype, x.shape, x.begin, x.end]
 
         rows = []
         for t in self.tensors:  # one dump for all: 45k tensors (DeepSeek-V3) in about a second
@@ -246,11 +257,49 @@ def with_layer(name: str, idx: int) -> str:
     return name[: m.start(1)] + str(idx) + name[m.end(1):]
 
 
+_NO_PARAMS: dict[str, Any] = {}
+
+
 def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slice_params: dict[str, Any],
-             global_params: dict[str, Any], name: str, t: float, seed: int, module_params: dict[str, Any] | None = None) -> Any:
+             global_params: dict[str, Any], name: str, t: float, seed: int, module_params: dict[str, Any] | None = None,
+             cache: dict[Any, Any] | None = None) -> Any:
     """Resolve every parameter for one output tensor. Precedence: the input's own (slice source or
     model) parameters > the slice's > the module's (``modules``) > global; each value evaluated (filters,
-    gradient at t)."""
+    gradient at t). ``cache`` (one dict per plan): where every setting is a plain value (no filter, no
+    gradient), the values are resolved once and each equal Params checked once: DeepSeek-V3 has 45k
+    tensors, and resolving each took ~0.1 ms (bench/RESULTS.md, "MoE")."""
+    srcs = [own for _, own in inputs] + [slice_params, module_params or _NO_PARAMS, global_params]
+    key = None
+    if cache is not None:
+        key = tuple(map(id, srcs))
+        plain = cache.get(("plain", key))
+        if plain is None:
+            plain = cache[("plain", key)] = not any(isinstance(v, (dict, list)) for src in srcs for v in src.values())
+        key = key if plain else None
+    hit = cache.get(key) if key is not None else None
+    per_model, shared = hit if hit is not None else _values(method, inputs, slice_params, global_params, name, t, module_params)
+    if key is not None and hit is None:
+        cache[key] = (per_model, shared)
+    params = method.make_params(per_model, shared, ParamContext(name, seed))
+    try:
+        if cache is not None and cache.setdefault(("checked", params), params) is not params:
+            return cache[("checked", params)]  # an equal Params was checked: share it
+    except TypeError:  # unhashable Params: checked every time
+        pass
+    try:
+        method.check(params, f"tensor '{name}'")
+    except ConfigError as e:  # the methods count models ("model #2"): name the model's path too
+        if cache is not None:
+            cache.pop(("checked", params), None)
+        raise ConfigError(re.sub(r"model #(\d+)", lambda g: f"model #{g[1]} ({inputs[int(g[1]) - 1][0]})"
+                                 if 0 < int(g[1]) <= len(inputs) else g[0], str(e))) from None
+    return params
+
+
+def _values(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slice_params: dict[str, Any],
+            global_params: dict[str, Any], name: str, t: float,
+            module_params: dict[str, Any] | None) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """``_resolve``'s values: (per-model lists, shared values) for tensor ``name`` at ``t``."""
     from .methods.base import coerce
 
     per_model: dict[str, list[Any]] = {}
@@ -282,13 +331,7 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
                     if v is not None:
                         break
             shared[spec.name] = coerce(spec, spec.default if v is None else v, f"parameters, tensor '{name}'")
-    params = method.make_params(per_model, shared, ParamContext(name, seed))
-    try:
-        method.check(params, f"tensor '{name}'")
-    except ConfigError as e:  # the methods count models ("model #2"): name the model's path too
-        raise ConfigError(re.sub(r"model #(\d+)", lambda g: f"model #{g[1]} ({inputs[int(g[1]) - 1][0]})"
-                                 if 0 < int(g[1]) <= len(inputs) else g[0], str(e))) from None
-    return params
+    return per_model, shared
 
 
 def check_output(out: Path, input_roots: list[Path], overwrite: bool) -> None:
@@ -478,6 +521,9 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         vocabs = Vocabularies(config.tokenizer_source, config.base_model or first.path, config.tokenizer_pad_to_multiple_of,
                               referenced_models(config), config.tokenizer_tokens)
 
+    resolved: dict[Any, Any] = {}  # _resolve's cache
+    chosen: dict[Any, tuple[str, dict[str, list[str]]]] = {}  # backend choices by (params, compat, numel): 45k tensors, a few shapes
+
     def add(out_name: str, sl: _Slice, layer: int | None, t: float) -> None:
         """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor."""
         members = ([sl.base] if sl.base else []) + sl.inputs
@@ -504,7 +550,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                     + _vocab_hint(out_name, vocabs is not None, info.shape, ref_info.shape)
                 )
         params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed,
-                          sl.module_params)
+                          sl.module_params, cache=resolved)
         base_info = infos[0] if sl.base else None
         sources = infos[1:] if sl.base else infos
         ref_dtype = "bfloat16" if is_fp8(ref_info.dtype) else ref_info.dtype  # FP8 inputs: a bf16 output by default
@@ -516,7 +562,15 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             if out_quant is not None:
                 out_dtype = out_fp8
         job = MergeJob(out_name, method, params, options.mergekit_compat, numel=math.prod(out_shape))
-        backend, skipped = backends.select(job, device, options.backend)
+        chosen_key = (params, options.mergekit_compat, job.numel)  # what select reads besides the name (errors only)
+        try:
+            backend, skipped = chosen[chosen_key]
+        except (KeyError, TypeError):  # TypeError: unhashable Params
+            backend, skipped = backends.select(job, device, options.backend)
+            try:
+                chosen[chosen_key] = (backend, skipped)
+            except TypeError:
+                pass
         plans.append(TensorPlan(
             name=out_name, shape=out_shape, out_dtype=out_dtype,
             compute_dtype=(config.dtype or ref_dtype) if options.mergekit_compat else None,

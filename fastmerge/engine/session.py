@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import OutputError
-from ..io.index import ITEMSIZE
+from ..io.index import ITEMSIZE, TensorInfo
 from ..io.reader import Prefetcher, RawView
 from ..io.side_files import write_side_files
 from ..io.writer import Shard, ShardWriter, commit_dir, temp_dir_beside
@@ -291,12 +291,16 @@ class Session:
     ``RawReader``). ``pool``: a callable making the buffer pool (None: no pool). ``order``: the plan
     indices in the order the loop consumes them (default: plan order). ``sources_only``: groups hold
     the sources without the base (methods that ignore it). ``progress``: (total, unit) of the bar
-    (default: the input bytes of the groups)."""
+    (default: the input bytes of the groups). ``units``: runs of consecutive plan indices, each read as one
+    span per input (``span``: the tensors lie back to back in one file), instead of ``order``: the
+    prefetcher then yields (unit number, one view per input over the whole run) and ``release`` takes the
+    unit number: one read-ahead populate and drop per input per run (``engine.stream``'s batches)."""
 
     def __init__(self, plan: Any, outputs: str | Path | Sequence[Output], *, reader: Any,
                  pool: Callable[[], Any] | None = None, read_ahead_bytes: int = 0, desc: str = "fastmerge",
                  order: Sequence[int] | None = None, sources_only: bool = False,
-                 progress: tuple[int, str] | None = None, writer_cls: type[WriteThread] = WriteThread):
+                 progress: tuple[int, str] | None = None, writer_cls: type[WriteThread] = WriteThread,
+                 units: Sequence[Sequence[int]] | None = None):
         self.plan = plan
         if isinstance(outputs, (str, Path)):
             outputs = [Output(outputs, plan.shards, part=getattr(plan, "part", None))]
@@ -304,6 +308,7 @@ class Session:
         self._reader_cls, self._make_pool, self._read_ahead = reader, pool, read_ahead_bytes
         self._desc, self._sources_only, self._writer_cls = desc, sources_only, writer_cls
         self.order = list(range(len(plan.tensors))) if order is None else list(order)
+        self.units = None if units is None else [list(u) for u in units]
         self._progress = progress
         self.prefetch: _OrderedPrefetch | None = None
         self.wthread: WriteThread | None = None
@@ -325,13 +330,20 @@ class Session:
                 for f in ix.files:
                     self.readers.setdefault(f, reader)
             groups = []
-            for i in self.order:
+            for i in self.order if self.units is None else ():
                 t = plan.tensors[i]
                 infos = ([t.base] if t.base is not None and not self._sources_only else []) + list(t.sources)
                 groups.append([(self.readers[x.file], x) for x in infos])
+            for u in self.units or ():
+                first, last = plan.tensors[u[0]], plan.tensors[u[-1]]
+                infos = ([first.base] if first.base is not None and not self._sources_only else []) + list(first.sources)
+                ends = ([last.base] if last.base is not None and not self._sources_only else []) + list(last.sources)
+                groups.append([(self.readers[x.file], span(x, e)) for x, e in zip(infos, ends)])
             part = getattr(plan, "part", None)
-            self.prefetch = _OrderedPrefetch(Prefetcher(groups, budget_bytes=self._read_ahead), self.order,
-                                             None if part is None else lambda i: setattr(part, "current", plan.tensors[i].name))
+            order = self.order if self.units is None else list(range(len(self.units)))
+            name = (lambda i: plan.tensors[i].name) if self.units is None else (lambda k: plan.tensors[self.units[k][0]].name)
+            self.prefetch = _OrderedPrefetch(Prefetcher(groups, budget_bytes=self._read_ahead), order,
+                                             None if part is None else lambda i: setattr(part, "current", name(i)))
             self.pool = self._make_pool() if self._make_pool is not None else None
             self.wthread = self._writer_cls([o.writer for o in self.outputs], self.pool)
             from .finite import NonFiniteWatch
@@ -442,6 +454,15 @@ class Session:
             where = getattr(exc, "filename", None) or self.outputs[0].out
             outs = ", ".join(str(o.out) for o in self.outputs)
             raise OutputError(f"{where}: I/O error ({exc.strerror or exc}); nothing was left at {outs}") from None
+
+
+def span(first: TensorInfo, last: TensorInfo) -> TensorInfo:
+    """One read of the tensors from ``first`` to ``last`` of one file, which lie back to back (the caller
+    checked) and share ``first``'s dtype: a 1-D tensor over their bytes, named after the first."""
+    if last is first:
+        return first
+    n = (last.end - first.begin) // ITEMSIZE[first.dtype]
+    return TensorInfo(first.name, first.file, first.dtype, (n,), first.begin, last.end)
 
 
 class _OrderedPrefetch:

@@ -26,8 +26,53 @@ from typing import Any
 
 from .._lazy import torch_dtype
 from ..backends.base import MergeJob
-from ..io.reader import READ_AHEAD, RawReader
+from ..io.index import ITEMSIZE
+from ..io.reader import READ_AHEAD, RawReader, RawView
 from .session import MergeReport, RawPool, Session, TorchPool, peak_rss_mb, torch_threads
+
+
+#: A tensor of fewer elements than this may share a batch with its neighbours (the torch-free flavour):
+#: a MoE expert matrix of DeepSeek-V3's shape at hidden 64 is 2,048 elements, and there are 20k of them
+#: per model (bench/bench_moe.py); at 2^16 elements (128 KB in bf16) a tensor's own kernel time (~30 us
+#: at 4 KB) no longer dwarfs the ~150 us of Python and thread hand-offs a separate step costs.
+SMALL_NUMEL = 1 << 16
+#: A batch's output bytes at most: 1 MiB is ~260 expert matrices of 4 KB in one kernel call, one read of
+#: each input's span and one writer item, while two pool buffers of it stay negligible next to the
+#: read-ahead of a large tensor.
+BATCH_BYTES = 1 << 20
+
+
+def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
+    """The plan's tensors as runs of consecutive indices, each merged in one step: a run joins small
+    tensors (< ``SMALL_NUMEL`` elements, ``BATCH_BYTES`` of output at most) whose inputs lie back to back
+    in the same file of every model with the same dtypes, with one output dtype; where the kernel packs
+    them into one call (``elementwise`` or ``segments``), also with equal parameters. Every other tensor
+    is a run of its own."""
+    units: list[list[int]] = []
+    prev, size = None, 0
+    packed = elementwise or segments
+    for i, t in enumerate(plan.tensors):
+        nbytes = t.out_tensor.nbytes
+        ins = ([t.base] if t.base is not None else []) + t.sources
+        small = t.input_transform is None and t.out_quant is None and _numel(t.shape) < SMALL_NUMEL
+        if (small and prev is not None and size + nbytes <= BATCH_BYTES and prev[1] == t.out_dtype
+                and len(prev[0]) == len(ins)
+                and all(a.file == b.file and a.dtype == b.dtype and a.end == b.begin for a, b in zip(prev[0], ins))
+                and (not packed or plan.tensors[i - 1].params == t.params)):
+            units[-1].append(i)
+            size += nbytes
+        else:
+            units.append([i])
+            size = nbytes
+        prev = (ins, t.out_dtype) if small else None
+    return units
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class RawIO:
@@ -70,9 +115,44 @@ class RawIO:
         from ..backends import BACKENDS
 
         self.plan, self.native = plan, BACKENDS["native"]
+        self.kernel = plan.method.native
 
     def pool(self, nbytes: int) -> RawPool:
         return RawPool(nbytes)
+
+    def units(self) -> list[list[int]]:
+        return batches(self.plan, self.kernel.elementwise, self.kernel.segments is not None)
+
+    def merge_batch(self, tps: list[Any], spans: list[RawView], pool: RawPool) -> tuple[Any, Any, str]:
+        """Merge the run ``tps`` from one span per input into one pool buffer: one kernel call over the
+        packed tensors where the method allows it, else one per tensor; the outputs as (name, bytes) pairs."""
+        tp0 = tps[0]
+        base = spans[0] if tp0.base is not None else None
+        inputs = spans[1:] if tp0.base is not None else spans
+        offsets = [0]
+        for tp in tps:
+            offsets.append(offsets[-1] + _numel(tp.shape))
+        osize = ITEMSIZE[tp0.out_dtype]
+        raw, view, mv = pool.take(offsets[-1] * osize, tp0.out_dtype)
+        threads, method = self.plan.options.threads, self.plan.method
+        if self.kernel.elementwise:
+            self.native.run_raw(MergeJob(tp0.name, method, tp0.params, False), view, inputs, base, threads)
+        elif self.kernel.segments is not None:
+            try:
+                self.kernel.segments(method, tp0.params, view, inputs, base, threads, offsets)
+            except ValueError as e:
+                raise ValueError(f"tensors '{tp0.name}' .. '{tps[-1].name}': {e}") from None
+        else:
+            def part(v: RawView | None, a: int, b: int) -> RawView | None:
+                if v is None:
+                    return None
+                size = ITEMSIZE[v.dtype]
+                return RawView(v.ptr + a * size, (b - a) * size, v.dtype, b - a)
+
+            for tp, a, b in zip(tps, offsets, offsets[1:]):
+                self.native.run_raw(MergeJob(tp.name, method, tp.params, False), part(view, a, b),
+                                    [part(x, a, b) for x in inputs], part(base, a, b), threads, shape=tp.shape)
+        return raw, [(tp.name, mv[a * osize:b * osize]) for tp, a, b in zip(tps, offsets, offsets[1:])], "native"
 
     def merge(self, tp: Any, tensors: list[Any], pool: RawPool) -> tuple[Any, Any, str]:
         if tp.input_transform is not None:  # FP8 inputs: the FP8 bytes and scales, dequantised by the kernels' load step
@@ -108,6 +188,9 @@ class TorchIO:
 
     def pool(self, nbytes: int) -> TorchPool:
         return TorchPool(nbytes)
+
+    def units(self) -> None:
+        return None  # tensor by tensor
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 
@@ -187,25 +270,31 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
     io = flavour(plan)
     merge_s = 0.0
     counts: dict[str, int] = {}
-    largest = max((t.in_bytes for t in plan.tensors), default=0)
-    out_bytes = max((t.out_tensor.nbytes for t in plan.tensors), default=1)
+    units = io.units()
+    runs = [[i] for i in range(len(plan.tensors))] if units is None else units
+    largest = max((sum(plan.tensors[i].in_bytes for i in u) for u in runs), default=0)
+    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u) for u in runs), default=1)
     with torch_threads(plan.options.threads if flavour is TorchIO else 0), \
-            Session(plan, out, reader=io.reader, pool=lambda: io.pool(out_bytes),
+            Session(plan, out, reader=io.reader, pool=lambda: io.pool(out_bytes), units=units,
                     read_ahead_bytes=int(READ_AHEAD * largest), desc=f"fastmerge {plan.method.name}") as s:
-        for i, tensors in s.prefetch:
-            tp = plan.tensors[i]
+        for k, tensors in s.prefetch:
+            idx = runs[k]
             ts = time.perf_counter()
-            raw, written, backend = io.merge(tp, tensors, s.pool)
+            if len(idx) == 1:
+                tp = plan.tensors[idx[0]]
+                raw, written, backend = io.merge(tp, tensors, s.pool)
+            else:
+                raw, written, backend = io.merge_batch([plan.tensors[i] for i in idx], tensors, s.pool)
             merge_s += time.perf_counter() - ts
-            counts[backend] = counts.get(backend, 0) + 1
+            counts[backend] = counts.get(backend, 0) + len(idx)
             del tensors
-            io.next_tensor(i)
-            s.prefetch.release(i)
-            if isinstance(written, list):  # a weight and its FP8 scales
+            io.next_tensor(idx[-1])
+            s.prefetch.release(k)
+            if isinstance(written, list):  # a batch, or a weight and its FP8 scales
                 s.put_many(written, raw)
             else:
                 s.put(tp.name, written, raw)
-            s.advance(tp.in_bytes)
+            s.advance(sum(plan.tensors[i].in_bytes for i in idx))
     return MergeReport(
         out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=s.bytes_written,
         wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,

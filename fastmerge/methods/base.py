@@ -132,6 +132,13 @@ class NativeKernel:
     raw_reasons: Callable[[Any, str, str], list[str]] = _no_reasons
     #: the same wrapper also runs CUDA tensors (``fastmerge._C_cuda``: the ``cuda`` backend)
     cuda: bool = False
+    #: each output element depends only on the inputs' elements at its index (and the Params): tensors of
+    #: equal Params, packed one after another, merge as one buffer in one call (engine/stream.py's batches)
+    elementwise: bool = False
+    #: ``segments(method, params, out, inputs, base, threads, offsets)``: the kernel over consecutive segments
+    #: ``[offsets[s], offsets[s + 1])`` of packed buffers, each merged as its own tensor, in one call (None:
+    #: one ``run`` per tensor); for raw views, as ``run``
+    segments: Callable[..., None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

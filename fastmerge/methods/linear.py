@@ -49,7 +49,7 @@ def _native_run(method: Any, p: LinearParams, out: Any, inputs: Sequence[Any], b
 
 class Linear(MergeMethod):
     name = "linear"
-    native = NativeKernel(_native_run)
+    native = NativeKernel(_native_run, elementwise=True)
     triton = TritonKernel("linear:LinearKernel", compat=True)
     base_as_input = True
     paper_url = "https://arxiv.org/abs/2203.05482"

@@ -66,7 +66,7 @@ def _native_run(
 
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
-    native = NativeKernel(_native_run)
+    native = NativeKernel(_native_run, elementwise=True)
     triton = TritonKernel("linear:TaskArithmeticKernel")
     paper_url = "https://arxiv.org/abs/2212.04089"
     base_policy = "required"

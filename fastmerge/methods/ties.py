@@ -77,10 +77,18 @@ def _native_run(method: Any, p: TiesParams, out: Any, inputs: Sequence[Any], bas
                  threads, p.rescale)
 
 
+def _native_segments(method: Any, p: TiesParams, out: Any, inputs: Sequence[Any], base: Any, threads: int,
+                     offsets: Sequence[int]) -> None:
+    from .. import _native
+
+    _native.ties_segments(out, inputs, base, offsets, p.weight, p.density, p.normalize, p.lambda_, p.election,
+                          p.selection == "topk", threads, p.rescale)
+
+
 class Ties(MergeMethod):
     name = "ties"
     #: the C++ kernel on the CPU, and on CUDA tensors the CUDA C++ kernel (``csrc/cuda/ties.cu``)
-    native = NativeKernel(_native_run, cuda=True)
+    native = NativeKernel(_native_run, cuda=True, segments=_native_segments)
     triton = TritonKernel("ties:TiesKernel")
     paper_url = "https://arxiv.org/abs/2306.01708"
     base_policy = "required"

@@ -1,0 +1,228 @@
+"""Batches of small tensors (fastmerge.engine.stream.batches): a MoE checkpoint's thousands of expert
+matrices merged a run at a time (one read of each input's span, one kernel call where the method allows
+it, one writer item) write the same bytes as the tensor-by-tensor loop; and ``_C.ties_segments``, the
+kernel of such a run for TIES, equals the torch reference on every segment."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastmerge import _native, plan
+from fastmerge.engine import session, stream
+from fastmerge.engine.stream import RawIO, batches, execute
+from fastmerge.methods import get_method
+from fastmerge.methods.ties import TiesParams
+from fastmerge.testing import DeepSeekV3Shape, Qwen3MoeShape, make_family
+from helpers.tolerance import file_digest
+
+pytestmark = pytest.mark.skipif(not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}")
+
+DEEPSEEK = DeepSeekV3Shape(hidden=32, layers=3, first_k_dense=1, intermediate=48, moe_intermediate=16, experts=8,
+                           heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope=8, qk_rope=8, v_head=8, vocab=96)
+QWEN = Qwen3MoeShape(hidden=32, layers=2, moe_intermediate=16, experts=8, heads=2, kv_heads=1, head_dim=16, vocab=96)
+
+
+def _mixed(folder: Path) -> None:
+    """Rewrite every shard of ``folder`` with its norms in float32 and its routers in float16: the runs of
+    one model then change dtype mid-layer (and the file order changes: safetensors sorts by dtype)."""
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+        for k, t in tensors.items():
+            if "norm" in k:
+                tensors[k] = t.float()
+            elif "gate.weight" in k:
+                tensors[k] = t.half()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def moe_family(tmp_path_factory):
+    """DeepSeek-V3-shaped, base + 3 fine-tunes in several input shards; ft2 of mixed dtypes, ft3 in float16."""
+    root = tmp_path_factory.mktemp("moe")
+    base, fts = make_family(root / "a", DEEPSEEK, n_finetunes=2, shard_bytes=60_000)
+    _mixed(fts[1])
+    _, (ft_f16,) = make_family(root / "b", DEEPSEEK, n_finetunes=1, dtype="float16", shard_bytes=60_000, seed=7)
+    return base, [*fts, ft_f16]
+
+
+@pytest.fixture(scope="module")
+def qwen_family(tmp_path_factory):
+    base, fts = make_family(tmp_path_factory.mktemp("qwen"), QWEN, n_finetunes=2, shard_bytes=1_000_000)
+    return base, fts
+
+
+PARAMS = {
+    "linear": {"weight": 0.3},
+    "task_arithmetic": {"weight": 0.4, "lambda": 0.9},
+    "ties": {"weight": 0.4, "density": 0.45},
+    "dare_ties": {"weight": 0.4, "density": 0.6},
+    "della": {"weight": 0.4, "density": 0.6, "epsilon": 0.1},
+}
+
+
+def _doc(fam, method: str, **extra) -> dict:
+    base, fts = fam
+    models = [{"model": str(f), "parameters": dict(PARAMS[method])} for f in fts]
+    # parameters that differ between tensors: a gradient over the layers, and a filter on the experts
+    models[0]["parameters"]["weight"] = [0.1, 0.9]
+    models[1]["parameters"]["weight"] = [{"filter": "experts.3.", "value": 0.5}, {"value": 0.2}]
+    d = {"merge_method": method, "models": models, **extra}
+    if method != "linear":  # linear would merge the base as one more input (mergekit's rule)
+        d["base_model"] = str(base)
+    if method == "ties":
+        d["parameters"] = {"selection": "topk"}
+    return d
+
+
+POISON = 0xA5  # bf16 0xA5A5 is a finite number (-2.9e-16): a byte left unwritten changes the output
+
+
+@pytest.fixture
+def poisoned_pool(monkeypatch):
+    """Every buffer the torch-free flavour takes from its pool is filled with POISON first."""
+    take = session.RawPool.take
+
+    def poisoned(self, nbytes, dtype):
+        raw, view, mv = take(self, nbytes, dtype)
+        ctypes.memset(raw[1], POISON, nbytes)
+        return raw, view, mv
+
+    monkeypatch.setattr(session.RawPool, "take", poisoned)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir())}
+
+
+def _run(p, out: Path, monkeypatch, batched: bool, flavour: str = "native") -> dict[str, str]:
+    with monkeypatch.context() as m:
+        if not batched:
+            m.setattr(stream, "SMALL_NUMEL", 0)  # every tensor a run of its own: the tensor-by-tensor loop
+        execute(p, out, flavour)
+    return _digests(out)
+
+
+def _runs(p) -> list[list[int]]:
+    k = p.method.native
+    return batches(p, k.elementwise, k.segments is not None)
+
+
+@pytest.mark.parametrize("method", list(PARAMS))
+@pytest.mark.parametrize("out_dtype", [None, "float32"])
+def test_batched_equals_tensor_by_tensor(moe_family, method, out_dtype, tmp_path, monkeypatch, poisoned_pool):
+    extra = {"out_dtype": out_dtype} if out_dtype else {}
+    p = plan(_doc(moe_family, method, **extra), out_shard_size="30KB", progress=False)
+    assert not RawIO.not_supported_reasons(p)
+    runs = _runs(p)
+    # not hollow: runs of many tensors, runs whose output straddles an output shard, runs cut by parameters
+    assert max(len(u) for u in runs) >= 8
+    shard_of = {t.name: s.filename for s in p.shards for t in s.tensors}
+    assert any(len({shard_of[p.tensors[i].name] for i in u}) > 1 for u in runs), "no run straddles an output shard"
+    assert len(p.shards) > 2
+    calls = []
+    orig = RawIO.merge_batch
+    monkeypatch.setattr(RawIO, "merge_batch", lambda self, tps, spans, pool: calls.append(len(tps)) or orig(self, tps, spans, pool))
+    got = _run(p, tmp_path / "batched", monkeypatch, batched=True)
+    assert calls and max(calls) >= 8 and sum(calls) + sum(1 for u in runs if len(u) == 1) == len(p.tensors)
+    calls.clear()
+    want = _run(p, tmp_path / "one-by-one", monkeypatch, batched=False)
+    assert not calls
+    assert got == want
+    # and the torch flavour (tensor by tensor through torch views) writes the same bytes
+    assert _run(p, tmp_path / "torch", monkeypatch, batched=True, flavour="torch") == want
+
+
+def test_runs_follow_files_dtypes_and_parameters(moe_family):
+    p = plan(_doc(moe_family, "linear"), progress=False)
+    runs = _runs(p)
+    assert sorted(i for u in runs for i in u) == list(range(len(p.tensors)))
+    for u in runs:
+        assert u == list(range(u[0], u[0] + len(u)))  # consecutive, in plan order
+        ts = [p.tensors[i] for i in u]
+        assert len({t.out_dtype for t in ts}) == 1 and len({t.params for t in ts}) == 1
+        assert sum(t.out_tensor.nbytes for t in ts) <= stream.BATCH_BYTES
+        for a, b in zip(ts, ts[1:]):
+            for x, y in zip(a.sources, b.sources):
+                assert x.file == y.file and x.dtype == y.dtype and x.end == y.begin
+    # the mixed-dtype model cuts runs where a norm (float32) or a router (float16) sits between bf16 experts
+    mixed = [i for i, t in enumerate(p.tensors) if t.sources[1].dtype != "bfloat16"]
+    assert mixed and all(not any(i in u and len(u) > 1 and p.tensors[u[0]].sources[1].dtype == "bfloat16"
+                                 for u in runs) for i in mixed)
+    # methods that neither pack nor segment still share reads and writes, whatever their parameters
+    unpacked = batches(p, elementwise=False, segments=False)
+    assert len(unpacked) <= len(runs)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_qwen3_moe_batched_equals_tensor_by_tensor(qwen_family, method, tmp_path, monkeypatch, poisoned_pool):
+    base, fts = qwen_family
+    d = {"merge_method": method, "dtype": "bfloat16",
+         "models": [{"model": str(f), "parameters": dict(PARAMS[method])} for f in fts]}
+    if method != "linear":
+        d["base_model"] = str(base)
+    p = plan(d, progress=False)
+    assert max(len(u) for u in _runs(p)) >= 8
+    assert _run(p, tmp_path / "b", monkeypatch, True) == _run(p, tmp_path / "o", monkeypatch, False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the kernel: _C.ties_segments
+
+
+SIZES = [1, 2, 0, 3, 17, 1024, 1, 2051, 64, 5]
+
+
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("dtypes,out_dtype", [
+    ([torch.bfloat16] * 3, torch.bfloat16),
+    ([torch.float32, torch.float16, torch.bfloat16], torch.float16),
+    ([torch.float16, torch.bfloat16, torch.float32], torch.float32),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_segments_equals_reference_per_segment(selection, rescale, dtypes, out_dtype, threads):
+    gen = torch.Generator().manual_seed(3)
+    offsets = [0]
+    for s in SIZES:
+        offsets.append(offsets[-1] + s)
+    n = offsets[-1]
+    b = torch.randn(n, generator=gen)
+    # heavily tied magnitudes (multiples of 0.25) so topk's index order matters, plus a NaN and an inf
+    xs = [(b + torch.randint(-4, 5, (n,), generator=gen) * 0.25) for _ in dtypes]
+    xs[0][20], xs[1][1500] = float("nan"), float("inf")
+    base = b[:n].to(dtypes[-1])
+    inputs = [x.to(dt) for x, dt in zip(xs, [dtypes[0], dtypes[1], dtypes[0]])]
+    p = TiesParams(weight=(0.7, -0.4, 1.1), density=(0.5, 0.2, 1.0), selection=selection, rescale=rescale)
+    out = torch.full((n,), float("nan"), dtype=out_dtype)
+    _native.ties_segments(out, inputs, base, offsets, p.weight, p.density, p.normalize, p.lambda_, p.election,
+                          selection == "topk", threads, rescale)
+    ref = get_method("ties")
+    for a, z in zip(offsets, offsets[1:]):
+        if z == a:
+            continue
+        want = ref.reference([x[a:z] for x in inputs], base[a:z], p).to(out_dtype)
+        got = out[a:z]
+        if rescale and z - a > 64:  # torch's fp32 L1 sums are not correctly rounded (tests/native/native_cases.py)
+            one = torch.full((z - a,), float("nan"), dtype=out_dtype)
+            _native.ties(one, [x[a:z] for x in inputs], base[a:z], p.weight, p.density, p.normalize, p.lambda_,
+                         p.election, selection == "topk", 1, rescale)
+            want = one
+        same = (got == want) | (got.isnan() & want.isnan())
+        assert bool(same.all()), f"segment [{a}, {z}): {int((~same).sum())} elements differ"
+
+
+def test_ties_segments_checks_offsets():
+    x = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="offsets"):
+        _native.ties_segments(x, [x], x, [0, 4], [1.0], [0.5], True)
+    with pytest.raises(ValueError, match="offsets"):
+        _native._C.ties_segments(x.data_ptr(), 2, [0, 6, 4, 8], [x.data_ptr()], [2], x.data_ptr(), 2, [1.0], [0.5],
+                                 True, 1.0, 0, False)
+
