@@ -101,7 +101,7 @@ def test_unknown_method_and_field(family_bf16):
 @pytest.mark.parametrize(
     "field,value,msg",
     [("slices", [{"sources": []}], "slices"), ("modules", {"a": {}}, "modules"), ("chat_template", "nonsense", "chat_template"),
-     ("tokenizer_source", "union", "union"), ("dtype", "int8", "unsupported dtype")],
+     ("tokenizer", {"source": "union", "tokens": ["<x>"]}, "tokenizer.tokens"), ("dtype", "int8", "unsupported dtype")],
 )
 def test_unsupported_features_are_errors(family_bf16, field, value, msg):
     with pytest.raises(ConfigError, match=msg):
