@@ -111,9 +111,10 @@ class MergePlan:
     part: Any = None
     #: FP8 inputs (io.fp8): {"quantization_config": the dict an FP8 output keeps, or None (removed)}; None: no FP8 input
     fp8: Any = None
-    #: ``modules`` given as slices: the output's layer count of each such module by its config.json key
-    #: (dotted into nested configs, e.g. ``text_config.num_hidden_layers``); None otherwise
-    layer_counts: dict[str, int] | None = None
+    #: ``modules`` given as slices: for each config.json key counting such a module's layers (dotted into
+    #: nested configs, e.g. ``text_config.num_hidden_layers``), the input layer each output layer is made
+    #: from (its slice's reference model's numbering); None otherwise
+    module_layers: dict[str, list[int]] | None = None
 
     @property
     def method(self) -> MergeMethod:
@@ -578,7 +579,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             input_transform=transform, out_quant=out_quant,
         ))
 
-    layer_counts: dict[str, int] = {}
+    module_layers: dict[str, list[int]] = {}
     if module_slices is not None:
         # modules, in config order: each one's tensors before its layers (first slice), its layers renumbered from 0
         # across its slices, the tensors after them (last slice), as mergekit's plan_module
@@ -594,10 +595,11 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             head = mslices[0].base or mslices[0].inputs[0]
             for n in parts(head, lay)[0]:
                 add(n, mslices[0], None, 0.0)
-            offset = 0
+            offset, src_layers = 0, []
             for si, sl in enumerate(mslices):
                 ref = sl.base or sl.inputs[0]
                 for i in range(sl.length):
+                    src_layers.append(ref.start + i)
                     layer_names = parts(ref, lay)[1].get(ref.start + i)
                     if not layer_names:
                         at = f"modules.{mname}" + (f".slices[{si}]" if mod.slices is not None else "")
@@ -610,7 +612,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             for n in parts(tail, lay)[2]:
                 add(n, mslices[-1], None, 0.0)
             if mod.slices is not None:
-                layer_counts.update(dict.fromkeys(lay.layers_keys, offset))
+                module_layers.update(dict.fromkeys(lay.layers_keys, src_layers))
             if mod.slices is None:  # models: an input must not hold tensors of the module the reference lacks
                 pre, layers, post = parts(head, lay)
                 mine = set(pre) | set(post) | {n for ns in layers.values() for n in ns}
@@ -664,7 +666,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None
     return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards,
-                     tokenizer=vocabs.output if vocabs else None, layer_counts=layer_counts or None,
+                     tokenizer=vocabs.output if vocabs else None, module_layers=module_layers or None,
                      fp8={"quantization_config": output_quant_config(fp8_family) if out_fp8 else None} if fp8_family else None)
 
 

@@ -581,3 +581,75 @@ class Qwen25VLShape(Qwen2VLShape):
             "hidden_act": "silu",
         }
         return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3VLShape:
+    """Gemma3ForConditionalGeneration (Gemma 3 4B-27B's layout: ``language_model.`` with q/k norms and four
+    norms per layer, embeddings tied, so no ``lm_head``; a SigLIP ``vision_tower.vision_model.``; the
+    ``multi_modal_projector.`` with its input projection and soft-embedding norm)."""
+
+    hidden: int = 64
+    layers: int = 4
+    intermediate: int = 96
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    vocab: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_intermediate: int = 48
+    vision_heads: int = 2
+    image_size: int = 16
+    patch: int = 4
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, i, d, v, vi = self.hidden, self.intermediate, self.head_dim, self.vision_hidden, self.vision_intermediate
+        out = [("language_model.model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"language_model.model.layers.{n}."
+            out += [(p + "input_layernorm.weight", (h,)), (p + "mlp.down_proj.weight", (h, i)), (p + "mlp.gate_proj.weight", (i, h)),
+                    (p + "mlp.up_proj.weight", (i, h)), (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "post_feedforward_layernorm.weight", (h,)), (p + "pre_feedforward_layernorm.weight", (h,)),
+                    (p + "self_attn.k_norm.weight", (d,)), (p + "self_attn.k_proj.weight", (self.kv_heads * d, h)),
+                    (p + "self_attn.o_proj.weight", (h, self.heads * d)), (p + "self_attn.q_norm.weight", (d,)),
+                    (p + "self_attn.q_proj.weight", (self.heads * d, h)), (p + "self_attn.v_proj.weight", (self.kv_heads * d, h))]
+        out.append(("language_model.model.norm.weight", (h,)))
+        out += [("multi_modal_projector.mm_input_projection_weight", (v, h)), ("multi_modal_projector.mm_soft_emb_norm.weight", (v,))]
+        q = "vision_tower.vision_model."
+        out += [(q + "embeddings.patch_embedding.bias", (v,)), (q + "embeddings.patch_embedding.weight", (v, 3, self.patch, self.patch)),
+                (q + "embeddings.position_embedding.weight", ((self.image_size // self.patch) ** 2, v))]
+        for n in range(self.vision_layers):
+            p = f"{q}encoder.layers.{n}."
+            out += [(p + "layer_norm1.bias", (v,)), (p + "layer_norm1.weight", (v,)), (p + "layer_norm2.bias", (v,)),
+                    (p + "layer_norm2.weight", (v,)), (p + "mlp.fc1.bias", (vi,)), (p + "mlp.fc1.weight", (vi, v)),
+                    (p + "mlp.fc2.bias", (v,)), (p + "mlp.fc2.weight", (v, vi))]
+            out += [(p + f"self_attn.{x}_proj.{w}", (v,) if w == "bias" else (v, v))
+                    for x in ("k", "out", "q", "v") for w in ("bias", "weight")]
+        out += [(q + "post_layernorm.bias", (v,)), (q + "post_layernorm.weight", (v,))]
+        return out
+
+    @property
+    def numel(self) -> int:
+        return _count(self.tensors())
+
+    def config(self, dtype: str) -> dict:
+        return {
+            "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "boi_token_index": 100,
+            "eoi_token_index": 101, "image_token_index": 102, "mm_tokens_per_image": 4, "torch_dtype": dtype,
+            "text_config": {
+                "model_type": "gemma3_text", "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers, "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "head_dim": self.head_dim, "vocab_size": self.vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 64, "query_pre_attn_scalar": self.head_dim,
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+                # one local (sliding) and one global layer in turn (Gemma 3 has 5 local per global one): per layer, so a
+                # merge that changes the layers must change it too (transformers checks its length)
+                "layer_types": ["sliding_attention" if n % 2 == 0 else "full_attention" for n in range(self.layers)],
+            },
+            "vision_config": {
+                "model_type": "siglip_vision_model", "hidden_size": self.vision_hidden, "intermediate_size": self.vision_intermediate,
+                "num_hidden_layers": self.vision_layers, "num_attention_heads": self.vision_heads, "image_size": self.image_size,
+                "patch_size": self.patch, "vision_use_head": False,
+            },
+        }

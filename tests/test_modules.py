@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from fastmerge import merge, merge_tensors, plan
 from fastmerge.config import MergeConfig
 from fastmerge.errors import CheckpointError, ConfigError
-from fastmerge.testing import LlamaShape, Mistral3Shape, Qwen2VLShape, make_family
+from fastmerge.testing import Gemma3VLShape, LlamaShape, Mistral3Shape, Qwen2VLShape, make_family
 from helpers.parity import load_model
 
 M3 = Mistral3Shape(hidden=32, layers=4, intermediate=48, heads=2, kv_heads=1, vocab=64, vision_hidden=16,
@@ -159,6 +159,30 @@ def test_qwen2_vl_merger_is_the_projector_not_the_vision_tower(tmp_path, qvl):
     cfg_out = json.loads((tmp_path / "out" / "config.json").read_text())
     # Qwen2-VL counts its text layers at the top level and in text_config: both follow the output
     assert cfg_out["vision_config"]["depth"] == 3 and cfg_out["num_hidden_layers"] == cfg_out["text_config"]["num_hidden_layers"] == 4
+
+
+def test_gemma3_text_slices_rebuild_its_per_layer_config(tmp_path):
+    """Gemma3 lists each text layer's attention kind in ``text_config.layer_types``, and transformers refuses
+    a config whose list and layer count differ: text slices 0-3 + 1-3 give 5 layers of kinds 0, 1, 2, 1, 2.
+    Embeddings are tied: no lm_head in, none out."""
+    import transformers
+
+    shape = Gemma3VLShape(hidden=32, layers=4, intermediate=48, heads=2, kv_heads=1, head_dim=16, vocab=64, vision_hidden=16,
+                          vision_layers=2, vision_intermediate=24, vision_heads=2)
+    base, (ft1,) = make_family(tmp_path / "fam", shape, n_finetunes=1, dtype="float32")
+    src = [{"model": str(ft1), "layer_range": [0, 3]}], [{"model": str(ft1), "layer_range": [1, 3]}]
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1.0},
+           "modules": {"text_decoder": {"slices": [{"sources": src[0]}, {"sources": src[1]}]},
+                       "vision_tower": {"models": [str(base)]}, "multi_modal_projector": {"models": [str(ft1)]}}}
+    merge(cfg, tmp_path / "out", progress=False)
+    kinds = json.loads((base / "config.json").read_text())["text_config"]["layer_types"]
+    out = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert out["num_hidden_layers"] == 5 and out["layer_types"] == [kinds[i] for i in (0, 1, 2, 1, 2)]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").text_config.num_hidden_layers == 5
+    got, f1 = load_model(tmp_path / "out"), load_model(ft1)
+    assert not any("lm_head" in n for n in got)
+    n = "language_model.model.layers.{}.self_attn.q_norm.weight"
+    assert torch.equal(got[n.format(4)], f1[n.format(2)]) and torch.equal(got[n.format(3)], f1[n.format(1)])
 
 
 # ------------------------------------------------------------------------------------------------ bad input

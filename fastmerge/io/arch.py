@@ -132,6 +132,9 @@ def _qwen2_vl(text_layers_keys: tuple[str, ...]) -> tuple[ModuleLayout, ...]:
 #: ``architectures[0]`` of config.json -> its modules, in mergekit 0.1.5's module names
 MODULES: dict[str, tuple[ModuleLayout, ...]] = {
     "Mistral3ForConditionalGeneration": _llava_like("vision_tower.transformer.layers.{}."),
+    "Gemma3ForConditionalGeneration": _llava_like("vision_tower.vision_model.encoder.layers.{}.",
+                                                  ("vision_tower.vision_model.post_layernorm.bias",
+                                                   "vision_tower.vision_model.post_layernorm.weight")),
     "Qwen2VLForConditionalGeneration": _qwen2_vl(("num_hidden_layers", "text_config.num_hidden_layers")),
     "Qwen2_5_VLForConditionalGeneration": _qwen2_vl(("text_config.num_hidden_layers", "num_hidden_layers")),
 }

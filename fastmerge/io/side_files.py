@@ -72,13 +72,18 @@ def write_side_files(plan: "MergePlan", tmp: Path, config: Any = None) -> None:
                 doc[k] = plan.out_layers
             if n_src:
                 _follow_slices(doc, n_src, layer_sources(plan))
-        for key, n in (plan.layer_counts or {}).items():  # modules given as slices: each one's own layer count
+        for key, src in (plan.module_layers or {}).items():  # modules given as slices: each one's own layers
             *outer, last = key.split(".")
             d = doc
             for k in outer:  # set where the (nested) config exists: a lone {"num_hidden_layers": n} would not load
                 d = d.get(k) if isinstance(d, dict) else None
-            if isinstance(d, dict):
-                d[last] = n
+            if not isinstance(d, dict):
+                continue
+            n_src, d[last] = d.get(last), len(src)
+            if isinstance(n_src, int) and n_src > 1 and all(0 <= i < n_src for i in src):
+                for k, v in list(d.items()):  # this config's per-layer lists (Gemma3's text_config.layer_types)
+                    if isinstance(v, list) and len(v) == n_src and k not in NOT_PER_LAYER:
+                        d[k] = [v[i] for i in src]
         if plan.tokenizer is not None:  # the output vocabulary sets the embedding rows (mergekit's _update_config_vocab)
             nested = "vocab_size" not in doc and isinstance(doc.get("text_config"), dict) and "vocab_size" in doc["text_config"]
             (doc["text_config"] if nested else doc)["vocab_size"] = plan.tokenizer.n_rows

@@ -1,5 +1,5 @@
 """Parity with mergekit 0.1.5 for ``modules`` (vision-language models), side by side on generated
-Mistral3- and Qwen2-VL-shaped bf16 families (base + 2 fine-tunes, fastmerge.testing): each module from
+Mistral3-, Gemma3-, Qwen2-VL- and Qwen2.5-VL-shaped bf16 families (base + 2 fine-tunes, fastmerge.testing): each module from
 its own models or slices and parameters, layer counts changed by slices, gradients over a module's own
 layers, filter lists; the plain ``models`` syntax on the same families too (mergekit turns it into one
 module entry per module of the architecture).
@@ -19,7 +19,7 @@ from typing import Callable
 
 import pytest
 
-from fastmerge.testing import Mistral3Shape, Qwen25VLShape, Qwen2VLShape, make_family
+from fastmerge.testing import Gemma3VLShape, Mistral3Shape, Qwen25VLShape, Qwen2VLShape, make_family
 from helpers.parity import ParityRuns, assert_bit_exact, compare_models, load_model
 
 pytestmark = [
@@ -30,6 +30,8 @@ pytestmark = [
 M3 = Mistral3Shape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128, vision_hidden=32,
                    vision_layers=3, vision_intermediate=48, vision_heads=2, patch=4)
 QVL = Qwen2VLShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128, vision_embed=32, vision_depth=3)
+G3 = Gemma3VLShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, head_dim=16, vocab=128, vision_hidden=32,
+                   vision_layers=3, vision_intermediate=48, vision_heads=2)
 Q25 = Qwen25VLShape(hidden=64, layers=4, intermediate=96, heads=4, kv_heads=2, vocab=128, vision_embed=32, vision_depth=3)
 
 
@@ -40,6 +42,7 @@ def runs(tmp_path_factory):
         "mistral3": make_family(root / "mistral3", M3, n_finetunes=2, dtype="bfloat16"),
         "qwen2vl": make_family(root / "qwen2vl", QVL, n_finetunes=2, dtype="bfloat16"),
         "qwen25vl": make_family(root / "qwen25vl", Q25, n_finetunes=2, dtype="bfloat16"),
+        "gemma3": make_family(root / "gemma3", G3, n_finetunes=2, dtype="bfloat16"),
     }
     return ParityRuns(fams, root / "out")
 
@@ -100,6 +103,24 @@ def _qwen25vl_linear(fams):
     }
 
 
+def _gemma3_dare_linear(fams):
+    """dare_linear with density 1 (nothing dropped, so no random draw to compare): tied embeddings (no
+    lm_head, which mergekit's architecture marks optional), the vision tower as 1-3 + 0-3 (5 layers; its
+    post-layernorm from the last slice), the text decoder and projector from whole models."""
+    base, (ft1, ft2) = fams["gemma3"]
+    return {
+        "merge_method": "dare_linear", "base_model": str(base), "parameters": {"weight": 0.6, "density": 1.0},
+        "modules": {
+            "text_decoder": {"models": [{"model": str(ft1)}, {"model": str(ft2), "parameters": {"weight": [0.2, 0.8]}}]},
+            "vision_tower": {"slices": [
+                {"sources": [_src(base, (1, 3)), _src(ft1, (1, 3))]},
+                {"sources": [_src(base, (0, 3)), _src(ft2, (0, 3), weight=0.4)], "parameters": {"weight": 0.9}},
+            ]},
+            "multi_modal_projector": {"models": [{"model": str(ft2)}], "parameters": {"weight": 0.3}},
+        },
+    }
+
+
 def _mistral3_models(fams):
     """No ``modules``: mergekit gives every module of the architecture the same models."""
     base, (ft1, ft2) = fams["mistral3"]
@@ -119,6 +140,8 @@ CASES = [
     Case("mistral3-ties-modules", _mistral3_ties, ("text_config.num_hidden_layers", "vision_config.num_hidden_layers"), (5, 3)),
     Case("qwen2vl-task-arithmetic-modules", _qwen2vl_task_arithmetic, ("num_hidden_layers", "vision_config.depth"), (4, 4)),
     Case("qwen25vl-linear-modules", _qwen25vl_linear, ("text_config.num_hidden_layers", "vision_config.depth"), (6, 3)),
+    Case("gemma3-dare-linear-modules", _gemma3_dare_linear, ("text_config.num_hidden_layers", "vision_config.num_hidden_layers"),
+         (4, 5)),
     Case("mistral3-ties-models", _mistral3_models, ("text_config.num_hidden_layers", "vision_config.num_hidden_layers"), (4, 3)),
 ]
 
