@@ -1,13 +1,18 @@
 """Parity with mergekit 0.1.5 for ``modules`` (vision-language models), side by side on generated
-Mistral3-, Gemma3-, Qwen2-VL- and Qwen2.5-VL-shaped bf16 families (base + 2 fine-tunes, fastmerge.testing): each module from
-its own models or slices and parameters, layer counts changed by slices, gradients over a module's own
-layers, filter lists; the plain ``models`` syntax on the same families too (mergekit turns it into one
-module entry per module of the architecture).
+Mistral3-, Gemma3-, Qwen2-VL- and Qwen2.5-VL-shaped bf16 families (base + 2 fine-tunes,
+fastmerge.testing): each module from its own models or slices and parameters, layer counts changed by
+slices, gradients over a module's own layers, filter lists; the plain ``models`` syntax on the Mistral3
+family too (mergekit turns it into one module entry per module of the architecture).
 
 Under ``--mergekit-compat`` every tensor is bitwise equal (asserted) and so is every layer count in
-config.json. Not compared: a gradient inside Qwen2-VL's projector, which mergekit 0.1.5's architecture
-file gives two "layers" whose names carry no index, so each merger tensor is planned twice, at t = 0
-and t = 1, and the second write wins; fastmerge plans it once, at t = 0, as every other non-layer tensor.
+config.json. In default mode (fp32 math, one rounding) bf16 TIES differs by design, as in
+tests/parity/test_parity_mergekit.py (measured on a Qwen2-VL TIES merge of base + 2 fine-tunes: 87% of
+the elements bitwise equal). Where fastmerge's config.json differs on purpose: Qwen2-VL text slices set
+``text_config.num_hidden_layers`` as well as the top-level count (mergekit 0.1.5 leaves the nested one
+stale), and a sliced module's per-layer lists (Gemma3's ``layer_types``) follow its layers
+(tests/test_modules.py). Not compared: a gradient inside Qwen2-VL's projector, which mergekit 0.1.5's
+architecture file gives two "layers" whose names carry no index, so each merger tensor is planned twice,
+at t = 0 and at t = 1; fastmerge plans it once, at t = 0, as every other non-layer tensor.
 """
 
 from __future__ import annotations
