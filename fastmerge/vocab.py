@@ -1,21 +1,28 @@
 """``tokenizer_source``: one output vocabulary, and every input's embedding / lm_head rows moved to it.
 
 What mergekit 0.1.5 computes (``tokenizer/build.py`` + ``tokenizer/embed.py``, established by running it
-side by side, see tests/test_parity_tokenizer.py), and fastmerge reproduces:
+side by side, see tests/parity/test_parity_tokenizer.py and test_parity_tokenizer_union.py), and
+fastmerge reproduces:
 
 - **Output vocabulary.** ``base``: the base model's tokenizer (``base_model``, else the first model),
   without the tokens whose id is >= the base's ``vocab_size`` (config.json). ``<model>``: that model's
-  whole tokenizer. ``union`` is not supported (a ConfigError). Its size ``V = len(vocab)`` (padded up to
-  ``pad_to_multiple_of`` if given) becomes the output's ``vocab_size`` and the row count of every
-  vocabulary tensor; the output tokenizer files are that tokenizer's (copied; rewritten only when base
-  tokens had to be dropped, which mergekit supports for BPE only, as here).
+  whole tokenizer. ``union``: the base's, stripped, grown by the other models' tokens
+  (``fastmerge.vocab_union``: which tokens, in which order, with which ids). ``tokenizer.tokens`` adds
+  each of its tokens the vocabulary lacks, as a plain added token. Its size ``V = len(vocab)`` (padded
+  up to ``pad_to_multiple_of`` if given) becomes the output's ``vocab_size`` and the row count of every
+  vocabulary tensor; the output tokenizer files are that tokenizer's (copied; ``tokenizer.json`` and
+  ``added_tokens_decoder`` rewritten when base tokens had to be dropped, which mergekit supports for
+  BPE only, as here, or tokens were added, which needs a ``tokenizer.json`` here).
 - **Rows, per vocabulary tensor and per input model m, for each output token t:** if m's tokenizer has
   t (with an id below m's ``vocab_size``), m's own row for t. Otherwise a default shared by the inputs:
   the donor's row when exactly one input has t; zero when none has it; the base model's row when the
   base is an input of this tensor and has t; else the mean of the rows of the inputs that have t
   (summed in input order, then divided by their count; in the compute dtype with ``mergekit_compat``,
   in fp32 otherwise). Padding rows (``V`` rounded up) get the mean of the model's first ``V`` rows.
-  The merge method then runs on the remapped rows as on any tensor.
+  A token of ``tokenizer.tokens`` takes its default from its entry instead (``TokenRow``): a model's
+  row of the token, a model's row of another token (``model_token``), or zero; with ``force`` every
+  input gets it, whether it has the token or not. The merge method then runs on the remapped rows as
+  on any tensor.
 - A model without tokenizer files is taken to share the base's tokenizer (mergekit: a warning).
 
 Which tensors are vocabulary tensors: mergekit reads ``vocabulary_axis: 0`` from its per-architecture
@@ -37,7 +44,11 @@ ignores the id written in the file), and the special tokens of ``tokenizer_confi
 
 Deliberate differences: mergekit picks the tokenizer of a random model when there is no base_model
 (``referenced_models()`` is a set), fastmerge the first listed one; a token whose id is >= its model's
-``vocab_size`` crashes mergekit (KeyError) and is an absent token here.
+``vocab_size`` crashes mergekit (KeyError) and is an absent token here; ``union`` numbers the tokens the
+base lacks in one fixed order of the orders mergekit takes at random (``fastmerge.vocab_union``); a
+``tokenizer.tokens`` entry that cannot give its row (an unknown model, a token its model lacks, no
+source where one is needed) fails mergekit mid-merge and is a ConfigError naming the field here,
+before anything is read.
 """
 
 from __future__ import annotations
