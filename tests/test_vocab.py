@@ -611,3 +611,24 @@ def test_union_needs_a_fast_base_tokenizer_to_add_tokens(tmp_path, ufam):
     with pytest.raises(ConfigError, match="needs its tokenizer.json"):
         merge(doc, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_union_yaml_cli_compat_and_recorded_config(tmp_path, ufam):
+    fams, v = ufam
+    from fastmerge import cli
+
+    tokens = {"<new>": {"source": {"kind": "model_token", "model": str(fams["ft2"]), "token": "<img>"}, "force": True}}
+    doc = {"merge_method": "ties", "base_model": str(fams["base"]), "dtype": "float32",
+           "models": [{"model": str(fams[n]), "parameters": {"weight": 0.5, "density": 0.5}} for n in ("ft1", "ft2")],
+           "tokenizer": {"source": "union", "tokens": tokens}}
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    assert cli.main(["merge", str(cfg), str(tmp_path / "cli"), "--no-progress", "--mergekit-compat"]) == 0
+    merge(doc, tmp_path / "api", progress=False, mergekit_compat=True)
+    a, b = _load(tmp_path / "cli"), _load(tmp_path / "api")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_vocab(tmp_path / "cli")["<new>"] == 45 and a[EMB].shape == (46, 16)
+    m2 = _load(fams["ft2"])
+    assert torch.equal(a[EMB][45], m2[EMB][42])  # every input's row of <new> is ft2's <img> row: ties keeps it
+    recorded = MergeConfig.from_yaml(tmp_path / "cli" / "fastmerge_config.yml")
+    assert (recorded.tokenizer_source, recorded.tokenizer_tokens) == ("union", tokens)
