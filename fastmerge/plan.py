@@ -18,7 +18,7 @@ from typing import Any
 
 from . import backends
 from .backends.base import MergeJob
-from .config import MergeConfig, evaluate_setting
+from .config import MergeConfig, ModuleSpec, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
 from .io.arch import MODULES, ModuleLayout, check_architectures, config_doc, modular_architecture, module_layouts, module_of
 from .io.fp8 import Fp8Index, fp8_transform, is_fp8, output_quant_config, requant_for
@@ -480,15 +480,21 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                 adapters[path] = LoraAdapter.open(lora, by_model[model], model)
         return indexes[path]
 
-    module_slices, layouts = None, {}
-    if config.modules is not None:
-        for mod in config.modules.values():  # every input opened first: mixed architectures are named before modules
+    module_slices, layouts, mconfig = None, {}, config
+    if config.modules is None and config.slices is None:
+        ref = config.base_model if config.base_model and method.base_policy != "ignored" else config.models[0].path
+        multi = modular_architecture(open_index(ref).root)
+        if multi:  # mergekit gives each module of such a model the same models, its layers counted on their own: a
+            # gradient runs over the vision tower's layers, not over the text decoder's
+            mconfig = dataclasses.replace(config, models=[], modules={m.name: ModuleSpec(config.models) for m in MODULES[multi]})
+    if mconfig.modules is not None:
+        for mod in mconfig.modules.values():  # every input opened first: mixed architectures are named before modules
             for path in [config.base_model] + [m.path for m in mod.models or []] + [
                     s.path for sl in mod.slices or [] for s in sl.sources] + [sl.base_model for sl in mod.slices or []]:
                 if path:
                     open_index(path)
         check_architectures({p: ix.root for p, ix in indexes.items()}, options.allow_crimes)
-        module_slices, layouts = _module_slices(config, open_index)
+        module_slices, layouts = _module_slices(mconfig, open_index)
         slices, sliced = module_slices[0], False
     else:
         slices, sliced = _slices(config, open_index)
@@ -590,7 +596,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                 parts_of[id(inp.index)] = _module_parts(inp.index, layouts, companions)
             return parts_of[id(inp.index)][lay.name]
 
-        for mslices, (mname, mod) in zip(module_slices, config.modules.items()):
+        for mslices, (mname, mod) in zip(module_slices, mconfig.modules.items()):
             lay = layouts[mname]
             head = mslices[0].base or mslices[0].inputs[0]
             for n in parts(head, lay)[0]:

@@ -113,6 +113,18 @@ def test_parameter_precedence_source_slice_module_global(m3):
     assert by[TEXT.format(0)].weight == (0.9, 0.5) and by[TEXT.format(3)].density == (0.7, 0.7)
 
 
+def test_plain_models_on_a_multi_module_model_run_per_module(m3):
+    """``models`` without ``modules``: every module gets the same models (mergekit's reading), and a gradient
+    runs over each module's own layers: t = 0, 1/2, 1 on the 3 vision layers, 0, 1/3, 2/3, 1 on the 4 text ones."""
+    base, (ft1, ft2) = m3
+    cfg = {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5},
+           "models": [{"model": str(ft1), "parameters": {"weight": [0.0, 0.6]}}, {"model": str(ft2), "parameters": {"weight": 0.5}}]}
+    by = {t.name: t.params for t in plan(cfg).tensors}
+    assert [by[VISION.format(i)].weight[0] for i in range(3)] == pytest.approx([0.0, 0.3, 0.6])
+    assert [by[TEXT.format(i)].weight[0] for i in range(4)] == pytest.approx([0.0, 0.2, 0.4, 0.6])
+    assert len(by) == len(load_model(base))
+
+
 def test_plan_order_modules_in_config_order(m3):
     cfg = _per_module(m3)
     cfg["modules"] = dict(reversed(list(cfg["modules"].items())))

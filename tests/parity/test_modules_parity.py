@@ -127,10 +127,11 @@ def _gemma3_dare_linear(fams):
 
 
 def _mistral3_models(fams):
-    """No ``modules``: mergekit gives every module of the architecture the same models."""
+    """No ``modules``: mergekit gives every module of the architecture the same models, so a gradient runs
+    over each module's own layers (the vision tower's 3, the text decoder's 4)."""
     base, (ft1, ft2) = fams["mistral3"]
     return {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.6},
-            "models": [{"model": str(ft1), "parameters": {"weight": 0.4}}, {"model": str(ft2), "parameters": {"weight": 0.7}}]}
+            "models": [{"model": str(ft1), "parameters": {"weight": [0.1, 0.9]}}, {"model": str(ft2), "parameters": {"weight": 0.7}}]}
 
 
 @dataclass(frozen=True)
