@@ -15,10 +15,15 @@
 #          (T constexpr, aligned full tiles) and the selection, compiled, not interpreted (tests.log)
 #   sync   torch.cuda.set_sync_debug_mode("warn") around a small execute_cuda merge: the number of
 #          synchronising calls inside the engine (sync.log; the CPU stand-in count is in test_gpu.py)
+#   sync error  each unit under set_sync_debug_mode("error"), per method family, whole and in row chunks:
+#          PASS, or the file:line of the first synchronising call (sync_error.log)
 #   quick / llama-8b   fastmerge bench kernels (rooflines, the timing matrix in physical-minimum bytes)
+#   select bench/gpu_select.py: the radix and the one-read bracket selection vs copy, counting one read
+#          (select.md; one JSON line per case in results.jsonl)
 #   ncu    three kernels at 4096x14336 (merge T=8, task_arithmetic T=8, the selection's first pass)
 # Writes under $OUT: kernels-gpu-quick.{json,md}, kernels-gpu.{json,md,png} (the roofline chart), env.txt,
-# build.log, cxx_diag.log, tests.log, sync.log, ncu.txt, offline_sm90.md (the same kernels' offline build).
+# build.log, cxx_diag.log, tests.log, sync.log, sync_error.log, select.md, results.jsonl, ncu.txt, offline_sm90.md (the same kernels'
+# offline build).
 set -u
 OUT=${OUT:-$PWD/bench/out/gpu}
 mkdir -p "$OUT"
@@ -64,11 +69,58 @@ for backend in ("auto", "triton"):
     print(f"sync debug ({backend}): {n['syncs']} synchronising calls inside {n['units']} units")
 PY
 echo "sync rc=$?"; tail -3 "$OUT/sync.log"
+echo "=== sync error (${SECONDS}s)"
+timeout 120 python3 - > "$OUT/sync_error.log" 2>&1 <<'PY'
+# the proof: each unit's work under torch.cuda.set_sync_debug_mode("error"), so any synchronising call torch
+# sees inside a unit (a blocking host<->device copy, .item(), .cpu(), bool(tensor)) raises; batches and row
+# chunks (--max-gpu-memory small), every Triton method family. The CUDA C++ ties kernel reads its histograms
+# back with cudaStreamSynchronize inside the extension, which torch does not see: the "auto" ties line counts
+# torch's calls only.
+import tempfile, traceback, torch, fastmerge
+from fastmerge.testing import LlamaShape, make_family
+from fastmerge.engine import gpu as g
+d = tempfile.mkdtemp()
+b, fts = make_family(d + "/fam", LlamaShape(hidden=256, layers=2, intermediate=512, vocab=1024, heads=4), n_finetunes=3, dtype="bfloat16")
+real = g._Engine.compute
+def compute(self, j, fn):
+    def run():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return real(self, j, run)
+g._Engine.compute = compute
+cases = [("task_arithmetic", {"weight": 0.5}, {}), ("dare_ties", {"weight": 0.5, "density": 0.6}, {}),
+         ("della", {"weight": 0.5, "density": 0.6, "epsilon": 0.1}, {}), ("linear", {"weight": 0.5}, {}),
+         ("breadcrumbs_ties", {"weight": 0.5, "density": 0.6}, {}),
+         ("ties", {"weight": 0.5, "density": 0.4}, {"selection": "topk", "rescale": True})]
+for method, params, extra in cases:
+    for budget in (None, 2 << 20):  # whole tensors, then 2 MiB of slots past the reserve: the matrices in row chunks
+        cfg = {"merge_method": method, "models": [{"model": str(f), "parameters": dict(params)} for f in fts]}
+        if method != "linear":
+            cfg["base_model"] = str(b)
+        if extra:
+            cfg["parameters"] = extra
+        out = f"{d}/out-{method}-{budget}"
+        try:
+            p = fastmerge.plan(cfg, out, progress=False, copy_tokenizer=False, device="cuda", backend="triton")
+            rep = g.execute_cuda(p, out, max_gpu_memory=None if budget is None else g.RESERVE_BYTES + budget)
+            print(f"sync error mode {method} budget={budget}: PASS ({rep.units} units, {rep.chunked_tensors} chunked)")
+        except Exception as e:
+            tb = [f for f in traceback.extract_tb(e.__traceback__) if "/fastmerge/" in f.filename or "/kernels/" in f.filename]
+            where = f"{tb[-1].filename.split('/')[-1]}:{tb[-1].lineno}" if tb else "?"
+            print(f"sync error mode {method} budget={budget}: FAIL at {where}: {type(e).__name__}: {str(e)[:200]}")
+PY
+echo "sync error rc=$?"; cat "$OUT/sync_error.log" | grep "sync error mode"
 (cd "$REPO" && timeout 120 env -u TRITON_INTERPRET python3 -m fastmerge.kernels.offline > "$OUT/offline_sm90.md" 2>&1) &
 echo "=== quick (${SECONDS}s)"
 timeout 120 python3 -m fastmerge bench kernels --device cuda --quick --no-progress \
   --json "$OUT/kernels-gpu-quick.json" > "$OUT/kernels-gpu-quick.md" 2> "$OUT/kernels-gpu-quick.err"
 echo "rc=$?"; cat "$OUT/kernels-gpu-quick.md"; tail -5 "$OUT/kernels-gpu-quick.err"
+echo "=== select (${SECONDS}s)"
+timeout 100 python3 "$REPO/bench/gpu_select.py" --out "$OUT" > "$OUT/select.md" 2> "$OUT/select.err"
+echo "rc=$?"; cat "$OUT/select.md"; tail -5 "$OUT/select.err"
 [ "$MODE" = quick ] && exit 0
 echo "=== llama-8b, T=2,4 (${SECONDS}s)"
 timeout "${KERNELS_CAP:-$((400 - SECONDS))}" python3 -m fastmerge bench kernels --device cuda --shapes llama-8b --models 2,4 \

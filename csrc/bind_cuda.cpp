@@ -88,7 +88,7 @@ void check_device_pointer(uintptr_t p, const std::string& name) {
 void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
              const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
              const std::vector<double>& densities, bool normalize, double lam, int election, bool exact_k,
-             uintptr_t stream, bool rescale) {
+             uintptr_t stream, bool rescale, uintptr_t scratch, size_t scratch_bytes) {
   FM_CHECK(n >= 0, "n: element count must be >= 0, got " << n);
   FM_CHECK(!inputs.empty(), "inputs: need at least one input buffer");
   FM_CHECK(int(inputs.size()) <= cuda::kMaxInputs,
@@ -118,6 +118,10 @@ void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_
   }
   check_device_pointer(out, "out");
   check_device_pointer(base, "base");
+  const size_t need = cuda::ties_scratch_bytes(n, int(inputs.size()));
+  FM_CHECK(scratch_bytes >= need, "scratch: " << scratch_bytes << " bytes given, ties needs " << need
+                                               << " (ties_scratch_bytes(n, len(inputs)))");
+  check_device_pointer(scratch, "scratch");
   TiesArgs a{};
   a.g.out = reinterpret_cast<void*>(out);
   a.g.out_dtype = out_dtype;
@@ -135,7 +139,8 @@ void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_
   cudaError_t e;
   {
     py::gil_scoped_release nogil;  // synchronous: selection histograms are read back to the host
-    e = static_cast<cudaError_t>(cuda::ties(a, reinterpret_cast<void*>(stream)));
+    e = static_cast<cudaError_t>(
+        cuda::ties(a, reinterpret_cast<void*>(scratch), scratch_bytes, reinterpret_cast<void*>(stream)));
   }
   if (e != cudaSuccess) throw std::runtime_error("ties: CUDA error: " + err_text(e));
 }
@@ -171,8 +176,11 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("ties", &py_ties, py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("inputs"),
         py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
         py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"), py::arg("stream") = 0,
-        py::arg("rescale") = false,
+        py::arg("rescale") = false, py::arg("scratch") = 0, py::arg("scratch_bytes") = 0,
         "Same semantics as fastmerge._C.ties on device pointers; synchronous on `stream` (the radix-select "
-        "histograms are read back to the host).");
+        "histograms are read back to the host). `scratch`: device memory of ties_scratch_bytes(n, len(inputs)) "
+        "bytes (a torch tensor: no cudaMalloc inside).");
+  m.def("ties_scratch_bytes", &cuda::ties_scratch_bytes, py::arg("n"), py::arg("num_inputs"),
+        "Bytes of device scratch one ties() call needs.");
   m.def("build_info", &build_info, "How this module was built (nvcc, archs, CUDA runtime/driver versions).");
 }

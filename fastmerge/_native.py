@@ -399,7 +399,11 @@ def ties(
         ok, why = cuda_usable()
         if not ok:
             raise RuntimeError(f"fastmerge._C_cuda is not usable: {why}")
-        _C_cuda.ties(*bufs, *flags, torch.cuda.current_stream().cuda_stream, bool(rescale))
+        # scratch from torch's caching allocator (no cudaMalloc/cudaFree inside the kernel: counted in torch's
+        # statistics and the GPU engine's budget, backends.cuda.scratch_bytes)
+        scratch = torch.empty(_C_cuda.ties_scratch_bytes(bufs[2], len(inputs)), dtype=torch.uint8, device=out.device)
+        _C_cuda.ties(*bufs, *flags, torch.cuda.current_stream().cuda_stream, bool(rescale), scratch.data_ptr(),
+                     scratch.numel())
     else:
         _cpu_ext().ties(*bufs, *flags, _check_threads(threads), bool(rescale))
 

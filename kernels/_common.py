@@ -29,10 +29,11 @@ CUDA driver in interpreter mode.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import triton
@@ -156,21 +157,67 @@ class Tiles:
     first: torch.Tensor  # int64 [P]: index of the first tile of p's segment (for per-segment prefix sums)
     block: int
     aligned: bool = False
+    seg_first: torch.Tensor | None = None  # int64 [S]: the first tile of each segment (per-segment sums)
+    seg_ntiles: torch.Tensor | None = None  # int64 [S]: its number of tiles
 
     @property
     def count(self) -> int:
         return int(self.seg.numel())
 
 
-def make_tiles(segs: Segments, block: int, device: torch.device | str, aligned: bool = False) -> Tiles:
-    """Tiles of ``block`` elements covering every segment, segment after segment, in element order
-    (cached: a tensor's passes and its merge reuse one table instead of 3 host→device copies each).
-    ``aligned``: BLOCK-aligned windows (``Tiles``)."""
-    return _tiles(segs, block, str(torch.device(device)), aligned)
+class HostPack:
+    """Small host tables bound for the device, packed into one buffer and copied with ONE asynchronous
+    host-to-device copy (pinned memory, ``non_blocking=True``, on the current stream).
+
+    Why: ``torch.tensor(..., device=cuda)`` and ``host.to(cuda)`` copy from pageable memory and then
+    ``cudaStreamSynchronize`` (PyTorch's non_blocking=False path); a kernel plan built that way blocked
+    the host 10-20 times per launch unit (gpu-design.md §5.2), so the engine could not pack the next
+    unit while the GPU merged this one. Here nothing waits: the copy is queued before the kernels that
+    read the tables on the same stream, and PyTorch's pinned-memory allocator keeps the host block
+    until the copy has completed. Tables start at multiples of 64 bytes (any dtype's alignment, and
+    whole 32-byte sectors for the kernels' loads)."""
+
+    ALIGN = 64
+    #: every ``upload`` (tests count them: one per launch unit)
+    uploads = 0
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.items: list[tuple[torch.Tensor, int]] = []
+        self.nbytes = 0
+
+    def add(self, values, dtype: torch.dtype | None = None) -> int:
+        """Queue a host table (a tensor, numpy array or nested list); returns its index in ``upload()``."""
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=dtype)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)  # a host cast (no device named)
+        t = t.contiguous()
+        if t.device.type != "cpu":
+            raise ValueError("HostPack.add takes host tables")
+        self.items.append((t, self.nbytes))
+        self.nbytes += -(-max(t.numel() * t.element_size(), 1) // self.ALIGN) * self.ALIGN
+        return len(self.items) - 1
+
+    def upload(self) -> list[torch.Tensor]:
+        """The tables on the device, in ``add`` order (views into one device buffer)."""
+        if not self.items:
+            return []
+        cuda = self.device.type == "cuda"
+        host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=cuda)
+        for t, off in self.items:
+            nb = t.numel() * t.element_size()
+            host[off:off + nb].copy_(t.reshape(-1).view(torch.uint8) if nb else host[off:off])
+        dev = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        dev.copy_(host, non_blocking=True)
+        HostPack.uploads += 1
+        out = []
+        for t, off in self.items:
+            nb = t.numel() * t.element_size()
+            out.append(dev[off:off + nb].view(t.dtype).view(t.shape))
+        return out
 
 
-@functools.lru_cache(maxsize=32)
-def _tiles(segs: Segments, block: int, device: str, aligned: bool = False) -> Tiles:
+def _tile_arrays(segs: Segments, block: int, aligned: bool):
     import numpy as np  # local: no module-level numpy state in a kernel module (architecture.md §6)
 
     numel = np.asarray(segs.numel, dtype=np.int64)
@@ -183,15 +230,71 @@ def _tiles(segs: Segments, block: int, device: str, aligned: bool = False) -> Ti
         w0 = np.zeros_like(seg_start)
         counts = (numel + block - 1) // block
     seg = np.repeat(np.arange(segs.count, dtype=np.int32), counts)
-    first_of_seg = np.cumsum(counts) - counts
+    first_of_seg = (np.cumsum(counts) - counts).astype(np.int64)
     first = first_of_seg[seg]
     within = np.arange(seg.size, dtype=np.int64) - first
     if aligned:
         start = (w0[seg] + within) * block
     else:
         start = seg_start[seg] + within * block
-    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return Tiles(as_t(seg), as_t(start), as_t(first.astype(np.int64)), block, aligned)
+    return [np.ascontiguousarray(a) for a in (seg, start, first, first_of_seg, counts.astype(np.int64))]
+
+
+#: device tables of recent launches (tiles per (segments, block, aligned); segment tables per segments),
+#: filled by ``prepare_launch`` or on first use; 64 entries cover a unit's passes and merge
+_CACHE: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _cached(key: tuple):
+    v = _CACHE.get(key)
+    if v is not None:
+        _CACHE.move_to_end(key)
+    return v
+
+
+def _store(key: tuple, v) -> None:
+    _CACHE[key] = v
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+
+
+def prepare_launch(pack: HostPack, segs: Segments, tiles: Sequence[tuple[int, bool]] = ()) -> Callable[[list], None]:
+    """Add one launch's segment tables and tile tables (``(block, aligned)`` each) to ``pack``; returns
+    the function that stores the uploaded tables in the cache (``make_tiles``, ``seg_tables`` then find
+    them), to be called with ``pack.upload()``'s result."""
+    dev = str(pack.device)
+    todo: list[tuple[tuple, list[int], Callable]] = []
+    if _cached(("seg", segs, dev)) is None:
+        idx = [pack.add(list(segs.start), torch.int64), pack.add([a + n for a, n in zip(segs.start, segs.numel)], torch.int64),
+               pack.add(list(segs.idx0), torch.int64)]
+        todo.append((("seg", segs, dev), idx, tuple))
+    for block, aligned in dict.fromkeys(tiles):
+        key = ("tiles", segs, block, dev, aligned)
+        if _cached(key) is None:
+            idx = [pack.add(torch.from_numpy(a)) for a in _tile_arrays(segs, block, aligned)]
+            todo.append((key, idx, lambda v, b=block, al=aligned: Tiles(v[0], v[1], v[2], b, al, v[3], v[4])))
+
+    def done(views: list) -> None:
+        for key, idx, make in todo:
+            _store(key, make([views[i] for i in idx]))
+
+    return done
+
+
+def make_tiles(segs: Segments, block: int, device: torch.device | str, aligned: bool = False) -> Tiles:
+    """Tiles of ``block`` elements covering every segment, segment after segment, in element order
+    (cached: a tensor's passes and its merge reuse one table). ``aligned``: BLOCK-aligned windows
+    (``Tiles``). Built with one asynchronous copy (``HostPack``) unless ``prepare_launch`` made it."""
+    key = ("tiles", segs, block, str(torch.device(device)), aligned)
+    t = _cached(key)
+    if t is None:
+        pack = HostPack(device)
+        done = prepare_launch(pack, segs, [(block, aligned)])
+        done(pack.upload())
+        t = _cached(key)
+    return t
 
 
 def merge_block(T: int, block: int | None = None) -> tuple[int, int]:
@@ -222,18 +325,19 @@ def persistent_grid(n_tiles: int, device, per_sm: int = 4) -> int:
 
 
 def seg_tables(segs: Segments, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(start, end, idx0) int64 [S] device tensors (cached, as the tiles)."""
-    return _seg_tables(segs, str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=32)
-def _seg_tables(segs: Segments, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    start = torch.tensor(segs.start, dtype=torch.int64)
-    end = start + torch.tensor(segs.numel, dtype=torch.int64)
-    idx0 = torch.tensor(segs.idx0, dtype=torch.int64)
-    return start.to(device), end.to(device), idx0.to(device)
+    """(start, end, idx0) int64 [S] device tensors (cached and copied as the tiles)."""
+    key = ("seg", segs, str(torch.device(device)))
+    v = _cached(key)
+    if v is None:
+        pack = HostPack(device)
+        prepare_launch(pack, segs)(pack.upload())
+        v = _cached(key)
+    return v
 
 
 def table(rows: Sequence[Sequence[float]] | Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
-    """A small host table (per segment, or per segment × model) as a contiguous device tensor."""
-    return torch.tensor(rows, dtype=dtype).contiguous().to(device)
+    """A small host table (per segment, or per segment × model) as a contiguous device tensor (one
+    asynchronous copy)."""
+    pack = HostPack(device)
+    pack.add(rows, dtype)
+    return pack.upload()[0]

@@ -30,6 +30,8 @@ def batch_key(p: BreadcrumbsParams, consensus: str | None) -> tuple:
 
 
 class BreadcrumbsKernel(GtaKernel):
+    _TABLES = GtaKernel._TABLES + ("_needs_dev", "_has_lo_dev")
+
     @staticmethod
     def key(method, p: BreadcrumbsParams) -> tuple:
         """Compile-time flags of a launch: tensors of equal key share one (``MergeMethod.triton``)."""
@@ -69,12 +71,13 @@ class BreadcrumbsKernel(GtaKernel):
                     k[g, t, 1] = n - n_bot
                     self._has_lo[g, t] = True
         self._needs = k[..., 0] > 0
+        self._needs_dev, self._has_lo_dev = self._needs, self._has_lo  # host until ``prepare`` copies them
         self.mask.kind = MASK_BAND
-        self.mask.lo, self.mask.hi = lo.to(device), hi.to(device)
+        self.mask.lo, self.mask.hi = lo, hi  # host tables: ``prepare`` copies them (one async copy)
         # density >= 1: kept whole, an explicit flag (a selected bound may itself be NaN: then nothing is kept)
-        self.mask.whole = (~self.active).to(torch.int8).to(device)
+        self.mask.whole = (~self.active).to(torch.int8)
         self.sel: Selection | None = None
-        if bool(self._needs.any()):
+        if bool(self._needs.numpy().any()):
             self.sel = Selection.start(k, device)
             self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
@@ -87,7 +90,7 @@ class BreadcrumbsKernel(GtaKernel):
         self.sel.scan(j)
         if j == len(self.sel.schedule) - 1:
             v = self.sel.values
-            needs, has_lo = self._needs.to(self.device), self._has_lo.to(self.device)
+            needs, has_lo = self._needs_dev, self._has_lo_dev
             self.mask.hi = torch.where(needs, v[..., 0], self.mask.hi).contiguous()
             self.mask.lo = torch.where(has_lo, v[..., 1], self.mask.lo).contiguous()
 

@@ -34,11 +34,12 @@ def no_consensus_divisor(weight: Sequence[float], normalize: bool) -> float:
     return 1.0 if abs(div) < 1e-8 else div
 
 
-def stream_tables(seeds_keys: Sequence[tuple[int, int]], T: int, device) -> tuple[torch.Tensor, ...]:
-    """(k0, mix32(k1), k1) int64 [G, T] for the (seed, tensor key) of each group and model index t."""
+def stream_tables(seeds_keys: Sequence[tuple[int, int]], T: int) -> tuple[torch.Tensor, ...]:
+    """(k0, mix32(k1), k1) int64 [G, T] host tables for the (seed, tensor key) of each group and model index t
+    (the kernel plan's ``prepare`` copies them to the device with its other tables)."""
     rows = [[_rng.stream_table(seed, key, t) for t in range(T)] for seed, key in seeds_keys]
     k = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), T, 3)
-    return tuple(k[..., j].contiguous().to(device) for j in range(3))
+    return tuple(k[..., j].contiguous() for j in range(3))
 
 
 class DareKernel(GtaKernel):
@@ -68,8 +69,8 @@ class DareKernel(GtaKernel):
                     pth[g, t] = thr
                 self.active[g, t] = d < 1  # the reference rescales every model with density < 1
         self.mask.kind = MASK_BERNOULLI
-        self.mask.pth = pth.to(device)
-        self.mask.k0, self.mask.k1h, self.mask.k1 = stream_tables([(p.seed, p.key) for p in params], self.T, device)
+        self.mask.pth = pth
+        self.mask.k0, self.mask.k1h, self.mask.k1 = stream_tables([(p.seed, p.key) for p in params], self.T)
         self._finish_init()
 
 

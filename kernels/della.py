@@ -17,7 +17,7 @@ import torch
 
 from fastmerge.methods.della import DellaParams, from_rows, row_ranks, to_rows
 
-from ._common import Segments
+from ._common import HostPack, Segments
 from .dare import no_consensus_divisor, stream_tables
 from .gta import MASK_DELLA, GtaKernel, weight_rows
 
@@ -79,9 +79,9 @@ class DellaKernel(GtaKernel):
                     span[g, t] = 2 * e
                     self.active[g, t] = True
         self.mask.kind = MASK_DELLA
-        self.mask.plo, self.mask.pspan = plo.to(device), span.to(device)
-        self.mask.whole = (~self.active).to(torch.int8).to(device)  # density >= 1: kept whole
-        self.mask.k0, self.mask.k1h, self.mask.k1 = stream_tables([(p.seed, p.key) for p in params], self.T, device)
+        self.mask.plo, self.mask.pspan = plo, span  # host tables: ``prepare`` copies them (one async copy)
+        self.mask.whole = (~self.active).to(torch.int8)  # density >= 1: kept whole
+        self.mask.k0, self.mask.k1h, self.mask.k1 = stream_tables([(p.seed, p.key) for p in params], self.T)
         self._cache: tuple | None = None
         self._finish_init()
 
@@ -104,7 +104,9 @@ class DellaKernel(GtaKernel):
                 rows = to_rows(mag)
                 ranks[t, a:a + n] = from_rows(row_ranks(rows), torch.Size(shape)).reshape(-1)
             nm1.append(float(max(row_length(shape) - 1, 0)))
-        out = ranks, torch.tensor(nm1, dtype=torch.float32, device=x.device)
+        pack = HostPack(x.device)  # one asynchronous copy, not a blocking torch.tensor(..., device=)
+        pack.add(nm1, torch.float32)
+        out = ranks, pack.upload()[0]
         self._cache = (key, *out)
         return out
 

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from . import _rng
 from ._common import (
-    OUT_CODES, Segments, Tiles, default_block, make_tiles, merge_block, out_arg, persistent_grid, seg_tables, store_full,
-    store_rounded,
+    OUT_CODES, HostPack, Segments, Tiles, default_block, make_tiles, merge_block, out_arg, persistent_grid, prepare_launch,
+    seg_tables, store_full, store_rounded,
 )
 
 MASK_ALL, MASK_BAND, MASK_BERNOULLI, MASK_DELLA = 0, 1, 2, 3
@@ -353,21 +353,12 @@ def l1_norms(
 
 
 def segment_sums(part: torch.Tensor, tiles: Tiles, segs: Segments) -> torch.Tensor:
-    """[S, C] fp64: the rows of ``part`` [P, C] summed per segment, in a fixed order."""
+    """[S, C] fp64: the rows of ``part`` [P, C] summed per segment, in a fixed order (``tiles``' own
+    per-segment first tile and tile count: device tables copied with the tiles, no host round trip)."""
     C = part.shape[1]
-    ntiles = [(n + tiles.block - 1) // tiles.block for n in segs.numel]
-    first = [0] * segs.count
-    acc = 0
-    for s, n in enumerate(ntiles):
-        first[s] = acc
-        acc += n
     out = torch.zeros((segs.count, C), dtype=torch.float64, device=part.device)
-    if segs.count and C and acc:
-        dev = part.device
-        _segsum_kernel[(segs.count, C)](
-            part.contiguous(), torch.tensor(first, dtype=torch.int64, device=dev),
-            torch.tensor(ntiles, dtype=torch.int64, device=dev), out, C, BLOCK=256,
-        )
+    if segs.count and C and tiles.count:
+        _segsum_kernel[(segs.count, C)](part.contiguous(), tiles.seg_first, tiles.seg_ntiles, out, C, BLOCK=256)
     return out
 
 
@@ -450,46 +441,111 @@ def gta_merge(
 class GtaKernel:
     """The kernel plan of one method for a batch of G tensors ("groups") with T models each.
 
-    Group-level tables are built once; each launch covers segments of some groups (a whole packed
-    batch, or one row chunk of a large tensor: ``groups[s]`` names segment s's tensor). The caller runs
+    Group-level tables are built on the host and reach the device with the launches' tables in one
+    asynchronous copy (``prepare``; ``_common.HostPack``): nothing in a plan's construction, passes or
+    merge blocks the host (gpu-design.md §5.2; tests/engine/test_gpu.py counts). Each launch covers
+    segments of some groups (a whole packed batch, or one row chunk of a large tensor: ``groups[s]``
+    names segment s's tensor). The caller runs
 
+        kernel.prepare([(segs, groups), ...])     # optional: every launch's tables in the same copy
         for j in range(kernel.n_passes):          # full-data passes: selection, L1 norms
             for each launch: kernel.data_pass(j, x, base, segs, groups)
             kernel.end_pass(j)
         for each launch: kernel.merge(x, base, out, segs, groups)
 
     with every chunk of a tensor visited in element order in the merge (exact-k ranks ties by index).
-    Subclasses (``kernels.ties``, ``dare``, ``della``, ``breadcrumbs``, ``linear``) fill the mask tables.
+    Subclasses (``kernels.ties``, ``dare``, ``della``, ``breadcrumbs``, ``linear``) fill the mask tables
+    with HOST tensors; ``prepare`` moves them.
     """
 
     consensus: str | None = None
     normalize: bool = False
     rescale: bool = False
+    #: MaskTables fields that are per-(segment, model) tables moved to the device by ``prepare``
+    _MASK_TABLES = ("lo", "hi", "whole", "k0", "k1h", "k1", "pth", "plo", "pspan", "room")
+    #: attributes of the plan itself moved by ``prepare`` (subclasses add theirs)
+    _TABLES: tuple[str, ...] = ("weight", "lam", "div", "active_dev")
 
     def __init__(self, weight: list[list[float]], lam: list[float], div: list[float] | None, device) -> None:
         self.device = device
         self.G = len(weight)
         self.T = len(weight[0]) if weight else 0
-        self.weight = torch.tensor(weight, dtype=torch.float32).reshape(self.G, self.T).to(device)
-        self.lam = torch.tensor(lam, dtype=torch.float32).to(device)
-        self.div = None if div is None else torch.tensor(div, dtype=torch.float32).to(device)
+        self.weight = torch.tensor(weight, dtype=torch.float32).reshape(self.G, self.T)
+        self.lam = torch.tensor(lam, dtype=torch.float32)
+        self.div = None if div is None else torch.tensor(div, dtype=torch.float32)
         self.mask = MaskTables()
-        self.active = torch.zeros((self.G, self.T), dtype=torch.bool)  # sparsified models (rescaled if RESCALE)
+        self.active = torch.zeros((self.G, self.T), dtype=torch.bool)  # sparsified models (rescaled if RESCALE), host
+        self.active_dev: torch.Tensor | None = None  # the same on the device (``prepare``)
         self.scale: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None
         self.passes: list[str] = []
+        self._prepared = False
+        self._launch: dict[tuple, torch.Tensor] = {}  # (segs, groups) -> device int64 group indices
         self._new_sweep()
+
+    # -- the device tables -------------------------------------------------------------------------
+    def prepare(self, launches=()) -> None:
+        """Copy the plan's tables (first call) and the tables of ``launches`` ((segs, groups) each: the group
+        indices, segment and tile tables of every pass) to the device, in ONE asynchronous copy."""
+        pack = HostPack(self.device)
+        moves = []
+        if not self._prepared:
+            self.active_dev = self.active
+            for owner, names in ((self, self._TABLES), (self.mask, self._MASK_TABLES)):
+                for name in names:
+                    v = getattr(owner, name)
+                    if isinstance(v, torch.Tensor):
+                        moves.append((owner, name, pack.add(v)))
+        dones, keys = [], []
+        for segs, groups in launches:
+            key = (segs, None if groups is None else tuple(int(i) for i in groups))
+            if key in self._launch:
+                continue
+            g = list(range(segs.count)) if groups is None else list(key[1])
+            if len(g) != segs.count:
+                raise ValueError(f"kernels: {segs.count} segments but {len(g)} group indices")
+            keys.append((key, pack.add(g, torch.int64)))
+            dones.append(prepare_launch(pack, segs, self._launch_tiles(segs)))
+        views = pack.upload()
+        for owner, name, i in moves:
+            setattr(owner, name, views[i])
+        for key, i in keys:
+            self._launch[key] = views[i]
+        for done in dones:
+            done(views)
+        if not self._prepared:
+            self._prepared = True
+            self._on_device()
+
+    def _launch_tiles(self, segs: Segments) -> list[tuple[int, bool]]:
+        """(block, aligned) of the tile tables this plan's launches use (merge; L1 pass)."""
+        out = [(merge_block(self.T)[0], True)]
+        if "l1" in self.passes or self.mask.topk:
+            out.append((default_block()[0], False))
+        return out
+
+    def _on_device(self) -> None:
+        """Hook: the tables are on the device (subclasses start device state here)."""
 
     # -- the passes ------------------------------------------------------------------------------
     @property
     def n_passes(self) -> int:
         return len(self.passes)
 
+    def _any_active(self) -> bool:
+        return bool(self.active.numpy().any())  # host flags (numpy: no tensor truth value inside a unit)
+
     def _finish_init(self) -> None:
         """Called by subclasses once the mask tables are set: decides the passes."""
-        if self.rescale and bool(self.active.any()):
+        if self.rescale and self._any_active():
             self.passes.append("l1")
             self.norms = torch.zeros((self.G, self.T, 2), dtype=torch.float64, device=self.device)
+
+    def order_free(self, j: int) -> bool:
+        """Pass ``j``'s result does not depend on the order of its launches (a selection pass adds counts to
+        histograms; the L1 pass with exact-k ranks and the merge need element order): the GPU engine runs
+        such passes over a tensor's chunks backwards every other time, starting with the resident chunk."""
+        return self.passes[j].startswith("select")
 
     def data_pass(self, j: int, x: torch.Tensor, base: torch.Tensor, segs: Segments, groups=None, block=None) -> None:
         kind = self.passes[j]
@@ -506,7 +562,7 @@ class GtaKernel:
         kind = self.passes[j]
         self._new_sweep()
         if kind == "l1":
-            self.scale = rescale_ratio(self.norms, self.active.to(self.norms.device))
+            self.scale = rescale_ratio(self.norms, self.active_dev)
         else:
             self._end_select(kind)
 
@@ -524,6 +580,7 @@ class GtaKernel:
 
     def run(self, x: torch.Tensor, base: torch.Tensor, out: torch.Tensor, segs: Segments, block: int | None = None):
         """Every pass then the merge over one packed batch (segment s = group s)."""
+        self.prepare([(segs, None)])
         for j in range(self.n_passes):
             self.data_pass(j, x, base, segs, block=block)
             self.end_pass(j)
@@ -531,10 +588,11 @@ class GtaKernel:
 
     # -- hooks -------------------------------------------------------------------------------------
     def _groups(self, segs: Segments, groups) -> torch.Tensor:
-        g = list(groups) if groups is not None else list(range(segs.count))
-        if len(g) != segs.count:
-            raise ValueError(f"kernels: {segs.count} segments but {len(g)} group indices")
-        return torch.tensor(g, dtype=torch.int64, device=self.device)
+        """The device group indices of a launch (from ``prepare``, or one asynchronous copy now)."""
+        key = (segs, None if groups is None else tuple(int(i) for i in groups))
+        if key not in self._launch:
+            self.prepare([(segs, groups)])
+        return self._launch[key]
 
     def _seg_mask(self, g, segs, x, base, block, tiles=None) -> MaskTables:
         """The mask tables of one launch's segments (group tables indexed by ``g``)."""

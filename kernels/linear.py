@@ -22,7 +22,8 @@ from fastmerge.methods.linear import LinearParams, weight_divisor
 from fastmerge.methods.task_arithmetic import TaskArithmeticParams
 
 from ._common import (
-    OUT_CODES, Segments, make_tiles, merge_block, numels, out_arg, persistent_grid, seg_tables, store_full, store_rounded,
+    OUT_CODES, HostPack, Segments, make_tiles, merge_block, numels, out_arg, persistent_grid, prepare_launch, seg_tables,
+    store_full, store_rounded,
 )
 from .gta import MASK_ALL, GtaKernel, _row, weight_rows
 
@@ -143,10 +144,32 @@ class LinearKernel:
             raise ValueError(f"linear kernel: one launch needs one normalize, got {keys}")
         self.device = device
         self.normalize = params[0].normalize
-        self.weight = torch.tensor(weight_rows(list(params)), dtype=torch.float32).to(device)
-        self.div = torch.tensor(
-            [weight_divisor(p.weight, True) if p.normalize else 1.0 for p in params], dtype=torch.float32
-        ).to(device)
+        self.T = len(params[0].weight) if params else 0
+        # host tables; ``prepare`` copies them with the launches' tables in one asynchronous copy
+        self.weight = torch.tensor(weight_rows(list(params)), dtype=torch.float32)
+        self.div = torch.tensor([weight_divisor(p.weight, True) if p.normalize else 1.0 for p in params], dtype=torch.float32)
+        self._prepared = False
+        self._launch: dict[tuple, torch.Tensor] = {}
+
+    def prepare(self, launches=()) -> None:
+        """``GtaKernel.prepare``: the weights and every launch's tables in ONE asynchronous copy."""
+        pack = HostPack(self.device)
+        first = not self._prepared
+        if first:
+            iw, idv = pack.add(self.weight), pack.add(self.div)
+        dones, keys = [], []
+        for segs, groups in launches:
+            key = (segs, None if groups is None else tuple(int(i) for i in groups))
+            if key not in self._launch:
+                keys.append((key, pack.add(list(range(segs.count)) if groups is None else list(key[1]), torch.int64)))
+                dones.append(prepare_launch(pack, segs, [(merge_block(self.T)[0], True)]))
+        views = pack.upload()
+        if first:
+            self.weight, self.div, self._prepared = views[iw], views[idv], True
+        for key, i in keys:
+            self._launch[key] = views[i]
+        for done in dones:
+            done(views)
 
     def data_pass(self, *a, **k) -> None:
         raise AssertionError("linear has no data pass")
@@ -155,7 +178,10 @@ class LinearKernel:
         raise AssertionError("linear has no data pass")
 
     def merge(self, x: torch.Tensor, base, out: torch.Tensor, segs: Segments, groups=None, block: int | None = None):
-        g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64, device=self.device)
+        key = (segs, None if groups is None else tuple(int(i) for i in groups))
+        if key not in self._launch:
+            self.prepare([(segs, groups)])
+        g = self._launch[key]
         return combine(x, None, out, segs, self.weight[g], div=self.div[g] if self.normalize else None, block=block)
 
     def run(self, x, base, out, segs, block: int | None = None):

@@ -57,11 +57,11 @@ class TiesKernel(GtaKernel):
         self.mask.kind = MASK_BAND
         self.mask.topk = self.topk
         # density >= 1: kept whole, an explicit flag (a selected threshold may itself be NaN: then nothing is kept)
-        self.mask.whole = (~self.active).to(torch.int8).to(device)
-        self.mask.lo = torch.zeros((self.G, self.T)).to(device)  # filled in by the selection
-        self.mask.hi = torch.full((self.G, self.T), float("inf")).to(device)
+        self.mask.whole = (~self.active).to(torch.int8)  # host tables: ``prepare`` copies them (one async copy)
+        self.mask.lo = torch.zeros((self.G, self.T))  # filled in by the selection
+        self.mask.hi = torch.full((self.G, self.T), float("inf"))
         self.sel: Selection | None = None
-        if bool(self.active.any()):
+        if self._any_active():
             self.sel = Selection.start(k, device)
             self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
@@ -76,7 +76,7 @@ class TiesKernel(GtaKernel):
         j = int(kind[-1])
         self.sel.scan(j)
         if j == len(self.sel.schedule) - 1:
-            act = self.active.to(self.device)
+            act = self.active_dev
             self.mask.lo = torch.where(act, self.sel.values[..., 0], torch.zeros_like(self.mask.lo)).contiguous()
             # entries equal to the threshold that exact-k keeps: k − #(|δ| > th), where NaN |δ| (above th in
             # the selection's order) do not compare greater (the reference's `mag > threshold`, the C++ kernel)

@@ -12,7 +12,9 @@
 //      formulas, compiled for the host from common.h);
 //  (3) rescale only: per-block double partial L1 norms, added on the host in block order;
 //  (4) one fused elementwise pass.
-// Scratch device memory is grow-only (one buffer per process, guarded by a mutex).
+// Scratch device memory is the caller's (a torch tensor of ties_scratch_bytes(n, T) bytes): no cudaMalloc here,
+// so no cudaFree that synchronises the whole device, no process-wide mutex, and the bytes are in torch's
+// allocator statistics and the GPU engine's --max-gpu-memory budget.
 //
 // Not run in this repository's CI (no GPU there): tests/native/test_native_ties.py::test_cuda_ties_matches_reference
 // checks it against the torch reference wherever a GPU is present.
@@ -21,7 +23,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #include "fastmerge/common.h"
@@ -164,31 +165,6 @@ __global__ void merge_kernel(DevModels mdl, int T, const void* base, int bdt, vo
   }
 }
 
-// Grow-only device scratch, one per process.
-std::mutex g_mutex;
-void* g_scratch = nullptr;
-size_t g_scratch_bytes = 0;
-int g_scratch_device = -1;
-
-cudaError_t scratch(size_t bytes, void** p) {
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return e;
-  if (g_scratch != nullptr && (g_scratch_bytes < bytes || g_scratch_device != dev)) {
-    cudaFree(g_scratch);  // (a cudaFree of another device's pointer is valid in the unified address space)
-    g_scratch = nullptr;
-    g_scratch_bytes = 0;
-  }
-  if (g_scratch == nullptr) {
-    e = cudaMalloc(&g_scratch, bytes);
-    if (e != cudaSuccess) return e;
-    g_scratch_bytes = bytes;
-    g_scratch_device = dev;
-  }
-  *p = g_scratch;
-  return cudaSuccess;
-}
-
 #define FM_CUDA_TRY(expr)                  \
   do {                                     \
     const cudaError_t fm_e_ = (expr);      \
@@ -200,7 +176,24 @@ int64_t grid_for(int64_t n) {
   return blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
 }
 
-cudaError_t ties_impl(const TiesArgs& a, cudaStream_t stream) {
+// The scratch layout of one call, for S trimmed models (S <= T): histograms + NaN counts (S·(kBins + 1) u64),
+// tie counts (S·chunks u32), thresholds (kMaxInputs f32), norms (grid·T·2 f64, 8-byte aligned).
+struct ScratchLayout {
+  size_t hist, ties, th, norms, total;
+};
+
+ScratchLayout scratch_layout(int64_t n, int S, int T) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  ScratchLayout l{};
+  l.hist = size_t(S) * (kBins + 1) * sizeof(unsigned long long);
+  l.ties = size_t(S) * size_t(chunks) * sizeof(unsigned int);
+  l.th = size_t(kMaxInputs) * sizeof(float);
+  l.norms = size_t(grid_for(n)) * size_t(T) * 2 * sizeof(double);
+  l.total = l.hist + l.ties + l.th + l.norms + 8;  // + 8: the norms' alignment
+  return l;
+}
+
+cudaError_t ties_impl(const TiesArgs& a, void* scr, size_t scr_bytes, cudaStream_t stream) {
   const GtaArgs& g = a.g;
   const int64_t n = g.n;
   const int T = g.num_inputs;
@@ -228,15 +221,9 @@ cudaError_t ties_impl(const TiesArgs& a, cudaStream_t stream) {
   const int S = int(trimmed.size());
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t grid = grid_for(n);
-  // scratch: histograms + NaN counts (S·(kBins + 1) u64), tie counts (S·chunks u32), thresholds (S f32),
-  // norms (grid·T·2 f64)
-  const size_t hist_bytes = size_t(S) * (kBins + 1) * sizeof(unsigned long long);
-  const size_t ties_bytes = size_t(S) * size_t(chunks) * sizeof(unsigned int);
-  const size_t th_bytes = size_t(kMaxInputs) * sizeof(float);
-  const size_t norm_bytes = size_t(grid) * size_t(T) * 2 * sizeof(double);
-  std::lock_guard<std::mutex> lock(g_mutex);
-  void* scr = nullptr;
-  FM_CUDA_TRY(scratch(hist_bytes + ties_bytes + th_bytes + norm_bytes + 256, &scr));
+  const ScratchLayout lay = scratch_layout(n, S, T);
+  if (scr == nullptr || scr_bytes < lay.total) return cudaErrorInvalidValue;  // the binding checks first
+  const size_t hist_bytes = lay.hist, ties_bytes = lay.ties, th_bytes = lay.th, norm_bytes = lay.norms;
   unsigned long long* d_hist = static_cast<unsigned long long*>(scr);
   unsigned long long* d_nans = d_hist + size_t(S) * kBins;
   unsigned int* d_ties = reinterpret_cast<unsigned int*>(d_nans + S);
@@ -368,7 +355,13 @@ cudaError_t ties_impl(const TiesArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int ties(const TiesArgs& a, void* stream) { return int(ties_impl(a, static_cast<cudaStream_t>(stream))); }
+int ties(const TiesArgs& a, void* scratch, size_t scratch_bytes, void* stream) {
+  return int(ties_impl(a, scratch, scratch_bytes, static_cast<cudaStream_t>(stream)));
+}
+
+size_t ties_scratch_bytes(int64_t n, int num_inputs) {
+  return n <= 0 ? 0 : scratch_layout(n, num_inputs, num_inputs).total;  // S <= T trimmed models
+}
 
 int check_kernel_image() {
   cudaFuncAttributes attr;

@@ -25,6 +25,21 @@ MAX_INPUTS = 32
 MIN_ELEMS = 1 << 20
 
 
+def scratch_bytes(n: int, num_inputs: int) -> int:
+    """Device scratch of one CUDA C++ ties call on ``n`` elements and ``num_inputs`` models, taken from torch's
+    allocator by ``_native.ties`` and counted in the GPU engine's budget (``engine.gpu._Budget``): the layout of
+    ``csrc/cuda/ties.cu`` (``ties_scratch_bytes``, which the binding checks the buffer against), asked of the
+    extension where it is loaded. Histograms + NaN counts (2049 u64 per model), tie counts per 4096-element
+    chunk (u32 per model), 32 thresholds, per-block L1 norms (≤ 4096 blocks of 256 threads × 2 f64 per model)."""
+    if n <= 0:
+        return 0
+    if _native.HAS_CUDA_EXT:
+        return int(_native._C_cuda.ties_scratch_bytes(int(n), int(num_inputs)))
+    chunks = -(-n // 4096)
+    grid = min(max(-(-n // 256), 1), 4096)
+    return num_inputs * 2049 * 8 + num_inputs * chunks * 4 + 32 * 4 + grid * num_inputs * 2 * 8 + 8
+
+
 def param_reasons(job: MergeJob) -> list[str]:
     """Why the CUDA C++ kernels cannot merge ``job``'s method with its parameters ([] if they can)."""
     kernel = job.method.native

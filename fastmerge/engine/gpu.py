@@ -14,7 +14,8 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   writes shard files while all of that runs. Ordering is by CUDA events only: the host waits only
   for a staging buffer it wants to refill and for a host output buffer the writer still holds.
 - GPU memory is bounded by ``max_gpu_memory``: 2 input slots + 2 output slots + a 512 MiB reserve
-  for kernel scratch. Slot 0 holds the largest unit, slot 1 the next-largest tensor (``_Budget``);
+  for kernel scratch + the CUDA C++ kernel's scratch (taken from torch's allocator per call, sized by
+  ``backends.cuda.scratch_bytes``). Slot 0 holds the largest unit, slot 1 the next-largest tensor (``_Budget``);
   units that fit slot 1 alternate between the two. A tensor group larger than slot 0 is merged in
   row chunks, every data pass (the selection of TIES/breadcrumbs, the L1 norms of a rescale, the Gram
   matrix of slerp/model_stock) running over all its chunks before the merge pass
@@ -70,6 +71,12 @@ BATCH_ELEMS = 1 << 24
 RESERVE_BYTES = 512 << 20
 #: host output buffers larger than this are not pinned (D2H then goes through the driver's staging)
 MAX_PINNED_OUT = 2 << 30
+#: a batch of small tensors stays open across this many plan positions of other units (large tensors,
+#: row-chunked ones, torch ones): a LLaMA layer is 9-12 tensors, so the norms and biases of ~5-7
+#: layers share one launch unit instead of one or two tiny units per layer (gpu-design.md §3d, §5.3).
+#: Their outputs come back before the large tensors between them are written: the writer holds them
+#: (a copy, at most one batch: BATCH_ELEMS elements) until their plan position comes.
+LOOKAHEAD = 64
 
 
 @dataclasses.dataclass
@@ -224,6 +231,7 @@ class _Budget:
         sizes = sorted({_numel(t.shape) for t in plan.tensors}, reverse=True) or [1]
         largest = max(sizes[0], BATCH_ELEMS)
         second = min(max(sizes[1] if len(sizes) > 1 else sizes[0], BATCH_ELEMS), largest)
+        max_gpu_memory_given = max_gpu_memory
         if max_gpu_memory is None:
             want = (largest + second) * self.per_elem + RESERVE_BYTES
             if dev.cuda:
@@ -231,26 +239,37 @@ class _Budget:
                 want = min(want, int(free * 0.9))
             max_gpu_memory = want
         self.bytes = int(max_gpu_memory)
-        room = (self.bytes - RESERVE_BYTES) // self.per_elem  # elements over both slots
+        self.scratch = 0  # the CUDA C++ kernel's scratch (torch's allocator), on top of the reserve
+        self._caps(second)
+        # the tensors that will run the CUDA C++ kernel whole (those fitting slot 0): their scratch is counted
+        cuda = [(_numel(t.shape), len(t.sources)) for t in plan.tensors if t.backend == "cuda"]
+        self.scratch = max((cb.scratch_bytes(n, T) for n, T in cuda if n <= self.cap), default=0)
+        if self.scratch:
+            if max_gpu_memory_given is None:
+                self.bytes += self.scratch
+            self._caps(second)
+
+    def _caps(self, second: int) -> None:
+        room = (self.bytes - RESERVE_BYTES - self.scratch) // self.per_elem  # elements over both slots
         if room < 2:
             raise FastMergeError(
                 f"--max-gpu-memory {self.bytes / 2**20:.0f} MiB leaves no room for a tensor after the "
                 f"{RESERVE_BYTES >> 20} MiB reserve for kernel scratch"
+                + (f" and {self.scratch / 2**20:.1f} MiB for the CUDA kernel's" if self.scratch else "")
             )
         self.cap1 = int(min(second, room // 2))
         self.cap = int(room - self.cap1)  # slot 0: elements per unit (per row of the packed buffer)
 
 
 def _plan_units(plan: MergePlan, budget: _Budget) -> list[_Unit]:
+    """Launch units in execution order (each unit runs when its first tensor's turn comes; a batch takes
+    small tensors up to ``LOOKAHEAD`` plan positions after its first, across other units)."""
     units: list[_Unit] = []
-    cur: _Unit | None = None
-    cur_elems = 0
+    open_: dict[tuple, tuple[_Unit, int]] = {}  # batch key -> (open batch, its elements)
     for i, tp in enumerate(plan.tensors):
         job = _kernel_job(plan, tp)
         n = _numel(tp.shape)
         kind = _unit_kind(tp, job, n, budget)
-        if kind != "batch":
-            cur = None
         if kind in ("torch", "cuda"):
             units.append(_Unit(kind, [i]))
             continue
@@ -263,17 +282,22 @@ def _plan_units(plan: MergePlan, budget: _Budget) -> list[_Unit]:
                     f"{budget.bytes / 2**20:.0f} MiB (room for {budget.cap} elements per row)"
                 )
             total_rows = tp.shape[0] if len(tp.shape) > 1 else n
-            chunks = [(r * row, min(rows_per, total_rows - r) * row) for r in range(0, total_rows, rows_per)]
+            a, rest = budget.cap // row, total_rows - budget.cap // row
+            if 0 < rest * row <= budget.cap1:
+                # two chunks, one per slot: both stay resident through every pass, uploaded once
+                chunks = [(0, a * row), (a * row, rest * row)]
+            else:
+                chunks = [(r * row, min(rows_per, total_rows - r) * row) for r in range(0, total_rows, rows_per)]
             units.append(_Unit("chunked", [i], tb.batch_key(job), chunks))
             continue
         key = (tb.batch_key(job), tuple(_in_dtypes(tp)), tp.out_dtype, _rows(tp), tp.base is not None)
-        if (cur is None or cur.key != key or cur_elems + n > min(budget.cap, BATCH_ELEMS)
-                or len(cur.tensors) >= MAX_BATCH_TENSORS):
-            cur = _Unit("batch", [], key)
-            cur_elems = 0
+        cur, elems = open_.get(key, (None, 0))
+        if (cur is None or elems + n > min(budget.cap, BATCH_ELEMS) or len(cur.tensors) >= MAX_BATCH_TENSORS
+                or i - cur.tensors[0] > LOOKAHEAD):
+            cur, elems = _Unit("batch", [], key), 0
             units.append(cur)
         cur.tensors.append(i)
-        cur_elems += n
+        open_[key] = (cur, elems + n)
     return units
 
 
@@ -317,9 +341,48 @@ class _HostPool:
 
 
 class _Writer(WriteThread):
-    """Writes finished units in plan order on its own thread, after their D2H event completes."""
+    """Writes finished units in plan order on its own thread, after their D2H event completes.
+
+    Units run in the order of their first tensor, so a batch that took small tensors from after a large
+    unit (``LOOKAHEAD``) delivers them early: those are copied out of the pooled buffer (which goes back
+    to the pool at once: holding it could starve the engine of its two host buffers) and written when
+    their plan position comes."""
 
     thread_name = "fastmerge-gpu-write"
+    order: dict[str, int] | None = None  # tensor name -> plan position (set before the first put)
+
+    def _run(self) -> None:
+        nxt = 0
+        held: dict[int, tuple[str, Any, int]] = {}
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            event, views, raw, k = item
+            try:
+                if self.error is None:
+                    if event is not None:
+                        event.synchronize()
+                    for name, view in views:
+                        i = self.order[name] if self.order is not None else nxt
+                        if i != nxt:
+                            held[i] = (name, view.clone(), k)
+                            continue
+                        self._write(name, view, k)
+                        nxt += 1
+                        while nxt in held:
+                            self._write(*held.pop(nxt))
+                            nxt += 1
+            except BaseException as e:
+                self.error = e
+            finally:
+                if raw is not None and self.pool is not None:
+                    self.pool.give(raw)
+
+    def _write(self, name: str, view: Any, k: int) -> None:
+        if self.check is not None:
+            self.check(name, view)  # engine.finite: inf/NaN the merge made, warned once
+        self.writers[k].write(name, view)
 
 
 class _Engine:
@@ -337,10 +400,14 @@ class _Engine:
         self.out_free: list[Any] = [None, None]  # D2H out of output slot j finished
         self.k = 0  # next staging buffer
         self.j = 0  # next slot when both fit
+        self.resident: list[Any] = [None, None]  # what input slot j holds: a chunk's tag, or None
         self.timers: list[tuple[Any, Any]] = []
 
-    def slot_for(self, n: int) -> int:
-        """The input/output slot of a unit of ``n`` elements per row: alternate when it fits both."""
+    def slot_for(self, n: int, tag: Any = None) -> int:
+        """The input/output slot of a unit of ``n`` elements per row: the slot still holding ``tag`` (a
+        row chunk read again by the next pass), else alternate when it fits both."""
+        if tag is not None and tag in self.resident:
+            return self.resident.index(tag)
         if n > self.caps[1]:
             return 0
         j = self.j
@@ -349,12 +416,16 @@ class _Engine:
 
     # -- upload: pack a unit's rows into staging pieces and copy them into an input slot ---------------
     def upload(self, j: int, pieces: list[tuple[int, int, torch.Tensor, int, int]], R: int, N: int,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, tag: Any = None) -> torch.Tensor:
         """``pieces``: (row, offset in row, flat source, first, count): source[first:first+count] goes to
         rows[row, offset:offset+count]. Returns slot j as [R, N] of ``dtype`` (filled once the H2D
-        copies recorded here complete; ``compute`` waits for them)."""
+        copies recorded here complete; ``compute`` waits for them). ``tag``: names the data (a row chunk);
+        if slot j still holds it, nothing is copied (a chunk is read again by every pass)."""
         es = _elem(dtype)
         flat_dev = self.din[j][: R * N * es]
+        if tag is not None and self.resident[j] == tag:
+            return flat_dev.view(dtype).view(R, N)
+        self.resident[j] = tag
         cap = self.stage[0].numel() // es
         self.dev.wait("h2d", self.slot_free[j])  # the slot's previous unit has been merged
         buf: tuple[int, torch.Tensor] | None = None
@@ -457,7 +528,8 @@ def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memor
     # read-ahead of two whole units: the next one uploads while this one merges
     with Session(plan, out, reader=ModelReader, pool=lambda: _HostPool(dev, out_bytes),
                  read_ahead_bytes=2 * max(largest, batch_in), desc=f"fastmerge {plan.method.name} (gpu)",
-                 writer_cls=_Writer) as session:
+                 writer_cls=_Writer, order=[i for u in units for i in u.tensors]) as session:
+        session.wthread.order = {tp.name: i for i, tp in enumerate(plan.tensors)}
         wthread, pool, prefetch = session, session.pool, session.prefetch
         engine = _Engine(plan, dev, budget, wthread, pool)
         it = iter(prefetch)
@@ -509,6 +581,15 @@ def _make_kernel(plan: MergePlan, tps: list[TensorPlan], device: torch.device) -
     return tb.make_kernel(plan.method, [t.params for t in tps], [t.shape for t in tps], device, srcd, based)
 
 
+def _prepare_tables(kernel: Any, launches: list) -> None:
+    """The plan's and its launches' device tables in one asynchronous copy (``GtaKernel.prepare``). The
+    Gram-matrix plans (slerp, model_stock) have no ``prepare``: they bring their small tables over (and
+    the Gram matrix back) themselves."""
+    prepare = getattr(kernel, "prepare", None)
+    if prepare is not None:
+        prepare(launches)
+
+
 def _out_views(tps: list[TensorPlan], host: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     views, off = [], 0
     for tp in tps:
@@ -557,6 +638,7 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
             cb.run_into(_kernel_job(plan, tp0), dev_out, list(x), base)
             return
         kernel = _make_kernel(plan, tps, engine.dev.device)
+        _prepare_tables(kernel, [(segs, None)])
         for p in range(kernel.n_passes):
             kernel.data_pass(p, x, base, segs)
             kernel.end_pass(p)
@@ -584,27 +666,49 @@ def _run_chunked(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool
     sd = _stage_dtype(tp)
     flat = [t.reshape(-1) for t in _prepare(plan, tp, loaded[i])]
     row = _numel(tp.shape[1:]) if len(tp.shape) > 1 else 1
-    kernel = _make_kernel(plan, [tp], engine.dev.device)
     odt = torch_dtype(tp.out_dtype)
     cdt = _compat_out(plan, tp)
 
-    def chunk(c0: int, n: int) -> tuple[int, torch.Tensor, Segments]:
-        j = engine.slot_for(n)
-        rows = engine.upload(j, [(r, 0, f, c0, n) for r, f in enumerate(flat)], R, n, sd)
+    def segs_of(c0: int, n: int) -> Segments:
         shape = ((n // row,) + tuple(tp.shape[1:])) if len(tp.shape) > 1 else (n,)
-        return j, rows, Segments.packed([n], idx0=[c0], shapes=[shape])
+        return Segments.packed([n], idx0=[c0], shapes=[shape])
 
+    def make() -> Any:
+        # on the compute stream: the tables' asynchronous copy is ordered before the kernels that read them
+        k = _make_kernel(plan, [tp], engine.dev.device)
+        _prepare_tables(k, [(segs_of(c0, n), [0]) for c0, n in u.chunks])  # every chunk's tables: one copy
+        return k
+
+    kernel = engine.compute(None, make)
+
+    # two chunks sized to the slots (``_plan_units``) live in slot 0 and slot 1 for the whole tensor;
+    # otherwise a chunk that fits slot 1 alternates, a larger one takes slot 0
+    pinned = len(u.chunks) == 2 and u.chunks[0][1] <= engine.caps[0] and u.chunks[1][1] <= engine.caps[1]
+
+    def chunk(c: int) -> tuple[int, torch.Tensor, Segments]:
+        c0, n = u.chunks[c]
+        tag = (i, c0, n)
+        j = c if pinned else engine.slot_for(n, tag)
+        rows = engine.upload(j, [(r, 0, f, c0, n) for r, f in enumerate(flat)], R, n, sd, tag=tag)
+        return j, rows, segs_of(c0, n)
+
+    order = list(range(len(u.chunks)))
     for p in range(kernel.n_passes):
-        for c0, n in u.chunks:
-            j, rows, segs = chunk(c0, n)
+        # the selection's histograms do not depend on the chunks' order: every other pass runs backwards,
+        # so it starts with the chunk the previous pass ended with (still in its slot: not copied again);
+        # the other passes (L1 norms with exact-k ranks, the merge) visit the chunks in element order
+        free = getattr(kernel, "order_free", None)
+        order = order[::-1] if free is not None and free(p) else list(range(len(u.chunks)))
+        for c in order:
+            j, rows, segs = chunk(c)
             x = rows[1:] if has_base else rows
             engine.compute(j, lambda x=x, rows=rows, segs=segs: kernel.data_pass(p, x, rows[0], segs, groups=[0]))
         engine.compute(None, lambda: kernel.end_pass(p))
     host = pool.take()
     hv = host[: tp.out_tensor.nbytes].view(odt)
     ev = None
-    for c0, n in u.chunks:
-        j, rows, segs = chunk(c0, n)
+    for c, (c0, n) in enumerate(u.chunks):
+        j, rows, segs = chunk(c)
         x = rows[1:] if has_base else rows
         dev_out = engine.out_slot(j, n, odt)
 

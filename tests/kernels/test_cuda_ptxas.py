@@ -45,3 +45,29 @@ def test_no_stack_frame_no_spills(src, tmp_path):
     assert kernels, f"no kernels found in the ptxas report of {src.name}"
     for name, v in kernels.items():
         assert v["stack"] == 0 and v["spill_stores"] == 0 and v["spill_loads"] == 0, f"{src.name} {name}: {v}"
+
+
+def test_ties_scratch_comes_from_the_caller():
+    """No cudaMalloc/cudaFree in the CUDA C++ TIES: its scratch is a torch tensor the caller passes
+    (``_native.ties``), so it is in torch's allocator statistics and the engine's memory budget, and no
+    cudaFree synchronises the device when it grows."""
+    src = (ROOT / "csrc" / "cuda" / "ties.cu").read_text()
+    code = "\n".join(line.split("//")[0] for line in src.splitlines())
+    assert "cudaMalloc" not in code and "cudaFree" not in code and "std::mutex" not in code
+    assert "ties_scratch_bytes" in code
+
+
+def test_the_cuda_binding_compiles(tmp_path):
+    """``csrc/bind_cuda.cpp`` (the ``scratch`` arguments and ``ties_scratch_bytes``) compiles against the
+    kernel's declarations, with the CUDA toolkit's headers, without a GPU."""
+    import sysconfig
+
+    import pybind11
+
+    r = subprocess.run(
+        ["nvcc", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", f"-I{pybind11.get_include()}",
+         f"-I{sysconfig.get_paths()['include']}", "-Xcompiler", "-fPIC", "-c", str(ROOT / "csrc" / "bind_cuda.cpp"),
+         "-o", str(tmp_path / "bind_cuda.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -171,8 +171,12 @@ namespace cuda {
 // Most inputs one launch takes: the pointers travel by value in the kernel's parameter block.
 constexpr int kMaxInputs = 32;
 // Device pointers; synchronous on `stream` (a cudaStream_t; the selection reads histograms back to the host).
+// `scratch`: device memory of at least ties_scratch_bytes(n, num_inputs) bytes, owned by the caller (a torch
+// tensor: PyTorch's caching allocator, counted in its statistics and in the engine's memory budget).
 // Returns a cudaError_t.
-int ties(const TiesArgs& a, void* stream);
+int ties(const TiesArgs& a, void* scratch, size_t scratch_bytes, void* stream);
+// Device scratch one ties() call needs for n elements and num_inputs models.
+size_t ties_scratch_bytes(int64_t n, int num_inputs);
 // cudaSuccess if this binary holds code (SASS or PTX) that the current device can run, else the
 // cudaError_t of asking (cudaErrorNoKernelImageForDevice when built for other architectures).
 int check_kernel_image();
