@@ -204,12 +204,16 @@ def _params(cases):
     return [pytest.param(c.id, id=c.id) for c in cases]
 
 
-def _tokenizer_state(folder: Path) -> tuple[dict, dict]:
+def _tokenizer_state(folder: Path) -> tuple[dict, dict, list[int]]:
+    """The tokenizer as transformers loads it: vocabulary, added tokens with their settings, and the ids
+    of a text holding every token (mergekit's files are transformers' own serialisation, fastmerge's the
+    source's files with the added tokens written in: compared loaded, not byte for byte)."""
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(str(folder))
-    return t.get_vocab(), {i: (a.content, a.single_word, a.lstrip, a.rstrip, a.normalized, a.special)
-                           for i, a in t.added_tokens_decoder.items()}
+    text = " ".join(sorted(t.get_vocab()))
+    return (t.get_vocab(), {i: (a.content, a.single_word, a.lstrip, a.rstrip, a.normalized, a.special)
+                            for i, a in t.added_tokens_decoder.items()}, t(text)["input_ids"])
 
 
 @pytest.mark.parametrize("case_id", _params(CASES))
@@ -242,7 +246,7 @@ def test_compat_rows_by_token_as_shipped(runs, case_id):
     """Against mergekit's own (unpinned) order: the same tokens, the same row for each token."""
     c = CASE_BY_ID[case_id]
     fm_dir, mk_dir = runs.get(c, "compat"), runs.get(c, "mergekit")
-    (fm_vocab, fm_added), (mk_vocab, mk_added) = _tokenizer_state(fm_dir), _tokenizer_state(mk_dir)
+    (fm_vocab, fm_added, _), (mk_vocab, mk_added, _) = _tokenizer_state(fm_dir), _tokenizer_state(mk_dir)
     assert sorted(fm_vocab) == sorted(mk_vocab)
     assert sorted(fm_added.values()) == sorted(mk_added.values())
     fm, mk = load_model(fm_dir), load_model(mk_dir)
