@@ -48,6 +48,7 @@ class AddedTokens:
         self.size = len(self.model)
         self.ids: dict[str, int] = {}
         self.flags: dict[str, dict[str, Any]] = {}
+        self.top = -1  # the largest added id (kept, not searched: a union can add 150k tokens)
         self.changed = False  # whether ``add`` changed anything since construction (``mark_loaded`` resets it)
 
     def add(self, entry: dict[str, Any], replace: bool = True) -> None:
@@ -64,12 +65,12 @@ class AddedTokens:
         if content in self.model:
             new = self.model[content]
         elif self.ids:
-            top = max(self.ids.values())
-            new = top + 1 if top >= self.size or self.size == 0 else self.size
+            new = self.top + 1 if self.top >= self.size or self.size == 0 else self.size
         else:
             new = self.size
         self.ids[content] = new
         self.flags[content] = entry
+        self.top = max(self.top, new)
         self.changed = True
 
     def mark_loaded(self) -> None:
@@ -90,11 +91,12 @@ class AddedTokens:
         for i, e in self.entries():
             if i < limit:
                 out.ids[e["content"]], out.flags[e["content"]] = i, e
+                out.top = max(out.top, i)
         return out
 
     def copy(self) -> "AddedTokens":
         out = AddedTokens(self.model)
-        out.ids, out.flags = dict(self.ids), dict(self.flags)
+        out.ids, out.flags, out.top = dict(self.ids), dict(self.flags), self.top
         return out
 
 
@@ -135,7 +137,7 @@ def add_missing(table: AddedTokens, tokens: Iterable[str]) -> None:
     """mergekit's ``add_tokens`` for ``tokenizer.tokens``: each token not in the vocabulary yet, as a
     plain added token."""
     for t in tokens:
-        if t not in table.vocab():
+        if t not in table.model and t not in table.ids:
             table.add(added_entry(t))
 
 
