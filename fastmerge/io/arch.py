@@ -5,6 +5,7 @@ module holds, how its layers are numbered and where config.json counts them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class ModuleLayout:
     layers_keys: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property  # compiled once per layout (a 45k-tensor checkpoint asks it for every name)
     def _layer_re(self) -> re.Pattern[str] | None:
         if self.layer is None:
             return None
