@@ -170,15 +170,19 @@ class MergeConfig:
         _check_token_models(cfg, where)
         return cfg
 
-    def validate(self) -> None:
-        """Static checks (no file access): base-model rules, model count, parameter names and shapes."""
+    def validate(self, inherited: Mapping[str, Any] | None = None) -> None:
+        """Static checks (no file access): base-model rules, model count, parameter names and shapes.
+        ``inherited``: parameters set above this config (a module's: the global ones), which count for the
+        required ones and are checked where they are written."""
         where = self.source or "config"
         m = self.method
         if self.modules is not None:  # each module as a config of its own; its parameters rank above the global ones
+            _check_names(m, [("parameters", self.parameters)], where)
             for name, mod in self.modules.items():
-                MergeConfig(self.merge_method, mod.models or [], self.base_model, {**self.parameters, **mod.parameters},
-                            source=f"{where}: modules.{name}", slices=mod.slices).validate()
+                MergeConfig(self.merge_method, mod.models or [], self.base_model, mod.parameters,
+                            source=f"{where}: modules.{name}", slices=mod.slices).validate(inherited=self.parameters)
             return
+        have = {**(inherited or {}), **self.parameters}
         groups: list[tuple[str, int]] = [("models", len(self.models))]  # (where, number of non-base inputs)
         scopes = [("parameters", self.parameters)] + [
             (f"models[{i}] ({s.path}).parameters", s.parameters) for i, s in enumerate(self.models)
@@ -211,26 +215,16 @@ class MergeConfig:
                     f"got {n}{why}"
                 )
         specs = m.param_specs()
-        for scope, params in scopes:
-            for name, setting in params.items():
-                _check_setting(setting, f"{where}: {scope}.{name}")
-                if name in specs:
-                    continue
-                if name in KNOWN_PARAMETERS:
-                    warnings.warn(f"{where}: {scope}.{name}: not used by merge_method '{m.name}' (ignored)", stacklevel=2)
-                    continue
-                close = difflib.get_close_matches(name, sorted(set(specs) | KNOWN_PARAMETERS), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"{where}: {scope}: unknown parameter '{name}'{hint}")
+        _check_names(m, scopes, where)
         for name, spec in specs.items():
-            if not spec.per_model and spec.default is _required() and name not in self.parameters:
+            if not spec.per_model and spec.default is _required() and name not in have:
                 missing = [f"slices[{i}]" for i, sl in enumerate(self.slices or []) if name not in sl.parameters]
                 if self.slices is None or missing:
                     raise ConfigError(f"{where}: merge_method '{m.name}' needs parameter '{name}' "
                                       f"(set parameters: {{{name}: ...}}{', or in ' + missing[0] if missing else ''})")
             if spec.per_model and spec.default is _required():
                 for i, s in enumerate(self.models):
-                    if name not in s.parameters and name not in self.parameters:
+                    if name not in s.parameters and name not in have:
                         if s.implicit_base:
                             raise ConfigError(
                                 f"{where}: base_model ({s.path}): missing required parameter '{name}': mergekit merges the "
@@ -242,7 +236,7 @@ class MergeConfig:
                     for j, s in enumerate(sl.sources):
                         if m.base_policy != "ignored" and s.path == base:
                             continue
-                        if not any(name in d for d in (s.parameters, sl.parameters, self.parameters)):
+                        if not any(name in d for d in (s.parameters, sl.parameters, have)):
                             raise ConfigError(f"{where}: slices[{i}].sources[{j}] ({s.path}): missing required parameter '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,6 +258,23 @@ class MergeConfig:
                               **({"tokens": self.tokenizer_tokens} if self.tokenizer_tokens else {}),
                               **({"pad_to_multiple_of": self.tokenizer_pad_to_multiple_of} if self.tokenizer_pad_to_multiple_of else {})}
         return d
+
+
+def _check_names(m: MergeMethod, scopes: list[tuple[str, dict[str, Any]]], where: str) -> None:
+    """Each parameter setting well formed and named as ``m`` or another mergekit method names it (a warning:
+    mergekit configs carry parameters of other methods); an unknown name is an error with the closest one."""
+    specs = m.param_specs()
+    for scope, params in scopes:
+        for name, setting in params.items():
+            _check_setting(setting, f"{where}: {scope}.{name}")
+            if name in specs:
+                continue
+            if name in KNOWN_PARAMETERS:
+                warnings.warn(f"{where}: {scope}.{name}: not used by merge_method '{m.name}' (ignored)", stacklevel=3)
+                continue
+            close = difflib.get_close_matches(name, sorted(set(specs) | KNOWN_PARAMETERS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: {scope}: unknown parameter '{name}'{hint}")
 
 
 def _inputs_dict(models: list[ModelSpec], slices: list[SliceSpec] | None) -> dict[str, Any]:

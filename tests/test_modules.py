@@ -318,3 +318,17 @@ def test_side_files_name_every_module_input(tmp_path, m3):
     assert f"using {base} as a base" in card and f"* {ft1}\n" in card and f"* {ft2}\n" in card and f"* {base}\n" not in card
     saved = yaml.safe_load((tmp_path / "out" / "fastmerge_config.yml").read_text())
     assert saved == MergeConfig.from_dict(_per_module(m3)).to_dict() and list(saved["modules"])[0] == "text_decoder"
+
+
+def test_parameter_warnings_name_where_the_parameter_is_written():
+    """A global parameter the method does not use is reported once, as global; a module's as the module's."""
+    cfg = {"merge_method": "linear", "parameters": {"weight": 1, "density": 0.5},
+           "modules": {"text_decoder": {"models": ["a"]}, "vision_tower": {"models": ["a"], "parameters": {"epsilon": 0.1}}}}
+    with pytest.warns(UserWarning) as rec:
+        MergeConfig.from_dict(cfg)
+    assert sorted(str(w.message) for w in rec) == [
+        "config: modules.vision_tower: parameters.epsilon: not used by merge_method 'linear' (ignored)",
+        "config: parameters.density: not used by merge_method 'linear' (ignored)"]
+    cfg["modules"]["vision_tower"]["parameters"] = {"wieght": 1}
+    with pytest.raises(ConfigError, match=r"modules\.vision_tower: parameters: unknown parameter 'wieght' \(did you mean 'weight'\?\)"):
+        MergeConfig.from_dict(cfg)
