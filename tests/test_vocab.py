@@ -632,3 +632,14 @@ def test_union_yaml_cli_compat_and_recorded_config(tmp_path, ufam):
     assert torch.equal(a[EMB][45], m2[EMB][42])  # every input's row of <new> is ft2's <img> row: ties keeps it
     recorded = MergeConfig.from_yaml(tmp_path / "cli" / "fastmerge_config.yml")
     assert (recorded.tokenizer_source, recorded.tokenizer_tokens) == ("union", tokens)
+
+
+def test_union_model_without_tokenizer_shares_the_base_s(vfam):
+    fams, v = vfam  # ft3 has no tokenizer files: taken to share the base's (mergekit: a warning), adds nothing
+    doc = {"merge_method": "linear", "base_model": str(fams["base"]), "parameters": {"weight": 1.0}, "tokenizer_source": "union",
+           "models": [{"model": str(fams[n]), "parameters": {"weight": 1.0}} for n in ("ft3", "ft1")]}
+    p = plan(doc)
+    assert p.tokenizer.vocab == {t: i for i, t in enumerate(v)}  # the base's 40, then ft1's 4
+    remaps = {t.name: t.input_transform for t in p.tensors if t.input_transform is not None}
+    # linear's inputs: ft3, ft1, then the base (mergekit merges it as one more input); only ft1 keeps its ids
+    assert sorted(remaps) == [HEAD, EMB] and [remaps[EMB].is_identity(k) for k in range(3)] == [False, True, False]
