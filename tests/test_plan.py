@@ -100,7 +100,8 @@ def test_unknown_method_and_field(family_bf16):
 
 @pytest.mark.parametrize(
     "field,value,msg",
-    [("slices", [{"sources": []}], "slices"), ("modules", {"a": {}}, "modules"), ("chat_template", "nonsense", "chat_template"),
+    [("slices", [{"sources": []}], "slices"), ("modules", {"a": {}}, "give one of 'models', 'slices' or 'modules'"),
+     ("chat_template", "nonsense", "chat_template"),
      ("tokenizer", {"source": "union", "tokens": ["<x>"]}, "tokenizer.tokens"), ("dtype", "int8", "unsupported dtype")],
 )
 def test_unsupported_features_are_errors(family_bf16, field, value, msg):
