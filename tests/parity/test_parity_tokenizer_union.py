@@ -106,6 +106,7 @@ class Case:
     tokens: dict = field(default_factory=dict, hash=False)  # model names as "@ft1", replaced by the folder
     pad_to: int | None = None
     form: str = "tokenizer"  # "tokenizer" (tokenizer: {source: ...}) | "tokenizer_source"
+    slices: tuple = ()  # ((model, first layer, end layer), ...) per slice, one source each: passthrough
 
     @property
     def dtype(self) -> str:
@@ -125,6 +126,9 @@ class Case:
         for m, w in zip(models, self.weights):
             m["parameters"] = dict(w)
         doc: dict = {"merge_method": self.method, "models": models, "dtype": self.dtype}
+        if self.slices:
+            del doc["models"]
+            doc["slices"] = [{"sources": [{"model": str(f[m]), "layer_range": [a, b]}]} for m, a, b in self.slices]
         if self.base:
             doc["base_model"] = str(f["base"])
         if self.params:
@@ -157,6 +161,8 @@ CASES = [
          tokens={V[64]: {"source": {"kind": "zero"}, "force": True}, "<|b|>": {"source": "@ft2"}}),
     Case("karcher-fp32-base-tokens", "karcher", "wl", source="base", models=("ft1", "ft3"),
          tokens={V[70]: {"source": "@ft3"}, "<|z|>": {"source": {"kind": "model_token", "model": "@ft1", "token": V[65]}}}),
+    # embeddings from the first slice's model, the head from the last one's, both in the union vocabulary
+    Case("passthrough-fp32-slices-union", "passthrough", "wl", base=False, slices=(("ft2", 0, 1), ("ft3", 1, 2))),
     Case("ties-bf16-model-tokens", "ties", "bpe", source="ft2", models=("ft1", "ft2"), params={"density": 0.5, "weight": 0.5},
          tokens={"<|q|>": {"source": {"kind": "model_token", "model": "@ft1", "token_id": 64}}}),
 ]
