@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import OutputError
-from ..io.index import ITEMSIZE, TensorInfo
-from ..io.reader import Prefetcher, RawView
+from ..io.index import ITEMSIZE
+from ..io.reader import Prefetcher, RawView, span
 from ..io.side_files import write_side_files
 from ..io.writer import Shard, ShardWriter, commit_dir, temp_dir_beside
 
@@ -454,15 +454,6 @@ class Session:
             where = getattr(exc, "filename", None) or self.outputs[0].out
             outs = ", ".join(str(o.out) for o in self.outputs)
             raise OutputError(f"{where}: I/O error ({exc.strerror or exc}); nothing was left at {outs}") from None
-
-
-def span(first: TensorInfo, last: TensorInfo) -> TensorInfo:
-    """One read of the tensors from ``first`` to ``last`` of one file, which lie back to back (the caller
-    checked) and share ``first``'s dtype: a 1-D tensor over their bytes, named after the first."""
-    if last is first:
-        return first
-    n = (last.end - first.begin) // ITEMSIZE[first.dtype]
-    return TensorInfo(first.name, first.file, first.dtype, (n,), first.begin, last.end)
 
 
 class _OrderedPrefetch:

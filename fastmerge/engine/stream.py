@@ -46,26 +46,80 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     """The plan's tensors as runs of consecutive indices, each merged in one step: a run joins small
     tensors (< ``SMALL_NUMEL`` elements, ``BATCH_BYTES`` of output at most) whose inputs lie back to back
     in the same file of every model with the same dtypes, with one output dtype; where the kernel packs
-    them into one call (``elementwise`` or ``segments``), also with equal parameters. Every other tensor
-    is a run of its own."""
+    them into one call (``elementwise`` or ``segments``), also with equal parameters; all on the native
+    backend, as read (no compute-dtype cast, no input transform). Every other tensor is a run of its own,
+    and so is every tensor of a ``.bin`` checkpoint (no byte offsets)."""
     units: list[list[int]] = []
-    prev, size = None, 0
+    if any(ix.fmt != "safetensors" for ix in plan.indexes.values()):
+        return [[i] for i in range(len(plan.tensors))]
+    prev: list[Any] | None = None  # the previous tensor's inputs, if it may be joined
+    prev_dtype, prev_params, size = None, None, 0
     packed = elementwise or segments
-    for i, t in enumerate(plan.tensors):
-        nbytes = t.out_tensor.nbytes
-        ins = ([t.base] if t.base is not None else []) + t.sources
-        small = t.input_transform is None and t.out_quant is None and _numel(t.shape) < SMALL_NUMEL
-        if (small and prev is not None and size + nbytes <= BATCH_BYTES and prev[1] == t.out_dtype
-                and len(prev[0]) == len(ins)
-                and all(a.file == b.file and a.dtype == b.dtype and a.end == b.begin for a, b in zip(prev[0], ins))
-                and (not packed or plan.tensors[i - 1].params == t.params)):
+    small_numel, batch_bytes = SMALL_NUMEL, BATCH_BYTES
+    for i, t in enumerate(plan.tensors):  # ~1 us a tensor: DeepSeek-V3 has 45k
+        n = _numel(t.shape)
+        nbytes = n * ITEMSIZE[t.out_dtype]
+        ins = t.sources if t.base is None else [t.base, *t.sources]
+        small = (n < small_numel and t.backend == "native" and t.input_transform is None and t.out_quant is None
+                 and not t.compute_dtype)
+        if (small and prev is not None and size + nbytes <= batch_bytes and prev_dtype == t.out_dtype
+                and (not packed or prev_params is t.params or prev_params == t.params) and _adjacent(prev, ins)):
             units[-1].append(i)
             size += nbytes
         else:
             units.append([i])
             size = nbytes
-        prev = (ins, t.out_dtype) if small else None
+        prev, prev_dtype, prev_params = (ins if small else None), t.out_dtype, t.params
     return units
+
+
+def _adjacent(prev: list[Any], ins: list[Any]) -> bool:
+    """Each input tensor of ``ins`` starts where its model's tensor in ``prev`` ends, in the same file and dtype."""
+    if len(prev) != len(ins):
+        return False
+    for a, b in zip(prev, ins):
+        if a.end != b.begin or a.dtype != b.dtype or (a.file is not b.file and a.file != b.file):
+            return False
+    return True
+
+
+def run_offsets(tps: list[Any]) -> list[int]:
+    """Where each tensor of a run starts in the packed buffers, in elements, and where the last ends."""
+    offsets = [0]
+    for tp in tps:
+        offsets.append(offsets[-1] + _numel(tp.shape))
+    return offsets
+
+
+def merge_run(plan: Any, native: Any, tps: list[Any], spans: list[Any], out: Any, offsets: list[int]) -> None:
+    """Merge the run ``tps`` (``batches``) into ``out`` from one span per input (base first when the
+    tensors have one): packed buffers of raw views or 1-D torch tensors. One kernel call where the method
+    is elementwise or has a segments kernel, else one call per tensor on its part of the buffers."""
+    tp0 = tps[0]
+    base = spans[0] if tp0.base is not None else None
+    inputs = spans[1:] if tp0.base is not None else spans
+    threads, method, kernel = plan.options.threads, plan.method, plan.method.native
+    if kernel.elementwise:
+        native.run_raw(MergeJob(tp0.name, method, tp0.params, False), out, inputs, base, threads)
+    elif kernel.segments is not None:
+        try:
+            kernel.segments(method, tp0.params, out, inputs, base, threads, offsets)
+        except ValueError as e:
+            raise ValueError(f"tensors '{tp0.name}' .. '{tps[-1].name}': {e}") from None
+    else:
+        for tp, a, b in zip(tps, offsets, offsets[1:]):
+            native.run_raw(MergeJob(tp.name, method, tp.params, False), _part(out, a, b),
+                           [_part(x, a, b) for x in inputs], _part(base, a, b), threads, shape=tp.shape)
+
+
+def _part(v: Any, a: int, b: int) -> Any:
+    """Elements [a, b) of a packed buffer: a raw view or a 1-D torch tensor."""
+    if v is None:
+        return None
+    if not isinstance(v, RawView):
+        return v[a:b]
+    size = ITEMSIZE[v.dtype]
+    return RawView(v.ptr + a * size, (b - a) * size, v.dtype, b - a)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -124,34 +178,12 @@ class RawIO:
         return batches(self.plan, self.kernel.elementwise, self.kernel.segments is not None)
 
     def merge_batch(self, tps: list[Any], spans: list[RawView], pool: RawPool) -> tuple[Any, Any, str]:
-        """Merge the run ``tps`` from one span per input into one pool buffer: one kernel call over the
-        packed tensors where the method allows it, else one per tensor; the outputs as (name, bytes) pairs."""
-        tp0 = tps[0]
-        base = spans[0] if tp0.base is not None else None
-        inputs = spans[1:] if tp0.base is not None else spans
-        offsets = [0]
-        for tp in tps:
-            offsets.append(offsets[-1] + _numel(tp.shape))
-        osize = ITEMSIZE[tp0.out_dtype]
-        raw, view, mv = pool.take(offsets[-1] * osize, tp0.out_dtype)
-        threads, method = self.plan.options.threads, self.plan.method
-        if self.kernel.elementwise:
-            self.native.run_raw(MergeJob(tp0.name, method, tp0.params, False), view, inputs, base, threads)
-        elif self.kernel.segments is not None:
-            try:
-                self.kernel.segments(method, tp0.params, view, inputs, base, threads, offsets)
-            except ValueError as e:
-                raise ValueError(f"tensors '{tp0.name}' .. '{tps[-1].name}': {e}") from None
-        else:
-            def part(v: RawView | None, a: int, b: int) -> RawView | None:
-                if v is None:
-                    return None
-                size = ITEMSIZE[v.dtype]
-                return RawView(v.ptr + a * size, (b - a) * size, v.dtype, b - a)
-
-            for tp, a, b in zip(tps, offsets, offsets[1:]):
-                self.native.run_raw(MergeJob(tp.name, method, tp.params, False), part(view, a, b),
-                                    [part(x, a, b) for x in inputs], part(base, a, b), threads, shape=tp.shape)
+        """Merge the run ``tps`` from one span per input into one pool buffer (``merge_run``); the outputs
+        as (name, bytes) pairs."""
+        offsets = run_offsets(tps)
+        osize = ITEMSIZE[tps[0].out_dtype]
+        raw, view, mv = pool.take(offsets[-1] * osize, tps[0].out_dtype)
+        merge_run(self.plan, self.native, tps, spans, view, offsets)
         return raw, [(tp.name, mv[a * osize:b * osize]) for tp, a, b in zip(tps, offsets, offsets[1:])], "native"
 
     def merge(self, tp: Any, tensors: list[Any], pool: RawPool) -> tuple[Any, Any, str]:
@@ -189,8 +221,19 @@ class TorchIO:
     def pool(self, nbytes: int) -> TorchPool:
         return TorchPool(nbytes)
 
-    def units(self) -> None:
-        return None  # tensor by tensor
+    def units(self) -> list[list[int]] | None:
+        k = self.plan.method.native
+        if not RawReader.available():  # spans are read through a mapping of their own (io.reader.ModelReader)
+            return None
+        return batches(self.plan, k is not None and k.elementwise, k is not None and k.segments is not None)
+
+    def merge_batch(self, tps: list[Any], spans: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
+        """``RawIO.merge_batch`` on torch views of the spans (``io.reader.ModelReader`` reads a span as one
+        1-D tensor) into a pool tensor; the outputs as (name, view of its shape) pairs."""
+        offsets = run_offsets(tps)
+        raw, view = pool.take((offsets[-1],), torch_dtype(tps[0].out_dtype))
+        merge_run(self.plan, self.backends["native"], tps, spans, view, offsets)
+        return raw, [(tp.name, view[a:b].view(tp.shape)) for tp, a, b in zip(tps, offsets, offsets[1:])], "native"
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 
@@ -272,8 +315,10 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
     counts: dict[str, int] = {}
     units = io.units()
     runs = [[i] for i in range(len(plan.tensors))] if units is None else units
-    largest = max((sum(plan.tensors[i].in_bytes for i in u) for u in runs), default=0)
-    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u) for u in runs), default=1)
+    in_bytes = [t.in_bytes for t in plan.tensors]
+    largest = max((sum(in_bytes[i] for i in u) for u in runs), default=0)
+    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u) if len(u) > 1 else plan.tensors[u[0]].out_tensor.nbytes
+                     for u in runs), default=1)
     with torch_threads(plan.options.threads if flavour is TorchIO else 0), \
             Session(plan, out, reader=io.reader, pool=lambda: io.pool(out_bytes), units=units,
                     read_ahead_bytes=int(READ_AHEAD * largest), desc=f"fastmerge {plan.method.name}") as s:
@@ -294,7 +339,7 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
                 s.put_many(written, raw)
             else:
                 s.put(tp.name, written, raw)
-            s.advance(sum(plan.tensors[i].in_bytes for i in idx))
+            s.advance(sum(in_bytes[i] for i in idx))
     return MergeReport(
         out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=s.bytes_written,
         wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,

@@ -84,6 +84,23 @@ def _madvise(lo: int, hi: int, advice: int) -> bool:
     return _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SpanInfo(TensorInfo):
+    """Consecutive tensors of one file and dtype read as one 1-D tensor (named after the first): the
+    engine's runs of small tensors (``engine.stream.batches``)."""
+
+
+def span(first: TensorInfo, last: TensorInfo) -> TensorInfo:
+    """The tensors from ``first`` to ``last`` of one file, which lie back to back (the caller checked)
+    with ``first``'s dtype, as one ``SpanInfo``; ``first`` itself when it is ``last``."""
+    if last is first:
+        return first
+    from .index import ITEMSIZE
+
+    return SpanInfo(first.name, first.file, first.dtype, ((last.end - first.begin) // ITEMSIZE[first.dtype],),
+                    first.begin, last.end)
+
+
 class ModelReader:
     """Opens one checkpoint's files lazily (a bounded LRU of handles) and returns read-only views."""
 
@@ -93,6 +110,7 @@ class ModelReader:
         self._handles: OrderedDict[Path, Any] = OrderedDict()
         self._maps: dict[Path, list[tuple[int, int]]] = {}
         self._ids: dict[Path, tuple[int, int, int] | None] = {}
+        self._raw: RawReader | None = None  # spans: one read-only mapping per file, as the torch-free reader
 
     def _handle(self, file: Path) -> Any:
         h = self._handles.get(file)
@@ -117,7 +135,16 @@ class ModelReader:
         return h
 
     def get(self, info: TensorInfo) -> torch.Tensor:
-        """A read-only CPU view of tensor ``info`` (never write to it)."""
+        """A read-only CPU view of tensor ``info`` (never write to it); a ``SpanInfo``: a 1-D view of its
+        bytes in a read-only mapping of the file (safetensors' views cannot be joined: each has its own storage)."""
+        if isinstance(info, SpanInfo):
+            if self._raw is None:
+                self._raw = RawReader(self.index)
+            v = self._raw.get(info)
+            if v.nbytes == 0:
+                return torch.empty(0, dtype=getattr(torch, info.dtype))
+            buf = (ctypes.c_char * v.nbytes).from_address(v.ptr)  # no copy; PROT_READ: a stray write faults
+            return torch.frombuffer(buf, dtype=torch.uint8).view(getattr(torch, info.dtype))
         h = self._handle(info.file)
         try:
             t = h.get_tensor(info.name) if self.index.fmt == "safetensors" else h[info.name]
@@ -155,6 +182,9 @@ class ModelReader:
     def close(self) -> None:
         self._handles.clear()
         self._maps.clear()
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
 
 _PROT_READ, _MAP_SHARED = 1, 1

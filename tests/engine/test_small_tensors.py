@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from fastmerge import _native, plan
 from fastmerge.engine import session, stream
-from fastmerge.engine.stream import RawIO, batches, execute
+from fastmerge.engine.stream import RawIO, TorchIO, batches, execute
 from fastmerge.methods import get_method
 from fastmerge.methods.ties import TiesParams
 from fastmerge.testing import DeepSeekV3Shape, Qwen3MoeShape, make_family
@@ -86,15 +86,21 @@ POISON = 0xA5  # bf16 0xA5A5 is a finite number (-2.9e-16): a byte left unwritte
 
 @pytest.fixture
 def poisoned_pool(monkeypatch):
-    """Every buffer the torch-free flavour takes from its pool is filled with POISON first."""
-    take = session.RawPool.take
+    """Every buffer either flavour takes from its pool is filled with POISON first."""
+    take, take_t = session.RawPool.take, session.TorchPool.take
 
     def poisoned(self, nbytes, dtype):
         raw, view, mv = take(self, nbytes, dtype)
         ctypes.memset(raw[1], POISON, nbytes)
         return raw, view, mv
 
+    def poisoned_t(self, shape, dtype):
+        raw, view = take_t(self, shape, dtype)
+        raw.fill_(POISON)
+        return raw, view
+
     monkeypatch.setattr(session.RawPool, "take", poisoned)
+    monkeypatch.setattr(session.TorchPool, "take", poisoned_t)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -127,16 +133,28 @@ def test_batched_equals_tensor_by_tensor(moe_family, method, out_dtype, tmp_path
     assert any(len({shard_of[p.tensors[i].name] for i in u}) > 1 for u in runs), "no run straddles an output shard"
     assert len(p.shards) > 2
     calls = []
-    orig = RawIO.merge_batch
-    monkeypatch.setattr(RawIO, "merge_batch", lambda self, tps, spans, pool: calls.append(len(tps)) or orig(self, tps, spans, pool))
+    for io in (RawIO, TorchIO):
+        monkeypatch.setattr(io, "merge_batch", _counted(io.merge_batch, calls))
     got = _run(p, tmp_path / "batched", monkeypatch, batched=True)
     assert calls and max(calls) >= 8 and sum(calls) + sum(1 for u in runs if len(u) == 1) == len(p.tensors)
     calls.clear()
     want = _run(p, tmp_path / "one-by-one", monkeypatch, batched=False)
     assert not calls
     assert got == want
-    # and the torch flavour (tensor by tensor through torch views) writes the same bytes
+    # the torch flavour: its runs (spans read as torch views) and its tensor-by-tensor loop
     assert _run(p, tmp_path / "torch", monkeypatch, batched=True, flavour="torch") == want
+    assert calls and max(calls) >= 8
+    calls.clear()
+    assert _run(p, tmp_path / "torch-one", monkeypatch, batched=False, flavour="torch") == want
+    assert not calls
+
+
+def _counted(fn, calls):
+    def merge_batch(self, tps, spans, pool):
+        calls.append(len(tps))
+        return fn(self, tps, spans, pool)
+
+    return merge_batch
 
 
 def test_runs_follow_files_dtypes_and_parameters(moe_family):
