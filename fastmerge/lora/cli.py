@@ -27,13 +27,20 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--include-regex", "-i", dest="include_regexes", action="append", default=[], metavar="RE",
                    help="only modules matching RE (repeatable)")
     p.add_argument("--skip-undecomposable", action="store_true", help="do not save non-matrix modules (norms) at full rank")
-    p.add_argument("--svd", default="randomized", choices=["randomized", "exact"],
-                   help="randomized (batched, default) or exact (torch.linalg.svd, as mergekit)")
-    p.add_argument("--power-iters", type=int, default=2, help="randomized SVD power iterations (default: %(default)s)")
+    p.add_argument("--svd", default="krylov", choices=["krylov", "randomized", "exact"],
+                   help="krylov (default: batched block Krylov, 2.4x fewer flops than randomized at 1.011x the optimal "
+                        "error on full-rank noise deltas), randomized (subspace iteration, 1.008x) or exact "
+                        "(torch.linalg.svd, as mergekit)")
+    p.add_argument("--krylov-block", type=int, default=None,
+                   help="krylov: columns per block (default: rank/2; larger is slower and more accurate)")
+    p.add_argument("--krylov-iters", type=int, default=4,
+                   help="krylov: iterations (default: %(default)s; 3 is 20%% faster, up to 1.025x the optimal error)")
+    p.add_argument("--power-iters", type=int, default=2, help="randomized: power iterations (default: %(default)s)")
     p.add_argument("--oversample", type=int, default=None,
-                   help="randomized SVD extra sketch columns (default: max(10, rank): 10 is faster, less accurate)")
+                   help="randomized: extra sketch columns (default: max(10, rank): 10 is faster, less accurate)")
     p.add_argument("--seed", type=int, default=0, help="randomized SVD test matrix seed (default: %(default)s)")
-    p.add_argument("--threads", "-j", "--num-threads", type=int, default=0, help="CPU threads (default: 0 = all cores)")
+    p.add_argument("--threads", "-j", "--num-threads", type=int, default=0,
+                   help="worker threads, each factoring one batch of same-shape modules on one core (default: 0 = all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     # mergekit flags with nothing to do here
     for flag in ("--cuda", "--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code", "--no-lazy-unpickle",
@@ -66,8 +73,9 @@ def run(a: argparse.Namespace) -> int:
         rep = extract_lora(a.model, a.base_model, a.out_path, max_rank=a.max_rank, sv_epsilon=a.sv_epsilon,
                            embed_lora=a.embed_lora, save_modules=a.save_modules, include_regexes=a.include_regexes,
                            exclude_regexes=a.exclude_regexes, skip_undecomposable=a.skip_undecomposable,
-                           distribute_scale=a.distribute_scale, svd=a.svd, power_iters=a.power_iters, oversample=a.oversample, seed=a.seed,
-                           threads=a.threads, overwrite=a.overwrite)
+                           distribute_scale=a.distribute_scale, svd=a.svd, power_iters=a.power_iters, oversample=a.oversample,
+                           krylov_block=a.krylov_block, krylov_iters=a.krylov_iters, seed=a.seed, threads=a.threads,
+                           overwrite=a.overwrite)
         print(rep.summary())
         return 0
     if a.cmd == "merge-adapters":

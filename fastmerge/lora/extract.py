@@ -23,24 +23,35 @@ component (``model.layers.0.self_attn.q_proj``); its ``weight`` and ``bias`` tra
 components of the factored modules (full names for a component some module of which was not factored, so
 PEFT wraps exactly the factored ones).
 
-SVD: ``svd="randomized"`` (default) runs ``ops.randomized_svd`` batched over same-shape task vectors (the
-layers' q_proj together, ...), with l = k + ``oversample`` (default: max(10, k)) sketch columns and
-``power_iters`` (2) power iterations (on the 168M benchmark family's full-rank noise deltas, the worst case for a
-sketch: within 1.008x of the optimal error; with 10 extra columns 1.024x, bench/RESULTS.md); it falls back to
-the exact SVD where a sketch would not be cheaper (k + p ≥ min(m, n)/2). ``svd="exact"``:
-``torch.linalg.svd`` as mergekit. Δ is formed in fp32 per batch of at most ``batch_bytes``; factors are
-written in the fine-tune's dtype into a temporary folder beside ``out_path``, renamed into place at the end.
+SVD: ``svd="krylov"`` (default) runs ``ops.krylov_svd`` (block Krylov, l = k/2 columns per block, 4
+iterations: 10 products of 64 columns with each task vector at k = 128) batched over same-shape task vectors
+(the layers' q_proj together, ...); on the 168M benchmark family's full-rank noise deltas, the worst case for
+a sketch, every module is within 1.011x of the optimal error (bench/RESULTS.md). ``svd="randomized"``:
+``ops.randomized_svd`` (subspace iteration, l = k + ``oversample`` (default max(10, k)) columns,
+``power_iters`` (2) power iterations: 12 products of 256 columns, within 1.008x). Both fall back to the exact
+SVD where a sketch would not be cheaper (Krylov space or sketch ≥ min(m, n)/2). ``svd="exact"``:
+``torch.linalg.svd`` as mergekit.
+
+Parallelism: batches of at most ``batch_bytes`` of fp32 task vectors are factored by ``threads`` worker
+threads at once, each with one intra-op thread (torch releases the GIL): on the 2-core machine the
+OpenMP barriers of two threads per operation cost more than they gave, busy or not (bench/RESULTS.md).
+The main thread writes the full tensors while the first batches run, then each batch's factors in order,
+in the fine-tune's dtype, into a temporary folder beside ``out_path``, renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,6 +66,7 @@ from ..vocab import is_vocab_tensor
 INPUT_EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|shared)\.weight$"
                             r"|^backbone\.embeddings\.weight$")
 ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+SVD_KINDS = ("krylov", "randomized", "exact")
 
 
 @dataclasses.dataclass
@@ -65,12 +77,13 @@ class ExtractReport:
     max_rank: int  # r of adapter_config.json
     svd: str  # "randomized" | "exact" | "randomized+exact" (small matrices fall back)
     wall_s: float
-    svd_s: float
+    svd_s: float  # summed over the worker threads
     ranks: dict[str, int]
+    threads: int = 1
 
     def summary(self) -> str:
         return (f"extracted {self.factored} LoRA modules (r = {self.max_rank}, {self.svd} SVD) and {self.saved} "
-                f"full tensors -> {self.out_path} in {self.wall_s:.2f} s ({self.svd_s:.2f} s in SVD)")
+                f"full tensors -> {self.out_path} in {self.wall_s:.2f} s ({self.svd_s:.2f} s in SVD on {self.threads} threads)")
 
 
 @dataclasses.dataclass
@@ -93,11 +106,12 @@ class _SafetensorsStream:
 
     def add(self, name: str, t: Any) -> None:
         t = t.contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 1-D: stride 1 even for size-1 dims
+        nbytes = t.numel() * t.element_size()
         dt = str(t.dtype).removeprefix("torch.")
-        self.header[name] = {"dtype": ST_DTYPE[dt], "shape": list(t.shape), "data_offsets": [self.pos, self.pos + len(raw)]}
-        self.data.write(raw)
-        self.pos += len(raw)
+        self.header[name] = {"dtype": ST_DTYPE[dt], "shape": list(t.shape), "data_offsets": [self.pos, self.pos + nbytes]}
+        if nbytes:
+            self.data.write(t.reshape(-1).view(torch.uint8).numpy().data)  # 1-D: stride 1 even for size-1 dims; no copy
+        self.pos += nbytes
 
     def close(self) -> None:
         self.data.close()
@@ -106,16 +120,40 @@ class _SafetensorsStream:
         with open(self.path, "wb") as f, open(str(self.path) + ".data", "rb") as d:
             f.write(struct.pack("<Q", len(head)))
             f.write(head)
-            shutil.copyfileobj(d, f, 16 << 20)
+            f.flush()
+            _append(d, f, self.pos)
         os.unlink(str(self.path) + ".data")
 
 
-def _factor(deltas: Any, k: int, svd: str, power_iters: int, seed: int, oversample: int | None = None) -> tuple[Any, Any, Any, str]:
+def _append(src: Any, dst: Any, nbytes: int) -> None:
+    """Copy ``nbytes`` of ``src`` to ``dst`` at their file positions, in the kernel (copy_file_range: no pass
+    through Python's buffers) where the OS and file system allow it, else with ``shutil.copyfileobj``."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:
+            if done:
+                raise
+    if done < nbytes:
+        src.seek(done)
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def _factor(deltas: Any, k: int, svd: str, power_iters: int, seed: int, oversample: int | None = None,
+            krylov_block: int | None = None, krylov_iters: int = 4) -> tuple[Any, Any, Any, str]:
     """Top-k SVD of a batch (B, m, n): U (B, m, k), S (B, k), V (B, n, k) and which SVD ran."""
+    from ..ops.krylov_svd import krylov_svd
     from ..ops.randomized_svd import EXACT_ABOVE, auto_oversample, randomized_svd
 
     r = min(deltas.shape[-2:])
     k = min(k, r)
+    if svd == "krylov":
+        return krylov_svd(deltas, k, block=krylov_block, iters=krylov_iters, seed=seed)
     if svd == "exact" or k + auto_oversample(k, oversample) >= EXACT_ABOVE * r:
         u, s, vh = torch.linalg.svd(deltas, full_matrices=False)
         return u[..., :k], s[..., :k], vh[..., :k, :].mT, "exact"
@@ -127,16 +165,18 @@ def extract_lora(
     model: str | Path, base_model: str | Path, out_path: str | Path, *, max_rank: int = 128, sv_epsilon: float = 0.0,
     embed_lora: bool = False, save_modules: Sequence[str] = (), include_regexes: Sequence[str] = (),
     exclude_regexes: Sequence[str] = (), skip_undecomposable: bool = False, distribute_scale: bool = True,
-    svd: str = "randomized", power_iters: int = 2, oversample: int | None = None, seed: int = 0, threads: int = 0,
-    batch_bytes: int = 256 << 20,
-    overwrite: bool = False,
+    svd: str = "krylov", power_iters: int = 2, oversample: int | None = None, krylov_block: int | None = None,
+    krylov_iters: int = 4, seed: int = 0, threads: int = 0, batch_bytes: int = 64 << 20, overwrite: bool = False,
 ) -> ExtractReport:
     """Extract ``model − base_model`` as a PEFT LoRA adapter into ``out_path`` (see the module docstring)."""
     t0 = time.perf_counter()
     if not isinstance(max_rank, int) or max_rank < 1:
         raise ConfigError(f"--max-rank: expected a positive integer, got {max_rank!r}")
-    if svd not in ("randomized", "exact"):
-        raise ConfigError(f"--svd: expected 'randomized' or 'exact', got {svd!r}")
+    if svd not in SVD_KINDS:
+        raise ConfigError(f"--svd: expected one of {', '.join(SVD_KINDS)}, got {svd!r}")
+    if krylov_iters < 0 or (krylov_block is not None and krylov_block < 1) or power_iters < 0 or threads < 0:
+        raise ConfigError(f"--krylov-iters {krylov_iters}, --krylov-block {krylov_block}, --power-iters {power_iters}, "
+                          f"--threads {threads}: expected counts >= 0 (block >= 1)")
     if sv_epsilon < 0:
         raise ConfigError(f"--sv-epsilon: expected >= 0, got {sv_epsilon}")
     for r in [*include_regexes, *exclude_regexes]:
@@ -201,55 +241,80 @@ def extract_lora(
     from ..io.reader import ModelReader
 
     readers = {"ft": ModelReader(ft), "base": ModelReader(base)}
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    read_lock = threading.Lock()  # ModelReader keeps an LRU of open files: one reader call at a time
+
+    def read(which: str, info: TensorInfo) -> Any:
+        with read_lock:
+            return readers[which].get(info)
+
+    def factor_batch(batch: list[_Lora], transpose: bool, m: int, n: int) -> tuple[list[tuple[str, Any]], dict[str, int], str, float]:
+        """One batch on a worker thread: Δ in fp32, its SVD, the factors in the output dtype."""
+        d = torch.empty((len(batch), m, n), dtype=torch.float32)
+        for i, lo in enumerate(batch):
+            x, y = read("ft", lo.weight), read("base", lo.base)
+            di = d[i].T if transpose else d[i]
+            di.copy_(x)  # bf16 -> fp32 once, then the fp32 subtraction in place (no full-size temporaries)
+            di.sub_(y)
+            del x, y
+        ts = time.perf_counter()
+        u, s, v, kind = _factor(d, max_rank, svd, power_iters, seed, oversample, krylov_block, krylov_iters)
+        took = time.perf_counter() - ts
+        del d
+        tensors: list[tuple[str, Any]] = []
+        rk: dict[str, int] = {}
+        for i, lo in enumerate(batch):
+            k = s.shape[-1]
+            if sv_epsilon > 0:
+                k = max(1, min(k, int((s[i] > sv_epsilon).sum())))
+            sq = s[i, :k].sqrt() if distribute_scale else s[i, :k]
+            a = (v[i, :, :k] * sq).T  # (k, n)
+            bm = u[i, :, :k] * sq if distribute_scale else u[i, :, :k]  # (m, k)
+            dt = torch.promote_types(getattr(torch, lo.weight.dtype), getattr(torch, lo.base.dtype))
+            if transpose:
+                tensors += [(f"{PREFIX}{lo.module}.lora_embedding_A", a.to(dt)), (f"{PREFIX}{lo.module}.lora_embedding_B", bm.to(dt))]
+            else:
+                tensors += [(f"{PREFIX}{lo.module}.lora_A.weight", a.to(dt)), (f"{PREFIX}{lo.module}.lora_B.weight", bm.to(dt))]
+            if lo.bias is not None:
+                db = read("ft", lo.bias[0]).float() - read("base", lo.bias[1]).float()
+                tensors.append((f"{PREFIX}{lo.module}.lora_B.bias", db.to(dt)))
+            rk[lo.module] = k
+        return tensors, rk, kind, took
+
     ranks: dict[str, int] = {}
     kinds: set[str] = set()
     svd_s = 0.0
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
+    workers = threads or os.cpu_count() or 1
     saved_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastmerge-extract")
+    torch.set_num_threads(1)  # process-wide while extracting (parallel over batches instead); restored after
     try:
         w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS)
+        jobs = []
         groups: dict[tuple, list[_Lora]] = {}
         for lo in loras:
             groups.setdefault((lo.weight.shape, lo.transpose), []).append(lo)
         for (shape, transpose), items in groups.items():
             m, n = (shape[1], shape[0]) if transpose else shape
             per = max(1, batch_bytes // (4 * m * n))
-            for b0 in range(0, len(items), per):
-                batch = items[b0:b0 + per]
-                d = torch.empty((len(batch), m, n), dtype=torch.float32)
-                for i, lo in enumerate(batch):
-                    x = readers["ft"].get(lo.weight).float()
-                    x -= readers["base"].get(lo.base)
-                    d[i].copy_(x.T if transpose else x)
-                    del x
-                ts = time.perf_counter()
-                u, s, v, kind = _factor(d, max_rank, svd, power_iters, seed, oversample)
-                svd_s += time.perf_counter() - ts
-                kinds.add(kind)
-                del d
-                for i, lo in enumerate(batch):
-                    k = s.shape[-1]
-                    if sv_epsilon > 0:
-                        k = max(1, min(k, int((s[i] > sv_epsilon).sum())))
-                    sq = s[i, :k].sqrt() if distribute_scale else s[i, :k]
-                    a = (v[i, :, :k] * sq).T  # (k, n)
-                    bm = u[i, :, :k] * sq if distribute_scale else u[i, :, :k]  # (m, k)
-                    dt = torch.promote_types(getattr(torch, lo.weight.dtype), getattr(torch, lo.base.dtype))
-                    if transpose:
-                        w.add(f"{PREFIX}{lo.module}.lora_embedding_A", a.to(dt))
-                        w.add(f"{PREFIX}{lo.module}.lora_embedding_B", bm.to(dt))
-                    else:
-                        w.add(f"{PREFIX}{lo.module}.lora_A.weight", a.to(dt))
-                        w.add(f"{PREFIX}{lo.module}.lora_B.weight", bm.to(dt))
-                    if lo.bias is not None:
-                        db = readers["ft"].get(lo.bias[0]).float() - readers["base"].get(lo.bias[1]).float()
-                        w.add(f"{PREFIX}{lo.module}.lora_B.bias", db.to(dt))
-                    ranks[lo.module] = k
-        for info in full:
-            w.add(PREFIX + info.name, readers["ft"].get(info))
+            jobs += [(items[b0:b0 + per], transpose, m, n) for b0 in range(0, len(items), per)]
+        # at most workers + 1 batches in flight (bounded memory); results written in submission order
+        pending: collections.deque = collections.deque()
+        it = iter(jobs)
+        for job in itertools.islice(it, workers + 1):
+            pending.append(pool.submit(factor_batch, *job))
+        for info in full:  # written while the first batches run
+            w.add(PREFIX + info.name, read("ft", info))
+        while pending:
+            tensors, rk, kind, took = pending.popleft().result()
+            for job in itertools.islice(it, 1):
+                pending.append(pool.submit(factor_batch, *job))
+            for name, t in tensors:
+                w.add(name, t)
+            ranks.update(rk)
+            kinds.add(kind)
+            svd_s += took
         w.close()
         r = max(ranks.values(), default=1)
         factored_last: dict[str, list[str]] = {}
@@ -274,8 +339,8 @@ def extract_lora(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if threads:
-            torch.set_num_threads(saved_threads)
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(saved_threads)
     kind = "+".join(sorted(kinds, reverse=True)) or svd
     return ExtractReport(str(out), len(ranks), len(full), max(ranks.values(), default=0), kind,
-                         time.perf_counter() - t0, svd_s, ranks)
+                         time.perf_counter() - t0, svd_s, ranks, workers)

@@ -34,11 +34,11 @@ def _sd(p: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("svd", ["randomized", "exact"])
-def test_extract_then_peft_load_and_reconstruction_error(fam, tmp_path, svd):
+@pytest.mark.parametrize("svd,threads", [("krylov", 2), ("krylov", 1), ("randomized", 1), ("exact", 1)])
+def test_extract_then_peft_load_and_reconstruction_error(fam, tmp_path, svd, threads):
     base, ft = fam
-    k = 12  # l = 24 < 128/2: the randomized path runs on every matrix
-    rep = extract_lora(ft, base, tmp_path / "ad", max_rank=k, svd=svd, threads=1)
+    k = 12  # randomized: l = 24 < 128/2, krylov: 5 blocks of 6 = 30 < 64: the sketch runs on every matrix
+    rep = extract_lora(ft, base, tmp_path / "ad", max_rank=k, svd=svd, threads=threads, batch_bytes=128 * 344 * 4 * 3)
     assert rep.svd == svd and rep.max_rank == k and rep.factored == 14
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == k and cfg["lora_alpha"] == k and sorted(cfg["modules_to_save"]) == sorted(
