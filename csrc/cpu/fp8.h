@@ -3,14 +3,13 @@
 // An FP8 input is passed where any input (or the base) is, with the dtype code FP8 (common.h) and, instead of
 // the data pointer, the address of an Fp8Src descriptor: the weight's bytes and how its scales apply (one per
 // 128x128 block of DeepSeek-V3's `W_scale_inv`, one per row, one per tensor, or none). Every kernel reads its
-// inputs through common.h's load_block / load_f32 and gta_cpu.h's vload_dt, which call the loaders below for
-// that code, so each fused pass dequantises in registers or in its L1 block rows: no fp32 copy of the model.
+// inputs through common.h's load_block / load_f32 (gta_cpu.h's fused block dequantises an FP8 operand's block
+// with load_block into a scratch row first), which call the loaders of fp8.cpp for that code, so each pass
+// dequantises a 1024-element block at a time into its L1 rows: no fp32 copy of the model.
 //
 // The value of byte b at flat index i is fp32(b) · scale(i), one fp32 multiply: exactly the torch reference
 // (fastmerge/io/fp8.py `dequantize`: `w.to(float32)` then `mul_` by the scale in fp32), so a merge of FP8
-// inputs is bit-identical to the same kernel run on their dequantised fp32 copies. fp32(b) is a table of the
-// 256 values of each format, built from the bit layout (exact: every FP8 value is an fp32 value), NaN payloads
-// as torch 2.13 writes them (sign | 0x7fc00000 | mantissa shifted to the top).
+// inputs is bit-identical to the same kernel run on their dequantised fp32 copies (fp8_decode below).
 #pragma once
 
 #include <cstdint>
@@ -42,50 +41,30 @@ struct Fp8Src {
 };
 static_assert(sizeof(Fp8Src) == 56, "Fp8Src is mirrored by a ctypes structure in fastmerge/_native.py");
 
-// The fp32 bits of every byte of one format (exact decoding; the tests compare all 256 with torch's cast).
-constexpr uint32_t fp8_bits(uint32_t b, int format) {
-  const int mbits = format == FP8_E4M3FN ? 3 : 2;
-  const int ebits = 7 - mbits;
-  const uint32_t bias = format == FP8_E4M3FN ? 7u : 15u;
+// The fp32 value of FP8 byte b (format F), decoded from its bit layout without branches (selects and integer
+// operations, which GCC vectorises: 8 or 16 bytes per few instructions; a 256-entry table needs a gather, and
+// AVX2's took ties on FP8 inputs to 1.5x its time on fp32 copies). Exact: every FP8 value is an fp32 value;
+// subnormals m · 2^(1 − bias − mantissa bits) are an exact product; NaN payloads as torch 2.13 writes them
+// (sign | 0x7fc00000 | mantissa at the top); e5m2's exponent 31 with mantissa 0 is ±inf.
+template <int F>
+FM_ALWAYS_INLINE float fp8_decode(uint32_t b) {
+  constexpr uint32_t MB = F == FP8_E4M3FN ? 3u : 2u;
+  constexpr uint32_t EMAX = F == FP8_E4M3FN ? 15u : 31u;
+  constexpr uint32_t BIAS = F == FP8_E4M3FN ? 7u : 15u;
+  constexpr float SUB = F == FP8_E4M3FN ? 0x1p-9f : 0x1p-16f;
   const uint32_t sign = (b & 0x80u) << 24;
-  const uint32_t e = (b >> mbits) & ((1u << ebits) - 1u);
-  const uint32_t m = b & ((1u << mbits) - 1u);
-  const bool nan = format == FP8_E4M3FN ? (e == 15u && m == 7u) : (e == 31u && m != 0u);
-  if (nan) return sign | 0x7fc00000u | (m << (23 - mbits));
-  if (format == FP8_E5M2 && e == 31u) return sign | 0x7f800000u;  // e4m3fn has no inf
-  if (e == 0u) {
-    if (m == 0u) return sign;
-    // subnormal: m · 2^(1 − bias − mbits); normalise m (at most 3 bits) into an fp32 normal
-    int shift = 0;
-    uint32_t mm = m;
-    while ((mm & (1u << mbits)) == 0u) {
-      mm <<= 1;
-      ++shift;
-    }
-    const uint32_t exp32 = uint32_t(int(127) + 1 - int(bias) - shift);
-    return sign | (exp32 << 23) | ((mm & ((1u << mbits) - 1u)) << (23 - mbits));
+  const uint32_t e = (b >> MB) & EMAX;
+  const uint32_t m = b & ((1u << MB) - 1u);
+  const uint32_t normal = sign | ((e + (127u - BIAS)) << 23) | (m << (23 - MB));
+  const uint32_t sub = f32_bits(float(int32_t(m)) * SUB) | sign;
+  const uint32_t nan = sign | 0x7fc00000u | (m << (23 - MB));
+  uint32_t r = e == 0u ? sub : normal;
+  if (F == FP8_E4M3FN) {
+    r = (e == EMAX && m == 7u) ? nan : r;
+  } else {
+    r = e == EMAX ? (m == 0u ? (sign | 0x7f800000u) : nan) : r;
   }
-  return sign | ((e - bias + 127u) << 23) | (m << (23 - mbits));
-}
-
-struct Fp8Table {
-  uint32_t bits[2][256];
-  constexpr Fp8Table() : bits() {
-    for (int f = 0; f < 2; ++f) {
-      for (uint32_t b = 0; b < 256; ++b) bits[f][b] = fp8_bits(b, f);
-    }
-  }
-};
-alignas(64) inline constexpr Fp8Table kFp8Table{};
-
-#if defined(__GNUC__)
-typedef float fp8_alias_float __attribute__((may_alias));  // the table's uint32 bits read as fp32, legally
-#else
-typedef float fp8_alias_float;
-#endif
-
-FM_ALWAYS_INLINE const fp8_alias_float* fp8_lut(int32_t format) {
-  return reinterpret_cast<const fp8_alias_float*>(kFp8Table.bits[format == FP8_E5M2 ? 1 : 0]);
+  return bits_f32(r);
 }
 
 // The scale of the element at flat index i, and how many elements from i on share it (to the end of its row
@@ -114,33 +93,9 @@ FM_ALWAYS_INLINE int64_t fp8_scale_run(const Fp8Src& s, int64_t i, float* sc) {
 inline float fp8_load_one_inl(const Fp8Src& s, int64_t i) {
   float sc;
   fp8_scale_run(s, i, &sc);
-  return fm_mul(fp8_lut(s.format)[s.data[i]], sc);
+  const uint32_t b = s.data[i];
+  return fm_mul(s.format == FP8_E5M2 ? fp8_decode<FP8_E5M2>(b) : fp8_decode<FP8_E4M3FN>(b), sc);
 }
-
-#if defined(__GNUC__)
-// W consecutive elements from flat index i, for gta_cpu.h's fused block: the table gathered into a vector and
-// one vector multiply where the W elements share a scale (a whole chunk inside one 128-column block: every
-// chunk of a DeepSeek-V3 matrix, whose rows are multiples of 16 long); lane by lane otherwise.
-template <class VF, int W>
-FM_ALWAYS_INLINE VF fp8_vload(const void* src, int64_t i) {
-  const Fp8Src& s = *static_cast<const Fp8Src*>(src);
-  const fp8_alias_float* lut = fp8_lut(s.format);
-  const uint8_t* d = s.data + i;
-  float sc;
-  const int64_t run = fp8_scale_run(s, i, &sc);
-  alignas(64) float f[W];
-  if (run >= W) {
-    for (int l = 0; l < W; ++l) f[l] = lut[d[l]];
-    VF v;
-    std::memcpy(&v, f, sizeof v);
-    return v * sc;
-  }
-  for (int l = 0; l < W; ++l) f[l] = fp8_load_one_inl(s, i + l);
-  VF v;
-  std::memcpy(&v, f, sizeof v);
-  return v;
-}
-#endif
 
 // Why a descriptor cannot be read ("" if it can): the binding's check of a dtype-FP8 argument.
 inline std::string fp8_src_problem(const void* p) {
