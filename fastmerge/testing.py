@@ -417,6 +417,22 @@ class Qwen3MoeShape:
 # with the Hugging Face tensor names and nested ``text_config`` / ``vision_config``. Tiny by default.
 
 
+#: transformers >= 4.52 names a vision-language checkpoint's tensors differently: (earlier prefix, its
+#: replacement), the first match applies
+MODERN_LLAVA = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+MODERN_GEMMA3 = (("vision_tower.vision_model.", "model.vision_tower."),) + MODERN_LLAVA  # transformers 5: no vision_model.
+MODERN_QWEN_VL = (("model.", "model.language_model."), ("visual.", "model.visual."))
+
+
+def _renamed(specs: list[tuple[str, tuple[int, ...]]], rules: tuple[tuple[str, str], ...]) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for name, shape in specs:
+        old, new = next(((o, n) for o, n in rules if name.startswith(o)), ("", ""))
+        out.append((new + name[len(old):], shape))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Mistral3Shape:
     """Mistral3ForConditionalGeneration (Mistral-Small-3.1's LLaVA layout: ``language_model.``, a Pixtral
@@ -434,6 +450,8 @@ class Mistral3Shape:
     vision_heads: int = 2
     patch: int = 4
     spatial_merge: int = 2
+    #: the names transformers >= 4.52 saves (``model.language_model.``...), not the earlier ones mergekit 0.1.5 knows
+    modern: bool = False
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         h, v, s = self.hidden, self.vision_hidden, self.spatial_merge
@@ -451,7 +469,7 @@ class Mistral3Shape:
                 (q + "patch_merger.merging_layer.weight", (v, v * s * s))]
         out += [(f"language_model.{n}", sh) for n, sh in LlamaShape(h, self.layers, self.intermediate, self.vocab, self.heads,
                                                                      self.kv_heads).tensors()]
-        return out
+        return _renamed(out, MODERN_LLAVA if self.modern else ())
 
     @property
     def numel(self) -> int:
@@ -498,6 +516,8 @@ class Qwen2VLShape:
     patch: int = 2
     temporal_patch: int = 2
     spatial_merge: int = 2
+    #: the names transformers >= 4.52 saves (``model.language_model.``...), not the earlier ones mergekit 0.1.5 knows
+    modern: bool = False
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         h, i, e = self.hidden, self.intermediate, self.vision_embed
@@ -521,7 +541,7 @@ class Qwen2VLShape:
         out += [("visual.merger.mlp.0.bias", (g,)), ("visual.merger.mlp.0.weight", (g, g)), ("visual.merger.mlp.2.bias", (h,)),
                 ("visual.merger.mlp.2.weight", (h, g)),
                 ("visual.patch_embed.proj.weight", (e, 3, self.temporal_patch, self.patch, self.patch))]
-        return out
+        return _renamed(out, MODERN_QWEN_VL if self.modern else ())
 
     def _vision_mlp_norms(self, p: str) -> list[tuple[str, tuple[int, ...]]]:
         """A vision block's MLP (fc1/fc2, GELU) and LayerNorms (weight and bias)."""
@@ -602,6 +622,8 @@ class Gemma3VLShape:
     vision_heads: int = 2
     image_size: int = 16
     patch: int = 4
+    #: the names transformers >= 4.52 saves (``model.language_model.``...), not the earlier ones mergekit 0.1.5 knows
+    modern: bool = False
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         h, i, d, v, vi = self.hidden, self.intermediate, self.head_dim, self.vision_hidden, self.vision_intermediate
@@ -627,7 +649,7 @@ class Gemma3VLShape:
             out += [(p + f"self_attn.{x}_proj.{w}", (v,) if w == "bias" else (v, v))
                     for x in ("k", "out", "q", "v") for w in ("bias", "weight")]
         out += [(q + "post_layernorm.bias", (v,)), (q + "post_layernorm.weight", (v,))]
-        return out
+        return _renamed(out, MODERN_GEMMA3 if self.modern else ())
 
     @property
     def numel(self) -> int:

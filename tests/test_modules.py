@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from fastmerge import merge, merge_tensors, plan
 from fastmerge.config import MergeConfig
 from fastmerge.errors import CheckpointError, ConfigError
-from fastmerge.testing import Gemma3VLShape, LlamaShape, Mistral3Shape, Qwen2VLShape, make_family
+from fastmerge.testing import (MODERN_GEMMA3, MODERN_LLAVA, MODERN_QWEN_VL, Gemma3VLShape, LlamaShape, Mistral3Shape, Qwen2VLShape,
+                               Qwen25VLShape, make_family)
 from helpers.parity import load_model
 
 M3 = Mistral3Shape(hidden=32, layers=4, intermediate=48, heads=2, kv_heads=1, vocab=64, vision_hidden=16,
@@ -195,6 +196,53 @@ def test_gemma3_text_slices_rebuild_its_per_layer_config(tmp_path):
     assert not any("lm_head" in n for n in got)
     n = "language_model.model.layers.{}.self_attn.q_norm.weight"
     assert torch.equal(got[n.format(4)], f1[n.format(2)]) and torch.equal(got[n.format(3)], f1[n.format(1)])
+
+
+SMALL = dict(hidden=32, layers=4, intermediate=48, heads=2, kv_heads=1, vocab=64)
+MODERN_CASES = [
+    (Mistral3Shape(**SMALL, vision_hidden=16, vision_layers=3, vision_intermediate=24, vision_heads=2, patch=2), MODERN_LLAVA),
+    (Gemma3VLShape(**SMALL, head_dim=16, vision_hidden=16, vision_layers=3, vision_intermediate=24, vision_heads=2), MODERN_GEMMA3),
+    (Qwen2VLShape(**SMALL, vision_embed=16, vision_depth=3), MODERN_QWEN_VL),
+    (Qwen25VLShape(**SMALL, vision_embed=16, vision_depth=3), MODERN_QWEN_VL),
+]
+
+
+@pytest.mark.parametrize("shape,rules", MODERN_CASES, ids=[type(s).__name__ for s, _ in MODERN_CASES])
+def test_names_transformers_saves_merge_as_the_earlier_ones(tmp_path, shape, rules):
+    """transformers >= 4.52 saves these models as ``model.language_model.layers.N``, ``model.visual...``,
+    ``lm_head`` (mergekit 0.1.5 knows only the earlier names): the same family under either naming gives the
+    same merge, tensor for tensor under the new names, with ``modules`` (slices renumbering text and vision
+    layers) and with plain ``models``."""
+    import dataclasses
+
+    old = make_family(tmp_path / "old", shape, n_finetunes=1, dtype="float32")
+    new = make_family(tmp_path / "new", dataclasses.replace(shape, modern=True), n_finetunes=1, dtype="float32")
+
+    def configs(fam):
+        base, (ft1,) = fam
+        sl = [{"sources": [{"model": str(base), "layer_range": [0, 2]}, {"model": str(ft1), "layer_range": [0, 2]}]},
+              {"sources": [{"model": str(base), "layer_range": [1, 3]}, {"model": str(ft1), "layer_range": [1, 3]}]}]
+        return [
+            {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5, "weight": [0.2, 1.0]},
+             "modules": {"text_decoder": {"slices": sl}, "vision_tower": {"slices": sl, "parameters": {"density": 0.8}},
+                         "multi_modal_projector": {"models": [str(ft1)]}}},
+            {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5, "weight": [0.2, 1.0]},
+             "models": [str(ft1)]},
+        ]
+
+    def renamed(name):
+        o, n = next(((o, n) for o, n in rules if name.startswith(o)), ("", ""))
+        return n + name[len(o):]
+
+    for k, (c_old, c_new) in enumerate(zip(configs(old), configs(new))):
+        merge(c_old, tmp_path / f"o{k}", progress=False)
+        merge(c_new, tmp_path / f"n{k}", progress=False)
+        a, b = load_model(tmp_path / f"o{k}"), load_model(tmp_path / f"n{k}")
+        assert sorted(renamed(n) for n in a) == sorted(b)
+        assert all(torch.equal(a[n], b[renamed(n)]) for n in a)
+        ca, cb = (json.loads((tmp_path / f"{x}{k}" / "config.json").read_text()) for x in "on")
+        assert ca == cb
+    assert len(load_model(tmp_path / "n0")) > len(load_model(new[0]))  # the slices added a vision layer (4 from 3)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -55,14 +55,17 @@ def check_architectures(roots: Mapping[str, Path], allow_crimes: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Multi-module models (``modules:``): which tensors belong to which module, as the Hugging Face
-# checkpoints of these architectures name them (the names mergekit 0.1.5's architecture files use).
+# checkpoints of these architectures name them: the names mergekit 0.1.5's architecture files use
+# (``language_model.model.layers.N``, ``visual.blocks.N``...) and the names transformers >= 4.52 saves
+# (``model.language_model.layers.N``, ``model.visual.blocks.N``, ``lm_head``...), which mergekit 0.1.5
+# does not know.
 
 
 @dataclass(frozen=True)
 class ModuleLayout:
     """One module of a multi-module architecture. A tensor belongs to the module with the longest of all
-    modules' ``prefixes`` that its name starts with. ``layer``: the prefix of the module's layer tensors
-    with ``{}`` for the index (None: no layers); ``layers_keys``: the config.json keys (dotted into nested
+    modules' ``prefixes`` that its name starts with. ``layers``: the prefixes of the module's layer tensors
+    with ``{}`` for the index, one per naming (empty: no layers); ``layers_keys``: the config.json keys (dotted into nested
     configs) holding its number of layers, the one read first (Qwen2-VL keeps the text model's both at the
     top level and in ``text_config``: a merge that changes it sets every one present); ``post``: the
     non-layer tensors that come after the layers (taken from the last slice, as mergekit's post weights);
@@ -70,16 +73,17 @@ class ModuleLayout:
 
     name: str
     prefixes: tuple[str, ...]
-    layer: str | None = None
+    layers: tuple[str, ...] = ()
     layers_keys: tuple[str, ...] = ()
     post: tuple[str, ...] = ()
 
     @functools.cached_property  # compiled once per layout (a 45k-tensor checkpoint asks it for every name)
     def _layer_re(self) -> re.Pattern[str] | None:
-        if self.layer is None:
+        if not self.layers:
             return None
-        head, tail = (re.escape(p) for p in self.layer.split("{}"))
-        return re.compile(f"^{head}(\\d+){tail}")
+        heads = "|".join(re.escape(t.split("{}")[0]) for t in self.layers)
+        assert all(t.endswith("{}.") for t in self.layers), self.layers
+        return re.compile(f"^(?:{heads})(\\d+)\\.")
 
     def layer_of(self, tensor: str) -> int | None:
         """The module layer ``tensor`` belongs to, None for the module's other tensors."""
@@ -96,7 +100,7 @@ class ModuleLayout:
     def num_layers(self, config: dict, tensors: Iterable[str]) -> int:
         """Its number of layers: the first of ``layers_keys`` in ``config`` (config.json), else one more
         than the largest layer index among ``tensors``; 0 without layers."""
-        if self.layer is None:
+        if not self.layers:
             return 0
         for key in self.layers_keys:
             v: Any = config
@@ -108,34 +112,45 @@ class ModuleLayout:
         return max(idx) + 1 if idx else 0
 
 
-def _llava_like(vision_layer: str, vision_post: tuple[str, ...] = ()) -> tuple[ModuleLayout, ...]:
-    """LLaVA's naming (``language_model.`` / ``vision_tower.`` / ``multi_modal_projector.``), text and
-    vision layer counts in the nested ``text_config`` / ``vision_config``."""
-    lm = "language_model."
+def _llava_like(vision: str, vision_layers: tuple[str, ...], vision_post: tuple[str, ...] = ()) -> tuple[ModuleLayout, ...]:
+    """LLaVA's naming: ``language_model.`` (``model.language_model.`` and ``lm_head.`` as transformers >= 4.52
+    saves it), the vision tower under ``vision`` (``model.vision_tower.``), ``multi_modal_projector.``
+    (``model.multi_modal_projector.``); text and vision layer counts in ``text_config`` / ``vision_config``."""
+    lm, new = "language_model.", "model.language_model."
     return (
-        ModuleLayout("text_decoder", (lm,), lm + "model.layers.{}.", ("text_config.num_hidden_layers",),
-                     (lm + "model.norm.weight", lm + "lm_head.weight")),
-        ModuleLayout("vision_tower", ("vision_tower.",), vision_layer, ("vision_config.num_hidden_layers",), vision_post),
-        ModuleLayout("multi_modal_projector", ("multi_modal_projector.",)),
+        ModuleLayout("text_decoder", (lm, new, "lm_head."), (lm + "model.layers.{}.", new + "layers.{}."),
+                     ("text_config.num_hidden_layers",),
+                     (lm + "model.norm.weight", lm + "lm_head.weight", new + "norm.weight", "lm_head.weight")),
+        ModuleLayout("vision_tower", (vision, "model.vision_tower."), vision_layers, ("vision_config.num_hidden_layers",), vision_post),
+        ModuleLayout("multi_modal_projector", ("multi_modal_projector.", "model.multi_modal_projector.")),
     )
 
 
 def _qwen2_vl(text_layers_keys: tuple[str, ...]) -> tuple[ModuleLayout, ...]:
-    """Qwen2-VL's naming: the text model at the top level (``model.``, ``lm_head.``), the vision tower under
-    ``visual.``, its patch merger (the projector) under ``visual.merger.``."""
+    """Qwen2-VL's naming: the text model at the top level (``model.``, ``lm_head.``; ``model.language_model.``
+    as transformers >= 4.52 saves it), the vision tower under ``visual.`` (``model.visual.``), its patch
+    merger (the projector) under ``visual.merger.`` (``model.visual.merger.``)."""
+    new = "model.language_model."
     return (
-        ModuleLayout("text_decoder", ("model.", "lm_head."), "model.layers.{}.", text_layers_keys, ("model.norm.weight", "lm_head.weight")),
-        ModuleLayout("vision_tower", ("visual.",), "visual.blocks.{}.", ("vision_config.depth",)),
-        ModuleLayout("multi_modal_projector", ("visual.merger.",)),
+        ModuleLayout("text_decoder", ("model.", "lm_head."), ("model.layers.{}.", new + "layers.{}."), text_layers_keys,
+                     ("model.norm.weight", new + "norm.weight", "lm_head.weight")),
+        ModuleLayout("vision_tower", ("visual.", "model.visual."), ("visual.blocks.{}.", "model.visual.blocks.{}."),
+                     ("vision_config.depth",)),
+        ModuleLayout("multi_modal_projector", ("visual.merger.", "model.visual.merger.")),
     )
 
 
 #: ``architectures[0]`` of config.json -> its modules, in mergekit 0.1.5's module names
 MODULES: dict[str, tuple[ModuleLayout, ...]] = {
-    "Mistral3ForConditionalGeneration": _llava_like("vision_tower.transformer.layers.{}."),
-    "Gemma3ForConditionalGeneration": _llava_like("vision_tower.vision_model.encoder.layers.{}.",
-                                                  ("vision_tower.vision_model.post_layernorm.bias",
-                                                   "vision_tower.vision_model.post_layernorm.weight")),
+    "Mistral3ForConditionalGeneration": _llava_like("vision_tower.", ("vision_tower.transformer.layers.{}.",
+                                                                      "model.vision_tower.transformer.layers.{}.")),
+    # SigLIP's tower: ``vision_tower.vision_model.`` before transformers 5, ``model.vision_tower.`` (4.52+: with
+    # ``vision_model.``) after
+    "Gemma3ForConditionalGeneration": _llava_like(
+        "vision_tower.", tuple(f"{p}encoder.layers.{{}}." for p in ("vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                                                                    "model.vision_tower.")),
+        tuple(f"{p}post_layernorm.{w}" for p in ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "model.vision_tower.")
+              for w in ("bias", "weight"))),
     "Qwen2VLForConditionalGeneration": _qwen2_vl(("num_hidden_layers", "text_config.num_hidden_layers")),
     "Qwen2_5_VLForConditionalGeneration": _qwen2_vl(("text_config.num_hidden_layers", "num_hidden_layers")),
 }
