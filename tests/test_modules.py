@@ -380,3 +380,13 @@ def test_parameter_warnings_name_where_the_parameter_is_written():
     cfg["modules"]["vision_tower"]["parameters"] = {"wieght": 1}
     with pytest.raises(ConfigError, match=r"modules\.vision_tower: parameters: unknown parameter 'wieght' \(did you mean 'weight'\?\)"):
         MergeConfig.from_dict(cfg)
+
+
+def test_mixed_architectures_are_named_before_modules(tmp_path, m3):
+    """A LLaMA among the inputs of a Mistral3 merge: the architecture check names it (not a module error)."""
+    base, (ft1, ft2) = m3
+    llama, _ = make_family(tmp_path, LlamaShape(hidden=16, layers=2, intermediate=24, vocab=32, heads=2), n_finetunes=0)
+    cfg = _per_module(m3)
+    cfg["modules"]["vision_tower"]["models"][1]["model"] = str(llama)
+    with pytest.raises(ConfigError, match=r"architecture LlamaForCausalLM .* differs from .*Mistral3ForConditionalGeneration"):
+        plan(cfg)
