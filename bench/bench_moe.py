@@ -1,19 +1,23 @@
 """Per-tensor overhead: merge throughput on a MoE family of >= 20k small tensors vs a family of large tensors.
 
-    python bench/bench_moe.py [--root DIR] [--repeat 3] [--mergekit] [--fp8]
+    python bench/bench_moe.py [--root DIR] [--repeat 3] [--mergekit] [--fp8] [--families moe-fp8,...]
 
 Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-tunes, bf16):
 
 - ``moe-small``: DeepSeek-V3-shaped with its real expert count (256 routed + 1 shared per MoE layer) and
-  tiny dimensions (hidden 64, experts of 32): 27 layers, 20,330 tensors per model of 4 KB each.
+  tiny dimensions (hidden 64, experts of 32): 27 layers, 20,347 tensors per model of 4 KB each.
 - ``dense-large``: LLaMA-shaped, hidden 1024, 4 layers: 39 tensors per model of 0.5-32 MB.
-- ``--fp8``: ``moe-small`` in DeepSeek-V3's FP8 layout (hidden 256, experts of 128: whole 128x128 blocks).
+- ``--fp8``: ``moe-small`` in DeepSeek-V3's FP8 layout (hidden 256, experts of 128: whole 128x128 blocks): the
+  native engine's kernels read the FP8 bytes and scales (csrc/cpu/fp8.h), the torch engine dequantises each
+  input tensor into fp32 in torch first (io.fp8.dequantize).
+- ``--families``: run only these (comma-separated names of the above).
 
-Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process) for ties and linear on
-the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``), the ratio of the
-large-tensor family's throughput to the small one's, the time of ``fastmerge plan`` (in-process
-``build_plan``) and, with ``--mergekit``, mergekit 0.1.5's wall time on the same configs (``mergekit-yaml``,
-a child process).
+Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process, planning included) for
+ties and linear on the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``),
+the merge loop's own time (``MergeReport.wall_s``: reading, kernels, writing), the ratio of the large-tensor
+family's throughput to the small one's, the time of ``fastmerge plan``'s work in-process (``build_plan``,
+then the plan's ``digest``) and, with ``--mergekit``, mergekit 0.1.5's wall time on the same configs
+(``mergekit-yaml``, a child process). Times are medians of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -56,17 +60,19 @@ def config(method: str, base: Path, fts: list[Path]) -> dict:
             "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in fts]}
 
 
-def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, int, str]:
+def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, float, int, str]:
+    """(median wall of fastmerge.merge, median of its merge loop's wall, bytes read, engine used)."""
     os.environ["FASTMERGE_FASTPATH"] = "1" if engine == "native" else "0"
-    times, nbytes, used = [], 0, ""
+    times, loops, nbytes, used = [], [], 0, ""
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             r = fastmerge.merge(cfg, Path(tmp) / "out", threads=2, progress=False)
             times.append(time.perf_counter() - t0)
+            loops.append(r.wall_s)
             nbytes, used = r.bytes_read, r.engine
     os.environ.pop("FASTMERGE_FASTPATH", None)
-    return statistics.median(times), nbytes, used
+    return statistics.median(times), statistics.median(loops), nbytes, used
 
 
 def run_mergekit(cfg: dict, timeout: float) -> float | None:
@@ -91,26 +97,31 @@ def main() -> None:
     ap.add_argument("--mergekit-timeout", type=float, default=900)
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--methods", default="ties,linear")
+    ap.add_argument("--families", default="moe-small,dense-large,moe-fp8")
     a = ap.parse_args()
     root = Path(a.root)
-    fams = {"moe-small": family(root, "moe-small", SMALL), "dense-large": family(root, "dense-large", LARGE)}
-    if a.fp8:
-        fams["moe-fp8"] = family(root, "moe-fp8", FP8, fp8=True)
+    shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
+    fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
     print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model", flush=True)
     for name, (base, fts) in fams.items():
-        t0 = time.perf_counter()
-        plan = fastmerge.plan(config("ties", base, fts))
-        print(f"plan {name}: {len(plan.tensors)} tensors in {time.perf_counter() - t0:.2f} s", flush=True)
+        builds, digests = [], []
+        for _ in range(a.repeat):
+            t0 = time.perf_counter()
+            plan = fastmerge.plan(config("ties", base, fts))
+            t1 = time.perf_counter()
+            plan.digest()
+            builds.append(t1 - t0)
+            digests.append(time.perf_counter() - t1)
+        print(f"plan {name}: {len(plan.tensors)} tensors, build_plan {statistics.median(builds):.2f} s, "
+              f"digest {statistics.median(digests):.2f} s", flush=True)
     rows = {}
     for method in a.methods.split(","):
         for name, (base, fts) in fams.items():
             for engine in ("native", "torch"):
-                if name == "moe-fp8" and engine == "native":
-                    continue
-                wall, nbytes, used = run_fastmerge(config(method, base, fts), engine, a.repeat)
+                wall, loop, nbytes, used = run_fastmerge(config(method, base, fts), engine, a.repeat)
                 rows[(method, name, engine)] = nbytes / wall / 1e9
-                print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s  {nbytes / 1e6:8.1f} MB  "
-                      f"{nbytes / wall / 1e9:6.3f} GB/s", flush=True)
+                print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s)  "
+                      f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
             if a.mergekit and name != "moe-fp8":
                 t = run_mergekit(config(method, base, fts), a.mergekit_timeout)
                 print(f"{method:7s} {name:12s} mergekit       " + (f"{t:7.2f} s" if t else f"> {a.mergekit_timeout:.0f} s"), flush=True)
@@ -118,6 +129,9 @@ def main() -> None:
             s, big = rows.get((method, "moe-small", engine)), rows.get((method, "dense-large", engine))
             if s and big:
                 print(f"{method} {engine}: large/small throughput ratio {big / s:.2f}", flush=True)
+        f_n, f_t = rows.get((method, "moe-fp8", "native")), rows.get((method, "moe-fp8", "torch"))
+        if f_n and f_t:
+            print(f"{method} moe-fp8: native engine {f_n / f_t:.2f}x the torch engine's throughput", flush=True)
 
 
 if __name__ == "__main__":
