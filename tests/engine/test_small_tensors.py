@@ -244,3 +244,33 @@ def test_ties_segments_checks_offsets():
         _native._C.ties_segments(x.data_ptr(), 2, [0, 6, 4, 8], [x.data_ptr()], [2], x.data_ptr(), 2, [1.0], [0.5],
                                  True, 1.0, 0, False)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# planning at MoE scale: plain settings resolved once, equal Params shared, checks still per value
+
+
+def test_plain_settings_share_one_params_and_gradients_do_not(moe_family):
+    base, fts = moe_family
+    plain = {"merge_method": "ties", "base_model": str(base),
+             "models": [{"model": str(f), "parameters": {"weight": 0.4, "density": 0.5}} for f in fts]}
+    p = plan(plain, progress=False)
+    assert len({id(t.params) for t in p.tensors}) == 1  # plan_text renders it once
+    # a gradient over the layers and a filter: the values still follow each tensor
+    p = plan(_doc(moe_family, "ties"), progress=False)
+    w = {t.name: t.params.weight for t in p.tensors}
+    assert w["model.layers.0.input_layernorm.weight"][0] == pytest.approx(0.1)
+    assert w["model.layers.2.input_layernorm.weight"][0] == pytest.approx(0.9)
+    assert w["model.layers.1.mlp.experts.3.up_proj.weight"][1] == pytest.approx(0.5)
+    assert w["model.layers.1.mlp.experts.4.up_proj.weight"][1] == pytest.approx(0.2)
+    assert len({id(t.params) for t in p.tensors}) == len({t.params for t in p.tensors})
+
+
+def test_a_bad_plain_value_is_still_refused(moe_family):
+    from fastmerge.errors import ConfigError
+
+    base, fts = moe_family
+    bad = {"merge_method": "ties", "base_model": str(base),
+           "models": [{"model": str(f), "parameters": {"weight": 0.4, "density": 1.5 if i else 0.5}} for i, f in enumerate(fts)]}
+    with pytest.raises(ConfigError, match=r"density of model #2 \(.*ft2\)"):
+        plan(bad, progress=False)
