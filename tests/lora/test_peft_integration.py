@@ -151,8 +151,8 @@ def _adapter_weights(pm, name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("ctype,kw", [
     ("ties", {"density": 0.5}), ("ties", {"density": 0.5, "majority_sign_method": "frequency"}), ("linear", {}),
-    ("magnitude_prune", {"density": 0.4}), ("dare_ties", {"density": 0.6}), ("ties_svd", {"density": 0.5}),
-])
+    ("magnitude_prune", {"density": 0.4}), ("dare_ties", {"density": 0.6}),
+])  # *_svd: the Krylov SVD replaces PEFT's full one (not bit for bit): test_dense_svd_types_within_1_02x_of_pefts_full_svd
 def test_add_weighted_adapter_same_adapter_with_enable(lora_pm, ctype, kw):
     tag = ctype + "_" + "_".join(map(str, kw.values())).replace(".", "")
     torch.manual_seed(5)  # the new adapter's init and DARE's masks come from the global generator
@@ -166,3 +166,114 @@ def test_add_weighted_adapter_same_adapter_with_enable(lora_pm, ctype, kw):
         assert torch.equal(got[k], want[k]), k
     assert any(v.abs().sum() > 0 for k, v in got.items() if ".lora_B." in k)
     _assert_original()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the *_svd combinations: LoraModel._svd_generalized_task_arithmetic_weighted_adapter replaced
+
+SVD_OWNER = lora_model.LoraModel
+SVD_ORIG = SVD_OWNER._svd_generalized_task_arithmetic_weighted_adapter
+BIG = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+           vocab_size=64, tie_word_embeddings=False)
+
+
+def test_enable_replaces_the_svd_method_and_disable_restores_it():
+    assert SVD_OWNER._svd_generalized_task_arithmetic_weighted_adapter is SVD_ORIG
+    with fpeft.patched():
+        assert SVD_OWNER._svd_generalized_task_arithmetic_weighted_adapter is fpeft.svd_weighted_adapter
+    assert SVD_OWNER._svd_generalized_task_arithmetic_weighted_adapter is SVD_ORIG
+    import inspect
+
+    assert list(inspect.signature(SVD_ORIG).parameters) == list(inspect.signature(fpeft.svd_weighted_adapter).parameters)
+
+
+@pytest.fixture(scope="module")
+def big_pm():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**BIG))
+    cfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens"])
+    pm = peft.get_peft_model(model, peft.LoraConfig(**cfg), adapter_name="a0")
+    for i in (1, 2, 3):
+        pm.add_adapter(f"a{i}", peft.LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return pm
+
+
+def _new_factors(pm, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) of adapter ``name``, in module order."""
+    out = {}
+    for mod_name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and name in mod.lora_A:
+            out[mod_name] = (mod.lora_A[name].weight.detach().clone(), mod.lora_B[name].weight.detach().clone())
+        elif hasattr(mod, "lora_embedding_A") and name in mod.lora_embedding_A:
+            out[mod_name] = (mod.lora_embedding_A[name].detach().clone(), mod.lora_embedding_B[name].detach().clone())
+    return out
+
+
+@pytest.mark.parametrize("ctype,kw", [
+    ("ties_svd", {"density": 0.5}), ("dare_ties_svd", {"density": 0.6}), ("magnitude_prune_svd", {"density": 0.4}),
+    ("dare_linear_svd", {"density": 0.7}), ("ties_svd", {"density": 0.5, "svd_clamp": 0.99}),
+])
+def test_dense_svd_types_within_1_02x_of_pefts_full_svd(big_pm, monkeypatch, ctype, kw):
+    """The same merged ΔW as PEFT (recorded as it enters the Krylov SVD; DARE: same seed, same masks), truncated
+    to the same rank: Frobenius error within 1.02x of PEFT's full-SVD truncation, module by module."""
+    import fastmerge.ops.krylov_svd as ks
+
+    seen: list[tuple[torch.Tensor, str]] = []
+    real = ks.krylov_svd
+
+    def record(a, k, **kwargs):
+        res = real(a, k, **kwargs)
+        seen.append((a.clone(), res[3]))
+        return res
+
+    monkeypatch.setattr(ks, "krylov_svd", record)
+    tag = ctype + "_" + "_".join(map(str, kw.values())).replace(".", "")
+    ws = [0.9, -0.5, 0.6, 0.3]
+    torch.manual_seed(5)
+    big_pm.add_weighted_adapter([f"a{i}" for i in range(4)], ws, f"ref_{tag}", combination_type=ctype, svd_rank=12, **kw)
+    with fpeft.patched():
+        torch.manual_seed(5)
+        big_pm.add_weighted_adapter([f"a{i}" for i in range(4)], ws, f"fast_{tag}", combination_type=ctype, svd_rank=12, **kw)
+    want, got = _new_factors(big_pm, f"ref_{tag}"), _new_factors(big_pm, f"fast_{tag}")
+    assert list(want) == list(got) and len(seen) == len(got) == 5, (len(seen), list(got))
+    for (mod, (a, b)), (m, kind) in zip(got.items(), seen):
+        assert kind == "krylov", mod
+        ra, rb = want[mod]
+        assert a.shape == ra.shape and b.shape == rb.shape, mod
+        err, ref = (m - b @ a).norm(), (m - rb @ ra).norm()
+        if "svd_clamp" not in kw:  # PEFT's own error is the optimal one
+            opt = torch.linalg.svdvals(m)[12:].square().sum().sqrt()
+            assert ref <= opt * (1 + 1e-4), mod
+        assert err <= 1.02 * ref, (mod, float(err / ref))
+    _assert_original()
+    assert SVD_OWNER._svd_generalized_task_arithmetic_weighted_adapter is SVD_ORIG
+
+
+def test_svd_type_is_exact_from_the_factors(big_pm, monkeypatch):
+    """combination_type="svd": the best rank-r approximation of Σ w·s·B·A without the dense ΔW's SVD: PEFT's
+    result up to rounding, and neither torch.linalg.svd of a full-size matrix nor the Krylov SVD runs."""
+    ws = [0.9, -0.5, 0.6, 0.3]
+    torch.manual_seed(5)
+    big_pm.add_weighted_adapter([f"a{i}" for i in range(4)], ws, "ref_svd", combination_type="svd", svd_rank=20)
+    sizes = []
+    real_svd = torch.linalg.svd
+
+    def spy(x, *a, **k):
+        sizes.append(tuple(x.shape))
+        return real_svd(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    with fpeft.patched():
+        torch.manual_seed(5)
+        big_pm.add_weighted_adapter([f"a{i}" for i in range(4)], ws, "fast_svd", combination_type="svd", svd_rank=20)
+    assert sizes and all(max(s) <= 32 for s in sizes), sizes  # only the 4r x 4r cores
+    want, got = _new_factors(big_pm, "ref_svd"), _new_factors(big_pm, "fast_svd")
+    for mod in want:
+        ra, rb = want[mod]
+        a, b = got[mod]
+        torch.testing.assert_close(b @ a, rb @ ra, atol=1e-4, rtol=1e-4)
