@@ -40,11 +40,11 @@ timeout 150 python3 -m pytest "$REPO/tests/kernels/test_triton_nonfinite.py" "$R
 echo "gate rc=$?"; tail -3 "$OUT/tests.log"
 echo "=== sync (${SECONDS}s)"
 timeout 90 python3 - > "$OUT/sync.log" 2>&1 <<'PY'
-import tempfile, warnings, torch, fastmerge
+import pathlib, tempfile, warnings, torch, fastmerge
 from fastmerge.testing import LlamaShape, make_family
 from fastmerge.engine import gpu as g
 d = tempfile.mkdtemp()
-b, fts = make_family(d + "/fam", LlamaShape(hidden=256, layers=2, intermediate=512, vocab=1024, heads=4), n_finetunes=3, dtype="bfloat16")
+b, fts = make_family(pathlib.Path(d) / "fam", LlamaShape(hidden=256, layers=2, intermediate=512, vocab=1024, heads=4), n_finetunes=3, dtype="bfloat16")
 cfg = {"merge_method": "ties", "base_model": str(b), "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.4}} for f in fts]}
 real = g._Engine.compute
 n = {"units": 0, "syncs": 0}
@@ -76,11 +76,11 @@ timeout 120 python3 - > "$OUT/sync_error.log" 2>&1 <<'PY'
 # chunks (--max-gpu-memory small), every Triton method family. The CUDA C++ ties kernel reads its histograms
 # back with cudaStreamSynchronize inside the extension, which torch does not see: the "auto" ties line counts
 # torch's calls only.
-import tempfile, traceback, torch, fastmerge
+import pathlib, tempfile, traceback, torch, fastmerge
 from fastmerge.testing import LlamaShape, make_family
 from fastmerge.engine import gpu as g
 d = tempfile.mkdtemp()
-b, fts = make_family(d + "/fam", LlamaShape(hidden=256, layers=2, intermediate=512, vocab=1024, heads=4), n_finetunes=3, dtype="bfloat16")
+b, fts = make_family(pathlib.Path(d) / "fam", LlamaShape(hidden=256, layers=2, intermediate=512, vocab=1024, heads=4), n_finetunes=3, dtype="bfloat16")
 real = g._Engine.compute
 def compute(self, j, fn):
     def run():

@@ -21,6 +21,20 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   matrix of slerp/model_stock) running over all its chunks before the merge pass
   (``kernels.gta.GtaKernel``'s driver protocol). The default budget fits the largest tensor group
   whole (no chunking): its inputs + output, one next-largest group, the reserve.
+- Nothing inside a unit blocks the host: kernel plans build their tables on the host and send them,
+  with every launch's group, segment and tile tables, in one pinned buffer with one non_blocking copy
+  on the compute stream (``kernels._common.HostPack``; the CPU test suite counts synchronising calls
+  through a stand-in, bench/gpu_quick.sh runs units under ``torch.cuda.set_sync_debug_mode("error")``).
+  Known exceptions: the selection's own tables (kernels/select.py, select_bracket.py) and the CUDA C++
+  ties kernel, which reads its histograms back.
+- Units run in the order of their first tensor; a batch of small tensors stays open across other units
+  for ``LOOKAHEAD`` plan positions (a model's norms share a launch instead of one unit per layer), and
+  the writer holds the tensors that come back early until their plan position. Packed rows are
+  64-element aligned (``ALIGN``).
+- A tensor larger than one slot but not than both is merged in two chunks, one per slot, resident
+  through every pass: its rows cross to the device once. Larger ones are copied again for each pass
+  (an exact selection cannot finish in one read of data it cannot hold: every pass needs every
+  element again); selection passes alternate direction, so each starts with the chunk still resident.
 - Each tensor runs on the backend the plan chose (``TensorPlan.backend``, from ``backends.select``, the
   one place that decides): "cuda" (the CUDA C++ kernel, one tensor per unit: 9-12x the Triton ties on an
   H100, bench/RESULTS.md; ``select`` leaves tensors under ``backends.cuda.MIN_ELEMS`` to Triton's
@@ -77,6 +91,13 @@ MAX_PINNED_OUT = 2 << 30
 #: Their outputs come back before the large tensors between them are written: the writer holds them
 #: (a copy, at most one batch: BATCH_ELEMS elements) until their plan position comes.
 LOOKAHEAD = 64
+#: segment starts and row strides of a packed unit are multiples of this many elements (≤ 63 padding
+#: elements per segment and row, zeros, never read): every row and segment starts 128-byte aligned
+#: (bf16), so the merge passes' full tiles are whole 16-byte vectors in every model's row, not only in
+#: row 0 (gpu-design.md §3b.2: Triton specialises a stride's divisibility by 16 and vectorises only
+#: then; a packed row of 12 norms of 4096 + 1 elements had an odd stride). The slots carry this much
+#: slack per row, taken from the reserve.
+ALIGN = 64
 
 
 @dataclasses.dataclass
@@ -172,6 +193,20 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+def _pad(n: int) -> int:
+    """``n`` elements rounded up to the packed layout's alignment (``ALIGN``)."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def _layout(numels: Sequence[int]) -> tuple[list[int], int]:
+    """(segment starts, row stride) of a packed unit: every start and the stride a multiple of ``ALIGN``."""
+    starts, s = [], 0
+    for n in numels:
+        starts.append(s)
+        s = _pad(s + n)
+    return starts, max(s, ALIGN)
+
+
 def _elem(dtype: str | torch.dtype) -> int:
     return torch.empty((), dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype).element_size()
 
@@ -182,6 +217,8 @@ def _in_dtypes(tp: TensorPlan) -> list[torch.dtype]:
     n = len(tp.sources) + (tp.base is not None)
     if tp.compute_dtype:
         return [torch_dtype(tp.compute_dtype)] * n
+    if getattr(tp.input_transform, "before_cast", False):  # FP8 inputs: dequantised to fp32 (kernels.fp8)
+        return [torch.float32] * n
     ds = ([torch_dtype(tp.base.dtype)] if tp.base is not None else []) + [torch_dtype(s.dtype) for s in tp.sources]
     if getattr(tp, "input_transform", None) is not None:
         p = ds[0]
@@ -191,11 +228,16 @@ def _in_dtypes(tp: TensorPlan) -> list[torch.dtype]:
     return ds
 
 
-def _prepare(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _prepare(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor], fp8_on_device: bool = True) -> list[Any]:
     """The inputs as the method sees them (base first): a tokenizer remap applied on the CPU, after the
-    compute-dtype cast, as ``runner.execute``; without a remap the cast happens in the staging copy."""
+    compute-dtype cast, as ``runner.execute``; without a remap the cast happens in the staging copy. FP8
+    inputs (``fp8_on_device``): ``kernels.fp8.Fp8Piece``s, which ``upload`` dequantises on the device."""
     if getattr(tp, "input_transform", None) is None:
         return tensors
+    if fp8_on_device and getattr(tp.input_transform, "before_cast", False) and not tp.compute_dtype:
+        from fastmerge.kernels import fp8
+
+        return fp8.pieces(tp.input_transform, tensors)
     if tp.compute_dtype:
         cd = torch_dtype(tp.compute_dtype)
         tensors = [x.to(cd) for x in tensors]
@@ -292,12 +334,12 @@ def _plan_units(plan: MergePlan, budget: _Budget) -> list[_Unit]:
             continue
         key = (tb.batch_key(job), tuple(_in_dtypes(tp)), tp.out_dtype, _rows(tp), tp.base is not None)
         cur, elems = open_.get(key, (None, 0))
-        if (cur is None or elems + n > min(budget.cap, BATCH_ELEMS) or len(cur.tensors) >= MAX_BATCH_TENSORS
+        if (cur is None or elems + _pad(n) > min(budget.cap, BATCH_ELEMS) or len(cur.tensors) >= MAX_BATCH_TENSORS
                 or i - cur.tensors[0] > LOOKAHEAD):
             cur, elems = _Unit("batch", [], key), 0
             units.append(cur)
         cur.tensors.append(i)
-        open_[key] = (cur, elems + n)
+        open_[key] = (cur, elems + _pad(n))
     return units
 
 
@@ -390,8 +432,9 @@ class _Engine:
         self.plan, self.dev, self.budget, self.writer, self.pool = plan, dev, budget, writer, pool
         caps = (budget.cap, budget.cap1)
         self.caps = caps
-        self.din = [torch.empty(max(c * budget.rows * budget.ein, 1), dtype=torch.uint8, device=dev.device) for c in caps]
-        self.dout = [torch.empty(max(c * budget.eout, 1), dtype=torch.uint8, device=dev.device) for c in caps]
+        # + ALIGN per row: a unit of up to cap elements padded to the aligned layout (``_layout``)
+        self.din = [torch.empty((c + ALIGN) * budget.rows * budget.ein, dtype=torch.uint8, device=dev.device) for c in caps]
+        self.dout = [torch.empty((c + ALIGN) * budget.eout, dtype=torch.uint8, device=dev.device) for c in caps]
         stage = min(STAGE_BYTES, max(caps[0] * budget.rows * budget.ein, 1))
         self.stage = [dev.host(stage) for _ in range(2)]
         self.stage_done: list[Any] = [None, None]  # H2D copy out of staging buffer k finished
@@ -432,6 +475,11 @@ class _Engine:
         fill = pos = 0
         for row, off, src, first, count in sorted(pieces, key=lambda p: p[0] * N + p[1]):
             dst = row * N + off
+            if hasattr(src, "write"):  # FP8 bytes (kernels.fp8.Fp8Piece): uploaded as they are, dequantised there
+                with self.dev.stream("h2d"):
+                    src.write(flat_dev.view(dtype)[dst:dst + count], first, count)
+                    self.last_h2d = self.dev.record("h2d")
+                continue
             done = 0
             while done < count:
                 if buf is not None and (dst + done != pos + fill or fill == cap):
@@ -524,7 +572,8 @@ def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memor
     counts: dict[str, int] = {}
     largest = max((t.in_bytes for t in plan.tensors), default=0)
     batch_in = max((sum(plan.tensors[i].in_bytes for i in u.tensors) for u in units), default=0)
-    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u.tensors) for u in units), default=1)
+    out_bytes = max((_layout([_numel(plan.tensors[i].shape) for i in u.tensors])[1] * _elem(plan.tensors[u.tensors[0]].out_dtype)
+                     if u.kind in ("batch", "cuda") else plan.tensors[u.tensors[0]].out_tensor.nbytes for u in units), default=1)
     # read-ahead of two whole units: the next one uploads while this one merges
     with Session(plan, out, reader=ModelReader, pool=lambda: _HostPool(dev, out_bytes),
                  read_ahead_bytes=2 * max(largest, batch_in), desc=f"fastmerge {plan.method.name} (gpu)",
@@ -581,6 +630,15 @@ def _make_kernel(plan: MergePlan, tps: list[TensorPlan], device: torch.device) -
     return tb.make_kernel(plan.method, [t.params for t in tps], [t.shape for t in tps], device, srcd, based)
 
 
+def _gap_pieces(starts: list[int], numels: list[int], N: int, R: int, dtype: torch.dtype) -> list:
+    """Zero pieces for the alignment gaps of every row: the staging buffer then fills contiguously, so a
+    batch still goes over in few large copies (kernels never read the gaps)."""
+    ends = [a + n for a, n in zip(starts, numels)]
+    nexts = starts[1:] + [N]
+    zeros = torch.zeros(ALIGN, dtype=dtype)
+    return [(r, e, zeros, 0, b - e) for r in range(R) for e, b in zip(ends, nexts) if b > e]
+
+
 def _prepare_tables(kernel: Any, launches: list) -> None:
     """The plan's and its launches' device tables in one asynchronous copy (``GtaKernel.prepare``). The
     Gram-matrix plans (slerp, model_stock) have no ``prepare``: they bring their small tables over (and
@@ -590,13 +648,13 @@ def _prepare_tables(kernel: Any, launches: list) -> None:
         prepare(launches)
 
 
-def _out_views(tps: list[TensorPlan], host: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    views, off = [], 0
-    for tp in tps:
+def _out_views(tps: list[TensorPlan], host: torch.Tensor, starts: list[int]) -> list[tuple[str, torch.Tensor]]:
+    """Each tensor's output in the downloaded packed row (segment s at element ``starts[s]``)."""
+    views = []
+    for tp, a in zip(tps, starts):
         dt = torch_dtype(tp.out_dtype)
-        nb = _numel(tp.shape) * _elem(dt)
-        views.append((tp.name, host[off:off + nb].view(dt).view(tp.shape)))
-        off += nb
+        es = _elem(dt)
+        views.append((tp.name, host[a * es:(a + _numel(tp.shape)) * es].view(dt).view(tp.shape)))
     return views
 
 
@@ -618,16 +676,16 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
     R = _rows(tp0)
     sd = _stage_dtype(tp0)
     numels = [_numel(t.shape) for t in tps]
-    N = sum(numels)
-    starts = [sum(numels[:s]) for s in range(len(numels))]
+    starts, N = _layout(numels)  # 64-aligned segment starts and row stride
     pieces = []
     for s, i in enumerate(u.tensors):
         for r, t in enumerate(_prepare(plan, tps[s], loaded[i])):
             pieces.append((r, starts[s], t.reshape(-1), 0, numels[s]))
+    pieces += _gap_pieces(starts, numels, N, R, sd)
     j = engine.slot_for(N)
     rows = engine.upload(j, pieces, R, N, sd)
     odt = torch_dtype(tp0.out_dtype)
-    segs = Segments.packed(numels, shapes=[t.shape for t in tps])
+    segs = Segments(tuple(starts), tuple(numels), (0,) * len(numels), tuple(tuple(t.shape) for t in tps))
     cdt = _compat_out(plan, tp0)
     dev_out = engine.out_slot(j, N, odt)
 
@@ -635,7 +693,8 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
         base = rows[0]  # base-less methods (linear) get a dummy
         x = rows[1:] if has_base else rows
         if u.kind == "cuda":  # one tensor; returns when merged (it reads its histograms back, then syncs)
-            cb.run_into(_kernel_job(plan, tp0), dev_out, list(x), base)
+            n = numels[0]
+            cb.run_into(_kernel_job(plan, tp0), dev_out[:n], [r[:n] for r in x], base[:n])
             return
         kernel = _make_kernel(plan, tps, engine.dev.device)
         _prepare_tables(kernel, [(segs, None)])
@@ -653,7 +712,7 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
     host = pool.take()
     nb = N * _elem(odt)
     ev = engine.download(j, dev_out, host[:nb].view(odt))
-    wthread.put_many(_out_views(tps, host), host, event=ev)
+    wthread.put_many(_out_views(tps, host, starts), host, event=ev)
 
 
 def _run_chunked(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: _HostPool) -> None:
@@ -689,7 +748,9 @@ def _run_chunked(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool
         c0, n = u.chunks[c]
         tag = (i, c0, n)
         j = c if pinned else engine.slot_for(n, tag)
-        rows = engine.upload(j, [(r, 0, f, c0, n) for r, f in enumerate(flat)], R, n, sd, tag=tag)
+        Np = _layout([n])[1]  # 64-aligned row stride
+        pieces = [(r, 0, f, c0, n) for r, f in enumerate(flat)] + _gap_pieces([0], [n], Np, R, sd)
+        rows = engine.upload(j, pieces, R, Np, sd, tag=tag)
         return j, rows, segs_of(c0, n)
 
     order = list(range(len(u.chunks)))
@@ -732,7 +793,7 @@ def _run_torch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
     if tp.compute_dtype and getattr(tp, "input_transform", None) is None:
         cd = torch_dtype(tp.compute_dtype)
         tensors = [x.to(cd) for x in tensors]
-    base, inputs = _split(tp, _prepare(plan, tp, tensors))
+    base, inputs = _split(tp, _prepare(plan, tp, tensors, fp8_on_device=False))
     odt = torch_dtype(tp.out_dtype)
     host = pool.take()
     view = host[: tp.out_tensor.nbytes].view(odt).view(tp.shape)
