@@ -178,13 +178,14 @@ class RawIO:
         return batches(self.plan, self.kernel.elementwise, self.kernel.segments is not None)
 
     def merge_batch(self, tps: list[Any], spans: list[RawView], pool: RawPool) -> tuple[Any, Any, str]:
-        """Merge the run ``tps`` from one span per input into one pool buffer (``merge_run``); the outputs
-        as (name, bytes) pairs."""
+        """Merge the run ``tps`` from one span per input into one pool buffer (``merge_run``): (the buffer,
+        the outputs as (name, bytes) pairs, the bytes of them all)."""
         offsets = run_offsets(tps)
         osize = ITEMSIZE[tps[0].out_dtype]
         raw, view, mv = pool.take(offsets[-1] * osize, tps[0].out_dtype)
         merge_run(self.plan, self.native, tps, spans, view, offsets)
-        return raw, [(tp.name, mv[a * osize:b * osize]) for tp, a, b in zip(tps, offsets, offsets[1:])], "native"
+        whole = mv[:offsets[-1] * osize]
+        return raw, [(tp.name, whole[a * osize:b * osize]) for tp, a, b in zip(tps, offsets, offsets[1:])], whole
 
     def merge(self, tp: Any, tensors: list[Any], pool: RawPool) -> tuple[Any, Any, str]:
         if tp.input_transform is not None:  # FP8 inputs: the FP8 bytes and scales, dequantised by the kernels' load step
@@ -233,7 +234,7 @@ class TorchIO:
         offsets = run_offsets(tps)
         raw, view = pool.take((offsets[-1],), torch_dtype(tps[0].out_dtype))
         merge_run(self.plan, self.backends["native"], tps, spans, view, offsets)
-        return raw, [(tp.name, view[a:b].view(tp.shape)) for tp, a, b in zip(tps, offsets, offsets[1:])], "native"
+        return raw, [(tp.name, view[a:b].view(tp.shape)) for tp, a, b in zip(tps, offsets, offsets[1:])], view
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 
@@ -325,18 +326,21 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
         for k, tensors in s.prefetch:
             idx = runs[k]
             ts = time.perf_counter()
+            whole = None
             if len(idx) == 1:
                 tp = plan.tensors[idx[0]]
                 raw, written, backend = io.merge(tp, tensors, s.pool)
             else:
-                raw, written, backend = io.merge_batch([plan.tensors[i] for i in idx], tensors, s.pool)
+                tp = plan.tensors[idx[0]]
+                raw, written, packed = io.merge_batch([plan.tensors[i] for i in idx], tensors, s.pool)
+                backend, whole = "native", (packed, tp.out_dtype)
             merge_s += time.perf_counter() - ts
             counts[backend] = counts.get(backend, 0) + len(idx)
             del tensors
             io.next_tensor(idx[-1])
             s.prefetch.release(k)
             if isinstance(written, list):  # a batch, or a weight and its FP8 scales
-                s.put_many(written, raw)
+                s.put_many(written, raw, whole=whole)
             else:
                 s.put(tp.name, written, raw)
             s.advance(sum(in_bytes[i] for i in idx))

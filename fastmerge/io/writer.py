@@ -133,10 +133,11 @@ class ShardWriter:
         si, planned = self._order[self._next]
         if planned.name != name:
             raise FastMergeError(f"writer: expected tensor '{planned.name}', got '{name}' (out of plan order)")
+        nbytes = planned.nbytes  # once: a MoE output has tens of thousands of tensors
         if isinstance(tensor, memoryview):
             data = tensor.cast("B")
-            if data.nbytes != planned.nbytes:
-                raise FastMergeError(f"writer: tensor '{name}' has {data.nbytes} bytes, planned {planned.nbytes}")
+            if data.nbytes != nbytes:
+                raise FastMergeError(f"writer: tensor '{name}' has {data.nbytes} bytes, planned {nbytes}")
         else:
             if tuple(tensor.shape) != planned.shape or str(tensor.dtype).removeprefix("torch.") != planned.dtype:
                 raise FastMergeError(
@@ -156,7 +157,7 @@ class ShardWriter:
         if self._on_shard is not None:
             self._sum.update(data)  # the GIL is released while it hashes
             self._size += data.nbytes
-        self.bytes_written += planned.nbytes
+        self.bytes_written += nbytes
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != si:
             self._file.close()

@@ -274,3 +274,19 @@ def test_a_bad_plain_value_is_still_refused(moe_family):
            "models": [{"model": str(f), "parameters": {"weight": 0.4, "density": 1.5 if i else 0.5}} for i, f in enumerate(fts)]}
     with pytest.raises(ConfigError, match=r"density of model #2 \(.*ft2\)"):
         plan(bad, progress=False)
+
+
+@pytest.mark.parametrize("flavour", ["native", "torch"])
+def test_a_run_that_makes_inf_is_still_reported(moe_family, flavour, tmp_path, monkeypatch):
+    """A run's outputs are checked for inf/NaN in one pass; where there is some, per tensor as before."""
+    base, fts = moe_family
+    weight = [{"filter": "experts.5.", "value": 3e38}, {"value": 0.1}]  # 3e38 x 1000 x a delta of ~0.01: inf
+    d = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 1000.0},
+         "models": [{"model": str(f), "parameters": {"weight": weight}} for f in fts[:2]]}
+    p = plan(d, progress=False)
+    calls = []
+    monkeypatch.setattr(RawIO if flavour == "native" else TorchIO, "merge_batch",
+                        _counted((RawIO if flavour == "native" else TorchIO).merge_batch, calls))
+    with pytest.warns(RuntimeWarning, match=r"tensor 'model\.layers\.\d+\.mlp\.experts\.5\..*inf or NaN"):
+        execute(p, tmp_path / "out", flavour)
+    assert calls and max(calls) > 1
