@@ -60,19 +60,22 @@ def config(method: str, base: Path, fts: list[Path]) -> dict:
             "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in fts]}
 
 
-def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, float, int, str]:
-    """(median wall of fastmerge.merge, median of its merge loop's wall, bytes read, engine used)."""
+def run_fastmerge(cfg: dict, engine: str, repeat: int) -> tuple[float, float, float, int, str]:
+    """(median wall of fastmerge.merge, median of its merge loop's wall, median CPU time of the process
+    during the merge (all threads: on a shared machine the wall time is mostly waiting for a core), bytes
+    read, engine used)."""
     os.environ["FASTMERGE_FASTPATH"] = "1" if engine == "native" else "0"
-    times, loops, nbytes, used = [], [], 0, ""
+    times, loops, cpus, nbytes, used = [], [], [], 0, ""
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = fastmerge.merge(cfg, Path(tmp) / "out", threads=2, progress=False)
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
             loops.append(r.wall_s)
             nbytes, used = r.bytes_read, r.engine
     os.environ.pop("FASTMERGE_FASTPATH", None)
-    return statistics.median(times), statistics.median(loops), nbytes, used
+    return statistics.median(times), statistics.median(loops), statistics.median(cpus), nbytes, used
 
 
 def run_mergekit(cfg: dict, timeout: float) -> float | None:
@@ -104,23 +107,24 @@ def main() -> None:
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
     print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model", flush=True)
     for name, (base, fts) in fams.items():
-        builds, digests = [], []
+        builds, digests, cpus = [], [], []
         for _ in range(a.repeat):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             plan = fastmerge.plan(config("ties", base, fts))
             t1 = time.perf_counter()
             plan.digest()
             builds.append(t1 - t0)
             digests.append(time.perf_counter() - t1)
+            cpus.append(time.process_time() - c0)
         print(f"plan {name}: {len(plan.tensors)} tensors, build_plan {statistics.median(builds):.2f} s, "
-              f"digest {statistics.median(digests):.2f} s", flush=True)
+              f"digest {statistics.median(digests):.2f} s (CPU of both {statistics.median(cpus):.2f} s)", flush=True)
     rows = {}
     for method in a.methods.split(","):
         for name, (base, fts) in fams.items():
             for engine in ("native", "torch"):
-                wall, loop, nbytes, used = run_fastmerge(config(method, base, fts), engine, a.repeat)
+                wall, loop, cpu, nbytes, used = run_fastmerge(config(method, base, fts), engine, a.repeat)
                 rows[(method, name, engine)] = nbytes / wall / 1e9
-                print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s)  "
+                print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s, CPU {cpu:6.2f} s)  "
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
             if a.mergekit and name != "moe-fp8":
                 t = run_mergekit(config(method, base, fts), a.mergekit_timeout)
