@@ -12,6 +12,7 @@ kernel needs no FP8 support in the hardware or in Triton's interpreter. The GPU 
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import torch
 import triton
@@ -93,3 +94,40 @@ def dequantize_into(out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | No
                           KIND=k, FMT=f, MB=mb, EMAX=emax, BIAS=bias, SUB=sub, BLOCK=BLOCK)
     return out
 
+
+
+class Fp8Piece:
+    """One FP8 input of a GPU unit (``fastmerge.engine.gpu``): the mapped FP8 bytes of the tensor (flat) and how
+    its scales apply (an ``io.fp8.Dequant``). ``write`` uploads a range of the bytes as they are and dequantises
+    it on the device into the unit's input row: a quarter of the fp32 bytes cross the bus, no host fp32 copy."""
+
+    def __init__(self, q: torch.Tensor, d: Any) -> None:
+        self.q = q.reshape(-1)
+        self.d = d
+        self._scale: torch.Tensor | None = None
+
+    def reshape(self, *shape: int) -> "Fp8Piece":
+        return self  # already flat: the engine flattens every source of a unit
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    def write(self, out: torch.Tensor, first: int, count: int) -> None:
+        """``out`` (count elements on the device) = elements ``first .. first + count`` dequantised."""
+        from fastmerge.io.lora import read_tensor
+
+        d = self.d
+        q = self.q[first:first + count].view(torch.uint8).to(out.device)
+        s = None
+        if d.scale is not None and d.kind != "none":
+            if self._scale is None or self._scale.device != out.device:
+                self._scale = read_tensor(d.scale).to(device=out.device, dtype=torch.float32).contiguous()
+            s = self._scale
+        dequantize_into(out, q, s, d.kind if s is not None else "none", d.weight.dtype, tuple(d.weight.shape),
+                        d.block, first)
+
+
+def pieces(transform: Any, tensors: Sequence[Any]) -> list[Any]:
+    """The inputs of a tensor with an ``io.fp8.Fp8Transform`` as the GPU engine uploads them: FP8 ones as
+    ``Fp8Piece``s, the others as they are (base first, as the engines pass them)."""
+    return [x if d is None else Fp8Piece(x, d) for x, d in zip(tensors, transform.inputs)]

@@ -44,8 +44,24 @@ def _special(plan: Any, name: str) -> list[str]:
     if need is not None and need != name:
         reasons.append(f"'{plan.method.name}' runs on the {need} engine only")
     if getattr(plan, "fp8", None) is not None and name not in ("native", "torch"):
-        reasons.append("FP8 inputs are dequantised (and FP8 outputs re-quantised) by the CPU streaming engine only")
+        reasons += _fp8_reasons(plan, name)
     return reasons
+
+
+def _fp8_reasons(plan: Any, name: str) -> list[str]:
+    """Why an engine other than the CPU streaming ones cannot run a plan with FP8 inputs: the GPU engine
+    dequantises them on the device (kernels.fp8) unless they need mergekit_compat's cast, a vocabulary remap
+    or a LoRA update on top, or the output is re-quantised to FP8 (all in torch, on the CPU)."""
+    if name != "gpu":
+        return ["FP8 inputs are dequantised (and FP8 outputs re-quantised) by the CPU streaming and GPU engines only"]
+    if plan.fp8.get("quantization_config") is not None:
+        return ["FP8 outputs are re-quantised by the CPU streaming engine only"]
+    for t in plan.tensors:
+        tr = t.input_transform
+        if getattr(tr, "before_cast", False) and (t.compute_dtype or tr.then is not None):
+            return [f"tensor '{t.name}': FP8 inputs with mergekit_compat's cast, a vocabulary remap or a LoRA update "
+                    "are dequantised by the CPU streaming engine only"]
+    return []
 
 
 class _Sweep:

@@ -16,6 +16,7 @@ import fastmerge.engine
 from fastmerge.errors import ConfigError, ShapeMismatchError
 from fastmerge.io import fp8
 from fastmerge.testing import DeepSeekV3Shape, Qwen3MoeShape, fp8_quantized, make_family
+from helpers.kernel_cases import DEV, needs_triton
 
 BLOCK = (128, 128)
 #: DeepSeek-V3-shaped, tiny: partial last blocks in both dimensions (200 = 128 + 72, 136 = 128 + 8)
@@ -319,3 +320,44 @@ def test_qwen3_moe_shape_family(tmp_path):
     base, fts = make_family(tmp_path, sh, n_finetunes=1)
     r = fastmerge.merge(cfg("ties", base, fts), tmp_path / "o", threads=2, progress=False)
     assert r.tensors == len(sh.tensors())
+
+
+# -- the GPU engine: FP8 bytes uploaded, dequantised on the device (kernels.fp8) --------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("method,elems", [("ties", None), ("linear", None), ("ties", 20_000)],
+                         ids=["ties", "linear", "ties-row-chunks"])
+def test_gpu_engine_dequantises_on_the_device(fam, tmp_path, monkeypatch, method, elems):
+    """The GPU engine (on the CPU here: kernels interpreted) writes the bytes of the CPU engine; the FP8 inputs
+    never pass through io.fp8.dequantize (the host fp32 copy); with room for 20k elements per slot the 60k-element
+    tensors run in row chunks, each dequantised from its first element's place in the scales."""
+    from fastmerge import backends
+    from fastmerge.engine import gpu
+
+    if DEV == "cpu":
+        monkeypatch.setattr(backends, "resolve_device", lambda device: "cuda" if device == "cuda" else "cpu")
+    _, base, fts = fam
+    c = cfg(method, base, fts, out_dtype="bfloat16")
+    fastmerge.merge(c, tmp_path / "cpu", threads=2, progress=False)
+    plan = fastmerge.plan(c, tmp_path / "gpu", progress=False, device="cuda")
+    assert fastmerge.engine.explain(plan)["gpu"] == []
+    calls = []
+    real = fp8.dequantize
+    monkeypatch.setattr(fp8, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # fp32 rows of base + 2 models, bf16 output, and room for the kernels' per-element scratch
+    kw = {} if elems is None else {"max_gpu_memory": gpu.RESERVE_BYTES + 2 * elems * (3 * 4 + 2 + 16)}
+    rep = gpu.execute_cuda(plan, tmp_path / "gpu", device=DEV, **kw)
+    assert not calls
+    if elems is not None:
+        assert rep.chunked_tensors > 0, rep.summary()
+    sa, sb = load(tmp_path / "cpu"), load(tmp_path / "gpu")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_gpu_engine_refuses_fp8_outputs(fam):
+    _, base, fts = fam
+    plan = fastmerge.plan(cfg("ties", base, fts, out_dtype="float8_e4m3fn"))
+    assert fastmerge.engine._fp8_reasons(plan, "gpu") == ["FP8 outputs are re-quantised by the CPU streaming engine only"]
