@@ -12,7 +12,8 @@
 # FASTMERGE_PRIVATE_CXX_RUNTIME=ON build survives a C++ exception: if only the private build does, make it
 # the default). Then, each with its own cap (the whole call stays under 8 minutes):
 #   gate   the GPU test lanes that gate the figures: NaN/inf, bounds, bit-exactness of the merge passes
-#          (T constexpr, aligned full tiles) and the selection, compiled, not interpreted (tests.log)
+#          (T constexpr, aligned full tiles) and the selection, compiled, not interpreted; the CUDA C++ ties
+#          (thresholds, exact-k cut and rescale decided on the device) vs the reference (tests.log)
 #   sync   torch.cuda.set_sync_debug_mode("warn") around a small execute_cuda merge: the number of
 #          synchronising calls inside the engine (sync.log; the CPU stand-in count is in test_gpu.py)
 #   sync error  each unit under set_sync_debug_mode("error"), per method family, whole and in row chunks:
@@ -36,7 +37,8 @@ grep -E "exception check|== |ok: ValueError" "$OUT/gpu_session_build.txt" "$OUT/
 echo "=== gate (${SECONDS}s)"
 timeout 150 python3 -m pytest "$REPO/tests/kernels/test_triton_nonfinite.py" "$REPO/tests/kernels/test_triton_bounds.py" \
   "$REPO/tests/kernels/test_triton_ties.py" "$REPO/tests/kernels/test_triton_linear.py" "$REPO/tests/kernels/test_triton_select.py" \
-  "$REPO/tests/kernels/test_triton_breadcrumbs.py" "$REPO/tests/kernels/test_triton_gpu.py" -q -p no:cacheprovider -x > "$OUT/tests.log" 2>&1
+  "$REPO/tests/kernels/test_triton_breadcrumbs.py" "$REPO/tests/kernels/test_triton_gpu.py" \
+  "$REPO/tests/native/test_native_ties.py" -q -p no:cacheprovider -x > "$OUT/tests.log" 2>&1
 echo "gate rc=$?"; tail -3 "$OUT/tests.log"
 echo "=== sync (${SECONDS}s)"
 timeout 90 python3 - > "$OUT/sync.log" 2>&1 <<'PY'
@@ -73,9 +75,10 @@ echo "=== sync error (${SECONDS}s)"
 timeout 120 python3 - > "$OUT/sync_error.log" 2>&1 <<'PY'
 # the proof: each unit's work under torch.cuda.set_sync_debug_mode("error"), so any synchronising call torch
 # sees inside a unit (a blocking host<->device copy, .item(), .cpu(), bool(tensor)) raises; batches and row
-# chunks (--max-gpu-memory small), every Triton method family. The CUDA C++ ties kernel reads its histograms
-# back with cudaStreamSynchronize inside the extension, which torch does not see: the "auto" ties line counts
-# torch's calls only.
+# chunks (--max-gpu-memory small), every Triton method family, and ties on the CUDA C++ kernel (its size rule
+# lowered so the matrices reach it: its scratch is a torch tensor and its decisions stay on the device; a
+# cudaStreamSynchronize inside the extension would escape torch's check, tests/kernels/test_cuda_ptxas.py
+# checks the source has none).
 import pathlib, tempfile, traceback, torch, fastmerge
 from fastmerge.testing import LlamaShape, make_family
 from fastmerge.engine import gpu as g
@@ -95,7 +98,11 @@ cases = [("task_arithmetic", {"weight": 0.5}, {}), ("dare_ties", {"weight": 0.5,
          ("della", {"weight": 0.5, "density": 0.6, "epsilon": 0.1}, {}), ("linear", {"weight": 0.5}, {}),
          ("breadcrumbs_ties", {"weight": 0.5, "density": 0.6}, {}),
          ("ties", {"weight": 0.5, "density": 0.4}, {"selection": "topk", "rescale": True})]
-for method, params, extra in cases:
+from fastmerge.backends import cuda as cb
+for method, params, extra in cases + [("ties-cuda", {"weight": 0.5, "density": 0.4}, {"selection": "topk", "rescale": True})]:
+    backend = "auto" if method.endswith("-cuda") else "triton"
+    method = method.removesuffix("-cuda")
+    cb.MIN_ELEMS = 1 << 16 if backend == "auto" else 1 << 20
     for budget in (None, 2 << 20):  # whole tensors, then 2 MiB of slots past the reserve: the matrices in row chunks
         cfg = {"merge_method": method, "models": [{"model": str(f), "parameters": dict(params)} for f in fts]}
         if method != "linear":
@@ -104,13 +111,14 @@ for method, params, extra in cases:
             cfg["parameters"] = extra
         out = f"{d}/out-{method}-{budget}"
         try:
-            p = fastmerge.plan(cfg, out, progress=False, copy_tokenizer=False, device="cuda", backend="triton")
+            p = fastmerge.plan(cfg, out, progress=False, copy_tokenizer=False, device="cuda", backend=backend)
             rep = g.execute_cuda(p, out, max_gpu_memory=None if budget is None else g.RESERVE_BYTES + budget)
-            print(f"sync error mode {method} budget={budget}: PASS ({rep.units} units, {rep.chunked_tensors} chunked)")
+            print(f"sync error mode {method} ({backend}) budget={budget}: PASS ({rep.units} units, {rep.chunked_tensors} "
+                  f"chunked, backends {rep.backends})")
         except Exception as e:
             tb = [f for f in traceback.extract_tb(e.__traceback__) if "/fastmerge/" in f.filename or "/kernels/" in f.filename]
             where = f"{tb[-1].filename.split('/')[-1]}:{tb[-1].lineno}" if tb else "?"
-            print(f"sync error mode {method} budget={budget}: FAIL at {where}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"sync error mode {method} ({backend}) budget={budget}: FAIL at {where}: {type(e).__name__}: {str(e)[:200]}")
 PY
 echo "sync error rc=$?"; cat "$OUT/sync_error.log" | grep "sync error mode"
 (cd "$REPO" && timeout 120 env -u TRITON_INTERPRET python3 -m fastmerge.kernels.offline > "$OUT/offline_sm90.md" 2>&1) &

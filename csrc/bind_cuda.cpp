@@ -138,7 +138,7 @@ void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_
   a.exact_k = exact_k;
   cudaError_t e;
   {
-    py::gil_scoped_release nogil;  // synchronous: selection histograms are read back to the host
+    py::gil_scoped_release nogil;  // only launches: the kernels run asynchronously on `stream`
     e = static_cast<cudaError_t>(
         cuda::ties(a, reinterpret_cast<void*>(scratch), scratch_bytes, reinterpret_cast<void*>(stream)));
   }
@@ -177,9 +177,9 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("weights"), py::arg("densities"),
         py::arg("normalize"), py::arg("lam"), py::arg("election"), py::arg("exact_k"), py::arg("stream") = 0,
         py::arg("rescale") = false, py::arg("scratch") = 0, py::arg("scratch_bytes") = 0,
-        "Same semantics as fastmerge._C.ties on device pointers; synchronous on `stream` (the radix-select "
-        "histograms are read back to the host). `scratch`: device memory of ties_scratch_bytes(n, len(inputs)) "
-        "bytes (a torch tensor: no cudaMalloc inside).");
+        "Same semantics as fastmerge._C.ties on device pointers; asynchronous on `stream` (the selection is "
+        "decided on the device, nothing is read back). `scratch`: device memory of ties_scratch_bytes(n, "
+        "len(inputs)) bytes (a torch tensor: no cudaMalloc inside).");
   m.def("ties_scratch_bytes", &cuda::ties_scratch_bytes, py::arg("n"), py::arg("num_inputs"),
         "Bytes of device scratch one ties() call needs.");
   m.def("build_info", &build_info, "How this module was built (nvcc, archs, CUDA runtime/driver versions).");

@@ -384,8 +384,8 @@ def ties(
     inputs (a sampled bracket, then a selection among ~3% of the elements; no sort), exact.
 
     CUDA tensors run ``fastmerge._C_cuda`` (radix-select thresholds, three histogram passes; the same
-    per-element formulas, so the same bits as the CPU kernel) on torch's current stream, and return when
-    the result is written (the selection reads histograms back); ``threads`` is then unused.
+    per-element formulas, so the same bits as the CPU kernel) on torch's current stream, asynchronously
+    as any torch operation (the thresholds are decided on the device); ``threads`` is then unused.
     """
     dev = _device(out)
     bufs = _buffers(out, inputs, base, "TIES", dev)

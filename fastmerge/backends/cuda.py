@@ -20,7 +20,7 @@ from .base import MergeJob
 #: inputs a launch takes (``_C_cuda.max_inputs``)
 MAX_INPUTS = 32
 #: under this many elements ``--backend auto`` leaves tensors to Triton, which batches small tensors
-#: into one launch; the CUDA kernel takes one tensor per call and synchronises 3 times (its histograms).
+#: into one launch; the CUDA kernel takes one tensor per call (~10 launches).
 #: ``backends.select`` applies it (the plan names where a tensor runs; ``engine.gpu`` follows the plan).
 MIN_ELEMS = 1 << 20
 
@@ -29,15 +29,16 @@ def scratch_bytes(n: int, num_inputs: int) -> int:
     """Device scratch of one CUDA C++ ties call on ``n`` elements and ``num_inputs`` models, taken from torch's
     allocator by ``_native.ties`` and counted in the GPU engine's budget (``engine.gpu._Budget``): the layout of
     ``csrc/cuda/ties.cu`` (``ties_scratch_bytes``, which the binding checks the buffer against), asked of the
-    extension where it is loaded. Histograms + NaN counts (2049 u64 per model), tie counts per 4096-element
-    chunk (u32 per model), 32 thresholds, per-block L1 norms (≤ 4096 blocks of 256 threads × 2 f64 per model)."""
+    extension where it is loaded, else bounded from above: histograms + NaN counts (2049 u64 per model), tie
+    counts per 4096-element chunk (u32 per model), the device-decided state (< 4 KiB), per-block L1 norms
+    (≤ 4096 blocks of 256 threads × 2 f64 per model), each part 256-byte aligned."""
     if n <= 0:
         return 0
     if _native.HAS_CUDA_EXT:
         return int(_native._C_cuda.ties_scratch_bytes(int(n), int(num_inputs)))
     chunks = -(-n // 4096)
     grid = min(max(-(-n // 256), 1), 4096)
-    return num_inputs * 2049 * 8 + num_inputs * chunks * 4 + 32 * 4 + grid * num_inputs * 2 * 8 + 8
+    return num_inputs * 2049 * 8 + num_inputs * chunks * 4 + 4096 + grid * num_inputs * 2 * 8 + 5 * 256
 
 
 def param_reasons(job: MergeJob) -> list[str]:

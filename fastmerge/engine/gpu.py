@@ -25,8 +25,8 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   with every launch's group, segment and tile tables, in one pinned buffer with one non_blocking copy
   on the compute stream (``kernels._common.HostPack``; the CPU test suite counts synchronising calls
   through a stand-in, bench/gpu_quick.sh runs units under ``torch.cuda.set_sync_debug_mode("error")``).
-  Known exceptions: the selection's own tables (kernels/select.py, select_bracket.py) and the CUDA C++
-  ties kernel, which reads its histograms back.
+  Known exception: the selection's own tables (kernels/select.py, select_bracket.py). The CUDA C++ ties
+  kernel takes every decision on the device and does not synchronise either.
 - Units run in the order of their first tensor; a batch of small tensors stays open across other units
   for ``LOOKAHEAD`` plan positions (a model's norms share a launch instead of one unit per layer), and
   the writer holds the tensors that come back early until their plan position. Packed rows are
@@ -692,7 +692,7 @@ def _run_batch(plan, u: _Unit, loaded, engine: _Engine, wthread: Session, pool: 
     def work() -> None:
         base = rows[0]  # base-less methods (linear) get a dummy
         x = rows[1:] if has_base else rows
-        if u.kind == "cuda":  # one tensor; returns when merged (it reads its histograms back, then syncs)
+        if u.kind == "cuda":  # one tensor; asynchronous (ties.cu decides its thresholds on the device)
             n = numels[0]
             cb.run_into(_kernel_job(plan, tp0), dev_out[:n], [r[:n] for r in x], base[:n])
             return

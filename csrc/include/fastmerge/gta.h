@@ -170,7 +170,7 @@ size_t gta_scratch_bytes();
 namespace cuda {
 // Most inputs one launch takes: the pointers travel by value in the kernel's parameter block.
 constexpr int kMaxInputs = 32;
-// Device pointers; synchronous on `stream` (a cudaStream_t; the selection reads histograms back to the host).
+// Device pointers; asynchronous on `stream` (a cudaStream_t): every decision is taken on the device.
 // `scratch`: device memory of at least ties_scratch_bytes(n, num_inputs) bytes, owned by the caller (a torch
 // tensor: PyTorch's caching allocator, counted in its statistics and in the engine's memory budget).
 // Returns a cudaError_t.
