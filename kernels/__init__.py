@@ -4,7 +4,8 @@ machines); the submodules import triton.
 
 - ``_common``: the packed batch layout (segments, tile tables), block sizes, exact bf16 rounding on store
 - ``_rng``: ``fastmerge.methods.rng``'s counter-based generator, bit for bit
-- ``select``: exact k-th largest |x − base| per tensor and model (radix select, no sort)
+- ``select``: exact k-th largest |x − base| per tensor and model (radix select, no sort); ``select_bracket``:
+  the same in one read of the data (sample → bracket → count → select among candidates)
 - ``gta``: the fused mask/rescale/weight/consensus/λ/+base pass and its driver (``GtaKernel``)
 - ``ties``, ``dare``, ``della``, ``breadcrumbs``, ``linear`` (+ task_arithmetic), ``slerp``,
   ``model_stock`` (+ ``sphere``: Gram matrices): one kernel plan per method, declared by their methods

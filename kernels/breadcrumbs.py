@@ -78,7 +78,7 @@ class BreadcrumbsKernel(GtaKernel):
         self.mask.whole = (~self.active).to(torch.int8)
         self.sel: Selection | None = None
         if bool(self._needs.numpy().any()):
-            self.sel = Selection.start(k, device)
+            self.sel = Selection.start(k, device, numel=numels)  # whole tensors: one-read bracket selection
             self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
 

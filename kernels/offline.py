@@ -36,6 +36,9 @@ PTR_TYPES = {
     "rank_ptr": "*i32", "w_ptr": "*fp32", "wb_ptr": "*fp32", "scale_ptr": "*fp32", "lam_ptr": "*fp32",
     "div_ptr": "*fp32", "lo_ptr": "*fp32", "hi_ptr": "*fp32", "plo_ptr": "*fp32", "pspan_ptr": "*fp32",
     "nm1_ptr": "*fp32",
+    # the selection (select_bracket): int32 keys and bracket bounds, int8 flags
+    "klo_ptr": "*i32", "khi_ptr": "*i32", "cand_ptr": "*i32", "samp_ptr": "*i32", "keys_ptr": "*i32", "need_ptr": "*i8",
+    "fail_ptr": "*i8",
 }
 #: integer arguments the JIT specialises to divisibility by 16 when they are (the row strides)
 DIV16_INTS = ("sx_t", "srank_t")
@@ -72,6 +75,19 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
 }
 #: warps of every variant (``_common.merge_block``)
 NUM_WARPS = 8
+#: the selection's kernels (``select_bracket``; tests/kernels/test_select_offline.py): the count pass with the
+#: merge's tile sizes, and the two kernels of a rank-select round; built by name, not by default
+SELECT_VARIANTS: dict[str, tuple[str, str, dict]] = {
+    "select_count_T2": ("select_bracket", "_count_kernel", dict(T=2, QPM=1, BLOCK=2048)),
+    "select_count_T8": ("select_bracket", "_count_kernel", dict(T=8, QPM=1, BLOCK=1024)),
+    "select_count_q2_T4": ("select_bracket", "_count_kernel", dict(T=4, QPM=2, BLOCK=2048)),
+    "select_rank_hist": ("select_bracket", "_rank_hist_kernel", dict(TILE=1024, TPP=4)),
+    "select_rank_step": ("select_bracket", "_rank_step_kernel", dict(SB=2)),
+    "select_sample_T8": ("select_bracket", "_sample_kernel", dict(T=8, CH=128, CPP=1)),
+    "select_bracket": ("select_bracket", "_bracket_kernel", dict()),
+    "select_verify": ("select_bracket", "_verify_kernel", dict()),
+    "select_finish": ("select_bracket", "_finish_kernel", dict()),
+}
 
 
 @dataclasses.dataclass
@@ -143,7 +159,7 @@ def compile_variant(name: str, arch: int = 90) -> Build:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, kernel, const = VARIANTS[name]
+    module, kernel, const = {**VARIANTS, **SELECT_VARIANTS}[name]
     fn = getattr(importlib.import_module(f"fastmerge.kernels.{module}"), kernel)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -164,7 +180,8 @@ def compile_variant(name: str, arch: int = 90) -> Build:
     loads, masked_loads = _count(ptx, "ld")
     stores, masked_stores = _count(ptx, "st")
     rep = ptxas_report(ptx, arch)
-    return Build(name, const["T"], const["BLOCK"], rep["regs"], rep["stack"], rep["spill_stores"], rep["spill_loads"],
+    block = const.get("BLOCK", const.get("TILE", 0))  # the selection's per-query kernels have neither
+    return Build(name, const.get("T", 0), block, rep["regs"], rep["stack"], rep["spill_stores"], rep["spill_loads"],
                  loads, masked_loads, stores, masked_stores, round(time.time() - t0, 2))
 
 

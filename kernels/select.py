@@ -23,6 +23,14 @@ materialised |δ| (4 bytes written + read per element per model) and its own mul
 
 Chunked tensors (``fastmerge.gpu_runner``: larger than the GPU budget) call ``Selection.histogram``
 once per chunk and pass, and ``scan`` once per pass: the selection runs over the chunks first.
+
+ONE READ. A selection started with the tensors' element counts (``Selection.start(k, device, numel=...)``,
+as the TIES and breadcrumbs kernels do) whose pass-0 launch holds every whole tensor (a batch, not a row
+chunk) selects everything in that launch with ``select_bracket`` (sample → bracket → one counting pass
+reading base once per tile → exact select among the candidates): one read of the data instead of three,
+same results (value, ``k``, ``eq``, ``nan``), no host round trip. Its misses (a bracket the sample got
+wrong, overflowing candidates) run the radix passes above for those queries only (``need`` gates each
+model's reads), so the answer is exact whatever the sample; passes 1 and 2 and the scans then do nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Segments, Tiles, interpreting, make_tiles, seg_tables
+from . import select_bracket as sb
+from ._common import HostPack, Segments, Tiles, interpreting, make_tiles, seg_tables, table
 
 #: (shift, bits) of the three passes over the 31-bit key
 PASSES: tuple[tuple[int, int], ...] = ((20, 11), (9, 11), (0, 9))
@@ -61,7 +70,7 @@ GPU_BLOCK, GPU_SUB, GPU_WARPS = 2048, 4, 8
 @triton.jit
 def _hist_kernel(
     x_ptr, sx_t: tl.int64, base_ptr, hist_ptr, prefix_ptr, nan_ptr, group_ptr,
-    tile_seg_ptr, tile_start_ptr, seg_end_ptr,
+    tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, need_ptr,
     T,
     QPM: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr,
     BLOCK: tl.constexpr, SUB: tl.constexpr,
@@ -70,41 +79,44 @@ def _hist_kernel(
     p = tl.program_id(0)
     seg = tl.load(tile_seg_ptr + p)
     start = tl.load(tile_start_ptr + p)
+    seg_start = tl.load(seg_start_ptr + seg)  # an aligned tile may start before its segment
     end = tl.load(seg_end_ptr + seg)
     g = tl.load(group_ptr + seg)  # the query group (the whole tensor) this segment belongs to
     bins = tl.arange(0, NB)
     for t in range(T):
-        q0 = (g * T + t) * QPM
-        pre0 = tl.load(prefix_ptr + q0)
-        h0 = tl.zeros([NB], dtype=tl.int32)
-        if QPM == 2:
-            pre1 = tl.load(prefix_ptr + q0 + 1)
-            h1 = tl.zeros([NB], dtype=tl.int32)
-        n_nan = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
-        for s in range(SUB):
-            offs = start + s * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-            valid = offs < end
-            b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32)
-            key = tl.abs(x - b).to(tl.int32, bitcast=True).to(tl.int64)  # sign bit clear: ≥ 0
-            digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
-            if FIRST:
-                m0 = valid
-                n_nan += tl.sum((valid & (key > 0x7F800000)).to(tl.int32), 0)  # NaN: above +inf
-            else:
-                m0 = valid & ((key >> (SHIFT + BITS)) == (pre0 >> (SHIFT + BITS)))
-            h0 += tl.histogram(digit, NB, mask=m0)
+        # need = 0: no query of this model asks (the bracket answered it): skip its bytes
+        if tl.load(need_ptr + g * T + t) != 0:
+            q0 = (g * T + t) * QPM
+            pre0 = tl.load(prefix_ptr + q0)
+            h0 = tl.zeros([NB], dtype=tl.int32)
             if QPM == 2:
+                pre1 = tl.load(prefix_ptr + q0 + 1)
+                h1 = tl.zeros([NB], dtype=tl.int32)
+            n_nan = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
+            for s in range(SUB):
+                offs = start + s * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+                valid = (offs >= seg_start) & (offs < end)
+                b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32)
+                key = tl.abs(x - b).to(tl.int32, bitcast=True).to(tl.int64)  # sign bit clear: ≥ 0
+                digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
                 if FIRST:
-                    m1 = valid
+                    m0 = valid
+                    n_nan += tl.sum((valid & (key > 0x7F800000)).to(tl.int32), 0)  # NaN: above +inf
                 else:
-                    m1 = valid & ((key >> (SHIFT + BITS)) == (pre1 >> (SHIFT + BITS)))
-                h1 += tl.histogram(digit, NB, mask=m1)
-        tl.atomic_add(hist_ptr + q0 * NB + bins, h0.to(tl.int64), mask=h0 > 0)
-        if FIRST:
-            tl.atomic_add(nan_ptr + g * T + t, n_nan.to(tl.int64), mask=n_nan > 0)
-        if QPM == 2:
-            tl.atomic_add(hist_ptr + (q0 + 1) * NB + bins, h1.to(tl.int64), mask=h1 > 0)
+                    m0 = valid & ((key >> (SHIFT + BITS)) == (pre0 >> (SHIFT + BITS)))
+                h0 += tl.histogram(digit, NB, mask=m0)
+                if QPM == 2:
+                    if FIRST:
+                        m1 = valid
+                    else:
+                        m1 = valid & ((key >> (SHIFT + BITS)) == (pre1 >> (SHIFT + BITS)))
+                    h1 += tl.histogram(digit, NB, mask=m1)
+            tl.atomic_add(hist_ptr + q0 * NB + bins, h0.to(tl.int64), mask=h0 > 0)
+            if FIRST:
+                tl.atomic_add(nan_ptr + g * T + t, n_nan.to(tl.int64), mask=n_nan > 0)
+            if QPM == 2:
+                tl.atomic_add(hist_ptr + (q0 + 1) * NB + bins, h1.to(tl.int64), mask=h1 > 0)
 
 
 @triton.jit
@@ -148,18 +160,46 @@ class Selection:
     # order, but `NaN > th` is false, so exact-k's room for entries equal to th is k + nan (methods.ties)
     hist: torch.Tensor  # [G*T*Q, 2^max bits]
     schedule: tuple[tuple[int, int], ...] = PASSES  # (shift, bits) per pass, most significant first
+    need: torch.Tensor | None = None  # int8 [G, T]: models the radix passes read (1 each unless bracketed)
+    plan: sb.Plan | None = None  # the sampled bracket's sizes (``numel`` given): one-read selection
+    config: sb.BracketConfig = sb.DEFAULT
+    bracketed: bool = False  # the launch of pass 0 held every whole tensor: the bracket selected all
+    fallbacks: torch.Tensor | None = None  # int8 [G, T, Q]: queries the bracket missed (radix select answered)
+    result: sb.Result | None = None
+    numel: tuple[int, ...] | None = None  # [G] element counts of the groups' whole tensors
+    tables: torch.Tensor | None = None  # the bracket's device tables (``select_bracket.Plan.host_table``)
 
     @classmethod
-    def start(cls, k: torch.Tensor, device, passes: Sequence[tuple[int, int]] | None = None) -> "Selection":
+    def start(
+        cls, k: torch.Tensor, device, passes: Sequence[tuple[int, int]] | None = None,
+        numel: Sequence[int] | None = None, config: sb.BracketConfig | None = None,
+    ) -> "Selection":
+        """``k`` [G, T, Q] (on the host: the bracket's sample ranks are computed from it); ``numel``: each
+        group's element count, which enables the one-read bracket selection for a launch that holds every
+        whole tensor (``select_bracket``); without it, or for row chunks, the radix passes run."""
         schedule = tuple(passes) if passes is not None else default_passes()
-        k = k.to(device=device, dtype=torch.int64).contiguous().clone()
-        nb = 1 << max(b for _, b in schedule)
-        q = k.numel()
         if k.dim() != 3 or k.shape[2] not in (1, 2):
             raise ValueError(f"select: k must be [G, T, Q] with 1 or 2 queries per model, got {list(k.shape)}")
+        if numel is not None and len(numel) != k.shape[0]:
+            raise ValueError(f"select: {k.shape[0]} groups in k but {len(numel)} element counts")
+        cfg = config or sb.DEFAULT
+        if k.device.type != "cpu":  # a caller's device k (the kernel plans pass host k): read back once, here
+            k = k.cpu()
+        k = k.to(torch.int64).contiguous()
+        pl = sb.plan(k, numel, cfg) if numel is not None else None
+        # k and the bracket's tables: one asynchronous copy (k is copied, so the scans may update it)
+        pack = HostPack(device)
+        ik = pack.add(k)
+        it = pack.add(pl.host_table(k.shape[1], k.shape[2])) if pl is not None else None
+        views = pack.upload()
+        k = views[ik]
+        nb = 1 << max(b for _, b in schedule)
+        q = k.numel()
         return cls(
             k=k, prefix=torch.zeros_like(k), eq=torch.zeros_like(k), nan=torch.zeros(k.shape[:2], dtype=torch.int64, device=device),
             hist=torch.zeros((max(q, 1), nb), dtype=torch.int64, device=device), schedule=schedule,
+            need=torch.ones(k.shape[:2], dtype=torch.int8, device=device), plan=pl, config=cfg,
+            numel=None if numel is None else tuple(int(n) for n in numel), tables=None if it is None else views[it],
         )
 
     @property
@@ -172,9 +212,10 @@ class Selection:
         tiles: Tiles | None = None, block: int | None = None,
     ) -> None:
         """Add the entries of ``segs`` (rows of ``x`` [T, N], ``base`` [N]) to pass ``pass_no``'s
-        histograms; segment s belongs to tensor ``groups[s]`` (default: s)."""
-        shift, bits = self.schedule[pass_no]
-        BLOCK, SUB, warps = hist_block(block)
+        histograms; segment s belongs to tensor ``groups[s]`` (default: s). With element counts
+        (``start(numel=...)``), pass 0 over a launch holding every whole tensor selects everything in one
+        read (the later passes and scans do nothing)."""
+        BLOCK, SUB, _ = hist_block(block)
         if tiles is None or tiles.block != BLOCK * SUB:
             tiles = make_tiles(segs, BLOCK * SUB, x.device)
         if tiles.count == 0:
@@ -187,24 +228,75 @@ class Selection:
         if segs.total > min(x.shape[1], base.numel()):
             raise ValueError(f"select: segments reach element {segs.total}, the rows/base hold {min(x.shape[1], base.numel())}")
         if isinstance(groups, torch.Tensor):
-            g = groups.to(device=x.device, dtype=torch.int64)
+            g = groups if groups.device == x.device and groups.dtype == torch.int64 else groups.to(device=x.device, dtype=torch.int64)
+        elif groups is None:
+            g = torch.arange(segs.count, dtype=torch.int64, device=x.device)  # made on the device: no copy
         else:
-            g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64, device=x.device)
+            g = table(list(groups), torch.int64, x.device)  # one asynchronous copy
         if g.numel() != segs.count:
             raise ValueError(f"select: {segs.count} segments but {g.numel()} group indices")
-        _, end, _ = seg_tables(segs, x.device)
+        if self.bracketed:
+            return  # pass 0 selected everything
+        if pass_no == 0 and self._whole(segs):
+            self._bracket(x, base, segs, g, block)
+            return
+        self._radix_pass(pass_no, x, base, segs, g, tiles, block, self.nan)
+
+    def _whole(self, segs: Segments) -> bool:
+        """Does this launch hold every group's whole tensor once (the batch path, not a row chunk)?"""
+        return (
+            self.plan is not None and segs.count == len(self.numel) and all(i == 0 for i in segs.idx0)
+            and sorted(segs.numel) == sorted(self.numel)
+        )
+
+    def _radix_pass(self, pass_no, x, base, segs, g, tiles, block, nan, sizes=None) -> None:
+        """One histogram pass over ``tiles`` (BLOCK·SUB elements each; ``sizes``: (BLOCK, warps) with SUB 1)."""
+        shift, bits = self.schedule[pass_no]
+        if sizes is None:
+            BLOCK, SUB, warps = hist_block(block)
+        else:
+            (BLOCK, warps), SUB = sizes, 1
+        start, end, _ = seg_tables(segs, x.device)
         _hist_kernel[(tiles.count,)](
-            x, x.stride(0), base, self._bins(bits), self.prefix, self.nan, g,
-            tiles.seg, tiles.start, end, T,
+            x, x.stride(0), base, self._bins(bits), self.prefix, nan, g,
+            tiles.seg, tiles.start, start, end, self.need, x.shape[0],
             QPM=self.queries_per_model, SHIFT=shift, BITS=bits, FIRST=pass_no == 0, BLOCK=BLOCK, SUB=SUB,
             num_warps=warps,
         )
+
+    def _bracket(self, x, base, segs, g, block) -> None:
+        """The one-read selection (``select_bracket``), then the radix passes for the queries it missed:
+        launched unconditionally (no host round trip), they read only models with a missed query."""
+        QPM = self.queries_per_model
+        r = sb.select(x, base, segs, g, self.k.view(-1), self.plan, self.tables, QPM, block=block, cfg=self.config)
+        shape = self.k.shape
+        fail = r.fail.view(shape).bool()
+        self.fallbacks = r.fail.view(shape)
+        self.need = fail.any(dim=2).to(torch.int8).contiguous()
+        self.k = torch.where(fail, self.k, torch.zeros_like(self.k)).contiguous()  # k < 1: inactive query
+        scratch_nan = torch.zeros_like(self.nan)  # the count pass counted NaN exactly already
+        # the count pass's (and the merge's) aligned tiles: already on the device, no table to copy
+        tiles = make_tiles(segs, sb.count_block(x.shape[0], block)[0], x.device, aligned=True)
+        for j in range(len(self.schedule)):
+            if tiles.count:
+                self._radix_pass(j, x, base, segs, g, tiles, block, scratch_nan, sb.count_block(x.shape[0], block))
+            self._scan(j)
+        self.prefix = torch.where(fail, self.prefix, r.value.view(shape)).contiguous()
+        self.k = torch.where(fail, self.k, r.krem.view(shape)).contiguous()
+        self.eq = torch.where(fail, self.eq, r.eq.view(shape)).contiguous()
+        self.nan = r.nan.view(shape[:2]).contiguous()
+        self.result = r
+        self.bracketed = True
 
     def _bins(self, bits: int) -> torch.Tensor:
         """The [Q, 2^bits] histogram of a pass, a contiguous view of the same (zeroed) storage."""
         return self.hist.view(-1)[: self.hist.shape[0] << bits].view(self.hist.shape[0], 1 << bits)
 
     def scan(self, pass_no: int) -> None:
+        if not self.bracketed:
+            self._scan(pass_no)
+
+    def _scan(self, pass_no: int) -> None:
         shift, bits = self.schedule[pass_no]
         q = self.k.numel()
         if q == 0:
@@ -224,14 +316,16 @@ class Selection:
 
 def kth_largest(
     x: torch.Tensor, base: torch.Tensor, segs: Segments, k: torch.Tensor, block: int | None = None,
-    passes: Sequence[tuple[int, int]] | None = None,
+    passes: Sequence[tuple[int, int]] | None = None, config: sb.BracketConfig | None = None,
 ) -> Selection:
     """The k-th largest |x_t − base| of every segment and model: ``k`` [S, T, Q] int64 → a finished
     ``Selection`` (``.values`` fp32 [S, T, Q], ``.k``: entries equal to it within the top k, ``.eq``:
     entries equal to it). ``passes``: the (shift, bits) schedule (default: ``default_passes()``)."""
     if k.dim() != 3 or k.shape[0] != segs.count or k.shape[1] != x.shape[0]:
         raise ValueError(f"select: k must be [S, T, Q] = [{segs.count}, {x.shape[0]}, Q], got {list(k.shape)}")
-    sel = Selection.start(k, x.device, passes)
+    # an explicit radix schedule runs the radix passes; by default the one-read bracket (whole segments)
+    numel = segs.numel if passes is None and all(i == 0 for i in segs.idx0) else None
+    sel = Selection.start(k, x.device, passes, numel=numel, config=config)
     BLOCK, SUB, _ = hist_block(block)
     tiles = make_tiles(segs, BLOCK * SUB, x.device)
     for j in range(len(sel.schedule)):

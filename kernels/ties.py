@@ -62,7 +62,7 @@ class TiesKernel(GtaKernel):
         self.mask.hi = torch.full((self.G, self.T), float("inf"))
         self.sel: Selection | None = None
         if self._any_active():
-            self.sel = Selection.start(k, device)
+            self.sel = Selection.start(k, device, numel=numels)  # whole tensors: one-read bracket selection
             self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
 
