@@ -11,6 +11,8 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
   native engine's kernels read the FP8 bytes and scales (csrc/cpu/fp8.h), the torch engine dequantises each
   input tensor into fp32 in torch first (io.fp8.dequantize).
 - ``--families``: run only these (comma-separated names of the above).
+- ``--ab``: instead, on ``moe-small`` only, each merge with the engine's runs of small tensors
+  (``engine.stream.batches``) and tensor by tensor (``stream.SMALL_NUMEL = 0``), interleaved, same plan.
 
 Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process, planning included) for
 ties and linear on the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``),
@@ -92,6 +94,29 @@ def run_mergekit(cfg: dict, timeout: float) -> float | None:
         return time.perf_counter() - t0
 
 
+def ab(root: Path, methods: list[str], repeat: int) -> None:
+    """Runs of small tensors vs tensor by tensor on moe-small, interleaved (wall and CPU medians)."""
+    from fastmerge.engine import stream
+
+    base, fts = family(root, "moe-small", SMALL)
+    small = stream.SMALL_NUMEL
+    for method in methods:
+        for engine in ("native", "torch"):
+            res: dict[str, list[tuple[float, float, float]]] = {"runs": [], "one by one": []}
+            for _ in range(repeat):
+                for mode in res:
+                    stream.SMALL_NUMEL = small if mode == "runs" else 0
+                    w, loop, cpu, nbytes, _ = run_fastmerge(config(method, base, fts), engine, 1)
+                    res[mode].append((w, loop, cpu))
+            stream.SMALL_NUMEL = small
+            med = {m: [statistics.median(x[k] for x in v) for k in range(3)] for m, v in res.items()}
+            for mode, (w, loop, cpu) in med.items():
+                print(f"{method:7s} {engine:6s} {mode:10s} wall {w:6.2f} s, merge loop {loop:6.2f} s, CPU {cpu:6.2f} s",
+                      flush=True)
+            print(f"{method:7s} {engine:6s} one by one / runs: wall {med['one by one'][0] / med['runs'][0]:.2f}x, merge loop "
+                  f"{med['one by one'][1] / med['runs'][1]:.2f}x, CPU {med['one by one'][2] / med['runs'][2]:.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "fastmerge-moe"))
@@ -101,8 +126,11 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--methods", default="ties,linear")
     ap.add_argument("--families", default="moe-small,dense-large,moe-fp8")
+    ap.add_argument("--ab", action="store_true", help="moe-small with and without the runs of small tensors")
     a = ap.parse_args()
     root = Path(a.root)
+    if a.ab:
+        return ab(root, a.methods.split(","), a.repeat)
     shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
     print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model", flush=True)

@@ -118,16 +118,20 @@ def family(root: Path, name: str, models: int) -> tuple[list[Path], int, int]:
     return paths, len(tensors), total
 
 
-def child_plan(cfg: Path, world: int) -> tuple[float, float, str]:
-    """``fastmerge plan CFG --world-size N`` in a child: (wall s, peak RSS MB, its first partition line)."""
+def child_plan(cfg: Path, world: int) -> tuple[float, float, float, str]:
+    """``fastmerge plan CFG --world-size N`` in a child: (wall s, CPU s, peak RSS MB, its first partition line).
+    The CPU time (user + system) stands for the wall time of a quiet machine, which a shared one is not."""
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = r0.ru_maxrss
     p = subprocess.run([sys.executable, "-m", "fastmerge", "plan", str(cfg), "--world-size", str(world)],
                        capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    rss = r1.ru_maxrss / 1024
     line = next(x for x in p.stdout.splitlines() if x.startswith("partition"))
-    return wall, max(rss, before / 1024), line
+    return wall, cpu, max(rss, before / 1024), line
 
 
 def main() -> None:
@@ -154,22 +158,24 @@ def main() -> None:
         cfg.write_text(yaml.safe_dump(doc))
         print(f"## {name}: {n_tensors} tensors/model, {nbytes / 1e12:.2f} TB/model x {a.models} models, "
               f"{disk / 1e6:.1f} MB on disk (generated in {gen_s:.1f} s)")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         p = make_plan(cfg, None)
-        t_plan = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t_plan, c_plan = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
         digest = p.digest()
-        t_digest = time.perf_counter() - t0
+        t_digest, c_digest = time.perf_counter() - t0, time.process_time() - c0
         w = shard_weights(p)
         for world in (8, 64):
             t0 = time.perf_counter()
             part = partition(w, world)
             t_part = time.perf_counter() - t0
-            wall, rss, line = child_plan(cfg, world)
-            print(f"  world {world:>2}: `fastmerge plan --world-size {world}` {wall:.2f} s wall, peak RSS {rss:.0f} MB; "
+            wall, cpu, rss, line = child_plan(cfg, world)
+            print(f"  world {world:>2}: `fastmerge plan --world-size {world}` {wall:.2f} s wall ({cpu:.2f} s CPU), "
+                  f"peak RSS {rss:.0f} MB; "
                   f"partition {t_part * 1e3:.1f} ms, {len(p.shards)} shards, largest load {max(part.loads) / 1e9:.0f} GB "
                   f"of mean {sum(part.loads) / world / 1e9:.0f} GB (imbalance {part.imbalance:.3f})")
-        print(f"  in-process: build_plan {t_plan:.2f} s, digest {t_digest:.2f} s ({digest[:12]}), "
+        print(f"  in-process: build_plan {t_plan:.2f} s ({c_plan:.2f} s CPU), digest {t_digest:.2f} s ({c_digest:.2f} s CPU, "
+              f"{digest[:12]}), "
               f"peak RSS {peak_rss_mb():.0f} MB; {len(p.tensors)} output tensors, "
               f"{p.in_bytes / 1e12:.2f} TB to read")
 
