@@ -23,7 +23,9 @@ rank 128), k = 128, Frobenius error over the optimal rank-k error:
 
 Numerics: Q_{i+1} is projected off the earlier blocks once, and again for a batch where a column lost more
 than 1/√2 of its norm ("twice is enough": an exactly low-rank Δ whose range the earlier blocks already
-hold leaves only rounding noise, which one projection does not make orthogonal). The Ritz values come from
+hold leaves only rounding noise, which one projection does not make orthogonal), and columns left with
+less than 1e-4 of their block's norm are dropped (zero: that noise is not orthogonal to Q even after two
+projections). The Ritz values come from
 the eigenvalues of WᵀW only through ‖W·ũ_j‖ (S = column norms of W·Ũ_k), so the factors are a projection
 of Δ however the small eigenvalues round, and an all-zero Δ gives zero factors. The thin factorizations
 (QR of m×l, eigh of L×L) run on one CPU thread (``randomized_svd._one_thread``: MKL's LAPACK on thin
@@ -42,6 +44,9 @@ BLOCK_SHARE = 0.5
 DEFAULT_ITERS = 4
 #: "twice is enough" (Kahan, Parlett): re-project when a column keeps less than this share of its norm
 REORTH_BELOW = 1 / math.sqrt(2)
+#: a new block's column whose part beyond the earlier blocks is below this share of the block's largest
+#: column is dropped: fp32 rounding of the projection is ~1e-7 of it, so such a column is noise
+DEFLATE = 1e-4
 
 
 def krylov_plan(k: int, shape: tuple[int, ...] | torch.Size, block: int | None = None,
@@ -57,8 +62,12 @@ def krylov_plan(k: int, shape: tuple[int, ...] | torch.Size, block: int | None =
     return cols, q
 
 
-def _project_off(y: torch.Tensor, p: torch.Tensor, thin) -> torch.Tensor:
-    """y minus its component in span(p) (p orthonormal), twice where once leaves a column < 1/√2 of itself."""
+def _next_block(y: torch.Tensor, p: torch.Tensor, thin) -> torch.Tensor:
+    """An orthonormal basis of y's part orthogonal to span(p) (p orthonormal): y projected off p once, again
+    where a column kept less than 1/√2 of its norm ("twice is enough"), then QR; columns whose part beyond p
+    is below ``DEFLATE`` of the block's largest column are set to zero (the Krylov space is exhausted: an
+    exactly low-rank Δ whose range earlier blocks already hold leaves rounding noise, whose QR is not
+    orthogonal to p: the test's rank-3 matrix lost 1e-3 of orthogonality per block without this)."""
     with thin:  # small reductions: on a busy 2-core machine 2 threads wait on each other longer than they work
         before = y.square().sum(dim=-2)
     y = y - p @ (p.mT @ y)
@@ -66,7 +75,13 @@ def _project_off(y: torch.Tensor, p: torch.Tensor, thin) -> torch.Tensor:
         again = bool((y.square().sum(dim=-2) < REORTH_BELOW ** 2 * before).any())
     if again:
         y = y - p @ (p.mT @ y)
-    return y
+    with thin:
+        q, r = torch.linalg.qr(y, mode="reduced")
+        if again:
+            scale = before.amax(dim=-1, keepdim=True).sqrt()
+            dead = r.diagonal(dim1=-2, dim2=-1).abs() <= DEFLATE * scale
+            q = q.masked_fill(dead.unsqueeze(-2), 0.0)
+    return q
 
 
 def krylov_svd(a: torch.Tensor, k: int, *, block: int | None = None, iters: int = DEFAULT_ITERS,
@@ -91,11 +106,12 @@ def krylov_svd(a: torch.Tensor, k: int, *, block: int | None = None, iters: int 
     wm = torch.empty(shape[:-2] + (n, width), dtype=torch.float32, device=a.device)  # W = ΔᵀQ
     y = a @ _omega(n, cols, seed, a.device)
     for i in range(q + 1):
-        if i:
-            y = _project_off(y, qm[..., : i * cols], thin)
         qi = qm[..., i * cols:(i + 1) * cols]
-        with thin:
-            qi.copy_(torch.linalg.qr(y, mode="reduced").Q)
+        if i:
+            qi.copy_(_next_block(y, qm[..., : i * cols], thin))
+        else:
+            with thin:
+                qi.copy_(torch.linalg.qr(y, mode="reduced").Q)
         wi = wm[..., i * cols:(i + 1) * cols]
         torch.matmul(a.mT, qi, out=wi) if wi.is_contiguous() else wi.copy_(a.mT @ qi)
         if i < q:
