@@ -98,11 +98,14 @@ def _sample_kernel(
             # stratified: one chunk per stride, at a hashed offset inside it (deterministic: the same
             # positions every call, so the selection is a pure function of the data)
             h = (j * 2654435761 + 40503) & 0xFFFFFFFF
-            pos = start + j * stride + h % (stride - CH + 1)
+            # rounded down to 8 elements (16-byte vector loads): at most 7 elements before the segment, never
+            # before the row, never past the chunk's end; the sample steers speed only, so a few of the
+            # first chunk's keys may come from the previous segment
+            pos = tl.multiple_of((start + j * stride + h % (stride - CH + 1)) // 8 * 8, 8)
             b = tl.load(base_ptr + pos + ar).to(tl.float32)
             for t in tl.static_range(T):
                 key = tl.abs(tl.load(x_ptr + t * sx_t + pos + ar).to(tl.float32) - b).to(tl.int32, bitcast=True)
-                tl.store(samp_ptr + soff + t * m + j * CH + ar, key)
+                tl.store(samp_ptr + tl.multiple_of(soff + t * m + j * CH, 16) + ar, key)  # m, soff: multiples of CH
 
 
 #: the rank select's state per selection i, rows of an int64 [ST_ROWS, NSEL] table
@@ -338,6 +341,8 @@ class Plan:
 
 def plan(k: torch.Tensor, numel: Sequence[int], cfg: BracketConfig = DEFAULT) -> Plan:
     """``k`` int64 [G, T, Q] on the host (k < 1: inactive), ``numel`` [G]."""
+    if cfg.chunk % 16:
+        raise ValueError(f"select: the sample chunk must be a multiple of 16 elements (aligned stores), got {cfg.chunk}")
     G, T, QPM = k.shape
     kk = k.numpy().tolist()  # a host tensor (numpy: no torch read-back call inside an engine unit)
     nchunk, stride, soff, ms = [], [], [], []
