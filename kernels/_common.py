@@ -246,6 +246,14 @@ _CACHE: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 _CACHE_SIZE = 64
 
 
+def _dev_key(device) -> str:
+    """One cache key per device: "cuda" and "cuda:0" (the engine's device and its tensors') are the same."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return str(d)
+
+
 def _cached(key: tuple):
     v = _CACHE.get(key)
     if v is not None:
@@ -264,7 +272,7 @@ def prepare_launch(pack: HostPack, segs: Segments, tiles: Sequence[tuple[int, bo
     """Add one launch's segment tables and tile tables (``(block, aligned)`` each) to ``pack``; returns
     the function that stores the uploaded tables in the cache (``make_tiles``, ``seg_tables`` then find
     them), to be called with ``pack.upload()``'s result."""
-    dev = str(pack.device)
+    dev = _dev_key(pack.device)
     todo: list[tuple[tuple, list[int], Callable]] = []
     if _cached(("seg", segs, dev)) is None:
         idx = [pack.add(list(segs.start), torch.int64), pack.add([a + n for a, n in zip(segs.start, segs.numel)], torch.int64),
@@ -287,7 +295,7 @@ def make_tiles(segs: Segments, block: int, device: torch.device | str, aligned: 
     """Tiles of ``block`` elements covering every segment, segment after segment, in element order
     (cached: a tensor's passes and its merge reuse one table). ``aligned``: BLOCK-aligned windows
     (``Tiles``). Built with one asynchronous copy (``HostPack``) unless ``prepare_launch`` made it."""
-    key = ("tiles", segs, block, str(torch.device(device)), aligned)
+    key = ("tiles", segs, block, _dev_key(device), aligned)
     t = _cached(key)
     if t is None:
         pack = HostPack(device)
@@ -326,7 +334,7 @@ def persistent_grid(n_tiles: int, device, per_sm: int = 4) -> int:
 
 def seg_tables(segs: Segments, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(start, end, idx0) int64 [S] device tensors (cached and copied as the tiles)."""
-    key = ("seg", segs, str(torch.device(device)))
+    key = ("seg", segs, _dev_key(device))
     v = _cached(key)
     if v is None:
         pack = HostPack(device)
