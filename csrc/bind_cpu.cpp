@@ -2,7 +2,8 @@
 //
 // Not linked to libtorch on purpose: the wheel then works with any torch version and builds without torch.
 // Every function takes data pointers as Python ints (tensor.data_ptr()), element counts and dtype codes
-// (0 = float32, 1 = float16, 2 = bfloat16). The tensors themselves (device, contiguity, size, dtype) are
+// (0 = float32, 1 = float16, 2 = bfloat16; an input or a base may also be 3 = FP8, its pointer then the address
+// of an FP8 source descriptor, checked here: cpu/fp8.h, fastmerge._native.Fp8Source). The tensors themselves (device, contiguity, size, dtype) are
 // checked by the typed wrappers in fastmerge/_native.py; here we check what can be checked without them
 // (list lengths, dtype codes, scalar ranges) and raise ValueError naming the argument. The GIL is released
 // around every kernel, so several Python threads can merge different tensors at once.

@@ -13,10 +13,11 @@ machine without a GPU or driver. ``cuda_usable()`` asks the driver.
 The extensions take raw pointers and cannot check the buffers behind them, so every call goes through
 the wrappers below: one per kernel, each taking torch tensors (``tensor.data_ptr()``) *or* raw views
 (``fastmerge.io.reader.RawView``: ``ptr``, ``dtype`` name, ``numel``; the torch-free engine's mapped
-files), with its argument list written once. They check device, contiguity, size and dtype (for a raw
-view: dtype and size; its address is trusted) and raise ``TypeError`` / ``ValueError`` naming the
-argument. The kernels compute in fp32 and round once to the output dtype (round-to-nearest-even),
-bit-identical to the torch references in ``fastmerge.methods`` (the L1 rescale of the sparsifying
+files), with its argument list written once. Where a kernel takes an input or a base it also takes an
+``Fp8Source`` (FP8 bytes and their scales, dequantised by the kernels' load step, csrc/cpu/fp8.h). They
+check device, contiguity, size and dtype (for a raw view: dtype and size; its address is trusted) and
+raise ``TypeError`` / ``ValueError`` naming the argument. The kernels compute in fp32 and round once to the
+output dtype (round-to-nearest-even), bit-identical to the torch references in ``fastmerge.methods`` (the L1 rescale of the sparsifying
 methods excepted, whose two norms are summed more accurately than torch's fp32 ``sum``: see
 ``csrc/include/fastmerge/gta.h``). Every kernel releases the GIL while it runs.
 
