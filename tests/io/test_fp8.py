@@ -326,12 +326,12 @@ def test_qwen3_moe_shape_family(tmp_path):
 
 
 @needs_triton
-@pytest.mark.parametrize("method,elems", [("ties", None), ("linear", None), ("ties", 20_000)],
-                         ids=["ties", "linear", "ties-row-chunks"])
+@pytest.mark.parametrize("method,elems", [("linear", None), ("ties", 20_000)], ids=["linear", "ties-row-chunks"])
 def test_gpu_engine_dequantises_on_the_device(fam, tmp_path, monkeypatch, method, elems):
     """The GPU engine (on the CPU here: kernels interpreted) writes the bytes of the CPU engine; the FP8 inputs
-    never pass through io.fp8.dequantize (the host fp32 copy); with room for 20k elements per slot the 60k-element
-    tensors run in row chunks, each dequantised from its first element's place in the scales."""
+    never pass through io.fp8.dequantize (the host fp32 copy). With room for 20k elements per slot the 60k-element
+    tensors run in row chunks, each dequantised from its first element's place in the scales, the others in
+    batches (a whole-tensor ties run took 2 min interpreted on the 2-core machine and adds no path)."""
     from fastmerge import backends
     from fastmerge.engine import gpu
 
