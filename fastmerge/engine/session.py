@@ -231,9 +231,10 @@ class Output:
 class WriteThread:
     """Writes finished tensors in plan order on its own thread, then gives their buffers back to the pool.
 
-    An item is (event, [(name, view), ...], raw, output): ``event`` (or None) is waited for first - the
+    An item is (event, [(name, view), ...], raw, output[, whole]): ``event`` (or None) is waited for first - the
     GPU engine passes the CUDA event of the device-to-host copy - and ``raw`` (or None) goes back to the
-    pool after the write into output number ``output``."""
+    pool after the write into output number ``output``; ``whole`` (a run of small tensors): (one view over
+    the views' bytes, back to back, their dtype), written with one ``ShardWriter.write_run``."""
 
     thread_name = "fastmerge-write"
 
@@ -263,10 +264,14 @@ class WriteThread:
                         # a run of small tensors all finite, seen in one pass: a check per tensor cost ~50 us,
                         # half the writer thread's time on 20k tensors of 4 KB (bench/RESULTS.md, "MoE")
                         check = None
-                    for name, view in views:
-                        if check is not None:
+                    if check is not None:
+                        for name, view in views:
                             check(name, view)  # engine.finite: inf/NaN the merge made, warned once
-                        self.writers[k].write(name, view)
+                    if whole is not None:  # a run: its tensors lie back to back in whole[0], one write per output shard
+                        self.writers[k].write_run([name for name, _ in views], whole[0])
+                    else:
+                        for name, view in views:
+                            self.writers[k].write(name, view)
             except BaseException as e:
                 self.error = e
             finally:

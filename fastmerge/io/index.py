@@ -15,6 +15,7 @@ contiguous and inside the file, byte size == numel·itemsize, a supported dtype)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -70,6 +71,13 @@ class TensorInfo:
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     """Parse and validate one safetensors header; tensors returned in file (offset) order."""
+    meta, infos, _ = _read_header(path)
+    return meta, infos
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo], str]:
+    """``read_safetensors_header``, and the sha256 (hex) of the header's raw bytes (length included): the
+    plan digest hashes it instead of the parsed table (3 x 20k rows of JSON for a MoE family)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -125,7 +133,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo
         pos = cur.end
     if pos != size:
         raise CheckpointError(f"{path}: {size - pos} bytes after the last tensor: not a valid safetensors layout")
-    return meta, infos
+    return meta, infos, hashlib.sha256(head + raw).hexdigest()
 
 
 def _check_relative(index_path: Path, shard: str) -> None:
@@ -144,6 +152,9 @@ class CheckpointIndex:
     files: list[Path]
     tensors: dict[str, TensorInfo]  # insertion order = shard order, then offset order
     fmt: str  # "safetensors" | "bin"
+    #: safetensors: the sha256 of each file's raw header, in ``files`` order (what ``tensors`` was parsed from,
+    #: for the plan digest); None for pickles
+    header_sha256: list[str] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "CheckpointIndex":
@@ -219,8 +230,10 @@ class CheckpointIndex:
     @classmethod
     def _from_safetensors(cls, root: Path, files: list[Path]) -> "CheckpointIndex":
         tensors: dict[str, TensorInfo] = {}
+        shas = []
         for f in files:
-            meta, infos = read_safetensors_header(f)
+            meta, infos, sha = _read_header(f)
+            shas.append(sha)
             fmt = meta.get("format") if isinstance(meta, dict) else None
             if fmt not in (None, "pt", "mlx", "np", "flax", "tf"):
                 raise CheckpointError(f"{f}: safetensors format '{fmt}' is not a tensor checkpoint")
@@ -228,7 +241,7 @@ class CheckpointIndex:
                 if t.name in tensors:
                     raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
                 tensors[t.name] = t
-        return cls(root=root, files=files, tensors=tensors, fmt="safetensors")
+        return cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas)
 
     @classmethod
     def _from_bin(cls, root: Path, files: list[Path]) -> "CheckpointIndex":

@@ -70,8 +70,19 @@ class OutTensor:
 class Shard:
     filename: str
     tensors: list[OutTensor]
+    #: header_bytes' last result, for this list at this length: a run asks for it up to 5 times per shard (digest,
+    #: manifest, writer, resume check, commit), and a shard of 20k tensors takes ~70 ms to dump each time
+    _head: tuple[list[OutTensor], int, bytes] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def header_bytes(self) -> bytes:
+        memo = self._head
+        if memo is not None and memo[0] is self.tensors and memo[1] == len(self.tensors):
+            return memo[2]
+        head = self._header_bytes()
+        self._head = (self.tensors, len(self.tensors), head)
+        return head
+
+    def _header_bytes(self) -> bytes:
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         off = 0
         for t in self.tensors:
@@ -144,6 +155,43 @@ class ShardWriter:
                     f"writer: tensor '{name}' is {tensor.dtype} {list(tensor.shape)}, planned {planned.dtype} {list(planned.shape)}"
                 )
             data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._append(si, data, 1)
+
+    def write_run(self, names: Sequence[str], data: "torch.Tensor | memoryview") -> None:
+        """Append the next ``len(names)`` tensors of the plan, whose bytes lie back to back in ``data`` (a
+        memoryview, or a contiguous 1-D CPU tensor of their planned dtype): one file write per output shard they
+        fall in, instead of one per tensor (20k tensors of 4 KB: ~40 us each in ``write``)."""
+        if self._next + len(names) > len(self._order):
+            raise FastMergeError(f"writer: unexpected extra tensor '{names[len(self._order) - self._next]}'")
+        dtype = None  # a memoryview's bytes are taken as planned, as in ``write``
+        if isinstance(data, memoryview):
+            data = data.cast("B")
+        else:
+            dtype = str(data.dtype).removeprefix("torch.")
+            data = memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
+        order, first = self._order, self._next
+        pos = start = count = 0
+        parts: list[tuple[int, int, int, int]] = []  # (shard, first byte, end, tensors)
+        for k, name in enumerate(names):
+            si, planned = order[first + k]
+            if planned.name != name:
+                raise FastMergeError(f"writer: expected tensor '{planned.name}', got '{name}' (out of plan order)")
+            if dtype is not None and planned.dtype != dtype:
+                raise FastMergeError(f"writer: tensor '{name}' is {dtype}, planned {planned.dtype}")
+            if count and si != order[first + k - 1][0]:  # the run crosses into the next shard: its part ends here
+                parts.append((order[first + k - 1][0], start, pos, count))
+                start, count = pos, 0
+            pos += planned.nbytes
+            count += 1
+        if count:
+            parts.append((order[first + len(names) - 1][0], start, pos, count))
+        if pos != data.nbytes:
+            raise FastMergeError(f"writer: tensors '{names[0]}'..'{names[-1]}' have {data.nbytes} bytes, planned {pos}")
+        for si, a, b, n in parts:  # written once all of them are checked
+            self._append(si, data[a:b], n)
+
+    def _append(self, si: int, data: memoryview, count: int) -> None:
+        """Write ``data``, the bytes of the next ``count`` planned tensors (all of shard ``si``)."""
         if self._file is None:
             self._file = open(self.dir / self.shards[si].filename, "wb")
             head = self.shards[si].header_bytes()
@@ -157,8 +205,8 @@ class ShardWriter:
         if self._on_shard is not None:
             self._sum.update(data)  # the GIL is released while it hashes
             self._size += data.nbytes
-        self.bytes_written += nbytes
-        self._next += 1
+        self.bytes_written += data.nbytes
+        self._next += count
         if self._next == len(self._order) or self._order[self._next][0] != si:
             self._file.close()
             self._file = None

@@ -99,19 +99,19 @@ def test_a_failure_keeps_completed_shards_for_resume(job, monkeypatch):
     cfg, _, want, out = job
     from fastmerge.io import writer
 
-    real = writer.ShardWriter.write
+    real = writer.ShardWriter._append  # every file write of tensor bytes (``write`` and a run's ``write_run``)
     calls = {"n": 0}
 
-    def failing(self, name, tensor):
-        calls["n"] += 1
-        if calls["n"] == 12:
+    def failing(self, si, data, count):
+        calls["n"] += count
+        if calls["n"] >= 12:
             raise OSError(28, "No space left on device", str(self.dir / "x"))
-        return real(self, name, tensor)
+        return real(self, si, data, count)
 
-    monkeypatch.setattr(writer.ShardWriter, "write", failing)
+    monkeypatch.setattr(writer.ShardWriter, "_append", failing)
     with pytest.raises(OutputError, match=r"No space left.*completed shard\(s\) are kept in .*--resume"):
         merge(cfg, out, out_shard_size=SHARD, seed=3, progress=False)
-    monkeypatch.setattr(writer.ShardWriter, "write", real)
+    monkeypatch.setattr(writer.ShardWriter, "_append", real)
     assert not out.exists()
     report = merge(cfg, out, out_shard_size=SHARD, seed=3, progress=False, resume=True)
     assert report.kept_shards > 0 and tree_bytes(out) == want

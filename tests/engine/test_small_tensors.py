@@ -290,3 +290,146 @@ def test_a_run_that_makes_inf_is_still_reported(moe_family, flavour, tmp_path, m
     with pytest.warns(RuntimeWarning, match=r"tensor 'model\.layers\.\d+\.mlp\.experts\.5\..*inf or NaN"):
         execute(p, tmp_path / "out", flavour)
     assert calls and max(calls) > 1
+
+
+def _swap_offsets(f: Path, a: str, b: str) -> None:
+    """Swap the data offsets of tensors ``a`` and ``b`` (equal byte sizes) in ``f``'s header, in place: same
+    file size, same header length, another tensor table."""
+    import json
+    import struct
+
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8:8 + n])
+    head[a]["data_offsets"], head[b]["data_offsets"] = head[b]["data_offsets"], head[a]["data_offsets"]
+    new = json.dumps(head, separators=(",", ":")).encode()
+    assert len(new) <= n
+    f.write_bytes(raw[:8] + new + b" " * (n - len(new)) + raw[8 + n:])
+
+
+def test_digest_follows_input_headers_and_parameter_values(tmp_path):
+    """The digest hashes each safetensors file's raw header and numbers the parameter values: a tensor table
+    changed at equal file sizes changes it, which tensors share a Params object does not."""
+    import dataclasses
+    import shutil
+
+    base, fts = make_family(tmp_path / "f", DEEPSEEK, n_finetunes=2, shard_bytes=60_000)
+    doc = {"merge_method": "ties", "base_model": str(base),
+           "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts]}
+    p = plan(doc)
+    d = p.digest()
+    assert all(ix.header_sha256 and len(ix.header_sha256) == len(ix.files) for ix in p.indexes.values())
+    assert len({id(t.params) for t in p.tensors}) < len(p.tensors) / 10  # most tensors share one Params
+    unshared = dataclasses.replace(p, tensors=[dataclasses.replace(t, params=dataclasses.replace(t.params)) for t in p.tensors])
+    assert len({id(t.params) for t in unshared.tensors}) == len(p.tensors)
+    assert unshared.digest() == d
+    assert plan(doc).digest() == d
+    # one value changed for one tensor
+    other = dataclasses.replace(p, tensors=list(p.tensors))
+    other.tensors[5] = dataclasses.replace(p.tensors[5], params=dataclasses.replace(p.tensors[5].params, density=0.25))
+    assert other.digest() != d
+    # two expert matrices of a copy of ft1 trade places in their file: same path and file sizes, another plan
+    ft1 = tmp_path / "ft1copy"
+    shutil.copytree(fts[0], ft1)
+    doc1 = {**doc, "models": [{"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.5}}, doc["models"][1]]}
+    before = plan(doc1).digest()
+    assert before != d  # the model path is in the config
+    ix = plan(doc1).indexes[str(ft1)]
+    a, b = [n for n, t in ix.tensors.items() if t.file == ix.files[0] and ".experts." in n][:2]
+    _swap_offsets(ix.files[0], a, b)
+    assert plan(doc1).digest() != before
+
+
+def test_shard_header_bytes_cached_for_its_tensor_list():
+    from fastmerge.io.writer import OutTensor, Shard
+
+    ts = [OutTensor(f"t{i}", "bfloat16", (4, i + 1)) for i in range(5)]
+    s = Shard("model.safetensors", ts)
+    h = s.header_bytes()
+    assert s.header_bytes() is h
+    assert h == Shard("model.safetensors", list(ts))._header_bytes()
+    s.tensors = ts[:3]  # another list: another header
+    assert s.header_bytes() == Shard("x", ts[:3])._header_bytes() != h
+    s.tensors.append(ts[4])  # the same list, grown
+    assert s.header_bytes() == Shard("x", [*ts[:3], ts[4]])._header_bytes()
+
+
+@pytest.mark.parametrize("flavour", ["memoryview", "torch"])
+def test_write_run_equals_write_per_tensor(tmp_path, flavour):
+    """ShardWriter.write_run: runs crossing output shards write the bytes, shard checksums and manifests'
+    inputs that ``write`` writes tensor by tensor; a run out of plan order or of the wrong size is refused
+    before any byte of it is written."""
+    from fastmerge.errors import FastMergeError
+    from fastmerge.io.writer import OutTensor, ShardWriter, plan_shards
+
+    g = torch.Generator().manual_seed(0)
+    outs = [OutTensor(f"t{i}", "bfloat16", (3, 5 + i % 7)) for i in range(40)]
+    data = [torch.randn(t.shape, generator=g).bfloat16() for t in outs]
+    shards = plan_shards(outs, 200)
+    assert len(shards) > 5
+    done: dict[str, list] = {"one": [], "run": []}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "run").mkdir()
+    one = ShardWriter(tmp_path / "one", shards, on_shard=lambda s, n, c: done["one"].append((s.filename, n, c)))
+    for t, x in zip(outs, data):
+        one.write(t.name, x)
+    one.finalize()
+    run = ShardWriter(tmp_path / "run", shards, on_shard=lambda s, n, c: done["run"].append((s.filename, n, c)))
+    for a, b in [(0, 1), (1, 13), (13, 14), (14, 40)]:  # runs of 1, 12 (over shards), 26 tensors
+        flat = torch.cat([x.reshape(-1) for x in data[a:b]])
+        names = [t.name for t in outs[a:b]]
+        if a == 14:
+            with pytest.raises(FastMergeError, match="expected tensor 't15', got 't16'"):
+                run.write_run([names[0], names[2], names[1], *names[3:]], flat)
+            with pytest.raises(FastMergeError, match="planned"):
+                run.write_run(names, flat[:-1])
+            assert run._next == 14
+        run.write_run(names, flat if flavour == "torch" else memoryview(flat.view(torch.uint8).numpy()))
+    run.finalize()
+    assert done["run"] == done["one"] and len(done["one"]) == len(shards)
+    assert _digests(tmp_path / "run") == _digests(tmp_path / "one")
+    assert run.bytes_written == one.bytes_written
+
+
+# segments of 65-2,048 elements select by the small counting select (csrc/cpu/select.cpp rth_largest_small),
+# 64 and fewer by nth_element, 2,049 and more by the 2^11-bin counting select
+SMALL_SELECT_SIZES = [64, 65, 100, 777, 2047, 2048, 2049, 300, 1500]
+
+
+@pytest.mark.parametrize("data", ["wide", "tied", "constant", "nonfinite"])
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_ties_small_select_equals_reference(data, selection):
+    """TIES on segments sized around the small-tensor selection's bounds, each against the torch reference
+    (every |delta| >= the k-th largest kept, the exact-k cut by index order, NaN never kept): magnitudes
+    over the whole fp32 range (four counting rounds), few distinct values, one value, NaN/inf; densities
+    giving k = 1, k near n/2 and k = n - 1."""
+    gen = torch.Generator().manual_seed(11)
+    offsets = [0]
+    for s in SMALL_SELECT_SIZES:
+        offsets.append(offsets[-1] + s)
+    n = offsets[-1]
+    base = torch.randn(n, generator=gen)
+    if data == "wide":  # magnitudes 1e-30 .. 1e30: the bit patterns span almost every exponent
+        xs = [base + torch.randn(n, generator=gen) * torch.pow(10.0, torch.randint(-30, 31, (n,), generator=gen).float())
+              for _ in range(3)]
+    elif data == "tied":
+        xs = [base + torch.randint(-3, 4, (n,), generator=gen) * 0.5 for _ in range(3)]
+    elif data == "constant":
+        xs = [base + 0.75, base - 0.75, base + 0.75]
+    else:
+        xs = [base + torch.randn(n, generator=gen) for _ in range(3)]
+        for x in xs:
+            x[torch.randint(0, n, (n // 50,), generator=gen)] = float("nan")
+            x[torch.randint(0, n, (n // 50,), generator=gen)] = float("inf")
+            x[torch.randint(0, n, (n // 50,), generator=gen)] = -float("inf")
+    inputs = [x.float() for x in xs]
+    p = TiesParams(weight=(0.7, -0.4, 1.1), density=(0.0005, 0.5, 0.9995), selection=selection, rescale=False)
+    out = torch.full((n,), float("nan"), dtype=torch.float32)
+    _native.ties_segments(out, inputs, base, offsets, p.weight, p.density, p.normalize, p.lambda_, p.election,
+                          selection == "topk", 1, False)
+    ref = get_method("ties")
+    for a, z in zip(offsets, offsets[1:]):
+        want = ref.reference([x[a:z] for x in inputs], base[a:z], p).float()
+        got = out[a:z]
+        same = (got == want) | (got.isnan() & want.isnan())
+        assert bool(same.all()), f"segment [{a}, {z}) of {data}: {int((~same).sum())} elements differ"
