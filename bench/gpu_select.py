@@ -8,7 +8,9 @@ Per (shape, T), bf16, base ~ N(0, 0.02²), models = base + N(0, 0.002²), k = �
 - ``bracket``: ``kernels/select_bracket.py`` called as the TIES kernel calls it (plan, one table copy,
   sample, bracket, count, finish, the radix passes launched for missed queries: call time);
 - ``bracket_kernels``: the same launch's kernels alone (tables built once, ``Launch.run``);
-- ``count``: its one full read alone (K3), the part that must stream.
+- ``count``: its one full read alone (K3), the part that must stream;
+- ``count_tiles``: K3 as exact-k TIES runs it (also recording each tile's candidates), ``tile_ties``: the
+  per-tile tie counts from those candidates, ``tie_counts_read``: the read of the data they replace.
 
 Bytes counted: (T + 1)·2·n, one read of base and every model, whatever an implementation re-reads;
 ``% copy`` = that rate over ``copy_`` of a 1 GiB buffer (read + write) measured in the same process.
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastmerge.kernels import select_bracket as sb
     from fastmerge.kernels._common import Segments
+    from fastmerge.kernels.gta import tie_counts
     from fastmerge.kernels.select import PASSES, Selection, kth_largest
 
     dev = torch.device(a.device)
@@ -116,9 +119,26 @@ def main(argv: list[str] | None = None) -> int:
         lc = launch
         cases["count"] = lambda: sb._count_kernel[(sb.persistent_grid(lc.tiles.count, dev, per_sm=2),)](
             x, x.stride(0), base, g, lc.tiles.seg, lc.tiles.start, lc.start, lc.end, lc.tiles.count,
-            lc.need, lc.lo, lc.hi, lc.above, lc.fill, lc.nan, lc.cand, lc.coff, lc.cap,
-            T=T, QPM=1, BLOCK=lc.BLOCK, num_warps=lc.warps,
+            lc.need, lc.lo, lc.hi, lc.above, lc.fill, lc.nan, lc.cand, lc.coff, lc.cap, lc.tslot, lc.tin,
+            T=T, QPM=1, BLOCK=lc.BLOCK, TILES=False, num_warps=lc.warps,
         )
+        # exact-k TIES: the count pass recording each tile's candidates, then the per-tile tie counts taken
+        # from them (``tile_ties``), against the read of the data they replace (``gta.tie_counts``)
+        sel_t = Selection.start(k, dev, numel=[n], tiles_out=True)
+        lt = sb.Launch(x, base, segs, g, sel_t.k.view(-1), sel_t.plan, sel_t.tables, 1, tiles_out=True)
+        lt.run()
+        thr = new.values.reshape(-1)
+        cases["count_tiles"] = lambda: sb._count_kernel[(sb.persistent_grid(lt.tiles.count, dev, per_sm=2),)](
+            x, x.stride(0), base, g, lt.tiles.seg, lt.tiles.start, lt.start, lt.end, lt.tiles.count,
+            lt.need, lt.lo, lt.hi, lt.above, lt.fill, lt.nan, lt.cand, lt.coff, lt.cap, lt.tslot, lt.tin,
+            T=T, QPM=1, BLOCK=lt.BLOCK, TILES=True, num_warps=lt.warps,
+        )
+        cases["tile_ties"] = lambda: lt.tile_ties(x, base, thr)
+        cases["tie_counts_read"] = lambda: tie_counts(x, base, segs, thr.view(1, T), lt.tiles)
+        want = tie_counts(x, base, segs, thr.view(1, T), lt.tiles)
+        if not torch.equal(lt.tile_ties(x, base, thr), want):
+            print(f"MISMATCH {shape} T={T} tile_ties vs tie_counts", file=sys.stderr)
+            return 1
         for name, fn in cases.items():
             ms, q20, q80 = bench(fn)
             gbs = nbytes / ms / 1e6

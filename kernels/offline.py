@@ -38,7 +38,7 @@ PTR_TYPES = {
     "nm1_ptr": "*fp32",
     # the selection (select_bracket): int32 keys and bracket bounds, int8 flags
     "klo_ptr": "*i32", "khi_ptr": "*i32", "cand_ptr": "*i32", "samp_ptr": "*i32", "keys_ptr": "*i32", "need_ptr": "*i8",
-    "fail_ptr": "*i8",
+    "fail_ptr": "*i8", "thr_ptr": "*fp32",
 }
 #: integer arguments the JIT specialises to divisibility by 16 when they are (the row strides)
 DIV16_INTS = ("sx_t", "srank_t")
@@ -78,9 +78,13 @@ NUM_WARPS = 8
 #: the selection's kernels (``select_bracket``; tests/kernels/test_select_offline.py): the count pass with the
 #: merge's tile sizes, and the two kernels of a rank-select round; built by name, not by default
 SELECT_VARIANTS: dict[str, tuple[str, str, dict]] = {
-    "select_count_T2": ("select_bracket", "_count_kernel", dict(T=2, QPM=1, BLOCK=2048)),
-    "select_count_T8": ("select_bracket", "_count_kernel", dict(T=8, QPM=1, BLOCK=1024)),
-    "select_count_q2_T4": ("select_bracket", "_count_kernel", dict(T=4, QPM=2, BLOCK=2048)),
+    "select_count_T2": ("select_bracket", "_count_kernel", dict(T=2, QPM=1, BLOCK=2048, TILES=False)),
+    "select_count_T8": ("select_bracket", "_count_kernel", dict(T=8, QPM=1, BLOCK=1024, TILES=False)),
+    "select_count_q2_T4": ("select_bracket", "_count_kernel", dict(T=4, QPM=2, BLOCK=2048, TILES=False)),
+    # exact-k TIES: the count pass also records each tile's candidates, then the per-tile tie counts
+    "select_tiles_count_T4": ("select_bracket", "_count_kernel", dict(T=4, QPM=1, BLOCK=2048, TILES=True)),
+    "select_tiles_count_T8": ("select_bracket", "_count_kernel", dict(T=8, QPM=1, BLOCK=1024, TILES=True)),
+    "select_tile_ties_T8": ("select_bracket", "_tile_ties_kernel", dict(T=8, QPM=1, BLOCK=1024)),
     "select_rank_hist": ("select_bracket", "_rank_hist_kernel", dict(TILE=1024, TPP=4)),
     "select_rank_step": ("select_bracket", "_rank_step_kernel", dict(SB=2)),
     "select_sample_T8": ("select_bracket", "_sample_kernel", dict(T=8, CH=128, CPP=1)),

@@ -31,6 +31,9 @@ reading base once per tile → exact select among the candidates): one read of t
 same results (value, ``k``, ``eq``, ``nan``), no host round trip. Its misses (a bracket the sample got
 wrong, overflowing candidates) run the radix passes above for those queries only (``need`` gates each
 model's reads), so the answer is exact whatever the sample; passes 1 and 2 and the scans then do nothing.
+Started with ``tiles_out`` (exact-k TIES), the count pass also records where each tile's candidates
+went, and ``tile_ties`` counts each merge tile's entries equal to the selected value from them: the
+tie ranks of the exact-k cut without another read of the data.
 """
 
 from __future__ import annotations
@@ -168,15 +171,18 @@ class Selection:
     result: sb.Result | None = None
     numel: tuple[int, ...] | None = None  # [G] element counts of the groups' whole tensors
     tables: torch.Tensor | None = None  # the bracket's device tables (``select_bracket.Plan.host_table``)
+    tiles_out: bool = False  # exact-k asks where each tile's candidates went (``tile_ties``)
+    launch: sb.Launch | None = None  # the bracket's launch: its candidates, until the merge has counted its ties
 
     @classmethod
     def start(
         cls, k: torch.Tensor, device, passes: Sequence[tuple[int, int]] | None = None,
-        numel: Sequence[int] | None = None, config: sb.BracketConfig | None = None,
+        numel: Sequence[int] | None = None, config: sb.BracketConfig | None = None, tiles_out: bool = False,
     ) -> "Selection":
         """``k`` [G, T, Q] (on the host: the bracket's sample ranks are computed from it); ``numel``: each
         group's element count, which enables the one-read bracket selection for a launch that holds every
-        whole tensor (``select_bracket``); without it, or for row chunks, the radix passes run."""
+        whole tensor (``select_bracket``); without it, or for row chunks, the radix passes run. ``tiles_out``:
+        the bracket keeps each tile's candidates for ``tile_ties`` (exact-k's tie ranks without a read)."""
         schedule = tuple(passes) if passes is not None else default_passes()
         if k.dim() != 3 or k.shape[2] not in (1, 2):
             raise ValueError(f"select: k must be [G, T, Q] with 1 or 2 queries per model, got {list(k.shape)}")
@@ -200,6 +206,7 @@ class Selection:
             hist=torch.zeros((max(q, 1), nb), dtype=torch.int64, device=device), schedule=schedule,
             need=torch.ones(k.shape[:2], dtype=torch.int8, device=device), plan=pl, config=cfg,
             numel=None if numel is None else tuple(int(n) for n in numel), tables=None if it is None else views[it],
+            tiles_out=tiles_out,
         )
 
     @property
@@ -268,7 +275,10 @@ class Selection:
         """The one-read selection (``select_bracket``), then the radix passes for the queries it missed:
         launched unconditionally (no host round trip), they read only models with a missed query."""
         QPM = self.queries_per_model
-        r = sb.select(x, base, segs, g, self.k.view(-1), self.plan, self.tables, QPM, block=block, cfg=self.config)
+        r, launch = sb.select(x, base, segs, g, self.k.view(-1), self.plan, self.tables, QPM, block=block, cfg=self.config,
+                              tiles_out=self.tiles_out)
+        if self.tiles_out:
+            self.launch = launch
         shape = self.k.shape
         fail = r.fail.view(shape).bool()
         self.fallbacks = r.fail.view(shape)
@@ -307,6 +317,19 @@ class Selection:
         _scan_kernel[(triton.cdiv(q, qb),)](
             self._bins(bits), self.k, self.prefix, self.eq, q, SHIFT=shift, BITS=bits, QB=qb, num_warps=4,
         )
+
+    def tile_ties(self, x: torch.Tensor, base: torch.Tensor, segs: Segments, tiles: Tiles) -> torch.Tensor | None:
+        """int64 [P, T·Q]: per tile of ``tiles`` and query, the entries equal to the selected value, counted
+        from the bracket's candidates (no read of the data but for queries the bracket missed), or None
+        where the bracket did not select this launch (row chunks) or ``tiles`` are not its count pass's."""
+        ln = self.launch
+        if ln is None or ln.segs != segs or ln.tiles is not tiles:
+            return None
+        return ln.tile_ties(x, base, self.values.reshape(-1))
+
+    def release(self) -> None:
+        """Drop the bracket's scratch (the merge has what it needs)."""
+        self.launch = None
 
     @property
     def values(self) -> torch.Tensor:

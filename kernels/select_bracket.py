@@ -16,6 +16,10 @@ back by the host between them:
                 counted, never stored (> 50 % zero deltas: the bracket collapses on 0).
     K4 finish   r = k − above; if 1 ≤ r ≤ inside and the candidates fit: the r-th largest candidate IS the k-th
                 largest (integer counts: exact), with the counts of keys above and equal to it.
+    ties        (exact-k TIES only, ``tiles_out``) K3 also stores each tile's candidate count and first slot
+                (its candidates lie there in index order); after the selection, per tile, the entries equal
+                to the value: counted among those ≤ BLOCK candidates (a one-value bracket: all it counted;
+                a missed query: on the tile's data). The merge's tie ranks are their prefix sums.
 
 The rank select (K2 on the sample rows, K4 on the candidate regions) is a counting select on the value
 range, many programs per selection: each round histograms the keys inside the current range [lo, hi] in
@@ -211,9 +215,9 @@ def _bracket_kernel(st_ptr, NSEL, klo_ptr, khi_ptr):
 
 @triton.jit
 def _count_tile(
-    x_ptr, sx_t, base_ptr, start, seg_start, seg_end, g,
-    need_ptr, klo_ptr, khi_ptr, above_ptr, fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr,
-    T: tl.constexpr, QPM: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
+    x_ptr, sx_t, base_ptr, start, seg_start, seg_end, g, p,
+    need_ptr, klo_ptr, khi_ptr, above_ptr, fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr, tslot_ptr, tin_ptr,
+    T: tl.constexpr, QPM: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr, TILES: tl.constexpr,
 ):
     ar = tl.arange(0, BLOCK)
     if FULL:
@@ -237,21 +241,29 @@ def _count_tile(
                 tl.atomic_add(above_ptr + q, above, mask=above > 0)
                 inside = valid & (key >= lo) & (key <= hi)
                 n_in = tl.sum(inside.to(tl.int64), 0)
+                if TILES:  # where each tile's candidates went (exact-k counts its ties from them: ``tile_ties``)
+                    tl.store(tin_ptr + (p * T + t) * QPM + qq, n_in)
                 if n_in > 0:
                     slot = tl.atomic_add(fill_ptr + q, n_in)  # this tile's first slot in the query's region
+                    if TILES:
+                        tl.store(tslot_ptr + (p * T + t) * QPM + qq, slot)
                     if lo != hi:  # a one-value bracket is counted, not stored
                         pos = slot + (tl.cumsum(inside.to(tl.int32), 0) - 1).to(tl.int64)
                         tl.store(cand_ptr + tl.load(coff_ptr + q) + pos, key, mask=inside & (pos < tl.load(cap_ptr + q)))
+        elif TILES:
+            for qq in tl.static_range(QPM):
+                tl.store(tin_ptr + (p * T + t) * QPM + qq, 0)
 
 
 @triton.jit
 def _count_kernel(
     x_ptr, sx_t: tl.int64, base_ptr, group_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, n_tiles,
-    need_ptr, klo_ptr, khi_ptr, above_ptr, fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr,
-    T: tl.constexpr, QPM: tl.constexpr, BLOCK: tl.constexpr,
+    need_ptr, klo_ptr, khi_ptr, above_ptr, fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr, tslot_ptr, tin_ptr,
+    T: tl.constexpr, QPM: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
     """K3, persistent over an aligned tile table (``Tiles.aligned``): full tiles unmasked (16/8-byte
-    vector loads), a segment's edge tiles masked."""
+    vector loads), a segment's edge tiles masked. ``TILES``: also record, per tile and query, its candidates'
+    count and first slot ([P, T, QPM]: 16 bytes per tile and query, < 1 % of the tile's bytes)."""
     for p in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         seg = tl.load(tile_seg_ptr + p)
         start = tl.multiple_of(tl.load(tile_start_ptr + p), BLOCK)  # a multiple of BLOCK by construction
@@ -259,11 +271,11 @@ def _count_kernel(
         seg_end = tl.load(seg_end_ptr + seg)
         g = tl.load(group_ptr + seg)
         if (start >= seg_start) & (start + BLOCK <= seg_end):
-            _count_tile(x_ptr, sx_t, base_ptr, start, seg_start, seg_end, g, need_ptr, klo_ptr, khi_ptr, above_ptr,
-                        fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr, T, QPM, BLOCK, True)
+            _count_tile(x_ptr, sx_t, base_ptr, start, seg_start, seg_end, g, p, need_ptr, klo_ptr, khi_ptr, above_ptr,
+                        fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr, tslot_ptr, tin_ptr, T, QPM, BLOCK, True, TILES)
         else:
-            _count_tile(x_ptr, sx_t, base_ptr, start, seg_start, seg_end, g, need_ptr, klo_ptr, khi_ptr, above_ptr,
-                        fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr, T, QPM, BLOCK, False)
+            _count_tile(x_ptr, sx_t, base_ptr, start, seg_start, seg_end, g, p, need_ptr, klo_ptr, khi_ptr, above_ptr,
+                        fill_ptr, nan_ptr, cand_ptr, coff_ptr, cap_ptr, tslot_ptr, tin_ptr, T, QPM, BLOCK, False, TILES)
 
 
 @triton.jit
@@ -297,6 +309,46 @@ def _finish_kernel(st_ptr, Q, val_ptr, krem_ptr, eq_ptr):
     tl.store(val_ptr + q, tl.load(st_ptr + _ST_LO * Q + q))
     tl.store(krem_ptr + q, tl.load(st_ptr + _ST_R * Q + q))
     tl.store(eq_ptr + q, tl.load(st_ptr + _ST_EQ * Q + q))
+
+
+@triton.jit
+def _tile_ties_kernel(
+    x_ptr, sx_t: tl.int64, base_ptr, group_ptr, tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr,
+    k_ptr, fail_ptr, klo_ptr, khi_ptr, thr_ptr, tslot_ptr, tin_ptr, cand_ptr, coff_ptr, cnt_ptr,
+    T: tl.constexpr, QPM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per tile p and query: the entries of the tile with |δ| equal to the query's selected value ``thr``
+    (fp32), counted among the tile's candidates (K3 stored them contiguously, in index order, at
+    ``tslot[p]``): at most BLOCK keys read back from L2 instead of the tile's T + 1 rows. A one-value
+    bracket stored no candidates, but every key it counted equals the value; a query the bracket missed
+    (the radix select answered it) counts on the tile's data, as ``gta.tie_counts`` does. Equality is the
+    fp32 comparison of the merge's mask (a NaN value ties with nothing)."""
+    p = tl.program_id(0)
+    seg = tl.load(tile_seg_ptr + p)
+    g = tl.load(group_ptr + seg)
+    start = tl.load(tile_start_ptr + p)
+    ar = tl.arange(0, BLOCK)
+    for t in tl.static_range(T):
+        for qq in tl.static_range(QPM):
+            q = (g * T + t) * QPM + qq
+            j = (p * T + t) * QPM + qq
+            thr = tl.load(thr_ptr + q)
+            if tl.load(k_ptr + q) < 1:
+                tl.store(cnt_ptr + j, tl.zeros([1], dtype=tl.int64).sum())  # inactive: no region, nothing to rank
+            elif tl.load(fail_ptr + q) != 0:
+                offs = start + ar.to(tl.int64)
+                valid = (offs >= tl.load(seg_start_ptr + seg)) & (offs < tl.load(seg_end_ptr + seg))
+                b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+                mag = tl.abs(tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32) - b)
+                tl.store(cnt_ptr + j, tl.sum(((mag == thr) & valid).to(tl.int64), 0))
+            elif tl.load(klo_ptr + q) == tl.load(khi_ptr + q):
+                tl.store(cnt_ptr + j, tl.where(thr == thr, tl.load(tin_ptr + j), 0))
+            else:
+                n_in = tl.load(tin_ptr + j)
+                m = ar < n_in
+                slot = tl.where(n_in > 0, tl.load(tslot_ptr + j), 0)  # unwritten where the tile had none
+                key = tl.load(cand_ptr + tl.load(coff_ptr + q) + slot + ar, mask=m, other=0)
+                tl.store(cnt_ptr + j, tl.sum((m & (key.to(tl.float32, bitcast=True) == thr)).to(tl.int64), 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,8 +495,9 @@ class Launch:
     ``HostPack``); nothing is ever copied back."""
 
     def __init__(self, x, base, segs: Segments, groups: torch.Tensor, k_dev: torch.Tensor, pl: Plan, tables: torch.Tensor,
-                 QPM: int, block: int | None = None, cfg: BracketConfig = DEFAULT) -> None:
-        """``tables``: the device copy of ``pl.host_table(T, QPM)``."""
+                 QPM: int, block: int | None = None, cfg: BracketConfig = DEFAULT, tiles_out: bool = False) -> None:
+        """``tables``: the device copy of ``pl.host_table(T, QPM)``. ``tiles_out``: K3 records where each
+        tile's candidates went, for ``tile_ties`` (exact-k TIES)."""
         dev = x.device
         self.x, self.base, self.segs, self.groups, self.k, self.pl, self.QPM, self.cfg = x, base, segs, groups, k_dev, pl, QPM, cfg
         T = x.shape[0]
@@ -472,6 +525,10 @@ class Launch:
         self.tiles = make_tiles(segs, self.BLOCK, dev, aligned=True)
         self.out = torch.empty((3, Q), dtype=torch.int64, device=dev)
         self.fail = torch.empty(Q, dtype=torch.int8, device=dev)
+        self.tiles_out = tiles_out
+        P = self.tiles.count
+        self.tslot = torch.empty((P, T, QPM) if tiles_out else (1,), dtype=torch.int64, device=dev)
+        self.tin = torch.empty((P, T, QPM) if tiles_out else (1,), dtype=torch.int64, device=dev)
 
     def run(self) -> Result:
         x, base, pl, T = self.x, self.base, self.pl, self.x.shape[0]
@@ -493,7 +550,7 @@ class Launch:
             _count_kernel[(persistent_grid(self.tiles.count, x.device, per_sm=2),)](
                 x, x.stride(0), base, self.groups, self.tiles.seg, self.tiles.start, self.start, self.end, self.tiles.count,
                 self.need, self.lo, self.hi, self.above, self.fill, self.nan, self.cand, self.coff, self.cap,
-                T=T, QPM=self.QPM, BLOCK=self.BLOCK, num_warps=self.warps,
+                self.tslot, self.tin, T=T, QPM=self.QPM, BLOCK=self.BLOCK, TILES=self.tiles_out, num_warps=self.warps,
             )
         _verify_kernel[(self.Q,)](self.k, self.lo, self.hi, self.above, self.fill, self.coff, self.cap, self.st4,
                                   res.fail, self.Q, num_warps=1)
@@ -502,10 +559,29 @@ class Launch:
         return res
 
 
+    def tile_ties(self, x: torch.Tensor, base: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+        """int64 [P, T·QPM]: per tile of ``self.tiles`` (the merge's aligned tiles) and query, the entries equal
+        to ``thr`` [Q] (fp32, the selected values, radix answers included) from K3's candidates, so exact-k
+        ranks its ties without another read of the data (``tiles_out`` launches only; run after ``run``)."""
+        if not self.tiles_out:
+            raise ValueError("select: tile_ties needs a launch made with tiles_out=True")
+        T, P = x.shape[0], self.tiles.count
+        cnt = torch.empty((P, T * self.QPM), dtype=torch.int64, device=x.device)
+        if P:
+            _tile_ties_kernel[(P,)](
+                x, x.stride(0), base, self.groups, self.tiles.seg, self.tiles.start, self.start, self.end,
+                self.k, self.fail, self.lo, self.hi, thr.contiguous(), self.tslot, self.tin, self.cand, self.coff, cnt,
+                T=T, QPM=self.QPM, BLOCK=self.BLOCK, num_warps=self.warps,
+            )
+        return cnt
+
+
 def select(
     x: torch.Tensor, base: torch.Tensor, segs: Segments, groups: torch.Tensor, k_dev: torch.Tensor, pl: Plan,
-    tables: torch.Tensor, QPM: int, block: int | None = None, cfg: BracketConfig = DEFAULT,
-) -> Result:
+    tables: torch.Tensor, QPM: int, block: int | None = None, cfg: BracketConfig = DEFAULT, tiles_out: bool = False,
+) -> tuple[Result, Launch]:
     """K1–K4 over one launch holding every group's whole tensor once (segment s = all of group
-    ``groups[s]``'s elements). ``k_dev`` int64 [G·T·Q] and ``tables`` (``Plan.host_table``) on the device."""
-    return Launch(x, base, segs, groups, k_dev, pl, tables, QPM, block, cfg).run()
+    ``groups[s]``'s elements). ``k_dev`` int64 [G·T·Q] and ``tables`` (``Plan.host_table``) on the device.
+    Returns the result and the launch (its scratch, for ``Launch.tile_ties``)."""
+    launch = Launch(x, base, segs, groups, k_dev, pl, tables, QPM, block, cfg, tiles_out)
+    return launch.run(), launch

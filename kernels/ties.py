@@ -1,12 +1,17 @@
 """TIES on the GPU: exact per-tensor selection (``select``) + the fused consensus pass (``gta``).
 
 ``fastmerge.methods.ties`` is the specification. Per tensor and model with density < 1:
-k = max(1, ⌊density·numel⌋); three radix-select passes find the k-th largest |δ| exactly (the value
-``torch.kthvalue`` returns); the fused pass keeps |δ| ≥ it (``selection: threshold``, boundary ties
-kept) or exactly k entries, boundary ties in index order (``selection: topk``: one extra read of
-the data per launch to count the tied entries of each tile). ``rescale: true`` adds one pass for the
-two L1 norms. Whole ties = 3 (+1) + 1 reads of base + T models, against the reference's
-materialised fp32 deltas, kthvalue and ~10 full-size temporaries per model.
+k = max(1, ⌊density·numel⌋); the k-th largest |δ| is found exactly (the value ``torch.kthvalue``
+returns): for whole tensors by the one-read bracket selection (``select_bracket``: a 1/16 sample, one
+counting pass, a rank select among the candidates), for row chunks by three radix-select passes. The
+fused pass keeps |δ| ≥ it (``selection: threshold``, boundary ties kept) or exactly k entries, boundary
+ties in index order (``selection: topk``): each merge tile needs the tied entries of the tiles before
+it. Whole tensors count them per tile among the count pass's candidates (stored per tile in index
+order; ≤ BLOCK keys per tile and model, read from L2, not the tile's T + 1 rows), then a device cumsum;
+row chunks count them with one extra read per launch (``gta.tie_counts``). ``rescale: true`` adds one
+pass for the two L1 norms (with topk, that pass's own tiles count their ties on the data). Whole ties =
+1 read (+1 with rescale) + 1 for the merge of base + T models, against the reference's materialised fp32
+deltas, kthvalue and ~10 full-size temporaries per model.
 
 Default mode only: ``mergekit_compat`` (bf16 arithmetic, argsort order) stays on the torch backend.
 """
@@ -62,7 +67,8 @@ class TiesKernel(GtaKernel):
         self.mask.hi = torch.full((self.G, self.T), float("inf"))
         self.sel: Selection | None = None
         if self._any_active():
-            self.sel = Selection.start(k, device, numel=numels)  # whole tensors: one-read bracket selection
+            # whole tensors: one-read bracket selection; exact-k keeps its candidates to rank the ties in the merge
+            self.sel = Selection.start(k, device, numel=numels, tiles_out=self.topk)
             self.passes += [f"select{j}" for j in range(len(self.sel.schedule))]
         self._finish_init()
 
@@ -87,7 +93,16 @@ class TiesKernel(GtaKernel):
         if not self.topk:
             return m
         tiles = tiles or make_tiles(segs, default_block(block)[0], x.device)
-        cnt = tie_counts(x, base, segs, m.lo, tiles)
+        if self.sel is None:  # every model kept whole: nothing is ranked
+            cnt = torch.zeros((tiles.count, self.T), dtype=torch.int64, device=x.device)
+        else:
+            # whole tensors, the merge's tiles: counted among the bracket's candidates (no read of the data);
+            # row chunks and the L1 pass's tiles: one read of the data
+            cnt = self.sel.tile_ties(x, base, segs, tiles)
+            if cnt is None:
+                cnt = tie_counts(x, base, segs, m.lo, tiles)
+            elif tiles.aligned:
+                self.sel.release()  # the merge's tiles: the candidates are no longer needed
         # ranks continue across the chunks of one tensor: add the tied entries of its earlier chunks
         m.eqb = (tie_prefix(cnt, tiles) + self._running[g][tiles.seg.long()]).contiguous()
         seg_tot = torch.zeros((segs.count, self.T), dtype=torch.int64, device=x.device)

@@ -274,3 +274,74 @@ def test_bracket_on_the_gpu_at_default_sizes_without_a_host_sync(zeros):
         assert torch.equal(getattr(sel, name), getattr(old, name)), name
     assert int(sel.fallbacks.sum()) == 0
     check(sel, x, base, segs, k, cpu=False)
+
+
+def _tied_family(dtype, seed):
+    """Segments whose |δ| take few values (exact in every dtype: multiples of 1/8 on multiples of 1/4), so the
+    k-th largest is tied over many tiles: 16 values (the sample brackets a range: candidates stored), 4 values
+    with > 50 % zeros (the bracket collapses on one value: counted, not stored), and a random segment."""
+    from fastmerge.kernels._common import Segments
+
+    g = torch.Generator().manual_seed(seed)
+    numels = [700, 640, 33 * 17, 1]
+    base = torch.randint(-8, 8, (sum(numels),), generator=g).float() * 0.25
+    x = base[None] + torch.randint(-8, 8, (3, sum(numels)), generator=g).float() * 0.125
+    a = numels[0]
+    x[:, a:a + numels[1]] = base[a:a + numels[1]] + torch.randint(-1, 2, (3, numels[1]), generator=g).float() * 0.125 * (
+        torch.rand(3, numels[1], generator=g) < 0.08).float()
+    a += numels[1]
+    base[a:a + numels[2]] = torch.randn(numels[2], generator=g)
+    x[:, a:a + numels[2]] = base[a:a + numels[2]] + 0.01 * torch.randn(3, numels[2], generator=g)
+    return x.to(dtype).to(DEV), base.to(dtype).to(DEV), Segments.packed(numels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("how", ["sampled", "missed"])
+def test_ties_topk_ranks_its_ties_from_the_candidates(monkeypatch, dtype, how):
+    """Exact-k TIES on whole tensors counts each tile's entries at the cut among the bracket's candidates
+    (``Launch.tile_ties``): no tie-count read of the data (``gta.tie_counts`` is never called), bit-exact vs the
+    reference on a NaN-poisoned output, with heavy ties at the cut spread over many 64-element tiles, a one-value
+    bracket, an inactive model, and (``missed``) queries the radix select answered, counted on the data."""
+    from fastmerge.kernels import select_bracket as sb
+    from fastmerge.kernels import ties as ties_mod
+    from fastmerge.methods.ties import TiesParams
+
+    monkeypatch.setattr(sb, "DEFAULT", _cfg(z=-3.0, headroom=0.0, slack=0) if how == "missed" else _cfg())
+
+    def no_read(*a, **k):
+        raise AssertionError("exact-k read the data again to count its ties")
+
+    monkeypatch.setattr(ties_mod, "tie_counts", no_read)
+    x, base, segs = _tied_family(dtype, seed=11)
+    params = [TiesParams((0.5, -0.3, 1.1), (0.4, 0.005, 1.0 if s == 1 else 0.25), selection="topk") for s in range(segs.count)]
+    kern = ties_mod.TiesKernel(params, segs.numel, x.device)
+    out = poisoned(x.shape[1], dtype)
+    kern.run(x, base, out, segs, block=64)
+    r = kern.sel.result
+    act = torch.tensor([[d < 1 for d in p.density] for p in params]).reshape(-1).to(r.lo.device)
+    assert kern.sel.bracketed and kern.sel.launch is None  # the merge used the candidates, then let them go
+    if how == "missed":
+        assert int(kern.sel.fallbacks.sum()) > 0
+    else:
+        ok = act & (r.fail == 0)
+        assert bool(((r.lo == r.hi) & ok).any()) and bool(((r.lo < r.hi) & ok).any()), (r.lo, r.hi, r.fail)
+    assert int((kern.sel.eq.view(-1)[act] > 1).sum()) >= 4  # ties at the cut: the ranks decide
+    assert_bits_equal(out, reference("ties", x, base, segs, params, dtype), f"ties topk {how}")
+
+
+def test_tile_ties_equal_the_data_counts():
+    """Per tile, the candidates' tie counts equal ``gta.tie_counts`` on the data (the read they replace)."""
+    from fastmerge.kernels._common import make_tiles
+    from fastmerge.kernels.gta import tie_counts
+    from fastmerge.kernels.select import Selection
+
+    x, base, segs = _tied_family(torch.bfloat16, seed=12)
+    k = torch.tensor([[[max(1, int(0.4 * n))]] * 3 for n in segs.numel], dtype=torch.int64)
+    sel = Selection.start(k, x.device, numel=segs.numel, config=_cfg(), tiles_out=True)
+    sel.histogram(0, x, base, segs, block=64)
+    tiles = make_tiles(segs, 64, x.device, aligned=True)
+    got = sel.tile_ties(x, base, segs, tiles)
+    want = tie_counts(x, base, segs, sel.values[..., 0], tiles)
+    assert torch.equal(got.cpu(), want.cpu())
+    assert int(want.sum()) > segs.count * 3  # ties at the cut in most segments and models
+    assert sel.tile_ties(x, base, segs, make_tiles(segs, 64, x.device)) is None  # not the count pass's tiles

@@ -70,3 +70,13 @@ def test_no_spills_and_two_ctas_per_sm(builds, name):
     b = builds[name]
     assert b["stack"] == 0 and b["spill_stores"] == 0 and b["spill_loads"] == 0, f"{name}: {b}"
     assert b["regs"] <= 128, f"{name}: {b['regs']} registers (> 128: fewer than 2 CTAs of 256 threads per SM)"
+
+
+@pytest.mark.parametrize("name", [n for n in SELECT_VARIANTS if n.startswith("select_tiles_count")])
+def test_exact_k_count_pass_still_reads_each_row_once(builds, name):
+    """Recording each tile's candidates for exact-k (``TILES``) adds scalar stores, not loads: base and every
+    model still come in once per tile as full vectors (the tie counts then need no read of the data)."""
+    b = builds[name]
+    vec = {8: "v4.b32", 4: "v2.b32"}[b["block"] // 256]
+    assert b["loads"].get(vec, 0) == b["T"] + 1, f"{name}: {b['loads']}"
+    assert "b16" not in b["loads"], f"{name}: unmasked 2-byte loads {b['loads']}"
