@@ -269,11 +269,11 @@ def test_overwrite_never_removes_foreign_files(family_bf16, tmp_path, capsys):
 SLOW_MERGE = """
 import sys, time
 from fastmerge.io import writer
-orig = writer.ShardWriter.write
-def slow(self, name, t):
-    time.sleep(0.1)
-    return orig(self, name, t)
-writer.ShardWriter.write = slow
+orig = writer.ShardWriter._append
+def slow(self, si, data, count):
+    time.sleep(0.1 * count)
+    return orig(self, si, data, count)
+writer.ShardWriter._append = slow
 from fastmerge import cli
 sys.exit(cli.main(sys.argv[1:]))
 """

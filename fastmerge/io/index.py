@@ -99,26 +99,34 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo], str]:
     meta = header.pop("__metadata__", None) or {}
     data_start = 8 + n
     infos: list[TensorInfo] = []
+    # (safetensors dtype, shape as written) -> (dtype, shape, bytes): a MoE header repeats a few shapes over
+    # 20k-45k entries, each checked once (an unhashable or odd shape takes the checks every time)
+    seen: dict[Any, tuple[str, tuple[int, ...], int]] = {}
+    new = object.__new__
     for name, entry in header.items():
         try:
             st_dtype, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(map(int, shape))  # map, not a generator: 136k entries in DeepSeek-V3's headers
             b, e = int(b), int(e)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        dtype = ST_DTYPES.get(st_dtype)
-        if dtype is None:
-            kind = "unknown" if st_dtype not in ALL_ST_DTYPES else "unsupported"
-            raise CheckpointError(
-                f"{path}: tensor '{name}' has {kind} dtype {st_dtype} (fastmerge merges F32, F16, BF16 and FP8 F8_E4M3/F8_E5M2)"
-            )
-        if (shape and min(shape) < 0) or e < b or e - b != math.prod(shape) * ITEMSIZE[dtype]:
+        try:
+            dtype, shape, nbytes = seen[(st_dtype, *shape)]
+        except (KeyError, TypeError):
+            dtype, shape, nbytes = _entry_type(path, name, st_dtype, shape)
+            try:
+                seen[(st_dtype, *entry["shape"])] = (dtype, shape, nbytes)
+            except TypeError:
+                pass
+        if e < b or e - b != nbytes:
             raise CheckpointError(f"{path}: tensor '{name}' has inconsistent shape {list(shape)} and offsets [{b}, {e}]")
         if data_start + e > size:
             raise CheckpointError(
                 f"{path}: truncated file: tensor '{name}' ends at byte {data_start + e}, file has {size}"
             )
-        infos.append(TensorInfo(name, path, dtype, shape, data_start + b, data_start + e))
+        # TensorInfo's fields set directly: its frozen __init__ (six object.__setattr__) was half this loop
+        t = new(TensorInfo)
+        t.__dict__.update(name=name, file=path, dtype=dtype, shape=shape, begin=data_start + b, end=data_start + e)
+        infos.append(t)
     infos.sort(key=lambda t: (t.begin, t.end))
     # the safetensors library's rules: the data section is the tensors back to back, from its first byte
     # to the end of the file - no overlap, no gap, nothing after (it refuses such files; so do we)
@@ -134,6 +142,22 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo], str]:
     if pos != size:
         raise CheckpointError(f"{path}: {size - pos} bytes after the last tensor: not a valid safetensors layout")
     return meta, infos, hashlib.sha256(head + raw).hexdigest()
+
+
+def _entry_type(path: Path, name: str, st_dtype: Any, shape: Any) -> tuple[str, tuple[int, ...], int]:
+    """(dtype, shape, byte size) of one header entry, checked (``read_safetensors_header``); size -1 for a
+    negative dimension (no offsets match it)."""
+    try:
+        shape = tuple(map(int, shape))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+    dtype = ST_DTYPES.get(st_dtype) if isinstance(st_dtype, str) else None
+    if dtype is None:
+        kind = "unsupported" if isinstance(st_dtype, str) and st_dtype in ALL_ST_DTYPES else "unknown"
+        raise CheckpointError(
+            f"{path}: tensor '{name}' has {kind} dtype {st_dtype} (fastmerge merges F32, F16, BF16 and FP8 F8_E4M3/F8_E5M2)"
+        )
+    return dtype, shape, -1 if shape and min(shape) < 0 else math.prod(shape) * ITEMSIZE[dtype]
 
 
 def _check_relative(index_path: Path, shard: str) -> None:

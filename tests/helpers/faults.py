@@ -26,15 +26,16 @@ def count_readers(monkeypatch):
 
 
 def disk_full_on_write(monkeypatch, at: int) -> None:
-    """The ``at``-th tensor written by any ShardWriter fails with ENOSPC, as a full disk would."""
+    """The write of the ``at``-th tensor written by any ShardWriter fails with ENOSPC, as a full disk would
+    (``ShardWriter._append``: every write of tensor bytes, one tensor or a run of small ones)."""
     from fastmerge.io import writer as writer_mod
 
-    write, calls = writer_mod.ShardWriter.write, []
+    append, calls = writer_mod.ShardWriter._append, [0]
 
-    def failing(self, name, t):
-        calls.append(name)
-        if len(calls) == at:
+    def failing(self, si, data, count):
+        calls[0] += count
+        if calls[0] >= at > calls[0] - count:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "model.safetensors"))
-        write(self, name, t)
+        append(self, si, data, count)
 
-    monkeypatch.setattr(writer_mod.ShardWriter, "write", failing)
+    monkeypatch.setattr(writer_mod.ShardWriter, "_append", failing)
