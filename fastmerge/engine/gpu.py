@@ -15,7 +15,8 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   for a staging buffer it wants to refill and for a host output buffer the writer still holds.
 - GPU memory is bounded by ``max_gpu_memory``: 2 input slots + 2 output slots + a 512 MiB reserve
   for kernel scratch + the CUDA C++ kernel's scratch (taken from torch's allocator per call, sized by
-  ``backends.cuda.scratch_bytes``). Slot 0 holds the largest unit, slot 1 the next-largest tensor (``_Budget``);
+  ``backends.cuda.scratch_bytes``) + for FP8 inputs their bytes in flight (1 per slot element) and scales.
+  Slot 0 holds the largest unit, slot 1 the next-largest tensor (``_Budget``);
   units that fit slot 1 alternate between the two. A tensor group larger than slot 0 is merged in
   row chunks, every data pass (the selection of TIES/breadcrumbs, the L1 norms of a rescale, the Gram
   matrix of slerp/model_stock) running over all its chunks before the merge pass
@@ -234,7 +235,7 @@ def _prepare(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor], fp8_o
     inputs (``fp8_on_device``): ``kernels.fp8.Fp8Piece``s, which ``upload`` dequantises on the device."""
     if getattr(tp, "input_transform", None) is None:
         return tensors
-    if fp8_on_device and getattr(tp.input_transform, "before_cast", False) and not tp.compute_dtype:
+    if fp8_on_device and _fp8_on_device(tp):
         from fastmerge.kernels import fp8
 
         return fp8.pieces(tp.input_transform, tensors)
@@ -242,6 +243,17 @@ def _prepare(plan: MergePlan, tp: TensorPlan, tensors: list[torch.Tensor], fp8_o
         cd = torch_dtype(tp.compute_dtype)
         tensors = [x.to(cd) for x in tensors]
     return list(getattr(tp, "input_transform", None).apply(tensors, plan.options.mergekit_compat))
+
+
+def _fp8_on_device(tp: TensorPlan) -> bool:
+    """FP8 inputs uploaded as their bytes and dequantised on the device (``kernels.fp8.Fp8Piece``)."""
+    return bool(getattr(getattr(tp, "input_transform", None), "before_cast", False)) and not tp.compute_dtype
+
+
+def _fp8_scale_bytes(tp: TensorPlan) -> int:
+    """The device copies of a tensor's FP8 scales (fp32, whole: ``Fp8Piece.write`` keeps them with the unit)."""
+    return sum(4 * _numel(d.scale.shape) for d in tp.input_transform.inputs
+               if d is not None and d.scale is not None and d.kind != "none")
 
 
 def _rows(tp: TensorPlan) -> int:
@@ -269,13 +281,20 @@ class _Budget:
         caps = plan.method.triton
         escr = caps.scratch_bytes(R) if caps is not None else 0  # kernel scratch per element (DELLA's ranks)
         self.rows, self.ein, self.eout = R, ein, eout
-        self.per_elem = R * ein + eout + escr
+        # FP8 inputs cross as their bytes (``kernels.fp8.Fp8Piece.write``): each piece (at most one slot row) is a
+        # 1-byte-per-element device temporary until it is dequantised into the slot, and each FP8 input's fp32
+        # scales stay on the device with its unit (two units in flight). Counted per slot element (the
+        # temporary is one row of slot 0: counting it on every element of both slots over-counts by < 1/(R·ein))
+        fp8 = [t for t in plan.tensors if _fp8_on_device(t)]
+        self.fp8_elem = 1 if fp8 else 0
+        self.fp8_scales = 2 * max((_fp8_scale_bytes(t) for t in fp8), default=0)
+        self.per_elem = R * ein + eout + escr + self.fp8_elem
         sizes = sorted({_numel(t.shape) for t in plan.tensors}, reverse=True) or [1]
         largest = max(sizes[0], BATCH_ELEMS)
         second = min(max(sizes[1] if len(sizes) > 1 else sizes[0], BATCH_ELEMS), largest)
         max_gpu_memory_given = max_gpu_memory
         if max_gpu_memory is None:
-            want = (largest + second) * self.per_elem + RESERVE_BYTES
+            want = (largest + second) * self.per_elem + RESERVE_BYTES + self.fp8_scales
             if dev.cuda:
                 free, _ = torch.cuda.mem_get_info(dev.device)
                 want = min(want, int(free * 0.9))
@@ -292,12 +311,13 @@ class _Budget:
             self._caps(second)
 
     def _caps(self, second: int) -> None:
-        room = (self.bytes - RESERVE_BYTES - self.scratch) // self.per_elem  # elements over both slots
+        room = (self.bytes - RESERVE_BYTES - self.scratch - self.fp8_scales) // self.per_elem  # elements over both slots
         if room < 2:
             raise FastMergeError(
                 f"--max-gpu-memory {self.bytes / 2**20:.0f} MiB leaves no room for a tensor after the "
                 f"{RESERVE_BYTES >> 20} MiB reserve for kernel scratch"
                 + (f" and {self.scratch / 2**20:.1f} MiB for the CUDA kernel's" if self.scratch else "")
+                + (f" and {self.fp8_scales / 2**20:.1f} MiB for FP8 scales" if self.fp8_scales else "")
             )
         self.cap1 = int(min(second, room // 2))
         self.cap = int(room - self.cap1)  # slot 0: elements per unit (per row of the packed buffer)

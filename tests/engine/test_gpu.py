@@ -324,6 +324,9 @@ SYNC_CASES = {
     "della": ("della", {"weight": 0.4, "density": 0.6, "epsilon": 0.1}, {}),
     "breadcrumbs_ties": ("breadcrumbs_ties", {"weight": 0.4, "density": 0.6}, {}),
     "task_arithmetic": ("task_arithmetic", {"weight": 0.5}, {}),
+    # the Gram pass: matrices, coefficients and group indices stay on the device
+    "slerp": ("slerp", {}, {"t": 0.3}),
+    "model_stock": ("model_stock", {}, {}),
 }
 
 
@@ -336,7 +339,7 @@ def test_no_synchronising_calls_inside_units(fam, tmp_path, monkeypatch, case):
 
     method, params, extra = SYNC_CASES[case]
     cnt = _SyncCounter(monkeypatch)
-    cfg = _config(fam, method, params, **({"parameters": extra} if extra else {}))
+    cfg = _config(fam, method, params, n_models=1 if method == "slerp" else 3, **({"parameters": extra} if extra else {}))
     p = _gpu_plan(cfg, tmp_path / "gpu", out_shard_size=6_000)
     rep = execute_cuda(p, tmp_path / "gpu", device=DEV, max_gpu_memory=_budget(1000))
     assert cnt.units > 0 and rep.chunked_tensors > 0 and cnt.total == 0, cnt.calls
@@ -515,3 +518,33 @@ def test_packed_rows_are_64_aligned(fam, tmp_path, monkeypatch):
     assert any(len(starts) == 3 for _, starts in seen)  # the norms' batch: 32 elements each, starts 0, 64, 128
     for stride, starts in seen:
         assert stride % 64 == 0 and all(a % 64 == 0 for a in starts), (stride, starts)
+
+
+def test_fp8_bytes_on_the_device_are_in_the_budget(tmp_path_factory, tmp_path, monkeypatch):
+    """FP8 inputs cross as their bytes (``kernels.fp8.Fp8Piece.write``): each piece is a 1-byte-per-element device
+    temporary until dequantised into the slot, and its fp32 scales stay on the device. Measured through the
+    stand-in (every piece's bytes and scales), the slots + the largest piece + two units' scales + the reserve fit
+    --max-gpu-memory; the output is the CPU engine's, byte for byte."""
+    from fastmerge.engine import gpu as g
+    from fastmerge.kernels import fp8 as kfp8
+
+    b, fts = make_family(tmp_path_factory.mktemp("gpu_fp8_fam"), SHAPE, n_finetunes=2, fp8_block=(16, 16), shard_bytes=9_000)
+    cfg = {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 0.5}} for f in [b, *fts]],
+           "out_dtype": "bfloat16"}
+    seen = []  # per piece: (its bytes on the device, its scales' bytes on the device)
+    real = kfp8.Fp8Piece.write
+
+    def write(self, out, first, count):
+        real(self, out, first, count)
+        seen.append((count * self.q.element_size(), 0 if self._scale is None else 4 * self._scale.numel()))
+
+    monkeypatch.setattr(kfp8.Fp8Piece, "write", write)
+    mem = _budget(1200, rows=3, in_bytes=4)  # fp32 rows (FP8 dequantised), bf16 output
+    rep = _both(cfg, tmp_path, max_gpu_memory=mem)
+    assert seen and rep.chunked_tensors > 0, rep.summary()
+    p = _gpu_plan(cfg, tmp_path / "o")
+    bud = g._Budget(p, mem, g._Dev("cpu"))
+    caps = p.method.triton
+    slot_elem = bud.rows * bud.ein + bud.eout + (caps.scratch_bytes(bud.rows) if caps is not None else 0)
+    in_flight = max(t for t, _ in seen) + 2 * max(s for _, s in seen)
+    assert (bud.cap + bud.cap1) * slot_elem + in_flight + g.RESERVE_BYTES <= mem, (bud.cap, bud.cap1, slot_elem, in_flight)
