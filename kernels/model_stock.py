@@ -1,7 +1,7 @@
 """Model Stock on the GPU (``filter_wise: false``): a Gram pass over the task vectors, then one combine.
 
 ``fastmerge.methods.model_stock`` (default mode) is the specification: the T×T Gram matrix of
-δ_i = x_i − base (one read of base + T models), cos θ and t in fp64 on the host, then
+δ_i = x_i − base (one read of base + T models), cos θ and t in fp64 on the device (torch ops: nothing read back), then
 out = base + (t/N)·Σ δ_i in one fp32 pass with a fused multiply-add per model — for 16-bit inputs as
 (1 − Σc)·base + Σ c_i·x_i, base last, for fp32 inputs on the differences, base added at the end (the
 reference's ``sphere.combine``). ``filter_wise: true`` (a ratio per row) and ``mergekit_compat`` stay
@@ -18,14 +18,14 @@ from fastmerge.methods.model_stock import ModelStockParams
 
 from ._common import Segments, numels
 from .linear import combine
-from .sphere import gram
+from .sphere import GramPlan, gram
 
 
 def ratios(g: torch.Tensor) -> torch.Tensor:
     """[S] fp64 t from the task vectors' Gram matrices g [S, N, N], as the reference."""
     n = g.shape[1]
     norms = g.diagonal(dim1=1, dim2=2).sqrt()
-    i, j = torch.triu_indices(n, n, offset=1)
+    i, j = torch.triu_indices(n, n, offset=1, device=g.device)  # made on the device: no copy
     pair_cos = (g[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1)
     cos = pair_cos.mean(dim=1)
     den = 1 + (n - 1) * cos
@@ -38,8 +38,9 @@ def is_direct(dtypes: Sequence[torch.dtype], base_dtype: torch.dtype) -> bool:
     return all(d in (torch.bfloat16, torch.float16) for d in (*dtypes, base_dtype))
 
 
-class ModelStockKernel:
-    """Driver interface of ``gta.GtaKernel``: one data pass (the Gram matrix), then the combine."""
+class ModelStockKernel(GramPlan):
+    """Driver interface of ``gta.GtaKernel``: one data pass (the Gram matrix), then the combine. The Gram
+    matrices and the coefficients stay on the device (``GramPlan``)."""
 
     n_passes = 1
 
@@ -60,30 +61,23 @@ class ModelStockKernel:
         16-bit; default: decided from the packed rows' dtype)."""
         if any(p.filter_wise for p in params):
             raise ValueError("model_stock kernel: filter_wise runs on the torch backend")
-        self.device = device
+        super().__init__(len(params), device)
         self.direct = direct
-        self.G = len(params)
-        self.g: torch.Tensor | None = None
         self.coef: torch.Tensor | None = None
 
     def data_pass(self, j: int, x, base, segs: Segments, groups=None, block: int | None = None) -> None:
-        T = x.shape[0]
-        if T < 2:
+        if x.shape[0] < 2:
             raise ValueError("model_stock kernel: at least two models besides the base")
-        if self.g is None:
-            self.g = torch.zeros((self.G, T, T), dtype=torch.float64)
-        g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64)
         f64 = x.dtype == torch.float32 or base.dtype == torch.float32
-        self.g.index_add_(0, g, gram(x, base, segs, base_mode=1, f64=f64, block=block).cpu())
+        self.add_gram(gram(x, base, segs, base_mode=1, f64=f64, block=block), segs, groups)
 
     def end_pass(self, j: int) -> None:
         n = self.g.shape[1]
-        c = (ratios(self.g) / n)[:, None].expand(-1, n)  # fp64 [G, N]
-        self.coef = torch.cat([c, 1 - c.sum(dim=1, keepdim=True)], dim=1).to(torch.float32).to(self.device)
+        c = (ratios(self.g) / n)[:, None].expand(-1, n)  # fp64 [G, N], on the device: nothing read back
+        self.coef = torch.cat([c, 1 - c.sum(dim=1, keepdim=True)], dim=1).to(torch.float32)
 
     def merge(self, x, base, out, segs: Segments, groups=None, block: int | None = None):
-        g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64, device=self.device)
-        c = self.coef[g]
+        c = self.coef[self.groups(segs, groups)]
         T = x.shape[0]
         direct = self.direct if self.direct is not None else (x.dtype != torch.float32 and base.dtype != torch.float32)
         if direct:

@@ -15,9 +15,9 @@ import torch
 
 from fastmerge.methods.slerp import DOT_THRESHOLD, NORM_EPS, SlerpParams
 
-from ._common import Segments, numels
+from ._common import Segments, numels, table
 from .linear import combine
-from .sphere import gram
+from .sphere import GramPlan, gram
 
 
 def coefficients(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,9 @@ def coefficients(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.stack([ca, cb], dim=1)
 
 
-class SlerpKernel:
-    """Driver interface of ``gta.GtaKernel``: one data pass (the Gram matrix), then the combine."""
+class SlerpKernel(GramPlan):
+    """Driver interface of ``gta.GtaKernel``: one data pass (the Gram matrix), then the combine. The Gram
+    matrices and the coefficients stay on the device (``GramPlan``)."""
 
     @staticmethod
     def key(method, p: SlerpParams) -> tuple:
@@ -49,27 +50,24 @@ class SlerpKernel:
         return cls(params, numels(shapes), device)
 
     def __init__(self, params: Sequence[SlerpParams], numels: Sequence[int], device) -> None:
-        self.device = device
-        self.t = torch.tensor([p.t for p in params], dtype=torch.float64)
-        self.g = torch.zeros((len(params), 2, 2), dtype=torch.float64)
+        super().__init__(len(params), device)
+        self.t = table([p.t for p in params], torch.float64, device)  # one asynchronous copy
         self.passes = ["gram"]
         self.coef: torch.Tensor | None = None
 
     n_passes = 1
 
     def data_pass(self, j: int, x, base, segs: Segments, groups=None, block: int | None = None) -> None:
-        g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64)
         if x.shape[0] != 1:
             raise ValueError("slerp kernel: exactly one model besides the base")
         f64 = x.dtype == torch.float32 and base.dtype == torch.float32
-        self.g.index_add_(0, g, gram(x, base, segs, base_mode=2, f64=f64, block=block).cpu())
+        self.add_gram(gram(x, base, segs, base_mode=2, f64=f64, block=block), segs, groups)
 
     def end_pass(self, j: int) -> None:
-        self.coef = coefficients(self.g, self.t).to(torch.float32).to(self.device)
+        self.coef = coefficients(self.g, self.t).to(torch.float32)  # on the device: nothing read back
 
     def merge(self, x, base, out, segs: Segments, groups=None, block: int | None = None):
-        g = torch.tensor(list(groups) if groups is not None else range(segs.count), dtype=torch.int64, device=self.device)
-        c = self.coef[g]
+        c = self.coef[self.groups(segs, groups)]
         # ca·base first (a product: fma with 0), then fma(model, cb, ·): the reference's mul + addcmul_
         return combine(x, base, out, segs, c[:, 1:].contiguous(), base_mode=1, base_weight=c[:, 0].contiguous(), block=block)
 

@@ -14,8 +14,36 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Segments, default_block, make_tiles, seg_tables
+from ._common import Segments, default_block, make_tiles, seg_tables, table
 from .gta import segment_sums
+
+
+class GramPlan:
+    """What slerp's and model_stock's kernel plans share: the Gram matrices of G tensors summed over a
+    launch's segments (a batch, or row chunks) ON THE DEVICE, and each launch's group indices copied once
+    (one asynchronous copy each, reused by the merge). Nothing is read back: the coefficients are torch
+    ops on device tensors, so no unit waits for the GPU (tests/engine/test_gpu.py counts)."""
+
+    def __init__(self, G: int, device) -> None:
+        self.G, self.device = G, device
+        self.g: torch.Tensor | None = None
+        self._launch: dict[tuple, torch.Tensor] = {}
+
+    def groups(self, segs: Segments, groups) -> torch.Tensor:
+        """Device int64 group indices of a launch (segment s belongs to tensor ``groups[s]``; default s)."""
+        key = (segs.count, None if groups is None else tuple(int(i) for i in groups))
+        if key not in self._launch:
+            if groups is None:
+                self._launch[key] = torch.arange(segs.count, dtype=torch.int64, device=self.device)  # made there
+            else:
+                self._launch[key] = table(list(key[1]), torch.int64, self.device)
+        return self._launch[key]
+
+    def add_gram(self, part: torch.Tensor, segs: Segments, groups) -> None:
+        """Add a launch's per-segment Gram matrices [S, R, R] (fp64, on the device) to their tensors'."""
+        if self.g is None:
+            self.g = torch.zeros((self.G, *part.shape[1:]), dtype=torch.float64, device=part.device)
+        self.g.index_add_(0, self.groups(segs, groups), part)  # each group at most once per launch: deterministic
 
 
 @triton.jit
