@@ -19,8 +19,9 @@
 #   sync error  each unit under set_sync_debug_mode("error"), per method family, whole and in row chunks:
 #          PASS, or the file:line of the first synchronising call (sync_error.log)
 #   quick / llama-8b   fastmerge bench kernels (rooflines, the timing matrix in physical-minimum bytes)
-#   select bench/gpu_select.py: the radix and the one-read bracket selection vs copy, counting one read
-#          (select.md; one JSON line per case in results.jsonl)
+#   select bench/gpu_select.py: the radix (base once per 4096-element tile) and the one-read bracket selection
+#          vs copy, counting one read; exact-k's per-tile tie counts from the candidates vs the data read they
+#          replace (select.md; one JSON line per case in results.jsonl)
 #   ncu    three kernels at 4096x14336 (merge T=8, task_arithmetic T=8, the selection's first pass)
 # Writes under $OUT: kernels-gpu-quick.{json,md}, kernels-gpu.{json,md,png} (the roofline chart), env.txt,
 # build.log, cxx_diag.log, tests.log, sync.log, sync_error.log, select.md, results.jsonl, ncu.txt, offline_sm90.md (the same kernels'

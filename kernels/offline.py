@@ -85,6 +85,10 @@ SELECT_VARIANTS: dict[str, tuple[str, str, dict]] = {
     "select_tiles_count_T4": ("select_bracket", "_count_kernel", dict(T=4, QPM=1, BLOCK=2048, TILES=True)),
     "select_tiles_count_T8": ("select_bracket", "_count_kernel", dict(T=8, QPM=1, BLOCK=1024, TILES=True)),
     "select_tile_ties_T8": ("select_bracket", "_tile_ties_kernel", dict(T=8, QPM=1, BLOCK=1024)),
+    # the radix passes (row chunks, missed brackets): base loaded once per tile for every model
+    "select_radix_T2": ("select", "_hist_kernel", dict(T=2, QPM=1, SHIFT=9, BITS=11, FIRST=False, BLOCK=4096)),
+    "select_radix_T8": ("select", "_hist_kernel", dict(T=8, QPM=1, SHIFT=9, BITS=11, FIRST=False, BLOCK=4096)),
+    "select_radix_first_q2_T4": ("select", "_hist_kernel", dict(T=4, QPM=2, SHIFT=20, BITS=11, FIRST=True, BLOCK=4096)),
     "select_rank_hist": ("select_bracket", "_rank_hist_kernel", dict(TILE=1024, TPP=4)),
     "select_rank_step": ("select_bracket", "_rank_step_kernel", dict(SB=2)),
     "select_sample_T8": ("select_bracket", "_sample_kernel", dict(T=8, CH=128, CPP=1)),

@@ -66,18 +66,24 @@ def default_passes() -> tuple[tuple[int, int], ...]:
     if bits not in SCHEDULES:
         raise ValueError(f"FASTMERGE_SELECT_BITS must be one of {sorted(SCHEDULES)}, got {bits!r}")
     return SCHEDULES[bits]
-#: a histogram program covers SUB sub-blocks of BLOCK elements: fewer global atomics per element
-GPU_BLOCK, GPU_SUB, GPU_WARPS = 2048, 4, 8
+#: a histogram program covers one tile of GPU_BLOCK elements: base is loaded once and kept in registers for
+#: all T models, and each model's tile histogram is added to the global one with one atomic per non-zero bin.
+#: 4096 elements at 8 warps compile to <= 128 registers for sm_90 with no spills (T = 2, 8; QPM 2 at T = 4:
+#: tests/kernels/test_select_offline.py); 8192 took 179-197 (one CTA per SM). That is twice the atomics per
+#: element of the former 4 sub-blocks of 2048 per program, whose loop re-read base once per model: which costs
+#: more on an H100 is what bench/gpu_select.py's ``radix`` case measures (not yet run on a GPU)
+GPU_BLOCK, GPU_WARPS = 4096, 8
 
 
 @triton.jit
 def _hist_kernel(
     x_ptr, sx_t: tl.int64, base_ptr, hist_ptr, prefix_ptr, nan_ptr, group_ptr,
     tile_seg_ptr, tile_start_ptr, seg_start_ptr, seg_end_ptr, need_ptr,
-    T,
-    QPM: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr,
-    BLOCK: tl.constexpr, SUB: tl.constexpr,
+    T: tl.constexpr, QPM: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, FIRST: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    """One radix pass over one tile: base loaded once, then every model that needs the pass (unrolled over
+    the T constexpr models: one load of each row per tile, checked offline for sm_90)."""
     NB: tl.constexpr = 1 << BITS
     p = tl.program_id(0)
     seg = tl.load(tile_seg_ptr + p)
@@ -86,40 +92,37 @@ def _hist_kernel(
     end = tl.load(seg_end_ptr + seg)
     g = tl.load(group_ptr + seg)  # the query group (the whole tensor) this segment belongs to
     bins = tl.arange(0, NB)
-    for t in range(T):
-        # need = 0: no query of this model asks (the bracket answered it): skip its bytes
-        if tl.load(need_ptr + g * T + t) != 0:
-            q0 = (g * T + t) * QPM
-            pre0 = tl.load(prefix_ptr + q0)
-            h0 = tl.zeros([NB], dtype=tl.int32)
-            if QPM == 2:
-                pre1 = tl.load(prefix_ptr + q0 + 1)
-                h1 = tl.zeros([NB], dtype=tl.int32)
-            n_nan = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)
-            for s in range(SUB):
-                offs = start + s * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-                valid = (offs >= seg_start) & (offs < end)
-                b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    # any model of this tensor asking? (after the bracket, most ask nothing: then the tile reads no data)
+    anyn = tl.load(need_ptr + g * T).to(tl.int32)
+    for t in tl.static_range(1, T):
+        anyn = anyn | tl.load(need_ptr + g * T + t).to(tl.int32)
+    if anyn != 0:
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        valid = (offs >= seg_start) & (offs < end)
+        b = tl.load(base_ptr + offs, mask=valid, other=0.0).to(tl.float32)  # once per tile, for all T models
+        for t in tl.static_range(T):
+            if tl.load(need_ptr + g * T + t) != 0:
+                q0 = (g * T + t) * QPM
                 x = tl.load(x_ptr + t * sx_t + offs, mask=valid, other=0.0).to(tl.float32)
-                key = tl.abs(x - b).to(tl.int32, bitcast=True).to(tl.int64)  # sign bit clear: ≥ 0
-                digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
+                key = tl.abs(x - b).to(tl.int32, bitcast=True)  # sign bit clear: >= 0 as int32
+                digit = (key >> SHIFT) & (NB - 1)
                 if FIRST:
                     m0 = valid
-                    n_nan += tl.sum((valid & (key > 0x7F800000)).to(tl.int32), 0)  # NaN: above +inf
+                    n_nan = tl.sum((valid & (key > 0x7F800000)).to(tl.int64), 0)  # NaN: above +inf
+                    tl.atomic_add(nan_ptr + g * T + t, n_nan, mask=n_nan > 0)
                 else:
-                    m0 = valid & ((key >> (SHIFT + BITS)) == (pre0 >> (SHIFT + BITS)))
-                h0 += tl.histogram(digit, NB, mask=m0)
+                    pre0 = (tl.load(prefix_ptr + q0) >> (SHIFT + BITS)).to(tl.int32)
+                    m0 = valid & ((key >> (SHIFT + BITS)) == pre0)
+                h0 = tl.histogram(digit, NB, mask=m0)
+                tl.atomic_add(hist_ptr + q0 * NB + bins, h0.to(tl.int64), mask=h0 > 0)
                 if QPM == 2:
                     if FIRST:
                         m1 = valid
                     else:
-                        m1 = valid & ((key >> (SHIFT + BITS)) == (pre1 >> (SHIFT + BITS)))
-                    h1 += tl.histogram(digit, NB, mask=m1)
-            tl.atomic_add(hist_ptr + q0 * NB + bins, h0.to(tl.int64), mask=h0 > 0)
-            if FIRST:
-                tl.atomic_add(nan_ptr + g * T + t, n_nan.to(tl.int64), mask=n_nan > 0)
-            if QPM == 2:
-                tl.atomic_add(hist_ptr + (q0 + 1) * NB + bins, h1.to(tl.int64), mask=h1 > 0)
+                        pre1 = (tl.load(prefix_ptr + q0 + 1) >> (SHIFT + BITS)).to(tl.int32)
+                        m1 = valid & ((key >> (SHIFT + BITS)) == pre1)
+                    h1 = tl.histogram(digit, NB, mask=m1)
+                    tl.atomic_add(hist_ptr + (q0 + 1) * NB + bins, h1.to(tl.int64), mask=h1 > 0)
 
 
 @triton.jit
@@ -142,11 +145,11 @@ def _scan_kernel(hist_ptr, k_ptr, prefix_ptr, eq_ptr, Q, SHIFT: tl.constexpr, BI
     tl.store(ptrs, tl.zeros([QB, NB], dtype=tl.int64), mask=qm[:, None])
 
 
-def hist_block(block: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK, SUB, num_warps) of the histogram passes."""
+def hist_block(block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the histogram passes."""
     if block is not None:
-        return block, 1, 4
-    return (8192, 1, 1) if interpreting() else (GPU_BLOCK, GPU_SUB, GPU_WARPS)
+        return block, 4
+    return (8192, 1) if interpreting() else (GPU_BLOCK, GPU_WARPS)
 
 
 @dataclasses.dataclass
@@ -222,9 +225,9 @@ class Selection:
         histograms; segment s belongs to tensor ``groups[s]`` (default: s). With element counts
         (``start(numel=...)``), pass 0 over a launch holding every whole tensor selects everything in one
         read (the later passes and scans do nothing)."""
-        BLOCK, SUB, _ = hist_block(block)
-        if tiles is None or tiles.block != BLOCK * SUB:
-            tiles = make_tiles(segs, BLOCK * SUB, x.device)
+        BLOCK, _ = hist_block(block)
+        if tiles is None or tiles.block != BLOCK:
+            tiles = make_tiles(segs, BLOCK, x.device)
         if tiles.count == 0:
             return
         T = x.shape[0]
@@ -257,17 +260,14 @@ class Selection:
         )
 
     def _radix_pass(self, pass_no, x, base, segs, g, tiles, block, nan, sizes=None) -> None:
-        """One histogram pass over ``tiles`` (BLOCK·SUB elements each; ``sizes``: (BLOCK, warps) with SUB 1)."""
+        """One histogram pass over ``tiles`` (BLOCK elements each; ``sizes``: (BLOCK, warps))."""
         shift, bits = self.schedule[pass_no]
-        if sizes is None:
-            BLOCK, SUB, warps = hist_block(block)
-        else:
-            (BLOCK, warps), SUB = sizes, 1
+        BLOCK, warps = hist_block(block) if sizes is None else sizes
         start, end, _ = seg_tables(segs, x.device)
         _hist_kernel[(tiles.count,)](
             x, x.stride(0), base, self._bins(bits), self.prefix, nan, g,
-            tiles.seg, tiles.start, start, end, self.need, x.shape[0],
-            QPM=self.queries_per_model, SHIFT=shift, BITS=bits, FIRST=pass_no == 0, BLOCK=BLOCK, SUB=SUB,
+            tiles.seg, tiles.start, start, end, self.need,
+            T=x.shape[0], QPM=self.queries_per_model, SHIFT=shift, BITS=bits, FIRST=pass_no == 0, BLOCK=BLOCK,
             num_warps=warps,
         )
 
@@ -349,8 +349,8 @@ def kth_largest(
     # an explicit radix schedule runs the radix passes; by default the one-read bracket (whole segments)
     numel = segs.numel if passes is None and all(i == 0 for i in segs.idx0) else None
     sel = Selection.start(k, x.device, passes, numel=numel, config=config)
-    BLOCK, SUB, _ = hist_block(block)
-    tiles = make_tiles(segs, BLOCK * SUB, x.device)
+    BLOCK, _ = hist_block(block)
+    tiles = make_tiles(segs, BLOCK, x.device)
     for j in range(len(sel.schedule)):
         sel.histogram(j, x, base, segs, tiles=tiles, block=block)
         sel.scan(j)

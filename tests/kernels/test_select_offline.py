@@ -80,3 +80,13 @@ def test_exact_k_count_pass_still_reads_each_row_once(builds, name):
     vec = {8: "v4.b32", 4: "v2.b32"}[b["block"] // 256]
     assert b["loads"].get(vec, 0) == b["T"] + 1, f"{name}: {b['loads']}"
     assert "b16" not in b["loads"], f"{name}: unmasked 2-byte loads {b['loads']}"
+
+
+@pytest.mark.parametrize("name", [n for n in SELECT_VARIANTS if n.startswith("select_radix")])
+def test_radix_pass_reads_base_once_per_tile_for_every_model(builds, name):
+    """The radix passes (row chunks, missed brackets): one tile's base is loaded once and kept for the T models
+    (the former loop over models loaded it again for each: 2 load sites, base's executed T times)."""
+    b = builds[name]
+    per_thread = b["block"] // 256
+    rows = b["T"] + 1
+    assert b["masked_loads"].get("b16", 0) == rows * per_thread, f"{name}: masked {b['masked_loads']} (want {rows} rows)"
