@@ -38,7 +38,7 @@ PTR_TYPES = {
     "nm1_ptr": "*fp32",
     # the selection (select_bracket): int32 keys and bracket bounds, int8 flags
     "klo_ptr": "*i32", "khi_ptr": "*i32", "cand_ptr": "*i32", "samp_ptr": "*i32", "keys_ptr": "*i32", "need_ptr": "*i8",
-    "fail_ptr": "*i8", "thr_ptr": "*fp32",
+    "fail_ptr": "*i8", "thr_ptr": "*fp32", "tin_ptr": "*i32",
 }
 #: integer arguments the JIT specialises to divisibility by 16 when they are (the row strides)
 DIV16_INTS = ("sx_t", "srank_t")

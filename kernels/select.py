@@ -278,6 +278,7 @@ class Selection:
         r, launch = sb.select(x, base, segs, g, self.k.view(-1), self.plan, self.tables, QPM, block=block, cfg=self.config,
                               tiles_out=self.tiles_out)
         if self.tiles_out:
+            launch.samp = launch.hist = None  # kept until the merge: only what ``tile_ties`` reads
             self.launch = launch
         shape = self.k.shape
         fail = r.fail.view(shape).bool()

@@ -263,7 +263,7 @@ def _count_kernel(
 ):
     """K3, persistent over an aligned tile table (``Tiles.aligned``): full tiles unmasked (16/8-byte
     vector loads), a segment's edge tiles masked. ``TILES``: also record, per tile and query, its candidates'
-    count and first slot ([P, T, QPM]: 16 bytes per tile and query, < 1 % of the tile's bytes)."""
+    count and first slot ([P, T, QPM]: 12 bytes per tile and query, < 1 % of the tile's bytes)."""
     for p in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         seg = tl.load(tile_seg_ptr + p)
         start = tl.multiple_of(tl.load(tile_start_ptr + p), BLOCK)  # a multiple of BLOCK by construction
@@ -528,7 +528,7 @@ class Launch:
         self.tiles_out = tiles_out
         P = self.tiles.count
         self.tslot = torch.empty((P, T, QPM) if tiles_out else (1,), dtype=torch.int64, device=dev)
-        self.tin = torch.empty((P, T, QPM) if tiles_out else (1,), dtype=torch.int64, device=dev)
+        self.tin = torch.empty((P, T, QPM) if tiles_out else (1,), dtype=torch.int32, device=dev)  # <= BLOCK each
 
     def run(self) -> Result:
         x, base, pl, T = self.x, self.base, self.pl, self.x.shape[0]
