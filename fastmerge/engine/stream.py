@@ -345,7 +345,7 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
                 s.put(tp.name, written, raw)
             s.advance(sum(in_bytes[i] for i in idx))
     return MergeReport(
-        out_dir=str(out), tensors=len(plan.tensors), bytes_read=plan.in_bytes, bytes_written=s.bytes_written,
+        out_dir=str(out), tensors=len(plan.tensors), bytes_read=sum(in_bytes), bytes_written=s.bytes_written,
         wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,
         engine=flavour.name,
     )
