@@ -524,6 +524,10 @@ class GtaKernel:
             out.append((default_block()[0], False))
         return out
 
+    def _l1_tiles(self, segs: Segments, device, block=None) -> Tiles:
+        """The L1 pass's tile table (its per-tile fp32 partial sums: ≤ BLOCK terms each)."""
+        return make_tiles(segs, default_block(block)[0], device)
+
     def _on_device(self) -> None:
         """Hook: the tables are on the device (subclasses start device state here)."""
 
@@ -551,7 +555,7 @@ class GtaKernel:
         kind = self.passes[j]
         g = self._groups(segs, groups)
         if kind == "l1":
-            tiles = make_tiles(segs, default_block(block)[0], x.device)
+            tiles = self._l1_tiles(segs, x.device, block)
             mask = self._seg_mask(g, segs, x, base, block, tiles)
             sums = l1_norms(x, base, segs, mask, tiles=tiles, block=block)
             self.norms.index_add_(0, g, sums)  # each group at most once per launch: deterministic

@@ -9,7 +9,7 @@ ties in index order (``selection: topk``): each merge tile needs the tied entrie
 it. Whole tensors count them per tile among the count pass's candidates (stored per tile in index
 order; ≤ BLOCK keys per tile and model, read from L2, not the tile's T + 1 rows), then a device cumsum;
 row chunks count them with one extra read per launch (``gta.tie_counts``). ``rescale: true`` adds one
-pass for the two L1 norms (with topk, that pass's own tiles count their ties on the data). Whole ties =
+pass for the two L1 norms (with topk over the merge's tiles, which reuses the same tie counts). Whole ties =
 1 read (+1 with rescale) + 1 for the merge of base + T models, against the reference's materialised fp32
 deltas, kthvalue and ~10 full-size temporaries per model.
 
@@ -24,7 +24,7 @@ import torch
 
 from fastmerge.methods.ties import TiesParams, keep_count
 
-from ._common import Segments, default_block, make_tiles, numels
+from ._common import Segments, Tiles, default_block, make_tiles, merge_block, numels
 from .gta import MASK_BAND, GtaKernel, tie_counts, tie_prefix, weight_rows
 from .select import Selection
 
@@ -66,6 +66,7 @@ class TiesKernel(GtaKernel):
         self.mask.lo = torch.zeros((self.G, self.T))  # filled in by the selection
         self.mask.hi = torch.full((self.G, self.T), float("inf"))
         self.sel: Selection | None = None
+        self._cand_ties: dict[tuple, torch.Tensor] = {}  # (segs, block, aligned) -> per-tile tie counts
         if self._any_active():
             # whole tensors: one-read bracket selection; exact-k keeps its candidates to rank the ties in the merge
             self.sel = Selection.start(k, device, numel=numels, tiles_out=self.topk)
@@ -74,6 +75,18 @@ class TiesKernel(GtaKernel):
 
     def _new_sweep(self) -> None:
         self._running = torch.zeros((self.G, self.T), dtype=torch.int64, device=self.device)
+
+    def _l1_tiles(self, segs: Segments, device, block=None) -> Tiles:
+        # exact-k: the merge's tiles, so the L1 pass ranks its ties with the merge's tie counts (from the
+        # bracket's candidates for whole tensors) instead of reading the data once more for its own tiles
+        if self.topk:
+            return make_tiles(segs, merge_block(self.T, block)[0], device, aligned=True)
+        return super()._l1_tiles(segs, device, block)
+
+    def _launch_tiles(self, segs: Segments) -> list[tuple[int, bool]]:
+        if self.topk:
+            return [(merge_block(self.T)[0], True)]  # the merge's, the L1 pass's (``_l1_tiles``)
+        return super()._launch_tiles(segs)
 
     def _select_pass(self, kind, x, base, segs, g, block) -> None:
         self.sel.histogram(int(kind[-1]), x, base, segs, groups=g, block=block)
@@ -96,13 +109,17 @@ class TiesKernel(GtaKernel):
         if self.sel is None:  # every model kept whole: nothing is ranked
             cnt = torch.zeros((tiles.count, self.T), dtype=torch.int64, device=x.device)
         else:
-            # whole tensors, the merge's tiles: counted among the bracket's candidates (no read of the data);
-            # row chunks and the L1 pass's tiles: one read of the data
-            cnt = self.sel.tile_ties(x, base, segs, tiles)
+            # whole tensors: counted once among the bracket's candidates (no read of the data), kept for the
+            # L1 pass and the merge (same tiles); row chunks: one read of the data per launch
+            key = (segs, tiles.block, tiles.aligned)
+            cnt = self._cand_ties.get(key)
+            if cnt is None:
+                cnt = self.sel.tile_ties(x, base, segs, tiles)
+                if cnt is not None:
+                    self._cand_ties[key] = cnt
+                    self.sel.release()  # the candidates are no longer needed
             if cnt is None:
                 cnt = tie_counts(x, base, segs, m.lo, tiles)
-            elif tiles.aligned:
-                self.sel.release()  # the merge's tiles: the candidates are no longer needed
         # ranks continue across the chunks of one tensor: add the tied entries of its earlier chunks
         m.eqb = (tie_prefix(cnt, tiles) + self._running[g][tiles.seg.long()]).contiguous()
         seg_tot = torch.zeros((segs.count, self.T), dtype=torch.int64, device=x.device)

@@ -345,3 +345,29 @@ def test_tile_ties_equal_the_data_counts():
     assert torch.equal(got.cpu(), want.cpu())
     assert int(want.sum()) > segs.count * 3  # ties at the cut in most segments and models
     assert sel.tile_ties(x, base, segs, make_tiles(segs, 64, x.device)) is None  # not the count pass's tiles
+
+
+def test_ties_topk_rescale_l1_pass_reuses_the_candidates_tie_counts(monkeypatch):
+    """Exact-k with the L1 rescale: the L1 pass runs over the merge's tiles and ranks its ties with the same
+    per-tile counts from the bracket's candidates (no read of the data for them); ratios within 8 ulps of the
+    reference's, and given its ratios the merge is bit-exact (``check_rescale``)."""
+    from fastmerge.kernels import select_bracket as sb
+    from fastmerge.kernels import ties as ties_mod
+    from fastmerge.methods.ties import TiesParams, trim_mask
+
+    from helpers.kernel_cases import check_rescale
+
+    monkeypatch.setattr(sb, "DEFAULT", _cfg())
+
+    def no_read(*a, **k):
+        raise AssertionError("exact-k read the data again to count its ties")
+
+    monkeypatch.setattr(ties_mod, "tie_counts", no_read)
+    x, base, segs = _tied_family(torch.float32, seed=13)
+    params = [TiesParams((0.5, -0.3, 1.1), (0.4, 0.005, 1.0 if s == 1 else 0.25), selection="topk", rescale=True)
+              for s in range(segs.count)]
+    keep = lambda s, t, d: trim_mask(d, params[s].density[t], "topk") if params[s].density[t] < 1 else None  # noqa: E731
+    kern = ties_mod.TiesKernel(params, segs.numel, x.device)
+    assert "l1" in kern.passes
+    check_rescale(kern, x, base, segs, keep, "ties", params, torch.float32)
+    assert kern.sel.bracketed and kern.sel.launch is None
