@@ -26,8 +26,9 @@ Data flow (one "unit" = a batch of small tensors, one tensor, or one row chunk o
   with every launch's group, segment and tile tables, in one pinned buffer with one non_blocking copy
   on the compute stream (``kernels._common.HostPack``; the CPU test suite counts synchronising calls
   through a stand-in, bench/gpu_quick.sh runs units under ``torch.cuda.set_sync_debug_mode("error")``).
-  Known exception: the selection's own tables (kernels/select.py, select_bracket.py). The CUDA C++ ties
-  kernel takes every decision on the device and does not synchronise either.
+  The selection (k and the bracket's tables in the same kind of copy), the Gram matrices and coefficients
+  of slerp/model_stock (computed on the device) and the CUDA C++ ties kernel (every decision on the
+  device) do not synchronise either.
 - Units run in the order of their first tensor; a batch of small tensors stays open across other units
   for ``LOOKAHEAD`` plan positions (a model's norms share a launch instead of one unit per layer), and
   the writer holds the tensors that come back early until their plan position. Packed rows are
