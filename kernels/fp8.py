@@ -112,12 +112,15 @@ class Fp8Piece:
     def numel(self) -> int:
         return self.q.numel()
 
-    def write(self, out: torch.Tensor, first: int, count: int) -> None:
-        """``out`` (count elements on the device) = elements ``first .. first + count`` dequantised."""
+    def write(self, out: torch.Tensor, first: int, count: int, upload: Any = None) -> None:
+        """``out`` (count elements on the device) = elements ``first .. first + count`` dequantised. ``upload``
+        (host uint8 -> device uint8) carries the bytes (the GPU engine's pinned staging, asynchronous); without
+        it, a plain ``.to(device)``."""
         from fastmerge.io.lora import read_tensor
 
         d = self.d
-        q = self.q[first:first + count].view(torch.uint8).to(out.device)
+        q = self.q[first:first + count].view(torch.uint8)
+        q = upload(q) if upload is not None else q.to(out.device)
         s = None
         if d.scale is not None and d.kind != "none":
             if self._scale is None or self._scale.device != out.device:

@@ -497,8 +497,11 @@ class _Engine:
         for row, off, src, first, count in sorted(pieces, key=lambda p: p[0] * N + p[1]):
             dst = row * N + off
             if hasattr(src, "write"):  # FP8 bytes (kernels.fp8.Fp8Piece): uploaded as they are, dequantised there
+                if buf is not None:  # the staging buffers carry the FP8 bytes too: send what is staged first
+                    self._flush(buf, flat_dev, pos, fill, es)
+                    buf = None
                 with self.dev.stream("h2d"):
-                    src.write(flat_dev.view(dtype)[dst:dst + count], first, count)
+                    src.write(flat_dev.view(dtype)[dst:dst + count], first, count, upload=self._bytes_to_device)
                     self.last_h2d = self.dev.record("h2d")
                 continue
             done = 0
@@ -516,6 +519,24 @@ class _Engine:
         if buf is not None and fill:
             self._flush(buf, flat_dev, pos, fill, es)
         return flat_dev.view(dtype).view(R, N)
+
+    def _bytes_to_device(self, src: torch.Tensor) -> torch.Tensor:
+        """``src`` (host bytes, flat uint8: a mapped FP8 range) on the device, through the pinned staging
+        buffers with asynchronous copies on the H2D stream, as every other input crosses: a ``.to(device)`` of
+        mapped (pageable) memory would block this thread until the copy lands, stalling the next unit's reads."""
+        n = src.numel()
+        out = torch.empty(n, dtype=torch.uint8, device=self.dev.device)
+        cap = self.stage[0].numel()
+        done = 0
+        while done < n:
+            k, host = self._stage_take()
+            m = min(n - done, cap)
+            host[:m].copy_(src[done:done + m])
+            with self.dev.stream("h2d"):
+                out[done:done + m].copy_(host[:m], non_blocking=True)
+                self.stage_done[k] = self.last_h2d = self.dev.record("h2d")
+            done += m
+        return out
 
     def _stage_take(self) -> tuple[int, torch.Tensor]:
         k = self.k

@@ -534,8 +534,8 @@ def test_fp8_bytes_on_the_device_are_in_the_budget(tmp_path_factory, tmp_path, m
     seen = []  # per piece: (its bytes on the device, its scales' bytes on the device)
     real = kfp8.Fp8Piece.write
 
-    def write(self, out, first, count):
-        real(self, out, first, count)
+    def write(self, out, first, count, **kw):
+        real(self, out, first, count, **kw)
         seen.append((count * self.q.element_size(), 0 if self._scale is None else 4 * self._scale.numel()))
 
     monkeypatch.setattr(kfp8.Fp8Piece, "write", write)
@@ -548,3 +548,41 @@ def test_fp8_bytes_on_the_device_are_in_the_budget(tmp_path_factory, tmp_path, m
     slot_elem = bud.rows * bud.ein + bud.eout + (caps.scratch_bytes(bud.rows) if caps is not None else 0)
     in_flight = max(t for t, _ in seen) + 2 * max(s for _, s in seen)
     assert (bud.cap + bud.cap1) * slot_elem + in_flight + g.RESERVE_BYTES <= mem, (bud.cap, bud.cap1, slot_elem, in_flight)
+
+
+@pytest.mark.parametrize("stage", [None, 1001])
+def test_fp8_bytes_cross_through_the_pinned_staging(tmp_path_factory, tmp_path, monkeypatch, stage):
+    """FP8 bytes cross as every other input does: through the pinned staging buffers, with non_blocking copies on
+    the H2D stream. A ``.to(device)`` of the mapped (pageable) bytes would block the host until the copy lands,
+    so the next unit's reads would wait on the bus. Counted through the stand-in: every piece's bytes pass
+    through ``_bytes_to_device`` (in several staging pieces when the buffers are small), no uint8 tensor is sent
+    to the device the blocking way, and the output is the CPU engine's, byte for byte."""
+    from fastmerge.engine import gpu as g
+    from fastmerge.kernels import fp8 as kfp8
+
+    b, fts = make_family(tmp_path_factory.mktemp("gpu_fp8_stage"), SHAPE, n_finetunes=2, fp8_block=(16, 16), shard_bytes=9_000)
+    cfg = {"merge_method": "ties", "base_model": str(b), "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}}
+                                                                     for f in fts], "out_dtype": "bfloat16"}
+    if stage is not None:
+        monkeypatch.setattr(g, "STAGE_BYTES", stage)
+    pieces, staged, blocking = [], [], []
+    real_write, real_b2d, real_to = kfp8.Fp8Piece.write, g._Engine._bytes_to_device, torch.Tensor.to
+
+    def write(self, out, first, count, **kw):
+        pieces.append(count)
+        return real_write(self, out, first, count, **kw)
+
+    def b2d(self, src):
+        staged.append(src.numel())
+        return real_b2d(self, src)
+
+    def to(t, *a, **k):
+        if t.dtype == torch.uint8 and not k.get("non_blocking") and _names_device(a, k):
+            blocking.append(t.numel())
+        return real_to(t, *a, **k)
+
+    monkeypatch.setattr(kfp8.Fp8Piece, "write", write)
+    monkeypatch.setattr(g._Engine, "_bytes_to_device", b2d)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    _both(cfg, tmp_path)
+    assert pieces and staged == pieces and not blocking, (pieces[:5], staged[:5], blocking[:5])
