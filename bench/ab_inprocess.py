@@ -5,7 +5,7 @@ On the shared 2-core machine one run's page population and writing vary by ±0.2
 changes: interleaving puts A and B under the same conditions, and the medians of ≥ 5 rounds compare.
 
     python bench/ab_inprocess.py --a /path/to/old/venv/bin/python --b python --rounds 6 [--method ties]
-    python bench/ab_inprocess.py --a /tmp/oldsite --b /tmp/newsite --rounds 11   # pip install --target dirs
+    python bench/ab_inprocess.py --a OLD_SITE --b NEW_SITE --rounds 11   # pip install --target dirs
 
 Each side names a python executable or a ``pip install --target`` directory (run with this python, the
 directory first on sys.path and editable-install finders removed). Check what each side imports: an

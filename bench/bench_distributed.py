@@ -1,7 +1,7 @@
 """1 vs 2 ranks of ``fastmerge merge`` (gloo, this machine) and a model of 8 GPUs / 8 nodes from the
 measured per-rank throughput.
 
-    python bench/bench_distributed.py [--hidden 1024 --layers 8] [--root /tmp/fastmerge-dist-bench]
+    python bench/bench_distributed.py [--hidden 1024 --layers 8] [--root DIR]
 
 Each run is ``python -m fastmerge merge`` per rank with torchrun's environment (what torchrun starts);
 the wall time is the launcher's (processes started to all exited: interpreter, torch import, process

@@ -5,7 +5,7 @@ breadcrumbs_ties), each method's defaults otherwise; "ties d=1" is ties at densi
 no selection) and task_arithmetic the control (no fused block). Medians of --reps calls after one warm-up,
 threads 1 and 2.
 
-    python bench/native_pertensor_ab.py --a /tmp/fmbase --b /tmp/fmtest --rounds 2 --reps 5
+    python bench/native_pertensor_ab.py --a BASE_SITE --b TEST_SITE --rounds 2 --reps 5
 
 A side is a folder holding a ``fastmerge/`` package with its ``_C`` (e.g. the source tree's fastmerge/ and
 kernels/ as fastmerge/kernels, plus a ``_C*.so`` from a separate CMake build), run with this python, the
