@@ -103,8 +103,14 @@ def svd_weighted_adapter(self: Any, combination_type: str, adapters: Any, weight
         deltas = [target.get_delta_weight(a) for a, _ in valid]
         ws = torch.tensor([w for _, w in valid]).to(deltas[0].device)
         fn = _fast.FUNCTIONS[combination_type]
-        if combination_type in ("ties_svd", "dare_ties_svd"):
+        # the *_svd types truncate the merged ΔW approximately anyway: ties at a magnitude threshold are cut by index
+        # order rather than by topk's full sort (the same magnitudes kept; merge_utils.magnitude_based_pruning)
+        if combination_type == "ties_svd":
+            d = _fast.ties_index_ties(deltas, ws, density, majority_sign_method)
+        elif combination_type == "dare_ties_svd":
             d = fn(deltas, ws, density, majority_sign_method)
+        elif combination_type == "magnitude_prune_svd":
+            d = _fast.magnitude_prune_index_ties(deltas, ws, density)
         else:
             d = fn(deltas, ws, density)
         if getattr(target, "fan_in_fan_out", False) or any(a in getattr(target, "lora_embedding_A", {}) for a in adapters):

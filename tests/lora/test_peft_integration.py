@@ -277,3 +277,31 @@ def test_svd_type_is_exact_from_the_factors(big_pm, monkeypatch):
         ra, rb = want[mod]
         a, b = got[mod]
         torch.testing.assert_close(b @ a, rb @ ra, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_pruning_cuts_ties_by_index_without_topk(monkeypatch, dtype):
+    """``topk_ties=False`` (the *_svd path: ``ties_index_ties``, ``magnitude_prune_index_ties``): with ties at the
+    k-th |x| exactly k elements are kept, every |x| above
+    the threshold among them, the tied ones the first by index; no topk runs. Without ties it is PEFT's result."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-6, 7, (37, 29), generator=g).float() / 4).to(dtype)  # 13 values: heavy ties everywhere
+    k = int(0.45 * x.numel())
+    mag = x.float().abs().reshape(-1)
+    t = mag.sort(descending=True).values[k - 1]
+    above, tied = (mag > t).nonzero().reshape(-1), (mag == t).nonzero().reshape(-1)
+    assert above.numel() < k < above.numel() + tied.numel()  # the case: ties straddle the cut
+    want = torch.zeros_like(mag, dtype=torch.bool)
+    want[above] = True
+    want[tied[: k - above.numel()]] = True
+
+    def no_topk(*a, **kw):
+        raise AssertionError("topk ran")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "topk", no_topk)
+        got = fast._magnitude_pruning(x, 0.45, topk_ties=False)
+    assert torch.equal(got.reshape(-1) != 0, want & (x.reshape(-1) != 0))
+    assert torch.equal(got.reshape(-1)[want], x.reshape(-1)[want])
+    y = torch.randn(41, 23, generator=g)  # fp32 normals: no ties at the cut, so PEFT's bits
+    assert torch.equal(fast._magnitude_pruning(y, 0.45, topk_ties=False), pmu.magnitude_based_pruning(y, 0.45))
