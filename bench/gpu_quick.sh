@@ -6,7 +6,7 @@
 #     bash bench/gpu_quick.sh            # build, then --quick (seconds) and the llama-8b table (T = 2, 4)
 #     bash bench/gpu_quick.sh quick      # build, then --quick only
 #
-# build: bench/gpu_session.sh build (fastmerge + its CUDA extension for sm_90 into /tmp/site; it also runs
+# build: bench/gpu_session.sh build (fastmerge + its CUDA extension for sm_90 into $SCRATCH/site; it also runs
 # bench/gpu_diag_cxx_exceptions.sh: cxx_diag.log says which library resolves __cxa_throw/_Unwind_* for _C
 # after `import torch`, and the "exception check" lines say whether the default build or the
 # FASTMERGE_PRIVATE_CXX_RUNTIME=ON build survives a C++ exception: if only the private build does, make it
@@ -30,10 +30,12 @@ set -u
 OUT=${OUT:-$PWD/bench/out/gpu}
 mkdir -p "$OUT"
 REPO=$(pwd)
+export SCRATCH=${SCRATCH:-$REPO/bench/out/scratch}  # gpu_session.sh builds into $SCRATCH/site
+mkdir -p "$SCRATCH"
 MODE=${1:-full}
 bash "$REPO/bench/gpu_session.sh" build > "$OUT/gpu_session_build.txt" 2>&1 || { tail -40 "$OUT/gpu_session_build.txt"; exit 1; }
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-cd /tmp || exit 1
+export PYTHONPATH=$SCRATCH/site PYTHONUNBUFFERED=1
+cd "$SCRATCH" || exit 1
 grep -E "exception check|== |ok: ValueError" "$OUT/gpu_session_build.txt" "$OUT/cxx_diag.log" 2>/dev/null | head -20
 echo "=== gate (${SECONDS}s)"
 timeout 150 python3 -m pytest "$REPO/tests/kernels/test_triton_nonfinite.py" "$REPO/tests/kernels/test_triton_bounds.py" \
@@ -137,7 +139,7 @@ timeout "${KERNELS_CAP:-$((400 - SECONDS))}" python3 -m fastmerge bench kernels 
 echo "rc=$?"; cat "$OUT/kernels-gpu.md"; tail -5 "$OUT/kernels-gpu.err"
 echo "=== ncu (${SECONDS}s)"
 if command -v ncu > /dev/null && [ $((470 - SECONDS)) -gt 20 ]; then
-  cat > /tmp/fm_ncu.py <<'PY'
+  cat > $SCRATCH/fm_ncu.py <<'PY'
 import torch
 from fastmerge.kernels._common import Segments
 from fastmerge.kernels.ties import TiesKernel
@@ -155,7 +157,7 @@ torch.cuda.synchronize()
 PY
   timeout $((470 - SECONDS)) ncu --clock-control none -k "regex:_gta_kernel|_hist_kernel" --launch-count 3 \
     --metrics dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__average_warp_latency_issue_stalled_long_scoreboard,launch__registers_per_thread,gpu__time_duration.sum \
-    python3 /tmp/fm_ncu.py > "$OUT/ncu.txt" 2>&1
+    python3 $SCRATCH/fm_ncu.py > "$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?"; grep -E "_kernel|dram__|warps_active|registers|duration" "$OUT/ncu.txt" | head -30
 else
   echo "ncu: not installed or no time left"

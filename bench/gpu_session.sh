@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu_session.sh build tests bench e2e
 #
-# build  pip-installs fastmerge (C++ CPU extension + CUDA extension for sm_90) into /tmp/site, with the
+# build  pip-installs fastmerge (C++ CPU extension + CUDA extension for sm_90) into $SCRATCH/site (bench/out/scratch by default), with the
 #        machine's own torch/triton (no downloads there: --no-build-isolation --no-deps);
 # tests  the GPU test lanes: tests/kernels (compiled, not interpreted, when CUDA is present), the
 #        CUDA native tests, the M-Loss GPU tests;
@@ -18,8 +18,11 @@ set -u
 OUT=${OUT:-$PWD/bench/out/gpu}
 mkdir -p "$OUT"
 REPO=$(pwd)
+# scratch (the pip --target sites, build dirs, small scripts): inside the ignored bench/out/ by default
+export SCRATCH=${SCRATCH:-$REPO/bench/out/scratch}
+mkdir -p "$SCRATCH"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-BD=${FASTMERGE_BENCH_DIR:-/tmp/fm_bench}
+BD=${FASTMERGE_BENCH_DIR:-$SCRATCH/fm_bench}
 mkdir -p "$BD"
 
 step() { echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s)"; }
@@ -37,22 +40,22 @@ for what in "$@"; do
     # present (the image has its own; these make the build the same as a fresh pip install here).
     BT=""
     if ls "$REPO"/.whl/*.whl > /dev/null 2>&1; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/buildtools "$REPO"/.whl/*.whl && BT=/tmp/buildtools
+      python3 -m pip install -q --no-index --no-deps --no-compile --target $SCRATCH/buildtools "$REPO"/.whl/*.whl && BT=$SCRATCH/buildtools
     fi
     # diagnosis of a crash seen on this image (2026-11-24): a C++ exception out of _C segfaults once torch
     # is imported. Variant A: FASTMERGE_PRIVATE_CXX_RUNTIME=ON (CPU module only, own build dir, in parallel).
     (PYTHONPATH=$BT FASTMERGE_CUDA=OFF CMAKE_BUILD_PARALLEL_LEVEL=6 timeout 300 python3 -m pip install --no-build-isolation \
-      --no-deps --no-cache-dir -q --target /tmp/siteA -Cbuild-dir=/tmp/bA \
+      --no-deps --no-cache-dir -q --target $SCRATCH/siteA -Cbuild-dir=$SCRATCH/bA \
       -Ccmake.define.FASTMERGE_PRIVATE_CXX_RUNTIME=ON "$REPO" > "$OUT/buildA.log" 2>&1) &
     PYTHONPATH=$BT FASTMERGE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=10 timeout 300 python3 -m pip install --no-build-isolation --no-deps \
-      --no-cache-dir -v --target /tmp/site -Cbuild-dir=/tmp/bM "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+      --no-cache-dir -v --target $SCRATCH/site -Cbuild-dir=$SCRATCH/bM "$REPO" > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
     wait
-    cp -r /tmp/site/fastmerge/kernels /tmp/siteA/fastmerge/ 2>/dev/null
+    cp -r $SCRATCH/site/fastmerge/kernels $SCRATCH/siteA/fastmerge/ 2>/dev/null
     grep -E "pybind11|scikit-build-core|_C_cuda|OpenMP|CXX compiler" "$OUT/build.log" | head -12
-    [ -d /tmp/site/fastmerge/kernels ] || { echo "WARNING: the wheel has no fastmerge/kernels (scikit-build-core < 0.10?): copying kernels/"; cp -r "$REPO/kernels" /tmp/site/fastmerge/kernels; }
-    ls /tmp/site/fastmerge | tr '\n' ' '; echo
+    [ -d $SCRATCH/site/fastmerge/kernels ] || { echo "WARNING: the wheel has no fastmerge/kernels (scikit-build-core < 0.10?): copying kernels/"; cp -r "$REPO/kernels" $SCRATCH/site/fastmerge/kernels; }
+    ls $SCRATCH/site/fastmerge | tr '\n' ' '; echo
     # a C++ exception through pybind11 must come back as ValueError
-    cat > /tmp/exc.py <<'PY'
+    cat > $SCRATCH/exc.py <<'PY'
 import os, sys
 if os.environ.get("FIRST"):
     import torch
@@ -66,18 +69,18 @@ except ValueError as e:
     print('ok: ValueError')
 PY
     PRE="$(g++ -print-file-name=libstdc++.so.6):$(g++ -print-file-name=libgcc_s.so.1)"
-    for v in "/tmp/site|" "/tmp/site|1" "/tmp/siteA|1" "/tmp/site|1|pre"; do
+    for v in "$SCRATCH/site|" "$SCRATCH/site|1" "$SCRATCH/siteA|1" "$SCRATCH/site|1|pre"; do
       IFS='|' read site first pre <<< "$v"
-      (cd /tmp && PYTHONPATH=$site FIRST=$first ${pre:+LD_PRELOAD=$PRE} python3 -X faulthandler /tmp/exc.py > /tmp/exc.log 2>&1
-       echo "exception check $site torch=${first:-no} preload=${pre:-no}: rc=$? $(grep -E '^(libs|ok)' /tmp/exc.log | tr '\n' ' ')")
+      (cd "$SCRATCH" && PYTHONPATH=$site FIRST=$first ${pre:+LD_PRELOAD=$PRE} python3 -X faulthandler $SCRATCH/exc.py > $SCRATCH/exc.log 2>&1
+       echo "exception check $site torch=${first:-no} preload=${pre:-no}: rc=$? $(grep -E '^(libs|ok)' $SCRATCH/exc.log | tr '\n' ' ')")
     done
-    echo "preload candidates: $PRE"; ldd /tmp/site/fastmerge/_C.*.so | grep -E "stdc|gcc|omp"
-    (cd /tmp && PYTHONPATH=/tmp/site bash "$REPO/bench/gpu_diag_cxx_exceptions.sh" > "$OUT/cxx_diag.log" 2>&1; head -c 3000 "$OUT/cxx_diag.log")
-    (cd /tmp && PYTHONPATH=/tmp/site python3 -c "import fastmerge._native as n; print(n.report())")
+    echo "preload candidates: $PRE"; ldd $SCRATCH/site/fastmerge/_C.*.so | grep -E "stdc|gcc|omp"
+    (cd "$SCRATCH" && PYTHONPATH=$SCRATCH/site bash "$REPO/bench/gpu_diag_cxx_exceptions.sh" > "$OUT/cxx_diag.log" 2>&1; head -c 3000 "$OUT/cxx_diag.log")
+    (cd "$SCRATCH" && PYTHONPATH=$SCRATCH/site python3 -c "import fastmerge._native as n; print(n.report())")
     ;;
   tests)
     step tests
-    (cd /tmp && PYTHONPATH=/tmp/site timeout 200 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/native" \
+    (cd "$SCRATCH" && PYTHONPATH=$SCRATCH/site timeout 200 python3 -m pytest "$REPO/tests/kernels" "$REPO/tests/native" \
       "$REPO/tests/mloss/test_mloss_kernels.py" "$REPO/tests/mloss/test_mties.py" -q -p no:cacheprovider -n 4 \
       --timeout 150 -rfEs --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1; echo "tests rc=$?" | tee -a "$OUT/tests.log")
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
@@ -85,14 +88,14 @@ PY
     ;;
   bench)
     step bench
-    (cd /tmp && PYTHONPATH=/tmp/site:"$REPO/bench" FASTMERGE_BENCH_DIR="$BD" FASTMERGE_BENCH_E2E=0 timeout "${BENCH_CAP:-$((585 - SECONDS))}" \
+    (cd "$SCRATCH" && PYTHONPATH=$SCRATCH/site:"$REPO/bench" FASTMERGE_BENCH_DIR="$BD" FASTMERGE_BENCH_E2E=0 timeout "${BENCH_CAP:-$((585 - SECONDS))}" \
       python3 -m pytest "$REPO/bench/bench_kernels.py" -m gpu --benchmark-enable -p no:cacheprovider -s -q \
       > "$OUT/bench.log" 2>&1; echo "bench rc=$?" | tee -a "$OUT/bench.log")
     cp "$BD"/kernels.* "$OUT/" 2>/dev/null; cat "$OUT/kernels.md" 2>/dev/null || tail -30 "$OUT/bench.log"
     ;;
   e2e)
     step e2e
-    (cd /tmp && PYTHONPATH=/tmp/site:"$REPO/bench" FASTMERGE_BENCH_DIR="$BD" FASTMERGE_BENCH_KERNELS= timeout "${E2E_CAP:-$((585 - SECONDS))}" \
+    (cd "$SCRATCH" && PYTHONPATH=$SCRATCH/site:"$REPO/bench" FASTMERGE_BENCH_DIR="$BD" FASTMERGE_BENCH_KERNELS= timeout "${E2E_CAP:-$((585 - SECONDS))}" \
       python3 -m pytest "$REPO/bench/bench_kernels.py" -m gpu -k end_to_end --benchmark-enable -p no:cacheprovider -s -q \
       > "$OUT/e2e.log" 2>&1; echo "e2e rc=$?" | tee -a "$OUT/e2e.log")
     cp "$BD"/kernels.md "$OUT/kernels_e2e.md" 2>/dev/null; cp "$BD"/kernels.json "$OUT/kernels_e2e.json" 2>/dev/null
