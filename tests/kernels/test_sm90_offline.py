@@ -12,43 +12,17 @@ Skipped where triton's NVIDIA backend (its bundled ptxas) is missing. The compil
 the test session sets ``TRITON_INTERPRET=1``, which replaces ``@triton.jit`` kernels by interpreted ones.
 """
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from fastmerge.kernels.offline import VARIANTS
+from helpers.offline import offline_builds, ptxas_available
 
-
-def _ptxas() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        from fastmerge.kernels.offline import ptxas_path
-
-        return os.path.exists(ptxas_path(90))
-    except Exception:  # noqa: BLE001 - no NVIDIA backend in this triton
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _ptxas(), reason="triton's NVIDIA backend (ptxas) is not available")
+pytestmark = pytest.mark.skipif(not ptxas_available(), reason="triton's NVIDIA backend (ptxas) is not available")
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sm90") / "builds.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(out.parent / "cache")
-    # cwd outside the repository: `python -m` puts the cwd first on sys.path, and the source tree's
-    # fastmerge has no fastmerge.kernels (the wheel maps kernels/ there)
-    r = subprocess.run([sys.executable, "-m", "fastmerge.kernels.offline", "--json", str(out)], env=env,
-                       capture_output=True, text=True, timeout=900, cwd=out.parent)
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(r.stdout)
-    return {b["name"]: b for b in json.loads(out.read_text())}
+    return offline_builds(tmp_path_factory, "sm90")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
