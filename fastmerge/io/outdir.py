@@ -13,8 +13,13 @@ OUT; ``stale_temp_dirs`` lists them so that the next merge to that OUT can name 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 #: the files of a fastmerge output besides the weight shards
 OWN_FILES = frozenset({
@@ -64,6 +69,25 @@ def refuse_foreign(out: Path) -> str | None:
         else "it holds files fastmerge did not write"
     return (f"{out}: --overwrite replaces only an earlier fastmerge output, and {why}: {shown}; move them away "
             "or choose another OUT")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A new folder beside ``out`` (``.OUT.tmp-*``, made with its parent) to write a small output into: when
+    the block ends normally it replaces ``out`` (an existing ``out`` is removed first: the caller has checked
+    it may be), on any exception, Ctrl-C included, it is removed. The adapter writers use it; merges go
+    through ``engine.session``, which also resumes."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def stale_temp_dirs(out: Path) -> list[Path]:

@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,6 +37,7 @@ from typing import Any, Sequence
 from .._lazy import torch
 from ..errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
 from ..io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, ParsedAdapter, read_tensor
+from ..io.outdir import staged
 from .merge_utils import FUNCTIONS
 
 #: combination type -> (how: "cat" | "core" (exact SVD from the factors) | "factors" (PEFT's factor-wise merge) |
@@ -147,10 +145,8 @@ def merge_adapters(
     modules: list[str] = []
     for p in parsed:
         modules += [m for m in p.factors if m not in modules]
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     result: dict[str, torch.Tensor] = {}
-    try:
+    with staged(out) as tmp:
         for mod in modules:
             ins = []  # (A (r, n), B (m, r), scale, weight, transpose, embedding) of the adapters that factor mod
             for p, w in zip(parsed, weights):
@@ -233,10 +229,4 @@ def merge_adapters(
         small = {m: r for m, r in small.items() if r != new_rank}
         cfg.update(r=new_rank, lora_alpha=new_rank, rank_pattern=small, alpha_pattern=dict(small), use_rslora=False)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return AdapterMergeReport(str(out), ctype, len(modules), new_rank, time.perf_counter() - t0)

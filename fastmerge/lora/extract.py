@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,6 +59,7 @@ from .._lazy import torch
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..io.index import CheckpointIndex, TensorInfo
 from ..io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
+from ..io.outdir import staged
 from ..vocab import is_vocab_tensor
 
 #: input embeddings (nn.Embedding in transformers): factored transposed, as PEFT's LoRA Embedding layer
@@ -283,61 +283,54 @@ def extract_lora(
     ranks: dict[str, int] = {}
     kinds: set[str] = set()
     svd_s = 0.0
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     workers = threads or os.cpu_count() or 1
     saved_threads = torch.get_num_threads()
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastmerge-extract")
     torch.set_num_threads(1)  # process-wide while extracting (parallel over batches instead); restored after
     try:
-        w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS)
-        jobs = []
-        groups: dict[tuple, list[_Lora]] = {}
-        for lo in loras:
-            groups.setdefault((lo.weight.shape, lo.transpose), []).append(lo)
-        for (shape, transpose), items in groups.items():
-            m, n = (shape[1], shape[0]) if transpose else shape
-            per = max(1, batch_bytes // (4 * m * n))
-            jobs += [(items[b0:b0 + per], transpose, m, n) for b0 in range(0, len(items), per)]
-        # at most workers + 1 batches in flight (bounded memory); results written in submission order
-        pending: collections.deque = collections.deque()
-        it = iter(jobs)
-        for job in itertools.islice(it, workers + 1):
-            pending.append(pool.submit(factor_batch, *job))
-        for info in full:  # written while the first batches run
-            w.add(PREFIX + info.name, read("ft", info))
-        while pending:
-            tensors, rk, kind, took = pending.popleft().result()
-            for job in itertools.islice(it, 1):
+        with staged(out) as tmp:
+            w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS)
+            jobs = []
+            groups: dict[tuple, list[_Lora]] = {}
+            for lo in loras:
+                groups.setdefault((lo.weight.shape, lo.transpose), []).append(lo)
+            for (shape, transpose), items in groups.items():
+                m, n = (shape[1], shape[0]) if transpose else shape
+                per = max(1, batch_bytes // (4 * m * n))
+                jobs += [(items[b0:b0 + per], transpose, m, n) for b0 in range(0, len(items), per)]
+            # at most workers + 1 batches in flight (bounded memory); results written in submission order
+            pending: collections.deque = collections.deque()
+            it = iter(jobs)
+            for job in itertools.islice(it, workers + 1):
                 pending.append(pool.submit(factor_batch, *job))
-            for name, t in tensors:
-                w.add(name, t)
-            ranks.update(rk)
-            kinds.add(kind)
-            svd_s += took
-        w.close()
-        r = max(ranks.values(), default=1)
-        factored_last: dict[str, list[str]] = {}
-        for mod in ranks:
-            factored_last.setdefault(mod.rpartition(".")[2], []).append(mod)
-        targets: list[str] = []
-        for last, ms in sorted(factored_last.items()):
-            targets += [last] if len(ms) == len(candidates.get(last, [])) else sorted(ms)
-        different = {mod: k for mod, k in ranks.items() if k != r}
-        cfg = {
-            "base_model_name_or_path": str(base_model), "peft_type": "LORA", "use_rslora": False,
-            "target_modules": targets, "modules_to_save": modules_to_save or None, "task_type": "CAUSAL_LM",
-            "r": r, "lora_alpha": r, "rank_pattern": different, "alpha_pattern": dict(different),
-            "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True, "bias": "none",
-            "lora_bias": any(lo.bias is not None for lo in loras),
-        }
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            for info in full:  # written while the first batches run
+                w.add(PREFIX + info.name, read("ft", info))
+            while pending:
+                tensors, rk, kind, took = pending.popleft().result()
+                for job in itertools.islice(it, 1):
+                    pending.append(pool.submit(factor_batch, *job))
+                for name, t in tensors:
+                    w.add(name, t)
+                ranks.update(rk)
+                kinds.add(kind)
+                svd_s += took
+            w.close()
+            r = max(ranks.values(), default=1)
+            factored_last: dict[str, list[str]] = {}
+            for mod in ranks:
+                factored_last.setdefault(mod.rpartition(".")[2], []).append(mod)
+            targets: list[str] = []
+            for last, ms in sorted(factored_last.items()):
+                targets += [last] if len(ms) == len(candidates.get(last, [])) else sorted(ms)
+            different = {mod: k for mod, k in ranks.items() if k != r}
+            cfg = {
+                "base_model_name_or_path": str(base_model), "peft_type": "LORA", "use_rslora": False,
+                "target_modules": targets, "modules_to_save": modules_to_save or None, "task_type": "CAUSAL_LM",
+                "r": r, "lora_alpha": r, "rank_pattern": different, "alpha_pattern": dict(different),
+                "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True, "bias": "none",
+                "lora_bias": any(lo.bias is not None for lo in loras),
+            }
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(saved_threads)
