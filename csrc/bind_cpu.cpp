@@ -155,19 +155,27 @@ void check_per_model(const std::vector<double>& v, size_t count, const char* nam
   }
 }
 
-void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
-             const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
-             const std::vector<double>& densities, bool normalize, double lam, int election, bool exact_k,
-             int threads, bool rescale) {
-  Inputs in = check_inputs(n, inputs, input_dtypes, weights);
+// The checked TiesArgs of py_ties and py_ties_segments (``in`` must outlive them: they point into it).
+TiesArgs ties_args(const Inputs& in, uintptr_t out, int out_dtype, int64_t n, uintptr_t base, int base_dtype,
+                   const std::vector<double>& densities, bool normalize, double lam, int election, bool exact_k,
+                   bool rescale) {
   FM_CHECK(base != 0 || n == 0, "base: TIES needs a base model (got a null pointer)");
-  check_per_model(densities, inputs.size(), "densities", true);
+  check_per_model(densities, in.ptrs.size(), "densities", true);
   FM_CHECK(election == ties::SUM || election == ties::COUNT,
            "election: must be 0 (sum) or 1 (count), got " << election);
   TiesArgs a{};
   a.g = gta_args(in, out, out_dtype, n, base, base_dtype, election, normalize, lam, rescale);
   a.densities = densities.data();
   a.exact_k = exact_k;
+  return a;
+}
+
+void py_ties(uintptr_t out, int out_dtype, int64_t n, const std::vector<uintptr_t>& inputs,
+             const std::vector<int>& input_dtypes, uintptr_t base, int base_dtype, const std::vector<double>& weights,
+             const std::vector<double>& densities, bool normalize, double lam, int election, bool exact_k,
+             int threads, bool rescale) {
+  Inputs in = check_inputs(n, inputs, input_dtypes, weights);
+  const TiesArgs a = ties_args(in, out, out_dtype, n, base, base_dtype, densities, normalize, lam, election, exact_k, rescale);
   if (n == 0) return;
   py::gil_scoped_release nogil;
   cpu::ties(a, threads);
@@ -184,14 +192,7 @@ void py_ties_segments(uintptr_t out, int out_dtype, const std::vector<int64_t>& 
   }
   const int64_t n = offsets.back();
   Inputs in = check_inputs(n, inputs, input_dtypes, weights);
-  FM_CHECK(base != 0 || n == 0, "base: TIES needs a base model (got a null pointer)");
-  check_per_model(densities, inputs.size(), "densities", true);
-  FM_CHECK(election == ties::SUM || election == ties::COUNT,
-           "election: must be 0 (sum) or 1 (count), got " << election);
-  TiesArgs a{};
-  a.g = gta_args(in, out, out_dtype, n, base, base_dtype, election, normalize, lam, rescale);
-  a.densities = densities.data();
-  a.exact_k = exact_k;
+  const TiesArgs a = ties_args(in, out, out_dtype, n, base, base_dtype, densities, normalize, lam, election, exact_k, rescale);
   if (n == 0) return;
   py::gil_scoped_release nogil;
   cpu::ties_segments(a, offsets.data(), int64_t(offsets.size()) - 1, threads);
