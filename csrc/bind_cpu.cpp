@@ -18,6 +18,7 @@
 #include "cpu/segments.h"
 #include "cpu/fp8.h"
 #include "cpu/select.h"
+#include "cpu/st_header.h"
 #include "cpu/xxh64.h"
 #include "fastmerge/common.h"
 #include "fastmerge/gta.h"
@@ -465,5 +466,9 @@ PYBIND11_MODULE(_C, m) {
         "k-th largest |x - base| in fp32 (|x| if base=0), by radix select; NaN ranks largest.");
   m.def("scratch_bytes", &scratch_bytes,
         "Bytes of grow-only scratch held for the calling thread (selection, blocks, masks, norms).");
+  m.def("parse_safetensors_header", &cpu::parse_safetensors_header, py::arg("raw"), py::arg("data_start"),
+        py::arg("size"), py::arg("path"), py::arg("cls"), py::arg("dtypes"), py::arg("itemsize"),
+        "(metadata, [cls] in file order) of a safetensors header's JSON bytes, as fastmerge.io.index._read_header "
+        "builds them; None where it declines (any error or unusual JSON: the Python parse then reports it).");
   m.def("build_info", &build_info, "How this module was built (compiler, OpenMP, SIMD clones, versions).");
 }
