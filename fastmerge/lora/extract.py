@@ -1,5 +1,7 @@
 """``fastmerge extract-lora``: a fine-tune's task vector as a PEFT LoRA adapter, mergekit-extract-lora's
-command line and output, streamed tensor by tensor with the batched randomized SVD.
+command line and output, streamed tensor by tensor with the batched block Krylov SVD, in numpy: the default
+``--svd krylov`` never imports torch (1.9 s of start-up, as long as the whole extraction of the 168M
+benchmark family takes without it).
 
 What is extracted (mergekit 0.1.5's ``scripts/extract_lora.py`` rules, on tensor names instead of
 transformers modules, so no model class is instantiated): a module is a tensor name without its last
@@ -23,41 +25,47 @@ component (``model.layers.0.self_attn.q_proj``); its ``weight`` and ``bias`` tra
 components of the factored modules (full names for a component some module of which was not factored, so
 PEFT wraps exactly the factored ones).
 
-SVD: ``svd="krylov"`` (default) runs ``ops.krylov_svd`` (block Krylov, l = k/2 columns per block, 4
-iterations: 10 products of 64 columns with each task vector at k = 128) batched over same-shape task vectors
+SVD: ``svd="krylov"`` (default) runs ``ops.krylov_svd`` on numpy arrays (block Krylov, l = k/2 columns per
+block, 4 iterations: 10 products of 64 columns with each task vector at k = 128) batched over same-shape task vectors
 (the layers' q_proj together, ...); on the 168M benchmark family's full-rank noise deltas, the worst case for
 a sketch, every module is within 1.011x of the optimal error (bench/RESULTS.md). ``svd="randomized"``:
 ``ops.randomized_svd`` (subspace iteration, l = k + ``oversample`` (default max(10, k)) columns,
 ``power_iters`` (2) power iterations: 12 products of 256 columns, within 1.008x). Both fall back to the exact
 SVD where a sketch would not be cheaper (Krylov space or sketch ≥ min(m, n)/2). ``svd="exact"``:
-``torch.linalg.svd`` as mergekit.
+``torch.linalg.svd`` as mergekit. The randomized and exact SVDs run in torch (imported for them only), on the
+same numpy task vectors (``torch.from_numpy``: no copy).
 
 Parallelism: batches of at most ``batch_bytes`` of fp32 task vectors are factored by ``threads`` worker
-threads at once, each with one intra-op thread (torch releases the GIL): on the 2-core machine the
-OpenMP barriers of two threads per operation cost more than they gave, busy or not (bench/RESULTS.md).
-The main thread writes the full tensors while the first batches run, then each batch's factors in order,
-in the fine-tune's dtype, into a temporary folder beside ``out_path``, renamed into place at the end.
+threads at once, each with one BLAS thread (numpy and torch release the GIL; OpenBLAS is held to one thread
+through ``threadpoolctl`` where it is installed, torch by ``set_num_threads(1)``): on the 2-core machine two
+OpenBLAS threads per product ran a 2816×1024·1024×64 product at 40 GFLOP/s and one thread at 73, and the
+OpenMP barriers of torch's two threads cost more than they gave, busy or not (bench/RESULTS.md).
+Reading and writing are numpy's (``st_numpy``): inputs mapped read-only, the full tensors
+(``modules_to_save``) copied byte for byte from the input files by the kernel (``copy_file_range``) while
+the first batches run, then each batch's factors in order, in the promoted dtype of the two inputs (bf16
+rounded as torch rounds), into a temporary folder beside ``out_path``, renamed into place at the end. A task
+vector holding NaN or inf gets NaN factors and a warning naming it (the others are unaffected).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import re
-import shutil
 import struct
-import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from .._lazy import torch
 from ..errors import CheckpointError, ConfigError, OutputError
-from ..io.index import CheckpointIndex, TensorInfo
+from ..io.index import ST_DTYPES, CheckpointIndex, TensorInfo
 from ..io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from ..io.outdir import staged
 from ..vocab import is_vocab_tensor
@@ -65,7 +73,8 @@ from ..vocab import is_vocab_tensor
 #: input embeddings (nn.Embedding in transformers): factored transposed, as PEFT's LoRA Embedding layer
 INPUT_EMBED_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|shared)\.weight$"
                             r"|^backbone\.embeddings\.weight$")
-ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+ST_NAME = {v: k for k, v in ST_DTYPES.items()}  # dtype name -> safetensors' (full tensors are copied as they are)
+FACTORED_DTYPES = ("float32", "float16", "bfloat16")
 SVD_KINDS = ("krylov", "randomized", "exact")
 
 
@@ -100,17 +109,28 @@ class _SafetensorsStream:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = open(str(path) + ".data", "wb")
+        self.data = open(str(path) + ".data", "wb", buffering=0)  # unbuffered: copy_file_range writes at its fd
         self.header: dict[str, Any] = {}
         self.pos = 0
 
-    def add(self, name: str, t: Any) -> None:
-        t = t.contiguous()
-        nbytes = t.numel() * t.element_size()
-        dt = str(t.dtype).removeprefix("torch.")
-        self.header[name] = {"dtype": ST_DTYPE[dt], "shape": list(t.shape), "data_offsets": [self.pos, self.pos + nbytes]}
-        if nbytes:
-            self.data.write(t.reshape(-1).view(torch.uint8).numpy().data)  # 1-D: stride 1 even for size-1 dims; no copy
+    def add(self, name: str, x: Any, dtype: str) -> None:
+        """``x``: a numpy array of ``dtype``'s values (bf16: its uint16 bits, ``st_numpy.from_f32``)."""
+        from .st_numpy import as_bytes
+
+        self._entry(name, dtype, x.shape, x.nbytes)
+        view, done = as_bytes(x), 0
+        while done < len(view):
+            done += self.data.write(view[done:])
+
+    def add_copy(self, name: str, info: TensorInfo) -> None:
+        """Tensor ``info`` as it is in its file, copied by the kernel where it can."""
+        self._entry(name, info.dtype, info.shape, info.nbytes)
+        with open(info.file, "rb") as src:
+            src.seek(info.begin)
+            _append(src, self.data, info.nbytes)
+
+    def _entry(self, name: str, dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        self.header[name] = {"dtype": ST_NAME[dtype], "shape": list(shape), "data_offsets": [self.pos, self.pos + nbytes]}
         self.pos += nbytes
 
     def close(self) -> None:
@@ -126,9 +146,9 @@ class _SafetensorsStream:
 
 
 def _append(src: Any, dst: Any, nbytes: int) -> None:
-    """Copy ``nbytes`` of ``src`` to ``dst`` at their file positions, in the kernel (copy_file_range: no pass
-    through Python's buffers) where the OS and file system allow it, else with ``shutil.copyfileobj``."""
-    done = 0
+    """Copy ``nbytes`` of ``src`` to ``dst`` from their file positions, in the kernel (copy_file_range: no pass
+    through Python's buffers) where the OS and file system allow it, else through a 16 MB buffer."""
+    done, start = 0, src.tell()
     if hasattr(os, "copy_file_range"):
         try:
             while done < nbytes:
@@ -139,26 +159,54 @@ def _append(src: Any, dst: Any, nbytes: int) -> None:
         except OSError:
             if done:
                 raise
-    if done < nbytes:
-        src.seek(done)
-        shutil.copyfileobj(src, dst, 16 << 20)
+    src.seek(start + done)
+    while done < nbytes:
+        chunk = src.read(min(16 << 20, nbytes - done))
+        if not chunk:
+            raise CheckpointError(f"{src.name}: file ended {nbytes - done} bytes early")
+        view = memoryview(chunk)
+        while view:
+            view = view[dst.write(view):]
+        done += len(chunk)
 
 
 def _factor(deltas: Any, k: int, svd: str, power_iters: int, seed: int, oversample: int | None = None,
             krylov_block: int | None = None, krylov_iters: int = 4) -> tuple[Any, Any, Any, str]:
-    """Top-k SVD of a batch (B, m, n): U (B, m, k), S (B, k), V (B, n, k) and which SVD ran."""
+    """Top-k SVD of a numpy batch (B, m, n): U (B, m, k), S (B, k), V (B, n, k) as numpy arrays, and which SVD
+    ran. Krylov in numpy; the randomized and exact SVDs in torch, on the same memory."""
     from ..ops.krylov_svd import krylov_svd
-    from ..ops.randomized_svd import EXACT_ABOVE, auto_oversample, randomized_svd
 
     r = min(deltas.shape[-2:])
     k = min(k, r)
     if svd == "krylov":
         return krylov_svd(deltas, k, block=krylov_block, iters=krylov_iters, seed=seed)
+    from ..ops.randomized_svd import EXACT_ABOVE, auto_oversample, randomized_svd
+
+    d = torch.from_numpy(deltas)
     if svd == "exact" or k + auto_oversample(k, oversample) >= EXACT_ABOVE * r:
-        u, s, vh = torch.linalg.svd(deltas, full_matrices=False)
-        return u[..., :k], s[..., :k], vh[..., :k, :].mT, "exact"
-    u, s, v = randomized_svd(deltas, k, oversample=oversample, power_iters=power_iters, seed=seed)
-    return u, s, v, "randomized"
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        return u[..., :k].numpy(), s[..., :k].numpy(), vh[..., :k, :].mT.numpy(), "exact"
+    u, s, v = randomized_svd(d, k, oversample=oversample, power_iters=power_iters, seed=seed)
+    return u.numpy(), s.numpy(), v.numpy(), "randomized"
+
+
+@contextlib.contextmanager
+def _one_blas_thread(torch_too: bool):
+    """One BLAS thread per worker while extracting (module docstring), restored after: OpenBLAS through
+    threadpoolctl where it is installed (else numpy's BLAS keeps its threads), torch's intra-op threads when
+    the torch SVDs run."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            pass
+        else:
+            stack.enter_context(threadpool_limits(1, user_api="blas"))
+        if torch_too:
+            saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, saved)
+        yield
 
 
 def extract_lora(
@@ -232,51 +280,55 @@ def extract_lora(
                     if bb is None or bb.shape != parts["bias"].shape:
                         raise CheckpointError(f"{base_model}: tensor '{parts['bias'].name}' is missing or has another shape")
                     bias = (parts["bias"], bb)
+                for info in (w, bw, *(bias or ())):
+                    if info.dtype not in FACTORED_DTYPES:
+                        raise CheckpointError(f"{info.file}: tensor '{info.name}' is {info.dtype}; extract-lora factors "
+                                              f"{', '.join(FACTORED_DTYPES)} tensors (exclude the module with -e)")
                 loras.append(_Lora(mod, w, bw, INPUT_EMBED_RE.search(w.name) is not None, bias))
             elif not skip_undecomposable:
                 full += list(parts.values())
                 if last not in modules_to_save:
                     modules_to_save.append(last)
 
-    from ..io.reader import ModelReader
+    import numpy as np
 
-    readers = {"ft": ModelReader(ft), "base": ModelReader(base)}
-    read_lock = threading.Lock()  # ModelReader keeps an LRU of open files: one reader call at a time
+    from .st_numpy import Reader, from_f32, promote
 
-    def read(which: str, info: TensorInfo) -> Any:
-        with read_lock:
-            return readers[which].get(info)
+    reader = Reader()  # both models' files, mapped read-only; shared by the worker threads
 
-    def factor_batch(batch: list[_Lora], transpose: bool, m: int, n: int) -> tuple[list[tuple[str, Any]], dict[str, int], str, float]:
+    def factor_batch(batch: list[_Lora], transpose: bool, m: int, n: int) -> tuple[list[tuple[str, Any, str]], dict[str, int], str, float]:
         """One batch on a worker thread: Δ in fp32, its SVD, the factors in the output dtype."""
-        d = torch.empty((len(batch), m, n), dtype=torch.float32)
+        d = np.empty((len(batch), m, n), dtype=np.float32)
+        base_f32 = np.empty(batch[0].base.shape, dtype=np.float32)
         for i, lo in enumerate(batch):
-            x, y = read("ft", lo.weight), read("base", lo.base)
             di = d[i].T if transpose else d[i]
-            di.copy_(x)  # bf16 -> fp32 once, then the fp32 subtraction in place (no full-size temporaries)
-            di.sub_(y)
-            del x, y
+            reader.f32_into(lo.weight, di)  # widened once into the batch, then the fp32 subtraction in place
+            reader.f32_into(lo.base, base_f32)
+            np.subtract(di, base_f32, out=di)
+        del base_f32
         ts = time.perf_counter()
         u, s, v, kind = _factor(d, max_rank, svd, power_iters, seed, oversample, krylov_block, krylov_iters)
         took = time.perf_counter() - ts
         del d
-        tensors: list[tuple[str, Any]] = []
+        tensors: list[tuple[str, Any, str]] = []
         rk: dict[str, int] = {}
         for i, lo in enumerate(batch):
             k = s.shape[-1]
+            if not np.isfinite(s[i]).all():
+                warnings.warn(f"{lo.weight.name}: {model} minus {base_model} holds NaN or inf; its LoRA factors are NaN",
+                              stacklevel=1)
             if sv_epsilon > 0:
                 k = max(1, min(k, int((s[i] > sv_epsilon).sum())))
-            sq = s[i, :k].sqrt() if distribute_scale else s[i, :k]
+            sq = np.sqrt(s[i, :k]) if distribute_scale else s[i, :k]
             a = (v[i, :, :k] * sq).T  # (k, n)
             bm = u[i, :, :k] * sq if distribute_scale else u[i, :, :k]  # (m, k)
-            dt = torch.promote_types(getattr(torch, lo.weight.dtype), getattr(torch, lo.base.dtype))
-            if transpose:
-                tensors += [(f"{PREFIX}{lo.module}.lora_embedding_A", a.to(dt)), (f"{PREFIX}{lo.module}.lora_embedding_B", bm.to(dt))]
-            else:
-                tensors += [(f"{PREFIX}{lo.module}.lora_A.weight", a.to(dt)), (f"{PREFIX}{lo.module}.lora_B.weight", bm.to(dt))]
+            dt = promote(lo.weight.dtype, lo.base.dtype)
+            names = ("lora_embedding_A", "lora_embedding_B") if transpose else ("lora_A.weight", "lora_B.weight")
+            tensors += [(f"{PREFIX}{lo.module}.{names[0]}", from_f32(a, dt), dt),
+                        (f"{PREFIX}{lo.module}.{names[1]}", from_f32(bm, dt), dt)]
             if lo.bias is not None:
-                db = read("ft", lo.bias[0]).float() - read("base", lo.bias[1]).float()
-                tensors.append((f"{PREFIX}{lo.module}.lora_B.bias", db.to(dt)))
+                db = reader.f32(lo.bias[0]) - reader.f32(lo.bias[1])
+                tensors.append((f"{PREFIX}{lo.module}.lora_B.bias", from_f32(db, dt), dt))
             rk[lo.module] = k
         return tensors, rk, kind, took
 
@@ -284,11 +336,9 @@ def extract_lora(
     kinds: set[str] = set()
     svd_s = 0.0
     workers = threads or os.cpu_count() or 1
-    saved_threads = torch.get_num_threads()
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastmerge-extract")
-    torch.set_num_threads(1)  # process-wide while extracting (parallel over batches instead); restored after
     try:
-        with staged(out) as tmp:
+        with _one_blas_thread(torch_too=svd != "krylov"), staged(out) as tmp:
             w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS)
             jobs = []
             groups: dict[tuple, list[_Lora]] = {}
@@ -303,14 +353,14 @@ def extract_lora(
             it = iter(jobs)
             for job in itertools.islice(it, workers + 1):
                 pending.append(pool.submit(factor_batch, *job))
-            for info in full:  # written while the first batches run
-                w.add(PREFIX + info.name, read("ft", info))
+            for info in full:  # copied while the first batches run
+                w.add_copy(PREFIX + info.name, info)
             while pending:
                 tensors, rk, kind, took = pending.popleft().result()
                 for job in itertools.islice(it, 1):
                     pending.append(pool.submit(factor_batch, *job))
-                for name, t in tensors:
-                    w.add(name, t)
+                for name, t, dt in tensors:
+                    w.add(name, t, dt)
                 ranks.update(rk)
                 kinds.add(kind)
                 svd_s += took
@@ -333,7 +383,7 @@ def extract_lora(
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(saved_threads)
+        reader.close()
     kind = "+".join(sorted(kinds, reverse=True)) or svd
     return ExtractReport(str(out), len(ranks), len(full), max(ranks.values(), default=0), kind,
                          time.perf_counter() - t0, svd_s, ranks, workers)

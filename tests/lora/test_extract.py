@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fastmerge import cli
 from fastmerge.errors import OutputError
@@ -104,3 +104,86 @@ def test_include_exclude_save_module_and_cli(fam, tmp_path, capsys):
     assert rc == 2 and "output exists" in err and len(err.splitlines()) == 1
     with pytest.raises(OutputError):
         extract_lora(ft, base, ft / "inside")
+
+
+def _pair(root: Path, base_dtype: str, ft_dtype: str, nan: float | None = None) -> tuple[Path, Path]:
+    """A hand-made base and fine-tune with odd shapes: full-rank noise task vectors (the hard case), a bias, an
+    input embedding (factored transposed with embed_lora) and a norm; ``nan`` poisons one entry of one weight."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.embed_tokens.weight": (53, 80), "model.layers.0.self_attn.q_proj.weight": (96, 80),
+              "model.layers.0.self_attn.q_proj.bias": (96,), "model.layers.0.mlp.up_proj.weight": (203, 80),
+              "model.layers.0.mlp.down_proj.weight": (80, 203), "model.norm.weight": (80,)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    ft = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    if nan is not None:
+        ft["model.layers.0.mlp.up_proj.weight"][17, 5] = nan
+    for name, sd, dt in (("base", base, base_dtype), ("ft", ft, ft_dtype)):
+        (root / name).mkdir()
+        save_file({n: t.to(getattr(torch, dt)).contiguous() for n, t in sd.items()}, root / name / "model.safetensors")
+    return root / "base", root / "ft"
+
+
+@pytest.mark.parametrize("base_dtype,ft_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"), ("float32", "float32"),
+                                                 ("bfloat16", "float32"), ("float16", "bfloat16")])
+def test_numpy_path_against_the_exact_svd_and_the_torch_krylov_every_dtype(tmp_path, base_dtype, ft_dtype):
+    base, ft = _pair(tmp_path, base_dtype, ft_dtype)
+    k = 8
+    rep = extract_lora(ft, base, tmp_path / "ad", max_rank=k, embed_lora=True, threads=2)
+    assert rep.svd == "krylov" and rep.factored == 4 and set(rep.ranks.values()) == {k}
+    ad, b, f = load_file(tmp_path / "ad" / "adapter_model.safetensors"), _sd(base), _sd(ft)
+    out_dtype = torch.promote_types(getattr(torch, base_dtype), getattr(torch, ft_dtype))
+    assert {t.dtype for t in ad.values() if t.dim() == 2} == {out_dtype}
+    from fastmerge.ops.krylov_svd import krylov_svd
+
+    for mod, transposed in [("model.embed_tokens", True), ("model.layers.0.self_attn.q_proj", False),
+                            ("model.layers.0.mlp.up_proj", False), ("model.layers.0.mlp.down_proj", False)]:
+        d = f[mod + ".weight"].float() - b[mod + ".weight"].float()
+        if transposed:  # PEFT's embedding layout: Δᵀ ≈ B·A
+            a_, b_ = ad[f"base_model.model.{mod}.lora_embedding_A"], ad[f"base_model.model.{mod}.lora_embedding_B"]
+            d = d.T
+        else:
+            a_, b_ = ad[f"base_model.model.{mod}.lora_A.weight"], ad[f"base_model.model.{mod}.lora_B.weight"]
+        opt = torch.linalg.svdvals(d.double())[k:].square().sum().sqrt()
+        mine = float((d.double() - b_.double() @ a_.double()).norm() / opt)
+        u, s, v, how = krylov_svd(d, k)  # the torch implementation of the same algorithm, on the same Δ
+        theirs = float((d.double() - ((u * s) @ v.T).double()).norm() / opt)
+        assert how == "krylov" and mine <= 1.02 and abs(mine - theirs) <= 0.01, (mod, mine, theirs)
+    bias = ad["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"]
+    want = (f["model.layers.0.self_attn.q_proj.bias"].float() - b["model.layers.0.self_attn.q_proj.bias"].float()).to(out_dtype)
+    assert torch.equal(bias, want)  # Δbias rounded to the output dtype as torch rounds it
+    assert torch.equal(ad["base_model.model.model.norm.weight"], f["model.norm.weight"])  # saved whole, byte for byte
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_task_vector_gets_nan_factors_and_a_warning_naming_it(tmp_path, bad):
+    base, ft = _pair(tmp_path, "bfloat16", "bfloat16", nan=bad)
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mlp\.up_proj\.weight: .* NaN or inf"):
+        extract_lora(ft, base, tmp_path / "ad", max_rank=8)
+    ad = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    for key, t in ad.items():
+        assert t.isnan().all() if "up_proj.lora_" in key else torch.isfinite(t).all(), key
+
+
+def test_cli_extract_imports_no_torch_and_peft_loads_the_adapter(fam, tmp_path):
+    """``python -m fastmerge extract-lora`` as a child process (outside the repository): no torch module is
+    imported (``-X importtime`` lists every import), and PEFT applies the adapter it wrote."""
+    import subprocess
+    import sys
+
+    base, ft = fam
+    out = tmp_path / "ad"
+    cmd = [sys.executable, "-X", "importtime", "-m", "fastmerge", "extract-lora", "--model", str(ft), "--base-model",
+           str(base), "--out-path", str(out), "--max-rank", "12"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert "numpy" in imported and "fastmerge.lora.extract" in imported  # the listing is real
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")], "torch was imported"
+    model = transformers.LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, out).merge_and_unload().state_dict()
+    b, f = _sd(base), _sd(ft)
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        d = f[name] - b[name]
+        opt = torch.linalg.svdvals(d)[12:].square().sum().sqrt()
+        assert (f[name] - merged[name]).norm() <= 1.02 * opt, name
+    assert torch.equal(merged["model.embed_tokens.weight"], f["model.embed_tokens.weight"])
