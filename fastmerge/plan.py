@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backends
+from ._memo import gc_paused, memo
 from .backends.base import MergeJob
 from .config import MergeConfig, ModuleSpec, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
@@ -85,11 +86,16 @@ class TensorPlan:
     #: is written right after it), None: written in ``out_dtype``
     out_quant: Any = None
 
-    @property
+    # cached (in the instance's __dict__, not fields): the engines, the shard weights and the report each ask,
+    # 20k-45k tensors of a MoE model several times over
+    @memo
     def in_bytes(self) -> int:
-        return sum(s.nbytes for s in self.sources) + (self.base.nbytes if self.base else 0)
+        n = 0 if self.base is None else self.base.end - self.base.begin  # TensorInfo.nbytes, inline: 60k-135k calls
+        for s in self.sources:
+            n += s.end - s.begin
+        return n
 
-    @property
+    @memo
     def out_tensor(self) -> OutTensor:
         return OutTensor(self.name, self.out_dtype, self.shape)
 
@@ -163,6 +169,7 @@ class MergePlan:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1)
 
+    @gc_paused
     def digest(self) -> str:
         """sha256 (hex) of what determines the output's bytes: every tensor's name, shape, dtypes, sources
         (model, file name, offsets, dtype, shape), parameters, backend and vocabulary remap; the shards; the
@@ -184,47 +191,53 @@ class MergePlan:
         put({"version": __version__, "config": self.config.to_dict(), "device": self.device, "seed": o.seed,
              "compat": o.mergekit_compat, "shard_size": o.out_shard_size, "out_layers": self.out_layers})
         # A safetensors model's tensor table is its files' raw headers (their sha256 taken as they were parsed,
-        # io.index): 3 x 20k rows dumped as JSON took ~0.3 s for a MoE family. Pickles: the table itself, files
-        # looked up by identity (every TensorInfo holds its index's Path objects) and their names taken once:
-        # hashing a Path and its .name cost ~3 us each, 136k + 136k times for DeepSeek-V3. Shapes go in as
-        # tuples: JSON writes them as the lists they were.
+        # io.index): 3 x 20k rows dumped as JSON took ~0.3 s for a MoE family. Each input file gets a number
+        # (by identity of its Path: every TensorInfo holds its index's Path objects; hashing a Path costs ~3 us).
+        fno: dict[int, int] = {}
+        fno_eq: dict[Path, int] = {}
         for key, ix in sorted(self.indexes.items()):
-            files = {f: n for n, f in enumerate(ix.files)}
-            by_id = {id(f): n for n, f in enumerate(ix.files)}
             put({"model": key, "fmt": ix.fmt, "files": [[f.name, f.stat().st_size if f.exists() else -1] for f in ix.files]})
+            for f in ix.files:
+                fno.setdefault(id(f), fno_eq.setdefault(f, len(fno_eq)))
             if ix.header_sha256 is not None and len(ix.header_sha256) == len(ix.files):
                 put({"headers": ix.header_sha256, "tensors": len(ix.tensors)})
             else:
-                put([[t.name, by_id[id(t.file)] if id(t.file) in by_id else files.get(t.file, -1), t.dtype, t.shape, t.begin,
-                      t.end] for t in ix.tensors.values()])
-        names: dict[int, str] = {}
+                put([[t.name, fno.get(id(t.file), fno_eq.get(t.file, -1)), t.dtype, t.shape, t.begin, t.end]
+                     for t in ix.tensors.values()])
 
-        def src(x: TensorInfo | None) -> Any:
+        # The tensors, hashed column by column (a row per tensor built in Python was ~15 us of a MoE family's 20k-45k):
+        # names, shapes, dtypes, backends, parameters, and where each input comes from. An input is its file's number
+        # and its name where that differs from the output name: the file's table above holds its dtype, shape, offsets.
+        ts = self.tensors
+
+        def col(values: Any) -> None:
+            h.update(repr(values).encode())
+            h.update(b"\n")
+
+        col([t.name for t in ts])
+        col([t.shape for t in ts])
+        col([(t.out_dtype, t.compute_dtype, t.backend) for t in ts])
+
+        def src(x: TensorInfo | None, name: str) -> Any:
             if x is None:
                 return None
-            name = names.get(id(x.file))
-            if name is None:
-                name = names[id(x.file)] = x.file.name
-            return [name, x.dtype, x.shape, x.begin, x.end]
+            k = fno.get(id(x.file))
+            if k is None:
+                k = fno_eq.get(x.file, -1)
+            return k if x.name == name else (k, x.name)
 
+        col([(src(t.base, t.name), *[src(x, t.name) for x in t.sources]) for t in ts])
         # Tensors of equal parameters mostly share one Params object (build_plan): each object is dumped once and
-        # each distinct value numbered in a table that a row refers to (20k dicts dumped per MoE family were
+        # each distinct value numbered in a table that a tensor refers to (20k dicts dumped per MoE family were
         # ~0.1 s); numbered by value, so the digest does not depend on which objects are shared
         ptable: dict[str, int] = {}
         pid: dict[int, int] = {}
-        held = []  # the Params numbered by id, kept alive until the end
-        rows = []
-        for t in self.tensors:  # one dump for all: 45k tensors (DeepSeek-V3) in about a second
-            k = pid.get(id(t.params))
-            if k is None:
-                held.append(t.params)
-                d = vars(t.params) if hasattr(t.params, "__dict__") else dataclasses.asdict(t.params)
-                k = pid[id(t.params)] = ptable.setdefault(json.dumps(d, sort_keys=True, separators=(",", ":"), default=str),
-                                                          len(ptable))
-            rows.append([t.name, t.shape, t.out_dtype, t.compute_dtype, src(t.base), [src(s) for s in t.sources], k, t.backend])
+        for p in {id(t.params): t.params for t in ts}.values():
+            d = vars(p) if hasattr(p, "__dict__") else dataclasses.asdict(p)
+            pid[id(p)] = ptable.setdefault(json.dumps(d, sort_keys=True, separators=(",", ":"), default=str), len(ptable))
         h.update("\n".join(ptable).encode())
-        put(rows)
-        for t in self.tensors:
+        col([pid[id(t.params)] for t in ts])
+        for t in ts:
             if t.input_transform is not None:
                 tr = t.input_transform
                 for f in dataclasses.fields(tr):
@@ -240,9 +253,13 @@ class MergePlan:
         ``part``; ``options``: Options fields replaced (e.g. progress off on ranks other than 0)."""
         keep = set(filenames)
         shards = [s for s in self.shards if s.filename in keep]
-        names = {t.name for s in shards for t in s.tensors}
-        return dataclasses.replace(self, tensors=[t for t in self.tensors if t.name in names], shards=shards,
-                                   part=part, options=dataclasses.replace(self.options, **options))
+        if len(shards) == len(self.shards):  # all of it (one process): the same tensor list
+            tensors = self.tensors
+        else:
+            names = {t.name for s in shards for t in s.tensors}
+            tensors = [t for t in self.tensors if t.name in names]
+        return dataclasses.replace(self, tensors=tensors, shards=shards, part=part,
+                                   options=dataclasses.replace(self.options, **options))
 
 
 def _num_layers(index: CheckpointIndex) -> int:
@@ -275,6 +292,7 @@ def with_layer(name: str, idx: int) -> str:
 
 
 _NO_PARAMS: dict[str, Any] = {}
+_UNSET: Any = object()
 
 
 def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slice_params: dict[str, Any],
@@ -293,6 +311,10 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
         if plain is None:
             plain = cache[("plain", key)] = not any(isinstance(v, (dict, list)) for src in srcs for v in src.values())
         key = key if plain else None
+    if key is not None and method.tensor_free_params:
+        done = cache.get(("params", key))
+        if done is not None:  # plain values, and a Params that does not depend on the tensor: resolved and checked once
+            return done
     hit = cache.get(key) if key is not None else None
     per_model, shared = hit if hit is not None else _values(method, inputs, slice_params, global_params, name, t, module_params)
     if key is not None and hit is None:
@@ -310,6 +332,8 @@ def _resolve(method: MergeMethod, inputs: list[tuple[str, dict[str, Any]]], slic
             cache.pop(("checked", params), None)
         raise ConfigError(re.sub(r"model #(\d+)", lambda g: f"model #{g[1]} ({inputs[int(g[1]) - 1][0]})"
                                  if 0 < int(g[1]) <= len(inputs) else g[0], str(e))) from None
+    if key is not None and method.tensor_free_params:
+        cache[("params", key)] = params
     return params
 
 
@@ -476,6 +500,7 @@ def _slices(config: MergeConfig, open_index) -> tuple[list[_Slice], bool]:
     return out, True
 
 
+@gc_paused
 def build_plan(config: MergeConfig, options: Options | None = None, out: str | Path | None = None) -> MergePlan:
     """Open every input's headers, resolve every tensor's parameters and backend, lay out the output."""
     options = options or Options()
@@ -547,17 +572,28 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     resolved: dict[Any, Any] = {}  # _resolve's cache
     chosen: dict[Any, tuple[str, dict[str, list[str]]]] = {}  # backend choices by (params, compat, numel): 45k tensors, a few shapes
 
-    def add(out_name: str, sl: _Slice, layer: int | None, t: float) -> None:
-        """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor."""
-        members = ([sl.base] if sl.base else []) + sl.inputs
-        infos = []
-        relayer = sl.module.with_layer if sl.module is not None else with_layer
-        for m in members:
-            in_name = out_name if layer is None or not (sliced or sl.module) else relayer(out_name, m.start + layer)
-            info = m.index.tensors.get(in_name)
-            if info is None:
-                raise CheckpointError(f"{m.path}: tensor '{in_name}' is missing (needed for output '{out_name}')")
-            infos.append(info)
+    per_slice: dict[int, Any] = {}  # id(slice) -> what add() needs of it, taken once (a MoE model has 20k-45k tensors)
+    fixed: dict[int, Any] = {}  # id(slice) -> the Params of every tensor of the slice, where they do not vary
+    plain_out = (None if out_fp8 else config.out_dtype) or config.dtype  # the output dtype, where the config sets it
+    compat = options.mergekit_compat
+
+    def add(out_name: str, sl: _Slice, layer: int | None, t: float, out_layer: Any = _UNSET) -> None:
+        """One output tensor from slice ``sl``: its layer ``layer`` (relative to the slice) or a non-layer tensor.
+        ``out_layer``: ``layer_index(out_name)`` where the caller has it."""
+        got = per_slice.get(id(sl))
+        if got is None:
+            members = ([sl.base] if sl.base else []) + sl.inputs
+            got = per_slice[id(sl)] = (members, [(m.path, m.params) for m in sl.inputs], [m.index.tensors for m in members],
+                                       sl.module.with_layer if sl.module is not None else with_layer, bool(sliced or sl.module))
+        members, resolve_inputs, tables, relayer, renamed = got
+        if layer is None or not renamed:
+            infos = [tab.get(out_name) for tab in tables]
+        else:
+            infos = [tab.get(relayer(out_name, m.start + layer)) for m, tab in zip(members, tables)]
+        if not all(infos):  # (TensorInfo has no __bool__: only None is false; `None in` would call its __eq__)
+            k = infos.index(None)
+            in_name = out_name if layer is None or not renamed else relayer(out_name, members[k].start + layer)
+            raise CheckpointError(f"{members[k].path}: tensor '{in_name}' is missing (needed for output '{out_name}')")
         ref_info = infos[0]
         out_shape = ref_info.shape
         remap = _vocab_remap(vocabs, out_name, layer, members, infos, sl.base_path) if vocabs else None
@@ -572,33 +608,37 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                     f"tensor '{info.name}': shape {list(info.shape)} in {m.path} but {list(ref_info.shape)} in {members[0].path}"
                     + _vocab_hint(out_name, vocabs is not None, info.shape, ref_info.shape)
                 )
-        params = _resolve(method, [(m.path, m.params) for m in sl.inputs], sl.params, config.parameters, out_name, t, seed,
-                          sl.module_params, cache=resolved)
-        base_info = infos[0] if sl.base else None
-        sources = infos[1:] if sl.base else infos
-        ref_dtype = "bfloat16" if is_fp8(ref_info.dtype) else ref_info.dtype  # FP8 inputs: a bf16 output by default
-        out_dtype = (None if out_fp8 else config.out_dtype) or config.dtype or ref_dtype
+        params = fixed.get(id(sl))
+        if params is None:
+            params = _resolve(method, resolve_inputs, sl.params, config.parameters, out_name, t, seed, sl.module_params,
+                              cache=resolved)
+            if method.tensor_free_params:  # plain settings: this Params for every tensor of the slice (_resolve)
+                same = resolved.get(("params", tuple(map(id, [own for _, own in resolve_inputs]
+                                                          + [sl.params, sl.module_params or _NO_PARAMS, config.parameters]))))
+                if same is not None:
+                    fixed[id(sl)] = same
+        ref_dtype = ref_info.dtype
+        if is_fp8(ref_dtype):  # FP8 inputs: a bf16 output by default
+            ref_dtype = "bfloat16"
+        out_dtype = plain_out or ref_dtype
         out_quant = None
         if out_fp8 and getattr(transform, "before_cast", False):
             out_quant = requant_for(out_name, out_shape, [d for d in transform.inputs if d is not None],
                                     next((f.block for f in fp8_family if f.block), None), out_fp8)
             if out_quant is not None:
                 out_dtype = out_fp8
-        job = MergeJob(out_name, method, params, options.mergekit_compat, numel=math.prod(out_shape))
-        chosen_key = (params, options.mergekit_compat, job.numel)  # what select reads besides the name (errors only)
-        try:
-            backend, skipped = chosen[chosen_key]
-        except (KeyError, TypeError):  # TypeError: unhashable Params
-            backend, skipped = backends.select(job, device, options.backend)
-            try:
-                chosen[chosen_key] = (backend, skipped)
-            except TypeError:
-                pass
+        numel = math.prod(out_shape)
+        # what select reads besides the name (errors only); Params by identity (every one stays alive in `plans`;
+        # an equal one elsewhere only misses the cache): hashing a frozen dataclass is a Python call per tensor
+        chosen_key = (id(params), compat, numel)
+        got = chosen.get(chosen_key)
+        if got is None:
+            got = chosen[chosen_key] = backends.select(MergeJob(out_name, method, params, compat, numel=numel), device, options.backend)
+        backend, skipped = got
         plans.append(TensorPlan(
-            name=out_name, shape=out_shape, out_dtype=out_dtype,
-            compute_dtype=(config.dtype or ref_dtype) if options.mergekit_compat else None,
-            base=base_info, sources=sources, params=params, layer=layer_index(out_name), backend=backend, skipped=skipped,
-            input_transform=transform, out_quant=out_quant,
+            out_name, out_shape, out_dtype, (config.dtype or ref_dtype) if compat else None, infos[0] if sl.base else None,
+            infos[1:] if sl.base else infos, params, layer_index(out_name) if out_layer is _UNSET else out_layer, backend, skipped,
+            transform, out_quant,
         ))
 
     module_layers: dict[str, list[int]] = {}
@@ -652,7 +692,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
                 continue
             li = layer_index(name)
             t = 0.0 if li is None else (li / (n_layers - 1) if n_layers > 1 else 1.0)
-            add(name, sl, li, t)
+            add(name, sl, li, t, li)
         for m in sl.inputs:
             extra = [n for n in m.index.tensors if n not in first.index.tensors and n not in companions]
             if extra:

@@ -125,3 +125,47 @@ def test_density_error_names_tensor(family_bf16):
     d["models"][2]["parameters"]["density"] = [{"filter": "lm_head", "value": 1.5}, {"value": 0.5}]
     with pytest.raises(ConfigError, match="lm_head.weight.*density"):
         plan(d)
+
+
+def test_tensor_free_params_is_declared_only_where_make_params_ignores_the_context():
+    """``tensor_free_params`` lets a plan resolve plain settings once for all tensors: a method that reads its
+    ParamContext (the tensor's name or the seed) in make_params must not declare it."""
+    import ast
+    import inspect
+    import textwrap
+
+    from fastmerge.methods import list_methods
+
+    def reads_context(fn) -> bool:
+        f = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+        ctx = f.args.args[-1].arg
+        return any(isinstance(n, ast.Name) and n.id == ctx for stmt in f.body for n in ast.walk(stmt))
+
+    free = {m.name for m in list_methods() if m.tensor_free_params}
+    assert {"linear", "ties", "task_arithmetic"} <= free
+    readers = {m.name for m in list_methods() if reads_context(type(m).make_params)}
+    assert {"dare_ties", "della", "cart"} <= readers  # the check sees a read where there is one
+    assert not free & readers
+
+
+@pytest.mark.parametrize("method", ["ties", "linear", "dare_ties", "task_arithmetic"])
+def test_plan_with_shared_params_equals_plan_resolved_per_tensor(family_bf16, monkeypatch, method):
+    """The plan-wide Params of a tensor-free method (plain settings, resolved once) are the Params a per-tensor
+    resolution gives: same plan JSON and digest with the shortcut off; one shared object with it on."""
+    base, fts = family_bf16
+    doc = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+           "models": [{"model": str(p), "parameters": {"weight": 0.4, "density": 0.6}} for p in fts]}
+    if method == "linear":
+        doc = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 0.4}} for p in [base, *fts]]}
+    fast = plan(doc)
+    from fastmerge.methods import get_method
+
+    monkeypatch.setattr(type(get_method(method)), "tensor_free_params", False)
+    slow = plan(doc)
+    assert fast.to_json() == slow.to_json()
+    assert fast.digest() == slow.digest()
+    ids = {id(t.params) for t in fast.tensors}
+    if get_method(method).name == "dare_ties":
+        assert len(ids) == len(fast.tensors)  # keyed by the tensor name: one each
+    else:
+        assert len(ids) == 1

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import _native
+from .._memo import gc_frozen
 from ..errors import FastMergeError, OutputError
 from ..io.checksum import algorithm_of, file_checksum
 from ..io.side_files import write_side_files
@@ -514,6 +515,7 @@ def merge(build: Callable[[], Any], out: str | Path, options: Any, select: Calla
         group.close(ok)
 
 
+@gc_frozen
 def _run(group: Any, plan: Any, engine: Any, out: Path) -> MergeReport:
     t0 = time.perf_counter()
     rank, world = group.rank, group.world_size
@@ -556,7 +558,9 @@ def _run(group: Any, plan: Any, engine: Any, out: Path) -> MergeReport:
              f"{extra}; merging the other {len(plan.shards) - len(kept)}")
     # -- 3. this rank's share -----------------------------------------------------------------------
     todo = [s for s in plan.shards if s.filename not in kept]
-    share = [todo[i].filename for i in partition(shard_weights(plan, todo), world).ranks[rank]]
+    # one process: every shard left (the weights are a pass over every tensor: 20k-45k of a MoE model)
+    share = ([s.filename for s in todo] if world == 1
+             else [todo[i].filename for i in partition(shard_weights(plan, todo), world).ranks[rank]])
     part = Part(tmp, tmp / f".fastmerge-manifest-{nonce}-{rank:05d}.jsonl", digest)
     sub = plan.restricted(share, part, progress=plan.options.progress and rank == 0)
     group.watch()

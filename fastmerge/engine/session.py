@@ -268,7 +268,8 @@ class WriteThread:
                         for name, view in views:
                             check(name, view)  # engine.finite: inf/NaN the merge made, warned once
                     if whole is not None:  # a run: its tensors lie back to back in whole[0], one write per output shard
-                        self.writers[k].write_run([name for name, _ in views], whole[0])
+                        names = getattr(views, "names", None)  # stream.RunViews: no view made for it
+                        self.writers[k].write_run(names if names is not None else [name for name, _ in views], whole[0])
                     else:
                         for name, view in views:
                             self.writers[k].write(name, view)

@@ -157,6 +157,9 @@ class ModelReader:
     def _mapped_range(self, info: TensorInfo, t: torch.Tensor) -> tuple[int, int] | None:
         lo = t.data_ptr()
         hi = lo + t.numel() * t.element_size()
+        if isinstance(info, SpanInfo):  # a view of this reader's own mapping (get): no need to look it up in
+            # /proc/self/maps, which the safetensors views' mappings are not in (~1 ms a read, 2 per input per run)
+            return (lo, hi) if hi > lo else None
         maps = self._maps.get(info.file)
         if maps is None or not any(a <= lo and hi <= b for a, b in maps):
             maps = self._maps[info.file] = _file_mappings(self._ids.get(info.file))

@@ -116,6 +116,7 @@ class Breadcrumbs(MergeMethod):
     triton = TritonKernel("breadcrumbs:BreadcrumbsKernel", reasons=_triton_reasons)
     paper_url = "https://arxiv.org/abs/2312.06795"
     base_policy = "required"
+    tensor_free_params = True
     consensus: str | None = None
     params = gta_params(normalize=False, rescale=False) + (
         ParamSpec("gamma", float, 0.01, per_model=True, doc="fraction of largest-magnitude entries dropped, in [0, 1]"),

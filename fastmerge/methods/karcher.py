@@ -136,6 +136,7 @@ class Karcher(MergeMethod):
     base_as_input = True
     paper_url = "https://arxiv.org/abs/2603.04972"
     base_policy = "ignored"
+    tensor_free_params = True
     params = (
         ParamSpec("max_iter", int, 10, per_model=False, doc="maximum number of Riemannian gradient steps"),
         ParamSpec("tol", float, 1e-5, per_model=False, doc="stop when the tangent step norm falls below this"),

@@ -54,6 +54,7 @@ class Linear(MergeMethod):
     base_as_input = True
     paper_url = "https://arxiv.org/abs/2203.05482"
     base_policy = "ignored"
+    tensor_free_params = True
     params = (
         ParamSpec("weight", float, REQUIRED, per_model=True, doc="mixing weight of the model"),
         ParamSpec("normalize", bool, True, per_model=False, doc="divide by the sum of the weights"),

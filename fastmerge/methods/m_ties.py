@@ -53,6 +53,7 @@ class MTies(MergeMethod):
     name = "m_ties"
     paper_url = "https://arxiv.org/abs/2602.08564"
     base_policy = "required"
+    tensor_free_params = True
     engine = "layerwise"  # the M-Loss needs forward passes through the merged layers
     params = (
         ParamSpec("weight", float, 1.0, per_model=True, doc="weight of the model's task vector (official: 1 each)"),

@@ -50,6 +50,7 @@ class ModelStock(MergeMethod):
     triton = TritonKernel("model_stock:ModelStockKernel", reasons=_triton_reasons)
     paper_url = "https://arxiv.org/abs/2403.19522"
     base_policy = "required"
+    tensor_free_params = True
     params = (ParamSpec("filter_wise", bool, False, per_model=False, doc="one ratio per row instead of per tensor"),)
     params_type = ModelStockParams
     min_models = 2

@@ -50,6 +50,7 @@ class Multislerp(MergeMethod):
     name = "multislerp"
     paper_url = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
     base_policy = "optional"
+    tensor_free_params = True
     params = (
         ParamSpec("weight", float, REQUIRED, per_model=True, doc="weight of the model in the spherical mean"),
         ParamSpec("normalize_weights", bool, True, per_model=False, doc="divide the weights by their sum"),

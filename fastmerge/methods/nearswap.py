@@ -59,6 +59,7 @@ class Nearswap(MergeMethod):
     native = NativeKernel(_native_run, reasons=_native_reasons)
     paper_url = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
     base_policy = "required"
+    tensor_free_params = True
     params = (ParamSpec("t", float, REQUIRED, per_model=False, doc="distance below which the other model's value is taken"),)
     params_type = NearswapParams
     min_models = 1

@@ -78,6 +78,7 @@ class Nuslerp(MergeMethod):
     name = "nuslerp"
     paper_url = "https://doi.org/10.1145/325165.325242"
     base_policy = "optional"
+    tensor_free_params = True
     params = (
         ParamSpec("weight", float, REQUIRED, per_model=True, doc="relative weight; t = w2 / (w1 + w2)"),
         ParamSpec("nuslerp_flatten", bool, True, per_model=False, doc="SLERP the whole flattened tensor"),

@@ -61,6 +61,7 @@ class Passthrough(MergeMethod):
     base_as_input = True
     paper_url = "https://github.com/arcee-ai/mergekit"
     base_policy = "ignored"
+    tensor_free_params = True
     params = (
         ParamSpec("scale", float, 1.0, per_model=True, doc="multiplier of the tensor (1: unchanged, mergekit's None)"),
     )

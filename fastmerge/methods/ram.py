@@ -91,6 +91,7 @@ class Ram(MergeMethod):
     name = "ram"
     paper_url = "https://arxiv.org/abs/2601.13572"
     base_policy = "required"
+    tensor_free_params = True
     params = (
         ParamSpec("epsilon", float, 1e-5, per_model=False, doc="a model changed an element if |δ| > epsilon"),
     )

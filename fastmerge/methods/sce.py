@@ -101,6 +101,7 @@ class Sce(MergeMethod):
     native = NativeKernel(_native_run)
     paper_url = "https://arxiv.org/abs/2408.07990"
     base_policy = "required"
+    tensor_free_params = True
     params = (
         ParamSpec("select_topk", float, 1.0, per_model=False,
                   doc="fraction of the non-zero-variance positions kept, in (0, 1] (1: no selection)"),

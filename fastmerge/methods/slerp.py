@@ -83,6 +83,7 @@ class Slerp(MergeMethod):
     triton = TritonKernel("slerp:SlerpKernel")
     paper_url = "https://doi.org/10.1145/325165.325242"
     base_policy = "required"
+    tensor_free_params = True
     params = (ParamSpec("t", float, REQUIRED, per_model=False, doc="interpolation factor: 0 = base, 1 = the other model"),)
     params_type = SlerpParams
     min_models = 1

@@ -70,6 +70,7 @@ class TaskArithmetic(MergeMethod):
     triton = TritonKernel("linear:TaskArithmeticKernel")
     paper_url = "https://arxiv.org/abs/2212.04089"
     base_policy = "required"
+    tensor_free_params = True
     params = (
         ParamSpec("weight", float, REQUIRED, per_model=True, doc="scale of the model's task vector"),
         ParamSpec("density", float, 1.0, per_model=True, doc="accepted for mergekit configs; unused"),

@@ -92,6 +92,7 @@ class Ties(MergeMethod):
     triton = TritonKernel("ties:TiesKernel")
     paper_url = "https://arxiv.org/abs/2306.01708"
     base_policy = "required"
+    tensor_free_params = True
     params = (
         ParamSpec("weight", float, REQUIRED, per_model=True, doc="weight of the model's task vector"),
         ParamSpec("density", float, 1.0, per_model=True, doc="fraction of each task vector kept, in (0, 1]"),

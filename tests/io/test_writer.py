@@ -1,13 +1,14 @@
 """ShardWriter: planned layout, streaming writes readable by safetensors, HF index, order checks."""
 
 import json
+import random
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from fastmerge.errors import FastMergeError
-from fastmerge.io.writer import OutTensor, ShardWriter, parse_size, plan_shards
+from fastmerge.io.writer import ST_NAME, OutTensor, Shard, ShardWriter, parse_size, plan_shards
 
 
 def _tensors():
@@ -109,3 +110,27 @@ def test_checksum_is_xxh64_and_incremental_like_the_reference(tmp_path):
     flipped[50_000] ^= 1
     (tmp_path / "g").write_bytes(bytes(flipped))
     assert file_checksum(tmp_path / "g", algorithm_of(whole.value())) != whole.value()
+
+
+def _header_by_json(shard: Shard) -> bytes:
+    """The safetensors header as a dict dumped by json (what the text builder must equal byte for byte)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in shard.tensors:
+        header[t.name] = {"dtype": ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize("names", [
+    ["model.embed_tokens.weight", "model.layers.0.mlp.experts.17.up_proj.weight", "x y", "~!#[]"],
+    ['quote"d', "back\\slash", "unicod\u00e9", "\u4e2d\u6587", "tab\tname", "del\x7f", "emoji\U0001f600", "plain"],
+])
+def test_header_text_equals_json_dump(names):
+    rng = random.Random(len(names))
+    ts = [OutTensor(n, rng.choice(sorted(ST_NAME)), tuple(rng.randint(0, 7) for _ in range(rng.randint(0, 3)))) for n in names]
+    shard = Shard("model.safetensors", ts)
+    assert shard._header_bytes() == _header_by_json(shard)
+    assert json.loads(shard._header_bytes()[8:])["__metadata__"] == {"format": "pt"}
