@@ -62,8 +62,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--svd-clamp", type=float, default=None, help="clamp the factors at this quantile")
     p.add_argument("--density", type=float, default=None, help="kept fraction for ties / dare / magnitude_prune types")
     p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
-    p.add_argument("--svd", default="randomized", choices=["randomized", "exact"],
-                   help="SVD of the dense *_svd types (svd itself is exact from the factors)")
+    p.add_argument("--svd", default="krylov", choices=["krylov", "randomized", "exact"],
+                   help="SVD of the dense *_svd types: krylov (default: block Krylov), randomized (subspace iteration) or "
+                        "exact (torch.linalg.svd, as PEFT); svd itself is exact from the factors")
     p.add_argument("--seed", type=int, default=None, help="seed of the DARE masks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 

@@ -128,7 +128,7 @@ def test_svd_is_exact_from_the_factors(fam, tmp_path):
 
 
 @pytest.mark.parametrize("ctype", ["ties_svd", "dare_linear_svd", "magnitude_prune_svd"])
-def test_svd_types_against_peft(fam, tmp_path, ctype):
+def test_svd_types_against_peft(fam, tmp_path, ctype, monkeypatch):
     root, ads, single = fam
     if ctype.startswith("dare"):  # PEFT's masks depend on its init draws: compare with its functions (same seed)
         from peft.utils import merge_utils as pm
@@ -144,17 +144,35 @@ def test_svd_types_against_peft(fam, tmp_path, ctype):
         torch.testing.assert_close(got[key.format("B")] @ got[key.format("A")], (u[:, :6] * s[:6]) @ vh[:6], atol=1e-5, rtol=1e-4)
         return
     use, base, ws = ads, root / "base", W
+    dense = []  # the dense ΔW's PEFT decomposes, caught at its torch.linalg.svd call
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, *x, **kw: dense.append(a.detach().clone()) or real_svd(a, *x, **kw))
     want = _peft(base, use, ws, tmp_path / "peft", seed=3, combination_type=ctype, density=0.5, svd_rank=6)
+    monkeypatch.setattr(torch.linalg, "svd", real_svd)
     merge_adapters(use, ws, tmp_path / "exact", combination_type=ctype, density=0.5, svd_rank=6, svd="exact", seed=3)
-    merge_adapters(use, ws, tmp_path / "rand", combination_type=ctype, density=0.5, svd_rank=6, seed=3)
+    import fastmerge.ops.krylov_svd as ks
+
+    ran = []
+    real_krylov = ks.krylov_svd
+    monkeypatch.setattr(ks, "krylov_svd", lambda *a, **kw: ran.append(real_krylov(*a, **kw)[3]) or real_krylov(*a, **kw))
+    merge_adapters(use, ws, tmp_path / "krylov", combination_type=ctype, density=0.5, svd_rank=6, seed=3)  # the default
+    monkeypatch.setattr(ks, "krylov_svd", real_krylov)
+    assert ran.count("krylov") >= 3  # the block Krylov SVD, not only its exact fallback, on most modules
+    merge_adapters(use, ws, tmp_path / "rand", combination_type=ctype, density=0.5, svd_rank=6, svd="randomized", seed=3)
     ex = load_file(tmp_path / "exact" / "adapter_model.safetensors")
+    kr = load_file(tmp_path / "krylov" / "adapter_model.safetensors")
     rd = load_file(tmp_path / "rand" / "adapter_model.safetensors")
     for k in want:
         if "lora_A" not in k and "lora_embedding_A" not in k:
             continue
         mod = k.removeprefix("base_model.model.").split(".lora_")[0]
         torch.testing.assert_close(_delta(ex, mod), _delta(want, mod), atol=1e-4, rtol=1e-3)
-        assert _delta(rd, mod).shape == _delta(want, mod).shape
+        # this module's ΔW: the caught matrix whose rank-6 truncation PEFT wrote (the others are other modules')
+        w = _delta(want, mod)
+        d = min((m for m in dense if m.shape == w.shape), key=lambda m: float((m - w).norm()))
+        optimal = (d - w).norm()
+        for name, got in (("krylov", kr), ("randomized", rd)):
+            assert (d - _delta(got, mod)).norm() <= 1.02 * optimal + 1e-6, (name, mod)
 
 
 def test_merge_utils_match_peft():
