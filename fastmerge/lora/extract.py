@@ -106,11 +106,21 @@ class _Lora:
 
 
 class _SafetensorsStream:
-    """Tensors appended one by one to a data file; ``close`` writes header + data as one safetensors file."""
+    """Tensors appended one by one to a safetensors file whose header is written last, into room reserved in
+    front of the data for the longest header the announced tensors could need (every number at 20 digits,
+    padded with spaces as the format allows): no second pass over the data (copying a data file behind its
+    header at the end was the 168M family's last serial step, 160 MB)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, names: Sequence[tuple[str, int]]):
+        """``names``: every tensor that may be added, with its number of dimensions."""
+        big = 10 ** 19
+        most = {"__metadata__": {"format": "pt"}, **{n: {"dtype": "BF16", "shape": [big] * nd, "data_offsets": [big, big]}
+                                                    for n, nd in names}}
+        self.room = len(json.dumps(most, separators=(",", ":")).encode()) + 8
+        self.room += -self.room % 8
         self.path = path
-        self.data = open(str(path) + ".data", "wb", buffering=0)  # unbuffered: copy_file_range writes at its fd
+        self.data = open(path, "wb", buffering=0)  # unbuffered: copy_file_range writes at its fd's position
+        self.data.seek(8 + self.room)
         self.header: dict[str, Any] = {}
         self.pos = 0
 
@@ -119,9 +129,7 @@ class _SafetensorsStream:
         from .st_numpy import as_bytes
 
         self._entry(name, dtype, x.shape, x.nbytes)
-        view, done = as_bytes(x), 0
-        while done < len(view):
-            done += self.data.write(view[done:])
+        _write_all(self.data, as_bytes(x))
 
     def add_copy(self, name: str, info: TensorInfo) -> None:
         """Tensor ``info`` as it is in its file, copied by the kernel where it can."""
@@ -135,15 +143,18 @@ class _SafetensorsStream:
         self.pos += nbytes
 
     def close(self) -> None:
-        self.data.close()
         head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        with open(self.path, "wb") as f, open(str(self.path) + ".data", "rb") as d:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            f.flush()
-            _append(d, f, self.pos)
-        os.unlink(str(self.path) + ".data")
+        if len(head) > self.room:
+            raise AssertionError(f"{self.path}: header of {len(head)} bytes in {self.room} reserved")  # names not announced
+        self.data.seek(0)
+        _write_all(self.data, memoryview(struct.pack("<Q", self.room) + head + b" " * (self.room - len(head))))
+        self.data.close()
+
+
+def _write_all(f: Any, view: memoryview) -> None:
+    """All of ``view`` to the unbuffered file ``f`` (a raw write may take part of it)."""
+    while view:
+        view = view[f.write(view):]
 
 
 def _append(src: Any, dst: Any, nbytes: int) -> None:
@@ -165,9 +176,7 @@ def _append(src: Any, dst: Any, nbytes: int) -> None:
         chunk = src.read(min(16 << 20, nbytes - done))
         if not chunk:
             raise CheckpointError(f"{src.name}: file ended {nbytes - done} bytes early")
-        view = memoryview(chunk)
-        while view:
-            view = view[dst.write(view):]
+        _write_all(dst, memoryview(chunk))
         done += len(chunk)
 
 
@@ -350,7 +359,12 @@ def extract_lora(
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastmerge-extract")
     try:
         with _one_blas_thread(torch_too=svd != "krylov"), staged(out) as tmp:
-            w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS)
+            names = [(PREFIX + info.name, len(info.shape)) for info in full]
+            for lo in loras:
+                kind = ("lora_embedding_A", "lora_embedding_B") if lo.transpose else ("lora_A.weight", "lora_B.weight")
+                names += [(f"{PREFIX}{lo.module}.{kind[0]}", 2), (f"{PREFIX}{lo.module}.{kind[1]}", 2)]
+                names += [(f"{PREFIX}{lo.module}.lora_B.bias", 1)] if lo.bias is not None else []
+            w = _SafetensorsStream(tmp / ADAPTER_WEIGHTS, names)
             jobs = []
             groups: dict[tuple, list[_Lora]] = {}
             for lo in loras:
