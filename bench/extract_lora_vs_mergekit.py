@@ -8,7 +8,7 @@ files (page cache warmed first), alternating within each round (mergekit first i
 include interpreter start, and each run's CPU time (user + system of the child) is printed beside it, which
 says how much of a wall time was waiting for a busy machine. ``--also``: fastmerge with other ``--svd``
 values. Then the Frobenius reconstruction error of every factored module, relative to the optimal truncated
-SVD at the same rank (exact svdvals).
+SVD at the same rank (exact svdvals). The first line gives the versions and the load average at the start.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def main() -> None:
     ap.add_argument("--also", default="", help="comma-separated extra fastmerge --svd values (randomized, exact)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fm_extract_bench")
     a = ap.parse_args()
+    from importlib.metadata import version
+
+    import platform
+
+    print(f"python {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in ("numpy", "torch", "mergekit", "fastmerge"))
+          + f"; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
     _warm(a.family)
     common = ["--model", str(a.family / "ft1"), "--base-model", str(a.family / "base"), "--max-rank", str(a.max_rank)]
     cmds = {
