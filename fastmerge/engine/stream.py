@@ -57,20 +57,38 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     packed = elementwise or segments
     small_numel, batch_bytes = SMALL_NUMEL, BATCH_BYTES
     for i, t in enumerate(plan.tensors):  # ~1 us a tensor: DeepSeek-V3 has 45k
-        n = _numel(t.shape)
-        nbytes = n * ITEMSIZE[t.out_dtype]
-        ins = t.sources if t.base is None else [t.base, *t.sources]
-        small = (n < small_numel and t.backend == "native" and t.input_transform is None and t.out_quant is None
-                 and not t.compute_dtype)
-        if (small and prev is not None and size + nbytes <= batch_bytes and prev_dtype == t.out_dtype
-                and (not packed or prev_params is t.params or prev_params == t.params) and _adjacent(prev, ins)):
-            units[-1].append(i)
-            size += nbytes
+        nbytes = t.out_tensor.nbytes  # memoised by the plan's shards
+        small = (nbytes < small_numel * ITEMSIZE[t.out_dtype] and t.backend == "native" and t.input_transform is None
+                 and t.out_quant is None and not t.compute_dtype)
+        if small:
+            ins = t.sources if t.base is None else [t.base, *t.sources]
+            if (prev is not None and size + nbytes <= batch_bytes and prev_dtype == t.out_dtype
+                    and (not packed or prev_params is t.params or prev_params == t.params) and _adjacent(prev, ins)):
+                units[-1].append(i)
+                size += nbytes
+                prev = ins
+                continue
+            prev = ins
         else:
-            units.append([i])
-            size = nbytes
-        prev, prev_dtype, prev_params = (ins if small else None), t.out_dtype, t.params
+            prev = None
+        units.append([i])
+        size, prev_dtype, prev_params = nbytes, t.out_dtype, t.params
     return units
+
+
+def unit_bytes(tensors: Sequence[Any], unit: Sequence[int]) -> tuple[int, int]:
+    """(input bytes, output bytes) of a unit of ``batches``: a run's inputs lie back to back, so each input
+    is one span from its first tensor's start to its last one's end (not a sum over 20k tensors)."""
+    first = tensors[unit[0]]
+    if len(unit) == 1:
+        return first.in_bytes, first.out_tensor.nbytes
+    last = tensors[unit[-1]]
+    a = [first.base, *first.sources] if first.base is not None else first.sources
+    b = [last.base, *last.sources] if last.base is not None else last.sources
+    n_in = sum(y.end - x.begin for x, y in zip(a, b))
+    # same output dtype through the run: its elements are the first input's span's
+    numel = (b[0].end - a[0].begin) // ITEMSIZE[a[0].dtype]
+    return n_in, numel * ITEMSIZE[first.out_dtype]
 
 
 def _adjacent(prev: list[Any], ins: list[Any]) -> bool:
@@ -347,10 +365,10 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
     counts: dict[str, int] = {}
     units = io.units()
     runs = [[i] for i in range(len(plan.tensors))] if units is None else units
-    in_bytes = [t.in_bytes for t in plan.tensors]
-    largest = max((sum(in_bytes[i] for i in u) for u in runs), default=0)
-    out_bytes = max((sum(plan.tensors[i].out_tensor.nbytes for i in u) if len(u) > 1 else plan.tensors[u[0]].out_tensor.nbytes
-                     for u in runs), default=1)
+    sizes = [unit_bytes(plan.tensors, u) for u in runs]
+    in_bytes = [a for a, _ in sizes]
+    largest = max(in_bytes, default=0)
+    out_bytes = max((b for _, b in sizes), default=1)
     with torch_threads(plan.options.threads if flavour is TorchIO else 0), \
             Session(plan, out, reader=io.reader, pool=lambda: io.pool(out_bytes), units=units,
                     read_ahead_bytes=int(READ_AHEAD * largest), desc=f"fastmerge {plan.method.name}") as s:
@@ -374,7 +392,7 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
                 s.put_many(written, raw, whole=whole)
             else:
                 s.put(tp.name, written, raw)
-            s.advance(sum(in_bytes[i] for i in idx))
+            s.advance(in_bytes[k])
     return MergeReport(
         out_dir=str(out), tensors=len(plan.tensors), bytes_read=sum(in_bytes), bytes_written=s.bytes_written,
         wall_s=time.perf_counter() - t0, merge_s=merge_s, peak_rss_mb=peak_rss_mb(), backends=counts,
