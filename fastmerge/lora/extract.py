@@ -35,16 +35,17 @@ SVD where a sketch would not be cheaper (Krylov space or sketch ≥ min(m, n)/2)
 ``torch.linalg.svd`` as mergekit. The randomized and exact SVDs run in torch (imported for them only), on the
 same numpy task vectors (``torch.from_numpy``: no copy).
 
-Parallelism: batches of at most ``batch_bytes`` of fp32 task vectors are factored by ``threads`` worker
-threads at once, each with one BLAS thread (numpy and torch release the GIL; OpenBLAS is held to one thread
-through ``threadpoolctl`` where it is installed, torch by ``set_num_threads(1)``): on the 2-core machine two
-OpenBLAS threads per product ran a 2816×1024·1024×64 product at 40 GFLOP/s and one thread at 73, and the
-OpenMP barriers of torch's two threads cost more than they gave, busy or not (bench/RESULTS.md).
-Reading and writing are numpy's (``st_numpy``): inputs mapped read-only, the full tensors
-(``modules_to_save``) copied byte for byte from the input files by the kernel (``copy_file_range``) while
-the first batches run, then each batch's factors in order, in the promoted dtype of the two inputs (bf16
-rounded as torch rounds), into a temporary folder beside ``out_path``, renamed into place at the end. A task
-vector holding NaN or inf gets NaN factors and a warning naming it (the others are unaffected).
+Parallelism: each group of same-shape task vectors is cut into equal batches of at most ``batch_bytes`` of
+fp32, largest batches first, factored by ``threads`` worker threads at once, each with one BLAS thread (numpy
+and torch release the GIL): on the busy 2-core machine two OpenBLAS threads per product ran a
+2816×1024·1024×64 product at 40 GFLOP/s and one thread at 73, and the OpenMP barriers of torch's two threads
+cost more than they gave, busy or not (bench/RESULTS.md). OpenBLAS is held to one thread by the command line
+(``OPENBLAS_NUM_THREADS=1`` before numpy loads) or else by ``threadpoolctl`` where it is installed; torch by
+``set_num_threads(1)``. Reading and writing are numpy's (``st_numpy``): inputs mapped read-only, the full
+tensors (``modules_to_save``) copied byte for byte from the input files by the kernel (``copy_file_range``)
+while the first batches run, then each batch's factors in order, in the promoted dtype of the two inputs
+(bf16 rounded as torch rounds), into a temporary folder beside ``out_path``, renamed into place at the end.
+A task vector holding NaN or inf gets NaN factors and a warning naming it (the others are unaffected).
 """
 
 from __future__ import annotations
