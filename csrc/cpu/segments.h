@@ -9,7 +9,8 @@ namespace fastmerge {
 namespace cpu {
 
 // TIES on segments [offsets[s], offsets[s + 1]) of every buffer of `a` (a.g.n unused), s < num_segments;
-// offsets[0] == 0, non-decreasing. Bit-identical to one ties() call per segment.
+// offsets[0] == 0, non-decreasing; no FP8 operand (std::invalid_argument). Bit-identical to one ties() call
+// per segment.
 void ties_segments(const TiesArgs& a, const int64_t* offsets, int64_t num_segments, int threads);
 
 }  // namespace cpu

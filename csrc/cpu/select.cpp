@@ -387,13 +387,6 @@ KthAbs result_from(const uint32_t* v, int64_t m, uint32_t th, int64_t above_base
   return r;
 }
 
-// |x − b| bit patterns of one block, with b already in fp32.
-FM_ALWAYS_INLINE void absdiff_bits_loaded(uint32_t* out, const float* bv, float* xv, const void* x, int xdt,
-                                          int64_t off, int64_t len) {
-  load_block(xv, x, xdt, off, len);
-  for (int64_t j = 0; j < len; ++j) out[j] = abs_bits(fm_sub(xv[j], bv[j]));
-}
-
 // |x − b| bits of one block fused with the counts of one bracket: NaNs, elements above hi, and the
 // in-bracket flags (unsigned wrap-around turns lo <= bits <= hi into one compare). One loop per input
 // dtype so that the conversion, the subtraction and the three tests vectorise together.
@@ -571,6 +564,252 @@ FM_TARGET_CLONES void multi_pass_range(const void* const* xs, const int* x_dtype
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Small tensors (n <= kDirectMax): every |δ| of a model in scratch, then per query a radix round on the float
+// bit pattern and a counting select among the elements of one bin.
+//
+// Why: a MoE checkpoint merges tens of thousands of ~2k-element tensors one by one (ties_segments). The
+// previous path (a NaN pass, then rth_largest_small's min/max-relative linear bins, which put most |δ| of
+// a spread of exponents into the lowest bin, up to four rounds with a full compaction each, then a count
+// pass) cost ~7 ns per element for 2 models against ~1 ns for the sampled selection of a large tensor.
+
+// Bin of the first round: bits >> 20 is the exponent and the top 3 mantissa bits of a non-negative float
+// (bit patterns order like the values), at most 2048 bins (NaN/inf in the top 8); the elements of one bin
+// span at most 2^20 consecutive patterns, which the linear counting select of rth_largest splits well.
+constexpr int kTopShift = 20;
+constexpr int kTopBins = 1 << (32 - 1 - kTopShift);
+// At most this many elements: no first round (zeroing and scanning its bins would cost more than it saves).
+constexpr int64_t kTopMin = 64;
+
+// |x − base| bits of every element into v (base already in fp32), with their minimum, maximum and the
+// number of NaNs, in one vectorised loop per block.
+FM_TARGET_CLONES void small_abs_bits(uint32_t* v, const float* bf, const void* x, int xdt, int64_t n, uint32_t* lo,
+                                     uint32_t* hi, int64_t* nans) {
+  alignas(64) float xv[kBlock];
+  uint32_t mn = 0xffffffffu, mx = 0;
+  int64_t nn = 0;
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int len = int(n - off < kBlock ? n - off : kBlock);
+    load_block(xv, x, xdt, off, len);
+    uint32_t* o = v + off;
+    const float* b = bf + off;
+    int32_t c = 0;
+    for (int j = 0; j < len; ++j) {
+      const uint32_t u = abs_bits(fm_sub(xv[j], b[j]));
+      o[j] = u;
+      mn = u < mn ? u : mn;
+      mx = u > mx ? u : mx;
+      c += u > 0x7f800000u;
+    }
+    nn += c;
+  }
+  *lo = mn;
+  *hi = mx;
+  *nans = nn;
+}
+
+// Extremes of the elements of v[0, n) whose bits >> kTopShift == bin (the bin is not empty).
+FM_TARGET_CLONES void bin_extremes(const uint32_t* v, int64_t n, uint32_t bin, uint32_t* lo, uint32_t* hi) {
+  uint32_t mn = 0xffffffffu, mx = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    // masks rather than selects: GCC 12 turned the selects into branches (not vectorised, 4x slower)
+    const uint32_t u = v[j];
+    const uint32_t in = 0u - uint32_t((u >> kTopShift) == bin);
+    const uint32_t a = u | ~in;
+    const uint32_t b = u & in;
+    mn = a < mn ? a : mn;
+    mx = b > mx ? b : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+// Elements of v[0, n) equal to a and to b.
+FM_TARGET_CLONES void count_two(const uint32_t* v, int64_t n, uint32_t a, uint32_t b, int64_t* ca, int64_t* cb) {
+  int64_t x = 0, y = 0;
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int len = int(n - off < kBlock ? n - off : kBlock);
+    int32_t xc = 0, yc = 0;
+    for (int j = 0; j < len; ++j) {
+      xc += v[off + j] == a;
+      yc += v[off + j] == b;
+    }
+    x += xc;
+    y += yc;
+  }
+  *ca = x;
+  *cb = y;
+}
+
+// The elements of v[0, n) with lo < bits < hi, in index order, to dst (n + 8 slots); returns their number.
+// Flags are computed vectorised and visited 8 at a time (a word of zeros costs one test).
+FM_TARGET_CLONES int64_t copy_between(uint32_t* dst, const uint32_t* v, int64_t n, uint32_t lo, uint32_t hi) {
+  alignas(64) uint8_t flag[kBlock + 8];
+  const uint32_t base = lo + 1, range = hi - lo - 2;  // lo < u < hi  <=>  u − (lo + 1) <= hi − lo − 2
+  int64_t c = 0;
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int len = int(n - off < kBlock ? n - off : kBlock);
+    const uint32_t* s = v + off;
+    for (int j = 0; j < len; ++j) flag[j] = uint8_t(s[j] - base <= range);
+    for (int j = len; j < ((len + 7) & ~7); ++j) flag[j] = 0;
+    for (int j = 0; j < len; j += 8) {
+      uint64_t w;
+      std::memcpy(&w, flag + j, 8);
+      while (w != 0) {
+        dst[c++] = s[j + (__builtin_ctzll(w) >> 3)];
+        w &= w - 1;
+      }
+    }
+  }
+  return c;
+}
+
+// Elements of v[0, m) above th and equal to th.
+FM_TARGET_CLONES void count_vs(const uint32_t* v, int64_t m, uint32_t th, int64_t* greater, int64_t* equal) {
+  int64_t g = 0, e = 0;
+  for (int64_t off = 0; off < m; off += kBlock) {
+    const int len = int(m - off < kBlock ? m - off : kBlock);
+    int32_t gc = 0, ec = 0;
+    for (int j = 0; j < len; ++j) {
+      gc += v[off + j] > th;
+      ec += v[off + j] == th;
+    }
+    g += gc;
+    e += ec;
+  }
+  *greater = g;
+  *equal = e;
+}
+
+// Index of the rank-th element (1-based, index order) of v[0, n) equal to th; n if there are fewer.
+FM_TARGET_CLONES int64_t nth_equal_bits(const uint32_t* v, int64_t n, uint32_t th, int64_t rank) {
+  constexpr int kStep = 256;
+  int64_t j = 0, cum = 0;
+  for (; j + kStep <= n; j += kStep) {
+    int32_t c = 0;
+    for (int i = 0; i < kStep; ++i) c += v[j + i] == th;
+    if (cum + c >= rank) break;
+    cum += c;
+  }
+  for (; j < n; ++j) {
+    cum += v[j] == th;
+    if (cum == rank) return j;
+  }
+  return n;
+}
+
+// One query on the bits v[0, n) of its model (lo, hi: their extremes). v is left unchanged (index order:
+// the exact-k cut scans it).
+KthAbs small_query(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_t hi, int64_t nans, Scratch& sc) {
+  KthAbs r{};
+  r.count_nan = nans;
+  if (lo == hi) {
+    r.bits = lo;
+    r.count_equal = n;
+    return r;
+  }
+  grow(sc.cand, size_t(n) + 8);
+  uint32_t* cand = sc.cand.data();
+  int64_t m = n, above = 0;
+  const uint32_t b0 = lo >> kTopShift, b1 = hi >> kTopShift;
+  if (n > kTopMin && b0 != b1) {
+    // Counts in uint16: four interleaved histograms, each counting at most n / 4 <= 16384 elements. Why
+    // four: tied data sends runs of elements to one counter, and each increment waits on the previous
+    // one's store (with two, the histogram of 2,048 bf16 |δ| took ~3 cycles per element).
+    const int nb = int(b1 - b0) + 1;
+    alignas(64) uint16_t h[4][kTopBins];
+    for (int t = 0; t < 4; ++t) std::memset(h[t], 0, size_t(nb) * sizeof(uint16_t));
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      ++h[0][(v[j] >> kTopShift) - b0];
+      ++h[1][(v[j + 1] >> kTopShift) - b0];
+      ++h[2][(v[j + 2] >> kTopShift) - b0];
+      ++h[3][(v[j + 3] >> kTopShift) - b0];
+    }
+    for (; j < n; ++j) ++h[0][(v[j] >> kTopShift) - b0];
+    // the bin of the k-th largest, scanned from the nearer end
+    int bin;
+    int64_t c;
+    if (k <= n / 2) {
+      for (bin = nb - 1;; --bin) {
+        c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
+        if (above + c >= k) break;
+        above += c;
+      }
+    } else {
+      int64_t below = 0;
+      const int64_t want = n - k + 1;  // the k-th largest is the want-th smallest
+      for (bin = 0;; ++bin) {
+        c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
+        if (below + c >= want) break;
+        below += c;
+      }
+      above = n - below - c;
+    }
+    // Within the bin: its extremes, and how many equal each. Heavily tied data (bf16 deltas: the 2,048
+    // |δ| of a MoE expert take ~120 values, 461 equal the median) mostly ends here; else the k-th largest
+    // is strictly between them, and only those elements are copied.
+    uint32_t mn, mx;
+    bin_extremes(v, n, b0 + uint32_t(bin), &mn, &mx);
+    const int64_t rr = k - above;  // rank inside the bin, from the top
+    if (mn == mx) {
+      r.bits = mn;
+      r.count_above = above;
+      r.count_equal = c;
+      return r;
+    }
+    int64_t eq_mx, eq_mn;
+    count_two(v, n, mx, mn, &eq_mx, &eq_mn);
+    if (rr <= eq_mx) {
+      r.bits = mx;
+      r.count_above = above;
+      r.count_equal = eq_mx;
+      return r;
+    }
+    if (rr > c - eq_mn) {
+      r.bits = mn;
+      r.count_above = above + c - eq_mn;
+      r.count_equal = eq_mn;
+      return r;
+    }
+    above += eq_mx;
+    m = copy_between(cand, v, n, mn, mx);
+  } else {
+    std::memcpy(cand, v, size_t(n) * sizeof(uint32_t));
+  }
+  r.bits = rth_largest(cand, m, k - above);
+  int64_t greater = 0;
+  count_vs(cand, m, r.bits, &greater, &r.count_equal);
+  r.count_above = above + greater;
+  return r;
+}
+
+void small_select(const void* const* xs, const int* x_dtypes, const void* base, int base_dtype, int64_t n,
+                  KthQuery* queries, int num_queries, Scratch& sc) {
+  grow(sc.sample, size_t(n));
+  grow(sc.sample_base, size_t(n));
+  uint32_t* v = sc.sample.data();
+  float* bf = sc.sample_base.data();
+  for (int64_t off = 0; off < n; off += kBlock) load_block(bf + off, base, base_dtype, off, std::min(kBlock, n - off));
+  int cur = -1;
+  uint32_t lo = 0, hi = 0;
+  int64_t nans = 0;
+  for (int q = 0; q < num_queries; ++q) {
+    KthQuery& qq = queries[q];
+    if (qq.model != cur) {
+      small_abs_bits(v, bf, xs[qq.model], x_dtypes[qq.model], n, &lo, &hi, &nans);
+      cur = qq.model;
+    }
+    qq.result = small_query(v, n, qq.k, lo, hi, nans, sc);
+    qq.cut = -1;
+    if (qq.want_cut) {
+      const KthAbs& r = qq.result;
+      const int64_t room = qq.k - (r.count_above - r.count_nan);
+      if ((r.bits & 0x7fffffffu) <= 0x7f800000u && r.count_equal > room) qq.cut = nth_equal_bits(v, n, r.bits, room);
+    }
+  }
+}
+
 }  // namespace
 
 void kth_largest_abs_diff_multi(const void* const* xs, const int* x_dtypes, const void* base, int base_dtype,
@@ -580,28 +819,7 @@ void kth_largest_abs_diff_multi(const void* const* xs, const int* x_dtypes, cons
   if (num_queries <= 0 || n <= 0) return;
 
   if (n <= kDirectMax) {
-    // Small tensor: every |δ| of one model in scratch, nth_element per query.
-    grow(sc.sample, size_t(n));
-    uint32_t* v = sc.sample.data();
-    alignas(64) float bv[kBlock];
-    alignas(64) float xv[kBlock];
-    int cur = -1;
-    int64_t nans = 0;
-    for (int q = 0; q < num_queries; ++q) {
-      const int m = queries[q].model;
-      if (m != cur) {
-        nans = 0;
-        for (int64_t off = 0; off < n; off += kBlock) {
-          const int64_t len = n - off < kBlock ? n - off : kBlock;
-          load_block(bv, base, base_dtype, off, len);
-          absdiff_bits_loaded(v + off, bv, xv, xs[m], x_dtypes[m], off, len);
-        }
-        for (int64_t j = 0; j < n; ++j) nans += v[j] > 0x7f800000u;
-        cur = m;
-      }
-      const uint32_t th = rth_largest(v, n, queries[q].k);
-      queries[q].result = result_from(v, n, th, 0, nans);
-    }
+    small_select(xs, x_dtypes, base, base_dtype, n, queries, num_queries, sc);
     return;
   }
 

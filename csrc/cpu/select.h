@@ -42,6 +42,12 @@ struct KthQuery {
   int model;
   int64_t k;
   KthAbs result;  // filled in
+  // TIES exact-k: when set, a tensor of at most 2^16 elements also gets the cut from the |δ| it holds
+  // anyway: with room = k − (count_above − count_nan), the index of the room-th element equal to the result
+  // (nth_equal_abs_diff_index) if the result is a number and count_equal > room. -1: not computed (no cut
+  // needed, or a larger tensor: the caller asks nth_equal_abs_diff_index).
+  bool want_cut = false;
+  int64_t cut = -1;
 };
 
 // Every query at once, exact (the same KthAbs as kth_largest_abs_diff), in ONE read of base and of each
@@ -55,7 +61,9 @@ struct KthQuery {
 // A bracket that misses (the sample was unlucky; or too many candidates, e.g. heavily tied data) falls back
 // to the two-pass radix select for that query only, so the result is always exact and does not depend on
 // the thread count (it is a function of the multiset of |δ|). Tensors of at most 65536 elements skip the
-// sample: nth_element on all of them.
+// sample: every |δ| of a model goes to scratch (with its extremes and NaN count, one vectorised loop), a
+// histogram of the top 11 bits of the pattern (exponent and 3 mantissa bits) finds the bin of the k-th
+// largest, and a counting select among that bin's elements finishes; one thread.
 void kth_largest_abs_diff_multi(const void* const* xs, const int* x_dtypes, const void* base, int base_dtype,
                                 int64_t n, KthQuery* queries, int num_queries, int threads);
 

@@ -140,7 +140,10 @@ void ties(const TiesArgs& a, int threads) {
     sel[i].all = a.densities[i] >= 1.0;
     sel[i].th = 0.0f;
     sel[i].cut = n;
-    if (!sel[i].all) q[nq++] = KthQuery{i, ties::keep_count(a.densities[i], n), KthAbs{}};
+    if (!sel[i].all) {
+      q[nq] = KthQuery{i, ties::keep_count(a.densities[i], n), KthAbs{}};
+      q[nq++].want_cut = a.exact_k;
+    }
   }
   kth_largest_abs_diff_multi(g.inputs, g.input_dtypes, g.base, g.base_dtype, n, q, nq, threads);
   for (int j = 0; j < nq; ++j) {
@@ -154,7 +157,9 @@ void ties(const TiesArgs& a, int threads) {
       // bits sort above any number but `NaN > th` is false, as in the reference's `mag > threshold`).
       const int64_t above = r.count_above - r.count_nan;
       const int64_t room = q[j].k - above;  // >= 1 since th is the k-th largest
-      if (r.count_equal > room) {
+      if (q[j].cut >= 0) {
+        s.cut = q[j].cut;  // a small tensor: found by the selection, in the |δ| it held
+      } else if (r.count_equal > room) {
         s.cut = nth_equal_abs_diff_index(g.inputs[i], g.input_dtypes[i], g.base, g.base_dtype, n, s.th, room, threads);
       }
     }
