@@ -33,12 +33,14 @@ fails for the whole call).
 
 Two array libraries, one algorithm: ``a`` is a torch tensor (any device) or a numpy array; ``_TorchOps`` and
 ``_NumpyOps`` spell the few operations it needs. The numpy path imports no torch (``fastmerge extract-lora``
-never pays torch's 1.9 s import). Its differences are the thin factorizations, which numpy computes in
-float64 through LAPACK: on the 2-core machine one Householder QR of 2816×64 took 6.5 ms there and 1.7 ms in
-torch (MKL, fp32), so numpy orthonormalizes by Cholesky QR twice in fp32 (CholQR2: Gram matrix, Cholesky,
-triangular solve; 0.7 ms), falling back to Householder when the first Cholesky factor's diagonal spans more
-than ``CHOLQR_MIN_RATIO`` (ill-conditioned or rank-deficient blocks: fp32 CholQR2 is exact to rounding only
-for condition numbers well below 1/√u ≈ 4000; deflated blocks always take the Householder path).
+never pays torch's 1.9 s import). Its differences are the thin factorizations, which ``numpy.linalg``
+computes in float64: on the 2-core machine one Householder QR of 2816×64 took 6.5 ms there and 1.7 ms in
+torch (MKL, fp32), so numpy orthonormalizes by Cholesky QR in fp32 (Gram matrix, Cholesky, triangular
+solve: 0.7 ms for two passes; a second pass only where the first left QᵀQ further than ``ORTHO_TOL`` from
+I), falling back to Householder when the first Cholesky factor's diagonal spans more than
+1/``CHOLQR_MIN_RATIO`` (ill-conditioned or rank-deficient blocks: fp32 CholQR2 is exact to rounding only
+for condition numbers well below 1/√u ≈ 4000; deflated blocks always take the Householder path); eigh,
+Cholesky and the inverses use numpy's float32 LAPACK loops (``_lapack32``).
 On torch the thin factorizations (QR of m×l, eigh of L×L) run on one CPU thread
 (``randomized_svd._one_thread``: MKL's LAPACK on thin matrices is bound by OpenMP barriers on small
 machines); the products with Δ keep every thread.
@@ -70,6 +72,11 @@ DEFLATE = 1e-4
 #: largest (the block's condition number is then ~100 or less: fp32 CholQR2 is orthonormal to ~1e-6); else
 #: Householder. The 168M family's noise blocks span 0.3-0.9; decaying spectra and deflated blocks fall back
 CHOLQR_MIN_RATIO = 1e-2
+#: numpy's CholQR stops after one pass when the pass's Q is orthonormal within this (largest entry of QᵀQ − I;
+#: fp32 rounding of that Gram matrix is ~3e-6 at 2816 rows): the 168M family's noise blocks (condition ~3)
+#: reach 1e-6 in one pass; the second pass was a quarter of the QR time (0.041 -> 0.030 s CPU of the ~0.5 s
+#: SVD of five 2816×1024 task vectors)
+ORTHO_TOL = 1e-5
 
 
 def krylov_plan(k: int, shape: Sequence[int], block: int | None = None,
@@ -299,14 +306,18 @@ class _NumpyOps:
         return x.swapaxes(-1, -2)
 
     def qr(self, y: Any) -> tuple[Any, Any]:
-        """(Q, R) of y (B, m, l): CholQR2 (Q = y·R⁻¹ with RᵀR = yᵀy, twice) where the first R's diagonal spans
-        less than 1/``CHOLQR_MIN_RATIO``, else LAPACK's Householder QR. R's diagonal is positive either way
-        up to sign, which is all ``_next_block``'s deflation test reads."""
+        """(Q, R) of y (B, m, l): Cholesky QR (Q = y·R⁻¹ with RᵀR = yᵀy; again on Q unless QᵀQ is within
+        ``ORTHO_TOL`` of I) where the first R's diagonal spans less than 1/``CHOLQR_MIN_RATIO``, else LAPACK's
+        Householder QR. R's diagonal is positive either way up to sign, which is all ``_next_block``'s
+        deflation test reads."""
         np = self.np
         r1 = self._cholesky_r(y)
         if r1 is not None:
             q1 = y @ self._inv(r1)
-            r2 = self._cholesky_r(q1)  # q1 is orthonormal within ~u·κ² ≤ 1e-3: never None but for NaN
+            g = self.T(q1) @ q1
+            if bool((abs(g - np.eye(g.shape[-1], dtype=g.dtype)) <= ORTHO_TOL).all()):
+                return q1, r1  # the second pass would change nothing that matters (module docstring)
+            r2 = self._cholesky_r(q1, g)  # q1 is orthonormal within ~u·κ² ≤ 1e-3: never None but for NaN
             if r2 is not None:
                 return q1 @ self._inv(r2), r2 @ r1
         q, r = np.linalg.qr(y, mode="reduced")
@@ -319,12 +330,12 @@ class _NumpyOps:
         r = self._cholesky_r(w)
         return self.qr(w)[0] if r is None else w @ self._inv(r)
 
-    def _cholesky_r(self, y: Any) -> Any:
-        """R of y's Cholesky QR (RᵀR = yᵀy), or None where the diagonal spans more than 1/``CHOLQR_MIN_RATIO``
-        or the fp32 Gram matrix is not positive definite (then Householder)."""
+    def _cholesky_r(self, y: Any, gram: Any = None) -> Any:
+        """R of y's Cholesky QR (RᵀR = yᵀy = ``gram``), or None where the diagonal spans more than
+        1/``CHOLQR_MIN_RATIO`` or the fp32 Gram matrix is not positive definite (then Householder)."""
         np = self.np
         try:
-            r = self.T(self._cholesky(self.T(y) @ y))
+            r = self.T(self._cholesky(self.T(y) @ y if gram is None else gram))
         except np.linalg.LinAlgError:
             return None
         d = self.diag(r)
