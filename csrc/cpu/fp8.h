@@ -42,10 +42,11 @@ struct Fp8Src {
 static_assert(sizeof(Fp8Src) == 56, "Fp8Src is mirrored by a ctypes structure in fastmerge/_native.py");
 
 // The fp32 value of FP8 byte b (format F), decoded from its bit layout without branches (selects and integer
-// operations, which GCC vectorises: 8 or 16 bytes per few instructions; a 256-entry table needs a gather, and
-// AVX2's took ties on FP8 inputs to 1.5x its time on fp32 copies). Exact: every FP8 value is an fp32 value;
-// subnormals m · 2^(1 − bias − mantissa bits) are an exact product; NaN payloads as torch 2.13 writes them
-// (sign | 0x7fc00000 | mantissa at the top); e5m2's exponent 31 with mantissa 0 is ±inf.
+// operations, which GCC vectorises; a 256-entry table needs a gather, and AVX2's took ties on FP8 inputs to
+// 1.5x its time on fp32 copies). Exact: every FP8 value is an fp32 value; subnormals m · 2^(1 − bias −
+// mantissa bits) are an exact product; NaN payloads as torch 2.13 writes them (sign | 0x7fc00000 | mantissa at
+// the top); e5m2's exponent 31 with mantissa 0 is ±inf. The definition of the decode: fp8.cpp's F16C decoder
+// (where the CPU has F16C) writes the same bits, and falls back on this one where it cannot.
 template <int F>
 FM_ALWAYS_INLINE float fp8_decode(uint32_t b) {
   constexpr uint32_t MB = F == FP8_E4M3FN ? 3u : 2u;
