@@ -580,6 +580,8 @@ constexpr int kTopShift = 20;
 constexpr int kTopBins = 1 << (32 - 1 - kTopShift);
 // At most this many elements: no first round (zeroing and scanning its bins would cost more than it saves).
 constexpr int64_t kTopMin = 64;
+// At least this many elements: the first round's bin is guessed from a quarter of them (checked exactly).
+constexpr int64_t kGuessMin = 512;
 
 // |x − base| bits of every element into v (base already in fp32), with their minimum, maximum and the
 // number of NaNs, in one vectorised loop per block.
@@ -608,20 +610,71 @@ FM_TARGET_CLONES void small_abs_bits(uint32_t* v, const float* bf, const void* x
   *nans = nn;
 }
 
-// Extremes of the elements of v[0, n) whose bits >> kTopShift == bin (the bin is not empty).
-FM_TARGET_CLONES void bin_extremes(const uint32_t* v, int64_t n, uint32_t bin, uint32_t* lo, uint32_t* hi) {
+// Of the elements of v[0, n): how many lie in bins above `bin`, how many in it, and their extremes there.
+FM_TARGET_CLONES void bin_stats(const uint32_t* v, int64_t n, uint32_t bin, int64_t* above, int64_t* count,
+                                uint32_t* lo, uint32_t* hi) {
   uint32_t mn = 0xffffffffu, mx = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    // masks rather than selects: GCC 12 turned the selects into branches (not vectorised, 4x slower)
-    const uint32_t u = v[j];
-    const uint32_t in = 0u - uint32_t((u >> kTopShift) == bin);
-    const uint32_t a = u | ~in;
-    const uint32_t b = u & in;
-    mn = a < mn ? a : mn;
-    mx = b > mx ? b : mx;
+  int64_t ab = 0, in = 0;
+  for (int64_t off = 0; off < n; off += kBlock) {
+    const int len = int(n - off < kBlock ? n - off : kBlock);
+    const uint32_t* s = v + off;
+    int32_t ac = 0, ic = 0;
+    for (int j = 0; j < len; ++j) {
+      // masks rather than selects: GCC 12 turned the selects into branches (not vectorised, 4x slower)
+      const uint32_t u = s[j];
+      const uint32_t key = u >> kTopShift;
+      const uint32_t m = 0u - uint32_t(key == bin);
+      ac += key > bin;
+      ic += key == bin;
+      const uint32_t a = u | ~m;
+      const uint32_t b = u & m;
+      mn = a < mn ? a : mn;
+      mx = b > mx ? b : mx;
+    }
+    ab += ac;
+    in += ic;
   }
+  *above = ab;
+  *count = in;
   *lo = mn;
   *hi = mx;
+}
+
+// The first-round bin (relative to b0, nb bins) of the kk-th largest of v[0], v[step], v[2·step], ... < n.
+// Counts in uint16: four interleaved histograms, each counting at most n / 4 <= 16384 elements. Why four:
+// tied data sends runs of elements to one counter, and each increment waits on the previous one's store
+// (with two, the histogram of 2,048 bf16 |δ| took ~3 cycles per element).
+int top_bin(const uint32_t* v, int64_t n, int64_t step, int64_t kk, uint32_t b0, int nb) {
+  alignas(64) uint16_t h[4][kTopBins];
+  for (int t = 0; t < 4; ++t) std::memset(h[t], 0, size_t(nb) * sizeof(uint16_t));
+  int64_t j = 0;
+  for (; j + 3 * step < n; j += 4 * step) {
+    ++h[0][(v[j] >> kTopShift) - b0];
+    ++h[1][(v[j + step] >> kTopShift) - b0];
+    ++h[2][(v[j + 2 * step] >> kTopShift) - b0];
+    ++h[3][(v[j + 3 * step] >> kTopShift) - b0];
+  }
+  for (; j < n; j += step) ++h[0][(v[j] >> kTopShift) - b0];
+  const int64_t m = (n + step - 1) / step;
+  // scanned from the nearer end
+  int bin;
+  if (kk <= m / 2) {
+    int64_t above = 0;
+    for (bin = nb - 1; bin > 0; --bin) {
+      const int64_t c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
+      if (above + c >= kk) break;
+      above += c;
+    }
+  } else {
+    int64_t below = 0;
+    const int64_t want = m - kk + 1;  // the kk-th largest is the want-th smallest
+    for (bin = 0; bin < nb - 1; ++bin) {
+      const int64_t c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
+      if (below + c >= want) break;
+      below += c;
+    }
+  }
+  return bin;
 }
 
 // Elements of v[0, n) equal to a and to b.
@@ -713,44 +766,23 @@ KthAbs small_query(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_
   int64_t m = n, above = 0;
   const uint32_t b0 = lo >> kTopShift, b1 = hi >> kTopShift;
   if (n > kTopMin && b0 != b1) {
-    // Counts in uint16: four interleaved histograms, each counting at most n / 4 <= 16384 elements. Why
-    // four: tied data sends runs of elements to one counter, and each increment waits on the previous
-    // one's store (with two, the histogram of 2,048 bf16 |δ| took ~3 cycles per element).
+    // The bin of the k-th largest: first guessed from every 4th element (a quarter of the histogram's
+    // increments, ~2 cycles each) and checked by the exact counts of one vectorised pass; the full histogram
+    // where the guess misses (the k-th largest close to a bin edge).
     const int nb = int(b1 - b0) + 1;
-    alignas(64) uint16_t h[4][kTopBins];
-    for (int t = 0; t < 4; ++t) std::memset(h[t], 0, size_t(nb) * sizeof(uint16_t));
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      ++h[0][(v[j] >> kTopShift) - b0];
-      ++h[1][(v[j + 1] >> kTopShift) - b0];
-      ++h[2][(v[j + 2] >> kTopShift) - b0];
-      ++h[3][(v[j + 3] >> kTopShift) - b0];
+    int64_t c = 0;
+    uint32_t mn = 0, mx = 0;
+    bool found = false;
+    if (n >= kGuessMin) {
+      const int64_t ms = (n + 3) / 4;
+      const int64_t ks = std::max<int64_t>(1, std::min<int64_t>(ms, (k * ms + n / 2) / n));
+      bin_stats(v, n, b0 + uint32_t(top_bin(v, n, 4, ks, b0, nb)), &above, &c, &mn, &mx);
+      found = above < k && k <= above + c;
     }
-    for (; j < n; ++j) ++h[0][(v[j] >> kTopShift) - b0];
-    // the bin of the k-th largest, scanned from the nearer end
-    int bin;
-    int64_t c;
-    if (k <= n / 2) {
-      for (bin = nb - 1;; --bin) {
-        c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
-        if (above + c >= k) break;
-        above += c;
-      }
-    } else {
-      int64_t below = 0;
-      const int64_t want = n - k + 1;  // the k-th largest is the want-th smallest
-      for (bin = 0;; ++bin) {
-        c = int64_t(h[0][bin]) + h[1][bin] + h[2][bin] + h[3][bin];
-        if (below + c >= want) break;
-        below += c;
-      }
-      above = n - below - c;
-    }
+    if (!found) bin_stats(v, n, b0 + uint32_t(top_bin(v, n, 1, k, b0, nb)), &above, &c, &mn, &mx);
     // Within the bin: its extremes, and how many equal each. Heavily tied data (bf16 deltas: the 2,048
     // |δ| of a MoE expert take ~120 values, 461 equal the median) mostly ends here; else the k-th largest
     // is strictly between them, and only those elements are copied.
-    uint32_t mn, mx;
-    bin_extremes(v, n, b0 + uint32_t(bin), &mn, &mx);
     const int64_t rr = k - above;  // rank inside the bin, from the top
     if (mn == mx) {
       r.bits = mn;

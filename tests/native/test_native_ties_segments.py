@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}"
 )
 
-KINDS = ("random", "moe", "few", "equal", "zero", "special")
+KINDS = ("random", "moe", "few", "equal", "zero", "special", "ulps")
 
 
 def segment_data(n: int, T: int, kind: str, gen: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -39,6 +39,14 @@ def segment_data(n: int, T: int, kind: str, gen: torch.Generator) -> tuple[list[
         xs = [b + (torch.randint(0, 2, (n,), generator=gen) * 2 - 1) * 0.375 for _ in range(T)]
     elif kind == "zero":
         xs = [b.clone() for _ in range(T)]
+    elif kind == "ulps":  # fp32 |δ| on 5 adjacent bit patterns (one bin), a tenth elsewhere (0 or 1)
+        b = torch.zeros(n)
+        xs = []
+        for _ in range(T):
+            mag = (torch.randint(0, 5, (n,), generator=gen, dtype=torch.int32) + 0x3E800000).view(torch.float32)
+            other = torch.rand(n, generator=gen) < 0.1
+            mag = torch.where(other, (torch.rand(n, generator=gen) < 0.5).float(), mag)
+            xs.append(mag * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1))
     else:  # "special": NaN, +inf, -inf in inputs and base at a few positions
         xs = [b + 0.5 * torch.randn(n, generator=gen) for _ in range(T)]
         for i, x in enumerate(xs):
@@ -157,7 +165,7 @@ def test_every_size_mixed_dtypes(selection):
 def test_large_segments(selection):
     # up to and past the 2^16 elements of the small-tensor path (the sampled path beyond)
     sizes = [2049, 4096, 4097, 65535, 65536, 65537, 70000, 3]
-    inputs, base, offsets = packed_case(sizes, 2, [BF16, F32], BF16, seed=3, kinds=("moe", "random", "few", "special"))
+    inputs, base, offsets = packed_case(sizes, 2, [BF16, F32], BF16, seed=3, kinds=("moe", "random", "few", "special", "ulps"))
     check_segments(inputs, base, offsets, params(selection, False, density=(0.5, 0.3)), BF16)
     check_segments(inputs, base, offsets, params(selection, True, density=(0.9, 0.05)), F32)
 
