@@ -490,15 +490,23 @@ template <class Fn>
 void for_blocks(int64_t n, int threads, Fn&& fn) {
   const int64_t nb = num_blocks(n);
   const int nt = threads_for_elems(threads, n);  // thread_rows sizes its scratch with the same rule
+  if (nt <= 1) {
+    // No OpenMP region at all: even a serialised one (`if (false)`) costs a team set-up, which was a tenth
+    // of TIES on 64-element tensors (ties_segments: one call per tensor, thousands per batch).
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t off = blk * kBlock;
+      fn(blk, off, n - off < kBlock ? n - off : kBlock, 0);
+    }
+    return;
+  }
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(static) num_threads(nt)
 #endif
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t off = blk * kBlock;
     const int64_t len = n - off < kBlock ? n - off : kBlock;
     fn(blk, off, len, thread_id());
   }
-  (void)nt;
 }
 
 // Per-thread scratch rows for a block pass with T models; returns the base pointer (stride rows_per_thread).

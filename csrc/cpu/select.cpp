@@ -578,7 +578,7 @@ FM_TARGET_CLONES void multi_pass_range(const void* const* xs, const int* x_dtype
 // span at most 2^20 consecutive patterns, which the linear counting select of rth_largest splits well.
 constexpr int kTopShift = 20;
 constexpr int kTopBins = 1 << (32 - 1 - kTopShift);
-// At most this many elements: no first round (zeroing and scanning its bins would cost more than it saves).
+// At most this many elements: no first round, tiny_select (n² compares cost less than the bins would).
 constexpr int64_t kTopMin = 64;
 // At least this many elements: the first round's bin is guessed from a quarter of them (checked exactly).
 constexpr int64_t kGuessMin = 512;
@@ -734,6 +734,30 @@ FM_TARGET_CLONES void count_vs(const uint32_t* v, int64_t m, uint32_t th, int64_
   *equal = e;
 }
 
+// The k-th largest of v[0, n) (n <= kTopMin) with its counts, by counting for each value how many are
+// larger and how many are not smaller: n² compares in vector lanes and no branch per element. Why: on 64
+// |bf16 δ| (heavily tied) std::nth_element was half of a TIES merge of the tensor.
+FM_TARGET_CLONES void tiny_select(const uint32_t* v, int64_t n, int64_t k, uint32_t* th, int64_t* greater,
+                                  int64_t* equal) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t x = v[i];
+    int32_t gt = 0, ge = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      gt += v[j] > x;
+      ge += v[j] >= x;
+    }
+    if (gt < k && k <= ge) {
+      *th = x;
+      *greater = gt;
+      *equal = ge - gt;
+      return;
+    }
+  }
+  *th = 0;  // unreachable for 1 <= k <= n: some value holds rank k
+  *greater = 0;
+  *equal = 0;
+}
+
 // Index of the rank-th element (1-based, index order) of v[0, n) equal to th; n if there are fewer.
 FM_TARGET_CLONES int64_t nth_equal_bits(const uint32_t* v, int64_t n, uint32_t th, int64_t rank) {
   constexpr int kStep = 256;
@@ -761,11 +785,15 @@ KthAbs small_query(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_
     r.count_equal = n;
     return r;
   }
+  if (n <= kTopMin) {
+    tiny_select(v, n, k, &r.bits, &r.count_above, &r.count_equal);
+    return r;
+  }
   grow(sc.cand, size_t(n) + 8);
   uint32_t* cand = sc.cand.data();
   int64_t m = n, above = 0;
   const uint32_t b0 = lo >> kTopShift, b1 = hi >> kTopShift;
-  if (n > kTopMin && b0 != b1) {
+  if (b0 != b1) {
     // The bin of the k-th largest: first guessed from every 4th element (a quarter of the histogram's
     // increments, ~2 cycles each) and checked by the exact counts of one vectorised pass; the full histogram
     // where the guess misses (the k-th largest close to a bin edge).
@@ -809,9 +837,13 @@ KthAbs small_query(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_
   } else {
     std::memcpy(cand, v, size_t(n) * sizeof(uint32_t));
   }
-  r.bits = rth_largest(cand, m, k - above);
   int64_t greater = 0;
-  count_vs(cand, m, r.bits, &greater, &r.count_equal);
+  if (m <= kTopMin) {
+    tiny_select(cand, m, k - above, &r.bits, &greater, &r.count_equal);
+  } else {
+    r.bits = rth_largest(cand, m, k - above);
+    count_vs(cand, m, r.bits, &greater, &r.count_equal);
+  }
   r.count_above = above + greater;
   return r;
 }

@@ -1,6 +1,7 @@
 """fastmerge._C.ties_segments and the small-tensor selection under it (kth_largest_abs_diff_multi for n <= 2^16:
-a radix round on the top 11 bits of |δ|, the extremes of the chosen bin, a counting select between them; the
-exact-k cut found in the |δ| the selection holds). Each segment must be bit-identical to one ``ties`` call on
+n² compares up to 64 values; else a radix round on the top 11 bits of |δ| (its bin guessed from a quarter of
+them, checked), the extremes of the chosen bin, a counting select between them; the exact-k cut found in the
+|δ| the selection holds). Each segment must be bit-identical to one ``ties`` call on
 it and to the torch reference, on every segment size 1..2100 and some up to 70000, on data that reaches every
 branch: random, MoE-like bf16 deltas (few values, hundreds equal to the threshold), few distinct values, all
 |δ| equal, all zero, NaN/±inf, mixed dtypes, density 1 and densities whose k is 1, exact-k on and off,
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}"
 )
 
-KINDS = ("random", "moe", "few", "equal", "zero", "special", "ulps")
+KINDS = ("random", "moe", "few", "equal", "zero", "special", "ulps", "onebin")
 
 
 def segment_data(n: int, T: int, kind: str, gen: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -47,6 +48,10 @@ def segment_data(n: int, T: int, kind: str, gen: torch.Generator) -> tuple[list[
             other = torch.rand(n, generator=gen) < 0.1
             mag = torch.where(other, (torch.rand(n, generator=gen) < 0.5).float(), mag)
             xs.append(mag * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1))
+    elif kind == "onebin":  # every |δ| in [0.25, 0.279]: one first-round bin (exponent and 3 mantissa bits)
+        b = torch.zeros(n)
+        xs = [(0.25 + 0.029 * torch.rand(n, generator=gen)) * (torch.randint(0, 2, (n,), generator=gen) * 2 - 1)
+              for _ in range(T)]
     else:  # "special": NaN, +inf, -inf in inputs and base at a few positions
         xs = [b + 0.5 * torch.randn(n, generator=gen) for _ in range(T)]
         for i, x in enumerate(xs):
@@ -110,8 +115,10 @@ def selection_branch(bits: torch.Tensor, k: int) -> str:
     lo, hi = int(bits.min()), int(bits.max())
     if lo == hi:
         return "all equal"
-    if n <= 64 or lo >> 20 == hi >> 20:
-        return "no first round"
+    if n <= 64:
+        return "tiny"
+    if lo >> 20 == hi >> 20:
+        return "one bin"
     th = int(torch.sort(bits, descending=True).values[k - 1])
     key = bits >> 20
     in_bin = bits[key == th >> 20]
@@ -139,7 +146,7 @@ def test_data_reaches_every_selection_branch():
             th = int(torch.sort(bits, descending=True).values[k - 1])
             if th <= 0x7F800000:  # exact-k needs a cut when more ties than room
                 cuts += int((bits == th).sum()) > k - int(((bits > th) & (bits <= 0x7F800000)).sum())
-    assert set(seen) == {"all equal", "no first round", "bin of one value", "bin maximum", "bin minimum",
+    assert set(seen) == {"all equal", "tiny", "one bin", "bin of one value", "bin maximum", "bin minimum",
                          "inside the bin"}, seen
     assert min(seen.values()) >= 20, seen
     assert cuts >= 100
