@@ -582,6 +582,9 @@ constexpr int kTopBins = 1 << (32 - 1 - kTopShift);
 constexpr int64_t kTopMin = 64;
 // At least this many elements: the first round's bin is guessed from a quarter of them (checked exactly).
 constexpr int64_t kGuessMin = 512;
+// At most max(kTopMin, n / kBinsPer) bins in the first round (the shift grows until they fit): zeroing and
+// scanning ~980 bins for 300 |bf16 δ| cost more than the histogram; 300-element segments took ~10% less time.
+constexpr int64_t kBinsPer = 4;
 
 // |x − base| bits of every element into v (base already in fp32), with their minimum, maximum and the
 // number of NaNs, in one vectorised loop per block.
@@ -611,8 +614,8 @@ FM_TARGET_CLONES void small_abs_bits(uint32_t* v, const float* bf, const void* x
 }
 
 // Of the elements of v[0, n): how many lie in bins above `bin`, how many in it, and their extremes there.
-FM_TARGET_CLONES void bin_stats(const uint32_t* v, int64_t n, uint32_t bin, int64_t* above, int64_t* count,
-                                uint32_t* lo, uint32_t* hi) {
+FM_TARGET_CLONES void bin_stats(const uint32_t* v, int64_t n, int shift, uint32_t bin, int64_t* above,
+                                int64_t* count, uint32_t* lo, uint32_t* hi) {
   uint32_t mn = 0xffffffffu, mx = 0;
   int64_t ab = 0, in = 0;
   for (int64_t off = 0; off < n; off += kBlock) {
@@ -622,7 +625,7 @@ FM_TARGET_CLONES void bin_stats(const uint32_t* v, int64_t n, uint32_t bin, int6
     for (int j = 0; j < len; ++j) {
       // masks rather than selects: GCC 12 turned the selects into branches (not vectorised, 4x slower)
       const uint32_t u = s[j];
-      const uint32_t key = u >> kTopShift;
+      const uint32_t key = u >> shift;
       const uint32_t m = 0u - uint32_t(key == bin);
       ac += key > bin;
       ic += key == bin;
@@ -644,17 +647,17 @@ FM_TARGET_CLONES void bin_stats(const uint32_t* v, int64_t n, uint32_t bin, int6
 // Counts in uint16: four interleaved histograms, each counting at most n / 4 <= 16384 elements. Why four:
 // tied data sends runs of elements to one counter, and each increment waits on the previous one's store
 // (with two, the histogram of 2,048 bf16 |δ| took ~3 cycles per element).
-int top_bin(const uint32_t* v, int64_t n, int64_t step, int64_t kk, uint32_t b0, int nb) {
+int top_bin(const uint32_t* v, int64_t n, int64_t step, int64_t kk, int shift, uint32_t b0, int nb) {
   alignas(64) uint16_t h[4][kTopBins];
   for (int t = 0; t < 4; ++t) std::memset(h[t], 0, size_t(nb) * sizeof(uint16_t));
   int64_t j = 0;
   for (; j + 3 * step < n; j += 4 * step) {
-    ++h[0][(v[j] >> kTopShift) - b0];
-    ++h[1][(v[j + step] >> kTopShift) - b0];
-    ++h[2][(v[j + 2 * step] >> kTopShift) - b0];
-    ++h[3][(v[j + 3 * step] >> kTopShift) - b0];
+    ++h[0][(v[j] >> shift) - b0];
+    ++h[1][(v[j + step] >> shift) - b0];
+    ++h[2][(v[j + 2 * step] >> shift) - b0];
+    ++h[3][(v[j + 3 * step] >> shift) - b0];
   }
-  for (; j < n; j += step) ++h[0][(v[j] >> kTopShift) - b0];
+  for (; j < n; j += step) ++h[0][(v[j] >> shift) - b0];
   const int64_t m = (n + step - 1) / step;
   // scanned from the nearer end
   int bin;
@@ -792,7 +795,11 @@ KthAbs small_query(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_
   grow(sc.cand, size_t(n) + 8);
   uint32_t* cand = sc.cand.data();
   int64_t m = n, above = 0;
-  const uint32_t b0 = lo >> kTopShift, b1 = hi >> kTopShift;
+  // Coarser bins where the range would hold more bins than a quarter of the elements (zeroing and scanning
+  // them would cost more than the increments: 300 |bf16 δ| with zeros among them span ~980 bins at 20).
+  int shift = kTopShift;
+  while (int64_t((hi >> shift) - (lo >> shift)) + 1 > std::max<int64_t>(kTopMin, n / kBinsPer)) ++shift;
+  const uint32_t b0 = lo >> shift, b1 = hi >> shift;
   if (b0 != b1) {
     // The bin of the k-th largest: first guessed from every 4th element (a quarter of the histogram's
     // increments, ~2 cycles each) and checked by the exact counts of one vectorised pass; the full histogram
@@ -804,10 +811,10 @@ KthAbs small_query(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_
     if (n >= kGuessMin) {
       const int64_t ms = (n + 3) / 4;
       const int64_t ks = std::max<int64_t>(1, std::min<int64_t>(ms, (k * ms + n / 2) / n));
-      bin_stats(v, n, b0 + uint32_t(top_bin(v, n, 4, ks, b0, nb)), &above, &c, &mn, &mx);
+      bin_stats(v, n, shift, b0 + uint32_t(top_bin(v, n, 4, ks, shift, b0, nb)), &above, &c, &mn, &mx);
       found = above < k && k <= above + c;
     }
-    if (!found) bin_stats(v, n, b0 + uint32_t(top_bin(v, n, 1, k, b0, nb)), &above, &c, &mn, &mx);
+    if (!found) bin_stats(v, n, shift, b0 + uint32_t(top_bin(v, n, 1, k, shift, b0, nb)), &above, &c, &mn, &mx);
     // Within the bin: its extremes, and how many equal each. Heavily tied data (bf16 deltas: the 2,048
     // |δ| of a MoE expert take ~120 values, 461 equal the median) mostly ends here; else the k-th largest
     // is strictly between them, and only those elements are copied.

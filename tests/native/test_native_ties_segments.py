@@ -1,11 +1,12 @@
 """fastmerge._C.ties_segments and the small-tensor selection under it (kth_largest_abs_diff_multi for n <= 2^16:
-n² compares up to 64 values; else a radix round on the top 11 bits of |δ| (its bin guessed from a quarter of
-them, checked), the extremes of the chosen bin, a counting select between them; the exact-k cut found in the
-|δ| the selection holds). Each segment must be bit-identical to one ``ties`` call on
+n² compares up to 64 values; else a radix round on the top 11 bits of |δ| (fewer for a few elements; its bin
+guessed from a quarter of them, checked), the extremes of the chosen bin, a counting select between them; the
+exact-k cut found in the |δ| the selection holds). Each segment must be bit-identical to one ``ties`` call on
 it and to the torch reference, on every segment size 1..2100 and some up to 70000, on data that reaches every
 branch: random, MoE-like bf16 deltas (few values, hundreds equal to the threshold), few distinct values, all
-|δ| equal, all zero, NaN/±inf, mixed dtypes, density 1 and densities whose k is 1, exact-k on and off,
-rescale. Outputs are poisoned (NaN) first. See native_cases.py for the conventions."""
+|δ| equal, all zero, NaN/±inf, adjacent fp32 bit patterns, one bin, mixed dtypes, density 1 and densities
+whose k is 1, exact-k on and off, rescale. Outputs are poisoned (NaN) first. See native_cases.py for the
+conventions."""
 
 from __future__ import annotations
 
@@ -117,12 +118,15 @@ def selection_branch(bits: torch.Tensor, k: int) -> str:
         return "all equal"
     if n <= 64:
         return "tiny"
-    if lo >> 20 == hi >> 20:
+    shift = 20  # coarser where the range would hold more than max(64, n / 4) bins
+    while (hi >> shift) - (lo >> shift) + 1 > max(64, n // 4):
+        shift += 1
+    if lo >> shift == hi >> shift:
         return "one bin"
     th = int(torch.sort(bits, descending=True).values[k - 1])
-    key = bits >> 20
-    in_bin = bits[key == th >> 20]
-    rr = k - int((key > th >> 20).sum())
+    key = bits >> shift
+    in_bin = bits[key == th >> shift]
+    rr = k - int((key > th >> shift).sum())
     mn, mx = int(in_bin.min()), int(in_bin.max())
     if mn == mx:
         return "bin of one value"
