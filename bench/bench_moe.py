@@ -13,11 +13,15 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 - ``--families``: run only these (comma-separated names of the above).
 - ``--ab``: instead, on ``moe-small`` only, each merge with the engine's runs of small tensors
   (``engine.stream.batches``) and tensor by tensor (``stream.SMALL_NUMEL = 0``), interleaved, same plan.
+- ``--against DIR``: instead, this tree against the fastmerge installed in ``DIR`` (``pip install --target DIR
+  <old checkout>``: its own ``_C``) on moe-small and dense-large, each merge a child process timing
+  ``fastmerge.merge`` (planning included), the installs alternated in each round.
 
 Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process, planning included) for
 ties and linear on the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``),
 the merge loop's own time (``MergeReport.wall_s``: reading, kernels, writing), the ratio of the large-tensor
-family's throughput to the small one's, the time of ``fastmerge plan``'s work in-process (``build_plan``,
+family's throughput to the small one's (the families alternate within each of the ``--repeat`` rounds; the
+median of the rounds' ratios), the time of ``fastmerge plan``'s work in-process (``build_plan``,
 then the plan's ``digest``) and, with ``--mergekit``, mergekit 0.1.5's wall time on the same configs
 (``mergekit-yaml``, a child process). Times are medians of ``--repeat`` runs.
 """
@@ -117,6 +121,41 @@ def ab(root: Path, methods: list[str], repeat: int) -> None:
                   f"{med['one by one'][1] / med['runs'][1]:.2f}x, CPU {med['one by one'][2] / med['runs'][2]:.2f}x", flush=True)
 
 
+def against(root: Path, old: str, methods: list[str], repeat: int) -> None:
+    """This tree vs the fastmerge installed at ``old`` (a ``pip install --target`` directory) on moe-small and
+    dense-large: each merge a child process (``fastmerge.merge`` timed inside it, planning included), the two
+    installs alternated within each round; medians of ``repeat`` rounds, and of the rounds' large/small ratios."""
+    from ab_inprocess import command
+
+    fams = {"moe-small": family(root, "moe-small", SMALL), "dense-large": family(root, "dense-large", LARGE)}
+    for method in methods:
+        for engine in ("native", "torch"):
+            res: dict[tuple[str, str], list[float]] = {}
+            nbytes: dict[str, int] = {}
+            for _ in range(repeat):
+                for name, (base, fts) in fams.items():
+                    for side in ("before", "after"):
+                        with tempfile.TemporaryDirectory() as tmp:
+                            child = ("import time, fastmerge\n"
+                                     "t = time.perf_counter()\n"
+                                     f"r = fastmerge.merge({config(method, base, fts)!r}, {tmp + '/out'!r}, threads=2, progress=False)\n"
+                                     "print(time.perf_counter() - t, r.bytes_read)\n")
+                            env = {**os.environ, "FASTMERGE_FASTPATH": "1" if engine == "native" else "0"}
+                            out = subprocess.run(command(old, child) if side == "before" else [sys.executable, "-c", child],
+                                                 capture_output=True, text=True, check=True, cwd=tmp, env=env).stdout
+                            wall, read = out.strip().splitlines()[-1].split()
+                            res.setdefault((name, side), []).append(float(wall))
+                            nbytes[name] = int(read)
+            for side in ("before", "after"):
+                small, big = res[("moe-small", side)], res[("dense-large", side)]
+                ratios = [(s / nbytes["moe-small"]) / (b / nbytes["dense-large"]) for s, b in zip(small, big)]
+                print(f"{method:7s} {engine:6s} {side:6s}: moe-small {statistics.median(small):.3f} s, dense-large "
+                      f"{statistics.median(big):.3f} s, large/small throughput {statistics.median(ratios):.2f} (rounds "
+                      f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+            b, a = res[("moe-small", "before")], res[("moe-small", "after")]
+            print(f"{method:7s} {engine:6s} moe-small before/after: {statistics.median(x / y for x, y in zip(b, a)):.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "fastmerge-moe"))
@@ -127,10 +166,13 @@ def main() -> None:
     ap.add_argument("--methods", default="ties,linear")
     ap.add_argument("--families", default="moe-small,dense-large,moe-fp8")
     ap.add_argument("--ab", action="store_true", help="moe-small with and without the runs of small tensors")
+    ap.add_argument("--against", help="a pip install --target directory of another fastmerge: before/after, child processes")
     a = ap.parse_args()
-    root = Path(a.root)
+    root = Path(a.root).resolve()
     if a.ab:
         return ab(root, a.methods.split(","), a.repeat)
+    if a.against:
+        return against(root, a.against, a.methods.split(","), a.repeat)
     shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
     print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model", flush=True)
@@ -148,22 +190,34 @@ def main() -> None:
               f"digest {statistics.median(digests):.2f} s (CPU of both {statistics.median(cpus):.2f} s)", flush=True)
     rows = {}
     for method in a.methods.split(","):
-        for name, (base, fts) in fams.items():
-            for engine in ("native", "torch"):
-                wall, loop, cpu, nbytes, used = run_fastmerge(config(method, base, fts), engine, a.repeat)
-                rows[(method, name, engine)] = nbytes / wall / 1e9
+        for engine in ("native", "torch"):
+            # the families alternate within each round (the machine's speed drifts over minutes: a ratio of two
+            # medians taken minutes apart mixes that in); the ratio is the median of the rounds' ratios
+            runs: dict[str, list[tuple[float, float, float, int, str]]] = {name: [] for name in fams}
+            for _ in range(a.repeat):
+                for name, (base, fts) in fams.items():
+                    runs[name].append(run_fastmerge(config(method, base, fts), engine, 1))
+            for name, got in runs.items():
+                wall, loop, cpu = (statistics.median(x[k] for x in got) for k in range(3))
+                nbytes, used = got[0][3], got[0][4]
+                rows[(method, name, engine)] = [x[3] / x[0] / 1e9 for x in got]
                 print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s, CPU {cpu:6.2f} s)  "
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
-            if a.mergekit and name != "moe-fp8":
-                t = run_mergekit(config(method, base, fts), a.mergekit_timeout)
-                print(f"{method:7s} {name:12s} mergekit       " + (f"{t:7.2f} s" if t else f"> {a.mergekit_timeout:.0f} s"), flush=True)
-        for engine in ("native", "torch"):
             s, big = rows.get((method, "moe-small", engine)), rows.get((method, "dense-large", engine))
             if s and big:
-                print(f"{method} {engine}: large/small throughput ratio {big / s:.2f}", flush=True)
+                per_round = [b / x for b, x in zip(big, s)]
+                print(f"{method} {engine}: large/small throughput ratio {statistics.median(per_round):.2f} (rounds: "
+                      f"{', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
+        if a.mergekit:
+            for name, (base, fts) in fams.items():
+                if name != "moe-fp8":
+                    t = run_mergekit(config(method, base, fts), a.mergekit_timeout)
+                    print(f"{method:7s} {name:12s} mergekit       " + (f"{t:7.2f} s" if t else f"> {a.mergekit_timeout:.0f} s"),
+                          flush=True)
         f_n, f_t = rows.get((method, "moe-fp8", "native")), rows.get((method, "moe-fp8", "torch"))
         if f_n and f_t:
-            print(f"{method} moe-fp8: native engine {f_n / f_t:.2f}x the torch engine's throughput", flush=True)
+            print(f"{method} moe-fp8: native engine {statistics.median(f_n) / statistics.median(f_t):.2f}x the torch engine's "
+                  "throughput", flush=True)
 
 
 if __name__ == "__main__":
