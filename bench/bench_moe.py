@@ -7,6 +7,9 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 - ``moe-small``: DeepSeek-V3-shaped with its real expert count (256 routed + 1 shared per MoE layer) and
   tiny dimensions (hidden 64, experts of 32): 27 layers, 20,347 tensors per model of 4 KB each.
 - ``dense-large``: LLaMA-shaped, hidden 1024, 4 layers: 39 tensors per model of 0.5-32 MB.
+- ``moe-real``: Qwen3-30B-A3B's real dimensions (hidden 2048, 128 experts of 2048x768), 1 layer, vocab 8192:
+  396 tensors per model, the 384 experts of 3 MB each (what per-tensor overhead costs at a real expert size;
+  3.9 GB of input, so only when named in ``--families``).
 - ``--fp8``: ``moe-small`` in DeepSeek-V3's FP8 layout (hidden 256, experts of 128: whole 128x128 blocks): the
   native engine's kernels read the FP8 bytes and scales (csrc/cpu/fp8.h), the torch engine dequantises each
   input tensor into fp32 in torch first (io.fp8.dequantize).
@@ -41,13 +44,15 @@ from pathlib import Path
 import yaml
 
 import fastmerge
-from fastmerge.testing import DeepSeekV3Shape, LlamaShape, make_family
+from fastmerge.testing import DeepSeekV3Shape, LlamaShape, Qwen3MoeShape, make_family
 
 SMALL = DeepSeekV3Shape(hidden=64, layers=27, first_k_dense=1, intermediate=96, moe_intermediate=32, experts=256,
                         heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=512)
 FP8 = DeepSeekV3Shape(hidden=256, layers=4, first_k_dense=1, intermediate=384, moe_intermediate=128, experts=256,
                       heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=64, v_head=64, vocab=1024)
 LARGE = LlamaShape(hidden=1024, layers=4, intermediate=2816, vocab=16000, heads=8)
+#: Qwen3-30B-A3B's real dimensions (hidden 2048, 128 experts of 768: 3 MB bf16 tensors), 1 of its 48 layers
+REAL = Qwen3MoeShape(layers=1, vocab=8192)
 
 
 def family(root: Path, name: str, shape, fp8: bool = False) -> tuple[Path, list[Path]]:
@@ -173,9 +178,11 @@ def main() -> None:
         return ab(root, a.methods.split(","), a.repeat)
     if a.against:
         return against(root, a.against, a.methods.split(","), a.repeat)
-    shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
+    shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), "moe-real": (REAL, False),
+              **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
-    print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model", flush=True)
+    print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model; moe-real: "
+          f"{len(REAL.tensors())} tensors/model", flush=True)
     for name, (base, fts) in fams.items():
         builds, digests, cpus = [], [], []
         for _ in range(a.repeat):
@@ -203,14 +210,16 @@ def main() -> None:
                 rows[(method, name, engine)] = [x[3] / x[0] / 1e9 for x in got]
                 print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s, CPU {cpu:6.2f} s)  "
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
-            s, big = rows.get((method, "moe-small", engine)), rows.get((method, "dense-large", engine))
-            if s and big:
-                per_round = [b / x for b, x in zip(big, s)]
-                print(f"{method} {engine}: large/small throughput ratio {statistics.median(per_round):.2f} (rounds: "
-                      f"{', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
+            big = rows.get((method, "dense-large", engine))
+            for name in ("moe-small", "moe-real"):
+                s = rows.get((method, name, engine))
+                if s and big:
+                    per_round = [b / x for b, x in zip(big, s)]
+                    print(f"{method} {engine}: dense-large / {name} throughput ratio {statistics.median(per_round):.2f} "
+                          f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
         if a.mergekit:
             for name, (base, fts) in fams.items():
-                if name != "moe-fp8":
+                if name in ("moe-small", "dense-large"):
                     t = run_mergekit(config(method, base, fts), a.mergekit_timeout)
                     print(f"{method:7s} {name:12s} mergekit       " + (f"{t:7.2f} s" if t else f"> {a.mergekit_timeout:.0f} s"),
                           flush=True)
