@@ -17,6 +17,7 @@
 
 #include "cpu/segments.h"
 #include "cpu/fp8.h"
+#include "cpu/peft_ties.h"
 #include "cpu/select.h"
 #include "cpu/st_header.h"
 #include "cpu/xxh64.h"
@@ -342,6 +343,68 @@ py::tuple py_kth_multi(const std::vector<uintptr_t>& xs, const std::vector<int>&
   return py::make_tuple(res, fallbacks);
 }
 
+// PEFT's TIES / magnitude_prune merge step (cpu/peft_ties.h): the pruning rules of K inputs from one read,
+// then the fused merge. Inputs: CPU, contiguous, n elements each, dtype codes 0/1/2 (no FP8).
+std::vector<const void*> peft_inputs(int64_t n, const std::vector<uintptr_t>& inputs, const std::vector<int>& dtypes) {
+  FM_CHECK(n >= 1, "n: need at least one element, got " << n);
+  FM_CHECK(!inputs.empty() && int(inputs.size()) <= cpu::kPeftMaxInputs,
+           "inputs: need 1.." << cpu::kPeftMaxInputs << " input buffers, got " << inputs.size());
+  FM_CHECK(dtypes.size() == inputs.size(), "input_dtypes: " << dtypes.size() << " dtype codes for " << inputs.size() << " inputs");
+  std::vector<const void*> ptrs;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    FM_CHECK_DTYPE(dtypes[i], "input_dtypes[" << i << "]");
+    FM_CHECK(inputs[i] != 0, "inputs[" << i << "]: null data pointer");
+    ptrs.push_back(reinterpret_cast<const void*>(inputs[i]));
+  }
+  return ptrs;
+}
+
+// [(threshold, cut, status)] per input; status 1: the torch path's topk decides that input
+py::list py_peft_prune_rules(int64_t n, const std::vector<uintptr_t>& inputs, const std::vector<int>& input_dtypes,
+                             int64_t k, bool index_ties, int threads) {
+  const std::vector<const void*> ptrs = peft_inputs(n, inputs, input_dtypes);
+  FM_CHECK(k >= 1 && k < n, "k: must be in [1, n - 1 = " << n - 1 << "], got " << k);
+  std::vector<cpu::PeftRule> rules(ptrs.size());
+  std::vector<int> status(ptrs.size());
+  {
+    py::gil_scoped_release nogil;
+    cpu::peft_prune_rules(ptrs.data(), input_dtypes.data(), int(ptrs.size()), n, k, index_ties, rules.data(),
+                          status.data(), threads);
+  }
+  py::list res;
+  for (size_t i = 0; i < rules.size(); ++i) res.append(py::make_tuple(double(rules[i].th), rules[i].cut, status[i]));
+  return res;
+}
+
+void py_peft_merge(uintptr_t out, int64_t n, const std::vector<uintptr_t>& inputs, const std::vector<int>& input_dtypes,
+                   const std::vector<double>& thresholds, const std::vector<int64_t>& cuts, const std::vector<bool>& all,
+                   const std::vector<double>& weights, int mode, int sum_dtype, const std::vector<int64_t>& ilp_a,
+                   const std::vector<int64_t>& ilp_c, int threads) {
+  const std::vector<const void*> ptrs = peft_inputs(n, inputs, input_dtypes);
+  const size_t K = ptrs.size();
+  FM_CHECK(out != 0, "out: null data pointer");
+  FM_CHECK(thresholds.size() == K && cuts.size() == K && all.size() == K && weights.size() == K,
+           "thresholds, cuts, all, weights: need one value per input (" << K << ")");
+  FM_CHECK(mode == cpu::PEFT_TOTAL || mode == cpu::PEFT_FREQUENCY || mode == cpu::PEFT_WEIGHTED_SUM,
+           "mode: must be 0 (total), 1 (frequency) or 2 (weighted sum), got " << mode);
+  FM_CHECK_DTYPE(sum_dtype, "sum_dtype");
+  for (const std::vector<int64_t>* r : {&ilp_a, &ilp_c}) {
+    FM_CHECK(r->size() % 2 == 0, "ilp ranges: need [start, end) pairs");
+    for (size_t q = 0; q < r->size(); q += 2)
+      FM_CHECK(0 <= (*r)[q] && (*r)[q] <= (*r)[q + 1] && (*r)[q + 1] <= n, "ilp ranges: [" << (*r)[q] << ", " << (*r)[q + 1] << ") is not inside [0, " << n << ")");
+  }
+  std::vector<cpu::PeftRule> rules(K);
+  std::vector<float> w(K);
+  for (size_t i = 0; i < K; ++i) {
+    rules[i] = cpu::PeftRule{float(thresholds[i]), cuts[i], bool(all[i])};
+    w[i] = float(weights[i]);
+  }
+  cpu::PeftArgs a{reinterpret_cast<float*>(out), n, int(K), ptrs.data(), input_dtypes.data(), rules.data(), w.data(),
+                  mode, sum_dtype, ilp_a.data(), int(ilp_a.size() / 2), ilp_c.data(), int(ilp_c.size() / 2)};
+  py::gil_scoped_release nogil;
+  cpu::peft_merge(a, threads);
+}
+
 size_t scratch_bytes() { return cpu::gta_scratch_bytes() + cpu::sce_scratch_bytes(); }
 
 double py_kth_largest_abs_diff(uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int64_t k,
@@ -464,6 +527,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("kth_largest_abs_diff", &py_kth_largest_abs_diff, py::arg("x"), py::arg("x_dtype"), py::arg("base"),
         py::arg("base_dtype"), py::arg("n"), py::arg("k"), py::arg("threads") = 0,
         "k-th largest |x - base| in fp32 (|x| if base=0), by radix select; NaN ranks largest.");
+  m.def("peft_prune_rules", &py_peft_prune_rules, py::arg("n"), py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("k"), py::arg("index_ties"), py::arg("threads") = 0,
+        "PEFT's exactly-k magnitude pruning of K inputs as (threshold, tie cut, status) from one read; status 1: "
+        "the threshold does not give exactly k (NaN, or ties with index_ties false).");
+  m.def("peft_merge", &py_peft_merge, py::arg("out"), py::arg("n"), py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("thresholds"), py::arg("cuts"), py::arg("all"), py::arg("weights"), py::arg("mode"),
+        py::arg("sum_dtype"), py::arg("ilp_a"), py::arg("ilp_c"), py::arg("threads") = 0,
+        "PEFT's TIES disjoint merge (mode 0 total, 1 frequency) or weighted sum (2) of pruned inputs into fp32 out, "
+        "torch's summation order (ilp_a / ilp_c: element ranges summed in its interleaved order).");
   m.def("scratch_bytes", &scratch_bytes,
         "Bytes of grow-only scratch held for the calling thread (selection, blocks, masks, norms).");
   m.def("parse_safetensors_header", &cpu::parse_safetensors_header, py::arg("raw"), py::arg("data_start"),

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 __all__ = [
     "HAS_CPU_EXT", "HAS_CUDA_EXT", "LOAD_ERRORS", "BUILD_INFO", "cuda_usable", "report", "DTYPE_CODES", "is_raw",
     "weighted_delta_sum", "ties", "ties_segments", "dare", "della", "della_rows", "breadcrumbs", "sce", "nearswap", "copy",
-    "kth_largest_abs_diff", "NEARSWAP_MIN_T", "Fp8Source",
+    "kth_largest_abs_diff", "NEARSWAP_MIN_T", "Fp8Source", "peft_prune_rules", "peft_merge", "PEFT_MODES",
 ]
 
 #: the smallest NearSwap t the kernel covers (the clamp form; methods/nearswap.py DIFF_FLOOR)
@@ -559,3 +559,46 @@ def kth_largest_abs_diff(x: Any, base: Any | None, k: int, threads: int = 0) -> 
     if not 1 <= k <= n:
         raise ValueError(f"k: must be in [1, {n}] (the number of elements), got {k}")
     return float(ext.kth_largest_abs_diff(x_ptr, x_code, base_ptr, base_code, n, k, _check_threads(threads)))
+
+
+#: PEFT merge modes of ``peft_merge``: the sign election's method ("total", "frequency"), or no election
+PEFT_MODES = {"total": 0, "frequency": 1, "weighted_sum": 2}
+
+
+def peft_prune_rules(inputs: Sequence[Any], k: int, index_ties: bool, threads: int = 0) -> list[tuple[float, int, int]]:
+    """PEFT's exactly-k magnitude pruning of each input (``fastmerge.lora.merge_utils``), as ``(threshold, cut,
+    status)``: element j is kept iff ``|x| > threshold`` or ``|x| == threshold and j <= cut``. The thresholds of
+    all inputs come from one read (the sampled selection of ``ties``). status 1: that rule does not keep what
+    the torch path keeps (the k-th |x| is a NaN, NaNs leave fewer than k with ``|x| >= threshold``, or ties at
+    the threshold with ``index_ties`` False, where PEFT's topk decides). ``1 <= k < numel``."""
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) == 0:
+        raise ValueError("inputs: need a non-empty sequence of tensors")
+    n = _buffer(inputs[0], "inputs[0]", None)[2]
+    ins = [_buffer(x, f"inputs[{i}]", n) for i, x in enumerate(inputs)]
+    return [(float(t), int(c), int(s)) for t, c, s in _cpu_ext().peft_prune_rules(
+        ins[0][2], [p for p, _, _ in ins], [c for _, c, _ in ins], int(k), bool(index_ties), _check_threads(threads))]
+
+
+def peft_merge(out: Any, inputs: Sequence[Any], rules: Sequence[tuple[float, int, bool]], weights: Sequence[float],
+               mode: str, ilp_a: Sequence[int] = (), ilp_c: Sequence[int] = (), threads: int = 0) -> None:
+    """PEFT's TIES disjoint merge (``mode`` "total" / "frequency": the sign election's method) or weighted sum
+    ("weighted_sum") of K pruned inputs into the float32 ``out``, bit-identical to the torch code of
+    ``fastmerge.lora.merge_utils``. ``rules[i] = (threshold, cut, keep_all)`` (``peft_prune_rules``; keep_all:
+    the input as it is). ``ilp_a`` / ``ilp_c``: flat ``[start, end)`` pairs of the elements whose majority sum /
+    weighted sums torch adds in its interleaved order (``merge_utils._torch_sum_ilp_ranges``)."""
+    out_ptr, out_code, n = _buffer(out, "out", None)
+    if out_code != 0:
+        raise TypeError("out: must be float32 (torch computes the merge in float32)")
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) == 0:
+        raise ValueError("inputs: need a non-empty sequence of tensors")
+    ins = [_buffer(x, f"inputs[{i}]", n) for i, x in enumerate(inputs)]
+    if len({c for _, c, _ in ins}) != 1:
+        raise TypeError("inputs: must share one dtype (torch stacks them)")
+    if mode not in PEFT_MODES:
+        raise ValueError(f"mode: must be one of {sorted(PEFT_MODES)}, got {mode!r}")
+    if len(rules) != len(inputs):
+        raise ValueError(f"rules: got {len(rules)} for {len(inputs)} inputs")
+    w = _check_floats(weights, "weights", len(inputs))
+    _cpu_ext().peft_merge(out_ptr, n, [p for p, _, _ in ins], [c for _, c, _ in ins], [float(r[0]) for r in rules],
+                          [int(r[1]) for r in rules], [bool(r[2]) for r in rules], w, PEFT_MODES[mode], ins[0][1],
+                          [int(v) for v in ilp_a], [int(v) for v in ilp_c], _check_threads(threads))

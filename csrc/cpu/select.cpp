@@ -76,6 +76,16 @@ void grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
+// A block of base, or zeros without one (x − 0 is x exactly, so |x − 0| is |x|): lets the selection run
+// on plain tensors (PEFT's magnitude pruning, peft_ties.cpp).
+FM_ALWAYS_INLINE void load_block_or_zero(float* dst, const void* base, int bdt, int64_t off, int64_t len) {
+  if (base != nullptr) {
+    load_block(dst, base, bdt, off, len);
+  } else {
+    for (int64_t j = 0; j < len; ++j) dst[j] = 0.0f;
+  }
+}
+
 // |x − base| bit patterns of one block (|x| without a base).
 FM_TARGET_CLONES void absdiff_bits_block(uint32_t* out, const void* x, int xdt, const void* base, int bdt,
                                          int64_t off, int64_t len) {
@@ -495,7 +505,7 @@ FM_TARGET_CLONES void multi_pass_range(const void* const* xs, const int* x_dtype
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t off = blk * kBlock;
     const int len = int(n - off < kBlock ? n - off : kBlock);
-    load_block(bv, base, bdt, off, len);
+    load_block_or_zero(bv, base, bdt, off, len);
     for (int mi = 0; mi < nm; ++mi) {
       const int m = sc.models[mi];
       // The model's first usable bracket is fused into the conversion loop; further ones (breadcrumbs'
@@ -861,7 +871,7 @@ void small_select(const void* const* xs, const int* x_dtypes, const void* base, 
   grow(sc.sample_base, size_t(n));
   uint32_t* v = sc.sample.data();
   float* bf = sc.sample_base.data();
-  for (int64_t off = 0; off < n; off += kBlock) load_block(bf + off, base, base_dtype, off, std::min(kBlock, n - off));
+  for (int64_t off = 0; off < n; off += kBlock) load_block_or_zero(bf + off, base, base_dtype, off, std::min(kBlock, n - off));
   int cur = -1;
   uint32_t lo = 0, hi = 0;
   int64_t nans = 0;
@@ -906,7 +916,7 @@ void kth_largest_abs_diff_multi(const void* const* xs, const int* x_dtypes, cons
     const uint32_t h = rng::mix32(uint32_t(j) * 0x9E3779B9u + 0x6A09E667u);
     const int64_t p = j * stride + int64_t(h % uint64_t(stride));
     sc.sample_pos[j] = p;
-    sc.sample_base[j] = load_f32(base, base_dtype, p);
+    sc.sample_base[j] = base != nullptr ? load_f32(base, base_dtype, p) : 0.0f;
   }
   sc.brackets.clear();
   sc.query_bracket.assign(size_t(num_queries), -1);

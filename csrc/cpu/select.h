@@ -51,7 +51,7 @@ struct KthQuery {
 };
 
 // Every query at once, exact (the same KthAbs as kth_largest_abs_diff), in ONE read of base and of each
-// queried input (TIES: one query per model; breadcrumbs: two):
+// queried input (TIES: one query per model; breadcrumbs: two; base may be null: |x|, PEFT's pruning):
 //  1. a stratified sample of m positions (m = 32768; 16384 below 2^23 elements) gives each query a bracket
 //     [lo, hi] of bit patterns that holds the k-th largest with overwhelming probability (the sample's ranks
 //     r ± (4.5σ + 4) around r = k/n·m, σ = binomial sd: ~2-5% of the elements fall inside);

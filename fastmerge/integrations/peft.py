@@ -13,10 +13,12 @@ What runs: the torch implementations of ``fastmerge.lora.merge_utils``, which gi
 unweighted count; tested in tests/lora/test_peft_integration.py), with fewer full-size temporaries (weights
 applied while summing, the sign mask computed once). DARE (``dare_linear``, ``dare_ties``) draws its masks
 as PEFT does (``torch.bernoulli`` on torch's global generator, in the same order), so a seed gives PEFT's
-masks and PEFT's result. fastmerge's fused native kernels are *not* used: they round differently from
-PEFT (``_native.weighted_delta_sum`` accumulates ``w_i·x_i`` in one fp32 pass, which differs from torch's
-``(stack * w).sum(0)`` in the last bit on most elements) or have other semantics (``_native.ties`` elects the
-sign on weighted deltas and normalises by the weights), so they could not be shown equal to PEFT.
+masks and PEFT's result. fastmerge's mergekit kernels are *not* used: they round differently from PEFT
+(``_native.weighted_delta_sum`` accumulates ``w_i·x_i`` in one fp32 pass) or have other semantics
+(``_native.ties`` elects the sign on weighted deltas and normalises by the weights). On contiguous CPU
+tensors the merge step runs in a kernel written for PEFT's semantics instead (``_native.peft_merge``: the sign
+election, the disjoint mean and the weighted sums in torch's own summation order, on the K tensors without
+stacking them), bit-identical to the torch code (tests/lora/test_peft_native.py).
 
 Magnitude pruning (``ties``, ``magnitude_prune`` and their ``*_svd`` forms) finds the k-th largest |x| by
 selection (the native radix select) instead of PEFT's ``topk`` sort, and falls back to ``topk`` unless exactly
