@@ -150,18 +150,20 @@ FM_TARGET_CLONES void merge_block(const PeftArgs& a, int64_t off, int64_t len, f
       for (int64_t j = 0; j < len; ++j) s[j] = s[j] + ((r[j] > 0.0f ? 1.0f : 0.0f) - (r[j] < 0.0f ? 1.0f : 0.0f));
     }
   }
-  // s becomes the majority's "positive" flag as 1 / 0 (NaN >= 0 is false: −1)
+  // s becomes the elected sign ±1 (NaN >= 0 is false: −1). p agrees with it iff p · sign > 0: exact (a
+  // product by ±1), false for zeros and NaN as torch's sign(p) == maj. One compare and two selects per
+  // element: the form GCC vectorises (a select between two compares kept this loop scalar, 16x slower).
   for (int64_t j = 0; j < len; ++j) {
-    s[j] = s[j] >= 0.0f ? 1.0f : 0.0f;
+    s[j] = s[j] >= 0.0f ? 1.0f : -1.0f;
     cnt[j] = 0.0f;
   }
   for (int i = 0; i < K; ++i) {
     const float* r = rows + int64_t(i) * kBlock;
     const float w = a.weights[i];
     for (int64_t j = 0; j < len; ++j) {
-      const bool m = s[j] != 0.0f ? r[j] > 0.0f : r[j] < 0.0f;
-      cnt[j] = cnt[j] + (m ? 1.0f : 0.0f);
-      acc[j] = acc[j] + (r[j] * w) * (m ? 1.0f : 0.0f);
+      const float m = r[j] * s[j] > 0.0f ? 1.0f : 0.0f;
+      cnt[j] = cnt[j] + m;
+      acc[j] = acc[j] + (r[j] * w) * m;
     }
   }
   for (int64_t j = 0; j < len; ++j) out[j] = acc[j] / (cnt[j] < 1.0f ? 1.0f : cnt[j]);
