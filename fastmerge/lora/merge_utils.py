@@ -108,7 +108,43 @@ def _native_weights(tensors: Sequence[torch.Tensor], weights) -> list[float] | N
             return None
     except ImportError:
         return None
+    if not _agrees_with_torch(t0.dtype):
+        return None
     return [float(v) for v in w.detach().cpu().tolist()]
+
+
+_agreement: dict[tuple, bool] = {}
+
+
+def _agrees_with_torch(dtype: torch.dtype) -> bool:
+    """Whether the kernel gives the torch code's bits on this torch, for ``dtype`` at the current thread count
+    and vector width: checked once per such key on small probes that reach both of torch's summation orders
+    (one thread's chunk below the grain size, several chunks with their interleaved tails above it), every mode.
+    The kernel reproduces the order of torch's ``sum(dim=0)`` (``_torch_sum_ilp_ranges``), an internal of
+    torch verified on 2.13; where a torch version sums otherwise, this finds it and the torch code runs (with one
+    warning) rather than results that differ from PEFT's in the last bit."""
+    key = (dtype, torch.get_num_threads(), _torch_float_lanes(), torch.__version__)
+    got = _agreement.get(key)
+    if got is None:
+        got = _agreement[key] = True  # the probes below run the kernel through this function
+        g = torch.Generator().manual_seed(12345)
+        try:
+            for rows, n in ((7, 1001), (9, 2 * _TORCH_GRAIN // 9 + 77)):
+                xs = [(torch.randn(n, generator=g) * torch.randint(0, 2, (n,), generator=g)).to(dtype) for _ in range(rows)]
+                w = torch.rand(rows, generator=g) * 2 - 0.5
+                for mode in ("total", "frequency", "weighted_sum"):
+                    fast = _native_merge(xs, [_KEEP_ALL] * rows, [float(v) for v in w.tolist()], mode)
+                    stacked = torch.stack(xs, dim=0)
+                    ref = _weighted_sum(stacked, w) if mode == "weighted_sum" else _ties_of(stacked, w, mode)
+                    if not torch.equal(fast.view(torch.int32), ref.float().view(torch.int32)):
+                        got = False
+        except Exception:  # noqa: BLE001 - any failure of the probe: the torch code
+            got = False
+        _agreement[key] = got
+        if not got:
+            warnings.warn(f"fastmerge: the native PEFT merge kernel does not reproduce torch {torch.__version__}'s "
+                          f"summation order for {dtype} here; PEFT's merges run on the torch code", stacklevel=3)
+    return got
 
 
 def _native_merge(tensors: Sequence[torch.Tensor], rules: Sequence[tuple[float, int, bool]], weights: list[float],

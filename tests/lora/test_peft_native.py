@@ -71,14 +71,16 @@ def _inputs(n, k, dtype, gen, kind):
     return xs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(2, 3), (7, 1), (7, 9), (1000, 5), (4099, 8), (70001, 4), (70001, 9)])
-@pytest.mark.parametrize("kind", ["randn", "levels", "nonfinite"])
+# NaN, and ties under PEFT's topk rule, send tensors to topk in both paths (slow): above 5,000 elements only the
+# cases that do not (fp32 "levels" keeps a tensor above 2^16 elements, whose tie cut is found by a separate scan)
+_CASES = [(dtype, n, k, kind) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+          for n, k in ((2, 3), (7, 1), (7, 9), (1000, 5), (4099, 8), (70001, 4), (70001, 9))
+          for kind in ("randn", "levels", "nonfinite")
+          if n <= 5000 or not (kind == "nonfinite" or (kind == "levels" and dtype != torch.float32))]
+
+
+@pytest.mark.parametrize("dtype,n,k,kind", _CASES)
 def test_native_equals_torch_path(dtype, n, k, kind):
-    if n > 5000 and (kind == "nonfinite" or (kind == "levels" and dtype != torch.float32)):
-        # NaN, and ties under PEFT's topk rule, send tensors to topk in both paths: slow; covered at the smaller
-        # sizes (fp32 "levels" keeps a tensor above 2^16 elements, whose tie cut is found by a separate scan)
-        pytest.skip("covered at the smaller sizes")
     gen = torch.Generator().manual_seed(n * 31 + k)
     xs = _inputs(n, k, dtype, gen, kind)
     w = torch.randn(k, generator=gen)
@@ -210,3 +212,25 @@ def test_against_peft():
             _same(_run(mu.ties, xs, w, d, "frequency"), _run(peft_mu.ties, xs, w, d, "frequency"))
             _same(_run(mu.magnitude_prune, xs, w, d), _run(peft_mu.magnitude_prune, xs, w, d))
         _same(_run(mu.task_arithmetic, xs, w), _run(peft_mu.task_arithmetic, xs, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_torch_that_sums_in_another_order_gets_the_torch_code(monkeypatch, dtype):
+    """The kernel's model of torch's summation order is checked once per (dtype, threads, vector width, torch)
+    on probes: with the model broken (no interleaved tail columns, as a torch that summed every column in row
+    order would need), the probe disagrees, one warning names it, and the merges run the torch code with its
+    bits; with the model intact the probe agrees and the kernel runs."""
+    gen = torch.Generator().manual_seed(21)
+    xs = [torch.randn(3000, generator=gen).to(dtype) for _ in range(6)]
+    w = torch.tensor([0.3, -0.2, 0.5, 0.1, 0.25, 0.4])
+    monkeypatch.setattr(mu, "_agreement", {})
+    assert mu._agrees_with_torch(dtype) and mu._native_weights(xs, w) is not None
+    monkeypatch.setattr(mu, "_agreement", {})
+    monkeypatch.setattr(mu, "_torch_sum_ilp_ranges", lambda *a: [])
+    with pytest.warns(UserWarning, match="summation order"):
+        assert mu._native_weights(xs, w) is None
+    assert mu._native_weights(xs, w) is None  # decided once: no second probe, no second warning
+    calls = []
+    monkeypatch.setattr(_native, "peft_merge", lambda *a, **k: calls.append(a))
+    _same(_run(mu.ties, xs, w, 0.5), _torch_ref(mu.ties, xs, w, 0.5))
+    assert calls == []
