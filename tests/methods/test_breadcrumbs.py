@@ -4,8 +4,9 @@ exact selection with ties, compat's sort order, validation, then every backend a
 import pytest
 import torch
 
-from fastmerge import merge_tensors
-from fastmerge.errors import BackendUnavailableError, ConfigError
+from fastmerge import backends, merge_tensors
+from fastmerge.backends.base import MergeJob
+from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams, band, band_compat, band_mask
 from helpers.tolerance import assert_bitwise_equal
@@ -119,18 +120,23 @@ def test_parameters_validated(kw, match):
         merge_tensors("breadcrumbs", [torch.randn(4)], torch.randn(4), weight=1.0, **kw)
 
 
+def _runs(backend: str, method: str, selection: str, compat: bool) -> None:
+    p = params(3, [0.3, 0.5, 0.4], [0.5, 0.3, 1.0], [0.01, 0.1, 0.0], selection=selection, rescale=True, lambda_=1.1)
+    reasons = backends.BACKENDS[backend].not_supported_reasons(MergeJob("<tensor>", get_method(method), p, compat), "cpu")
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+
+
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (2**14 + 3,)])
 @pytest.mark.parametrize("selection,compat", [("threshold", False), ("topk", False), ("threshold", True)])
 def test_backend_matches_reference(backend, method, dtype, shape, selection, compat):
+    _runs(backend, method, selection, compat)
     b = torch.randn(shape).to(dtype)
     xs = [(b.float() + 0.05 * torch.randn(shape)).to(dtype) for _ in range(3)]
     w, d, g = [0.3, 0.5, 0.4], [0.5, 0.3, 1.0], [0.01, 0.1, 0.0]
-    try:
-        got = merge_tensors(method, xs, b, backend=backend, mergekit_compat=compat, weight=w, density=d, gamma=g,
-                            selection=selection, rescale=True, **{"lambda": 1.1})
-    except BackendUnavailableError as e:
-        pytest.skip(f"{backend}: {e}")
+    got = merge_tensors(method, xs, b, backend=backend, mergekit_compat=compat, weight=w, density=d, gamma=g,
+                        selection=selection, rescale=True, **{"lambda": 1.1})
     p = params(3, w, d, g, selection=selection, rescale=True, lambda_=1.1)
     assert_bitwise_equal(got, get_method(method).reference(xs, b, p, compat=compat).to(dtype), f"{method} {backend}")
