@@ -25,6 +25,11 @@ if importlib.util.find_spec("fastmerge") is None and str(REPO) not in sys.path:
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))  # tests/helpers importable as `helpers`
 
+from helpers.interpret import interpret_without_gpu  # noqa: E402
+
+interpret_without_gpu()  # before any bench module imports a triton kernel (bench_mloss, bench_kernels run them)
+
+from benchlib import full_mode  # noqa: E402
 from helpers import requirements  # noqa: E402
 
 
@@ -47,10 +52,6 @@ def pytest_collect_file(file_path: Path, parent):
     return None
 
 
-def full_mode(config: pytest.Config) -> bool:
-    """Full benchmark family only with FASTMERGE_BENCH_FULL=1 and timing on (CI passes --benchmark-disable)."""
-    disabled = config.getoption("benchmark_disable", False) and not config.getoption("benchmark_enable", False)
-    return os.environ.get("FASTMERGE_BENCH_FULL") == "1" and not disabled
 
 
 def bench_dir() -> Path:

@@ -5,24 +5,17 @@ skipped for one of them fails (``FASTMERGE_ALLOW_MISSING=1`` lets them skip; see
 GPU lanes (``@pytest.mark.gpu``, no CUDA device) skip.
 """
 
-import os
-
-try:
-    import torch as _torch
-
-    _cuda = _torch.cuda.is_available()
-except Exception:  # pragma: no cover
-    _cuda = False
-if not _cuda:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers importable as `helpers`
+
+from helpers.interpret import interpret_without_gpu  # noqa: E402
+
+interpret_without_gpu()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from fastmerge import _native  # noqa: E402
 from helpers import requirements  # noqa: E402
