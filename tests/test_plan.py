@@ -1,5 +1,6 @@
 """Config validation and plan building: parameter resolution, errors that name the field, JSON plan."""
 
+import dataclasses
 import json
 
 import pytest
@@ -169,3 +170,96 @@ def test_plan_with_shared_params_equals_plan_resolved_per_tensor(family_bf16, mo
         assert len(ids) == len(fast.tensors)  # keyed by the tensor name: one each
     else:
         assert len(ids) == 1
+
+
+def _same_plans(a, b) -> None:
+    assert [dataclasses.astuple(t) for t in a.tensors] == [dataclasses.astuple(t) for t in b.tensors]
+    assert [type(t.sources) for t in a.tensors] == [type(t.sources) for t in b.tensors]
+    assert a.to_json() == b.to_json() and a.digest() == b.digest()
+
+
+def _lean_calls(monkeypatch) -> list:
+    from fastmerge import plan as _  # noqa: F401  (the module, not the function)
+    import importlib
+
+    mod = importlib.import_module("fastmerge.plan")
+    real, calls = mod._lean_rest, []
+
+    def spy(*a, **k):
+        calls.append(real(*a, **k))
+        return calls[-1]
+
+    monkeypatch.setattr(mod, "_lean_rest", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["ties", "linear", "compat", "fp32_out", "gradient", "per_tensor"])
+def test_lean_whole_model_plan_equals_the_plan_of_add(family_bf16, monkeypatch, case):
+    """A whole-model merge with plain parameters plans the tensors after the first from the input tables side by
+    side (``plan._lean_rest``): the same TensorPlans (every field, sources as lists), JSON and digest as with
+    every tensor through ``add``; and where parameters vary by tensor, ``add`` plans them all."""
+    import importlib
+
+    mod = importlib.import_module("fastmerge.plan")
+    base, fts = family_bf16
+    doc = {"merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
+           "models": [{"model": str(p), "parameters": {"weight": 0.4, "density": 0.6}} for p in fts]}
+    options = {}
+    if case == "linear":
+        doc = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 0.4}} for p in [base, *fts]]}
+    elif case == "compat":
+        options = {"mergekit_compat": True}
+    elif case == "fp32_out":
+        doc["dtype"] = "float32"
+    elif case == "gradient":
+        doc["models"][0]["parameters"]["weight"] = [0.1, 0.9]
+    elif case == "per_tensor":
+        doc["merge_method"] = "dare_ties"
+    calls = _lean_calls(monkeypatch)
+    lean = plan(doc, **options)
+    assert calls == [case not in ("gradient", "per_tensor")]
+    monkeypatch.setattr(mod, "LEAN_WHOLE_MODELS", False)
+    _same_plans(lean, plan(doc, **options))
+
+
+def _write(d, tensors):
+    """A one-file bf16 checkpoint with its data in the order of ``tensors`` (safetensors' save_file sorts them)."""
+    import math
+
+    d.mkdir(parents=True, exist_ok=True)
+    header, off = {}, 0
+    for n, s in tensors:
+        size = 2 * math.prod(s)
+        header[n] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + size]}
+        off += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (d / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\x80\x3f" * (off // 2))
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                               "num_hidden_layers": 2}))
+    return d
+
+
+def test_lean_plan_falls_back_to_add_on_other_orders_and_shapes(tmp_path, monkeypatch):
+    """Another tensor order in one input: ``add`` plans every tensor (the same plan as with the lean path off);
+    a shape that differs: ``add``'s error, naming the tensor and both models."""
+    import importlib
+
+    from fastmerge.errors import ShapeMismatchError
+
+    mod = importlib.import_module("fastmerge.plan")
+    spec = [(f"model.layers.{i}.mlp.w{j}.weight", (3, 5)) for i in range(2) for j in range(3)] + [("model.norm.weight", (5,))]
+    base = _write(tmp_path / "base", spec)
+    other = _write(tmp_path / "reordered", spec[::-1])
+    doc = {"merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
+           "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in (base, other)]}
+    calls = _lean_calls(monkeypatch)
+    got = plan(doc)
+    assert calls == [False]
+    monkeypatch.setattr(mod, "LEAN_WHOLE_MODELS", False)
+    _same_plans(got, plan(doc))
+    monkeypatch.setattr(mod, "LEAN_WHOLE_MODELS", True)
+    bad = _write(tmp_path / "bad", spec[:-1] + [("model.norm.weight", (6,))])
+    doc["models"][1]["model"] = str(bad)
+    with pytest.raises(ShapeMismatchError, match=r"model.norm.weight.*\[6\].*\[5\]"):
+        plan(doc)
