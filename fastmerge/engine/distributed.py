@@ -579,7 +579,9 @@ def _run(group: Any, plan: Any, engine: Any, out: Path) -> MergeReport:
     payload = {"ok": ok, "rank": rank, "host": group.host, "tensor": part.current,
                "error": None if ok else ("interrupted" if interrupted else (str(exc).strip() or type(exc).__name__)),
                "stopped": bool(interrupted and lost),  # stopped because of another rank: not the cause
-               "bytes_read": sub.in_bytes if report is not None else 0,
+               # the engine's own count where its report has one (a sum over the plan is 20k-45k steps for a MoE model)
+               "bytes_read": (report.bytes_read if isinstance(getattr(report, "bytes_read", None), int) else sub.in_bytes)
+               if report is not None else 0,
                "bytes_written": report.bytes_written if report is not None else 0,
                "merge_s": report.merge_s if report is not None else 0.0, "rss": peak_rss_mb(),
                "backends": report.backends if report is not None else {}}
