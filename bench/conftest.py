@@ -52,8 +52,6 @@ def pytest_collect_file(file_path: Path, parent):
     return None
 
 
-
-
 def bench_dir() -> Path:
     return Path(os.environ.get("FASTMERGE_BENCH_DIR") or REPO / "bench" / "out")
 

@@ -694,16 +694,17 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         sl = slices[0]
         n_layers = sl.length
         names = [n for n in first.index.tensors if n not in companions]  # an FP8 weight's scale: read with its weight
-        done = 0
-        for name in names:
+
+        def add_whole(name: str) -> None:
             li = layer_index(name)
-            t = 0.0 if li is None else (li / (n_layers - 1) if n_layers > 1 else 1.0)
-            add(name, sl, li, t, li)
-            done += 1
-            if done == 1 and _lean_rest(plans, names, sl, method, fixed.get(id(sl)), vocabs or adapters or fp8_family,
-                                        plain_out, config.dtype if compat else None, compat, chosen, device, options.backend):
-                break
-        else:
+            add(name, sl, li, 0.0 if li is None else (li / (n_layers - 1) if n_layers > 1 else 1.0), li)
+
+        if names:  # the first through add(), which resolves the slice's parameters; the rest lean where they may be
+            add_whole(names[0])
+        if not (names and _lean_rest(plans, names, sl, method, fixed.get(id(sl)), vocabs or adapters or fp8_family,
+                                     plain_out, config.dtype, compat, chosen, device, options.backend)):
+            for name in names[1:]:
+                add_whole(name)
             for m in sl.inputs:
                 extra = [n for n in m.index.tensors if n not in first.index.tensors and n not in companions]
                 if extra:
@@ -748,7 +749,7 @@ LEAN_WHOLE_MODELS = True
 
 
 def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: MergeMethod, params: Any, transforms: Any,
-               plain_out: str | None, compat_dtype: str | None, compat: bool, chosen: dict[Any, Any], device: str,
+               plain_out: str | None, config_dtype: str | None, compat: bool, chosen: dict[Any, Any], device: str,
                backend_opt: Any) -> bool:
     """The tensors after the first of a whole-model merge whose inputs all list the same tensor names in the same
     order with the same shapes, whose parameters do not vary by tensor (``params``: the slice's one Params) and that
@@ -786,7 +787,7 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
             got = chosen[(pid, compat, numel)] = backends.select(MergeJob(name, method, params, compat, numel=numel), device,
                                                                  backend_opt)
         dt = ref.dtype
-        append(TensorPlan(name, shape, plain_out or dt, (compat_dtype or dt) if compat else None, ref if has_base else None,
+        append(TensorPlan(name, shape, plain_out or dt, (config_dtype or dt) if compat else None, ref if has_base else None,
                           row[1:] if has_base else row, params, layer_index(name), got[0], got[1]))
     return True
 

@@ -1,14 +1,19 @@
 """Config validation and plan building: parameter resolution, errors that name the field, JSON plan."""
 
 import dataclasses
+import importlib
 import json
 
 import pytest
+import torch
 
 from fastmerge import plan
 from fastmerge.config import MergeConfig, evaluate_setting
 from fastmerge.errors import ConfigError
 from fastmerge.plan import layer_index
+from helpers.checkpoints import write_sharded
+
+PLAN = importlib.import_module("fastmerge.plan")  # the module (fastmerge.plan is also the function plan)
 
 
 def _cfg(fam, method="ties", **over):
@@ -179,17 +184,13 @@ def _same_plans(a, b) -> None:
 
 
 def _lean_calls(monkeypatch) -> list:
-    from fastmerge import plan as _  # noqa: F401  (the module, not the function)
-    import importlib
-
-    mod = importlib.import_module("fastmerge.plan")
-    real, calls = mod._lean_rest, []
+    real, calls = PLAN._lean_rest, []
 
     def spy(*a, **k):
         calls.append(real(*a, **k))
         return calls[-1]
 
-    monkeypatch.setattr(mod, "_lean_rest", spy)
+    monkeypatch.setattr(PLAN, "_lean_rest", spy)
     return calls
 
 
@@ -198,9 +199,6 @@ def test_lean_whole_model_plan_equals_the_plan_of_add(family_bf16, monkeypatch, 
     """A whole-model merge with plain parameters plans the tensors after the first from the input tables side by
     side (``plan._lean_rest``): the same TensorPlans (every field, sources as lists), JSON and digest as with
     every tensor through ``add``; and where parameters vary by tensor, ``add`` plans them all."""
-    import importlib
-
-    mod = importlib.import_module("fastmerge.plan")
     base, fts = family_bf16
     doc = {"merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
            "models": [{"model": str(p), "parameters": {"weight": 0.4, "density": 0.6}} for p in fts]}
@@ -218,23 +216,13 @@ def test_lean_whole_model_plan_equals_the_plan_of_add(family_bf16, monkeypatch, 
     calls = _lean_calls(monkeypatch)
     lean = plan(doc, **options)
     assert calls == [case not in ("gradient", "per_tensor")]
-    monkeypatch.setattr(mod, "LEAN_WHOLE_MODELS", False)
+    monkeypatch.setattr(PLAN, "LEAN_WHOLE_MODELS", False)
     _same_plans(lean, plan(doc, **options))
 
 
-def _write(d, tensors):
-    """A one-file bf16 checkpoint with its data in the order of ``tensors`` (safetensors' save_file sorts them)."""
-    import math
-
-    d.mkdir(parents=True, exist_ok=True)
-    header, off = {}, 0
-    for n, s in tensors:
-        size = 2 * math.prod(s)
-        header[n] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + size]}
-        off += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    (d / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\x80\x3f" * (off // 2))
+def _model(d, tensors, shards):
+    """A bf16 checkpoint in ``shards`` (lists of names): its tensor order is by shard, then by name."""
+    write_sharded(d, {n: torch.ones(shape, dtype=torch.bfloat16) for n, shape in tensors.items()}, shards)
     (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                                                "num_hidden_layers": 2}))
     return d
@@ -243,23 +231,21 @@ def _write(d, tensors):
 def test_lean_plan_falls_back_to_add_on_other_orders_and_shapes(tmp_path, monkeypatch):
     """Another tensor order in one input: ``add`` plans every tensor (the same plan as with the lean path off);
     a shape that differs: ``add``'s error, naming the tensor and both models."""
-    import importlib
-
     from fastmerge.errors import ShapeMismatchError
 
-    mod = importlib.import_module("fastmerge.plan")
-    spec = [(f"model.layers.{i}.mlp.w{j}.weight", (3, 5)) for i in range(2) for j in range(3)] + [("model.norm.weight", (5,))]
-    base = _write(tmp_path / "base", spec)
-    other = _write(tmp_path / "reordered", spec[::-1])
+    spec = {f"model.layers.{i}.mlp.w{j}.weight": (3, 5) for i in range(2) for j in range(3)} | {"model.norm.weight": (5,)}
+    layers = [n for n in spec if n != "model.norm.weight"]
+    base = _model(tmp_path / "base", spec, [layers, ["model.norm.weight"]])
+    other = _model(tmp_path / "reordered", spec, [["model.norm.weight"], layers])
     doc = {"merge_method": "ties", "base_model": str(base), "dtype": "bfloat16",
            "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in (base, other)]}
     calls = _lean_calls(monkeypatch)
     got = plan(doc)
     assert calls == [False]
-    monkeypatch.setattr(mod, "LEAN_WHOLE_MODELS", False)
+    monkeypatch.setattr(PLAN, "LEAN_WHOLE_MODELS", False)
     _same_plans(got, plan(doc))
-    monkeypatch.setattr(mod, "LEAN_WHOLE_MODELS", True)
-    bad = _write(tmp_path / "bad", spec[:-1] + [("model.norm.weight", (6,))])
+    monkeypatch.setattr(PLAN, "LEAN_WHOLE_MODELS", True)
+    bad = _model(tmp_path / "bad", spec | {"model.norm.weight": (6,)}, [layers, ["model.norm.weight"]])
     doc["models"][1]["model"] = str(bad)
     with pytest.raises(ShapeMismatchError, match=r"model.norm.weight.*\[6\].*\[5\]"):
         plan(doc)
