@@ -217,7 +217,7 @@ void peft_merge(const PeftArgs& a, int threads) {
       a.out[j] = element(a, j, true, in_ranges(a.ilp_c, a.num_ilp_c, j));
   for (int q = 0; q < a.num_ilp_c; ++q)
     for (int64_t j = a.ilp_c[2 * q]; j < a.ilp_c[2 * q + 1]; ++j)
-      a.out[j] = element(a, j, in_ranges(a.ilp_a, a.num_ilp_a, j), true);
+      if (!in_ranges(a.ilp_a, a.num_ilp_a, j)) a.out[j] = element(a, j, false, true);  // else done above
 }
 
 }  // namespace cpu
