@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import struct
@@ -25,6 +27,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import _native
+from .._memo import memo
 from ..errors import CheckpointError
 
 #: safetensors dtype names this project merges (others are rejected up front, naming the tensor).
@@ -184,6 +187,9 @@ def _check_relative(index_path: Path, shard: str) -> None:
         raise CheckpointError(f"{index_path}: shard path '{shard}' must be relative and stay inside the model folder")
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
 @dataclasses.dataclass
 class CheckpointIndex:
     """The tensors of one model checkpoint (headers only), in file order."""
@@ -195,6 +201,27 @@ class CheckpointIndex:
     #: safetensors: the sha256 of each file's raw header, in ``files`` order (what ``tensors`` was parsed from,
     #: for the plan digest); None for pickles
     header_sha256: list[str] | None = None
+    #: safetensors: how many tensors each file holds, in ``files`` order. The parse checked that a file's tensors
+    #: lie back to back, no gap, in ``tensors``' order (``neighbours``); None where nothing checked it
+    file_counts: list[int] | None = None
+
+    @memo
+    def neighbours(self) -> tuple[list[TensorInfo], list[bool] | None] | None:
+        """(``tensors``' values, and for each after the first whether it starts where the one before ends, in the
+        same file and dtype: None where all do), from the parsed layout without a step per tensor (a MoE model
+        has 20k-45k); None for an index whose layout no parse checked."""
+        if self.file_counts is None or sum(self.file_counts) != len(self.tensors):
+            return None
+        values = list(self.tensors.values())
+        dtypes = list(map(_DTYPE, values))
+        adjacent = None if dtypes[1:] == dtypes[:-1] else list(map(operator.eq, dtypes[1:], dtypes))
+        ends = list(itertools.accumulate(self.file_counts))[:-1]
+        if ends:
+            adjacent = adjacent or [True] * (len(values) - 1)
+            for e in ends:
+                if 0 < e <= len(adjacent):
+                    adjacent[e - 1] = False  # the first tensor of the next file
+        return values, adjacent
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "CheckpointIndex":
@@ -270,10 +297,11 @@ class CheckpointIndex:
     @classmethod
     def _from_safetensors(cls, root: Path, files: list[Path]) -> "CheckpointIndex":
         tensors: dict[str, TensorInfo] = {}
-        shas = []
+        shas, counts = [], []
         for f in files:
             meta, infos, sha = _read_header(f)
             shas.append(sha)
+            counts.append(len(infos))
             fmt = meta.get("format") if isinstance(meta, dict) else None
             if fmt not in (None, "pt", "mlx", "np", "flax", "tf"):
                 raise CheckpointError(f"{f}: safetensors format '{fmt}' is not a tensor checkpoint")
@@ -281,7 +309,7 @@ class CheckpointIndex:
                 if t.name in tensors:
                     raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
                 tensors[t.name] = t
-        return cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas)
+        return cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas, file_counts=counts)
 
     @classmethod
     def _from_bin(cls, root: Path, files: list[Path]) -> "CheckpointIndex":

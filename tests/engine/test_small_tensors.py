@@ -178,6 +178,60 @@ def test_runs_follow_files_dtypes_and_parameters(moe_family):
     assert len(unpacked) <= len(runs)
 
 
+def _batches_tensor_by_tensor(p, elementwise: bool, segments: bool) -> list[list[int]]:
+    """``stream.batches``'s rule, one tensor at a time (its definition: the engine's form takes it column by column)."""
+    units, prev, prev_dtype, prev_params, size = [], None, None, None, 0
+    for i, t in enumerate(p.tensors):
+        nbytes = t.out_tensor.nbytes
+        small = (nbytes < stream.SMALL_NUMEL * _itemsize(t.out_dtype) and t.backend == "native"
+                 and t.input_transform is None and t.out_quant is None and not t.compute_dtype)
+        ins = t.sources if t.base is None else [t.base, *t.sources]
+        if small:
+            if (prev is not None and size + nbytes <= stream.BATCH_BYTES and prev_dtype == t.out_dtype
+                    and (not (elementwise or segments) or prev_params == t.params) and len(prev) == len(ins)
+                    and all(a.end == b.begin and a.dtype == b.dtype and a.file == b.file for a, b in zip(prev, ins))):
+                units[-1].append(i)
+                size += nbytes
+                prev = ins
+                continue
+            prev = ins
+        else:
+            prev = None
+        units.append([i])
+        size, prev_dtype, prev_params = nbytes, t.out_dtype, t.params
+    return units
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "della"])
+def test_batches_equal_the_tensor_by_tensor_rule(moe_family, qwen_family, method, monkeypatch):
+    """The runs ``batches`` takes column by column are the rule's, tensor by tensor: over files, dtypes, varying
+    parameters, a small batch size, an input count that changes mid-plan and paths equal but not identical."""
+    import dataclasses
+
+    sizes = (stream.BATCH_BYTES, 5000)
+    for fam, extra in ((moe_family, {}), (moe_family, {"out_dtype": "float32"}), (qwen_family, {})):
+        p = plan(_doc(fam, method, **extra), out_shard_size="30KB", progress=False)
+        longest = 0
+        for bb in sizes:
+            monkeypatch.setattr(stream, "BATCH_BYTES", bb)
+            for flags in ((True, False), (False, True), (False, False)):
+                want = _batches_tensor_by_tensor(p, *flags)
+                assert batches(p, *flags) == want
+                longest = max(longest, *map(len, want))
+        assert longest >= 8  # not hollow: runs of several tensors
+        # a plan whose tensors differ in their number of inputs (the base dropped from every third tensor), and
+        # whose inputs name their files by equal but distinct Path objects: the row-by-row form
+        ts = [dataclasses.replace(t, base=None) if i % 3 == 0 and t.base is not None else t for i, t in enumerate(p.tensors)]
+        ts = [dataclasses.replace(t, sources=[dataclasses.replace(x, file=Path(str(x.file))) for x in t.sources])
+              if i % 5 == 0 else t for i, t in enumerate(ts)]
+        q = dataclasses.replace(p, tensors=ts)
+        assert batches(q, True, False) == _batches_tensor_by_tensor(q, True, False)
+
+
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_qwen3_moe_batched_equals_tensor_by_tensor(qwen_family, method, tmp_path, monkeypatch, poisoned_pool):
     base, fts = qwen_family

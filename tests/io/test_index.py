@@ -32,6 +32,24 @@ def test_sharded_index_in_file_order(tmp_path):
     assert offs == sorted(offs)
 
 
+def test_neighbours_from_the_checked_layout(tmp_path):
+    """``neighbours``: for each tensor after the first, whether it lies right after the one before in the same file
+    and dtype, as the offsets, files and dtypes say (taken from the parsed layout, not tensor by tensor)."""
+    sd = {f"t{i}": torch.randn(3 + i % 4).to([torch.float32, torch.bfloat16][(i // 3) % 2]) for i in range(14)}
+    write_sharded(tmp_path, sd, [[f"t{i}" for i in range(6)], ["t6", "t7"], [f"t{i}" for i in range(8, 14)]])
+    ix = CheckpointIndex.open(tmp_path)
+    values, adjacent = ix.neighbours
+    assert values == list(ix.tensors.values()) and len(ix.files) == 3
+    want = [a.file == b.file and a.end == b.begin and a.dtype == b.dtype for a, b in zip(values, values[1:])]
+    assert adjacent == want and True in want and want.count(False) >= 3  # dtype changes and a file change
+    one = tmp_path / "one"
+    one.mkdir()
+    save_file({f"x{i}": torch.zeros(5) for i in range(9)}, str(one / "model.safetensors"))
+    assert CheckpointIndex.open(one).neighbours[1] is None  # one file, one dtype: all adjacent
+    # an index no parse checked (made by hand): no claim about its layout
+    assert CheckpointIndex(ix.root, ix.files, ix.tensors, "safetensors").neighbours is None
+
+
 def test_bin_single_and_indexed(tmp_path):
     sd = random_state(dtype=torch.bfloat16)
     torch.save(sd, tmp_path / "pytorch_model.bin")
