@@ -216,20 +216,25 @@ class MergePlan:
         ts = self.tensors
 
         def table(values: list[Any]) -> None:
-            nums = {v: i for i, v in enumerate(dict.fromkeys(values))}  # numbered in order of first appearance
-            h.update(repr(list(nums)).encode())
-            h.update(array("q", map(nums.__getitem__, values)).tobytes())
+            if values[1:] == values[:-1]:  # one value (or none): every row is number 0
+                h.update(repr(values[:1]).encode())
+                h.update(bytes(8 * len(values)))
+            else:
+                nums = {v: i for i, v in enumerate(dict.fromkeys(values))}  # numbered in order of first appearance
+                h.update(repr(list(nums)).encode())
+                h.update(array("q", map(nums.__getitem__, values)).tobytes())
             h.update(b"\n")
 
         names = list(map(_NAME, ts))
         h.update("\0".join(names).encode())
         h.update(array("q", map(len, names)).tobytes())
         table(list(map(_SHAPE, ts)))
-        table(list(map(_DTYPES, ts)))
+        kinds = [list(map(a, ts)) for a in _KINDS]  # out_dtype, compute_dtype, backend: each mostly one value
+        table([tuple(k[0] for k in kinds)] * len(ts) if ts and all(k[1:] == k[:-1] for k in kinds) else list(zip(*kinds)))
         bases, srcs = list(map(_BASE, ts)), list(map(_SOURCES, ts))
-        table([n + 1 for n in map(len, srcs)])
+        table(list(map(operator.add, map(len, srcs), itertools.repeat(1))))
         fno[id(None)] = -1  # no base
-        files, renamed = _input_columns(names, bases, srcs, fno, fno_eq)
+        files, renamed = _input_columns(names, bases, srcs, fno, fno_eq, self.indexes)
         h.update(files.tobytes())
         h.update(repr(renamed).encode())
         # Tensors of equal parameters mostly share one Params object (build_plan): each object is dumped once and
@@ -271,28 +276,43 @@ class MergePlan:
 
 _NAME, _SHAPE, _BASE, _SOURCES, _PARAMS, _TRANSFORM = (operator.attrgetter(a) for a in (
     "name", "shape", "base", "sources", "params", "input_transform"))
-_DTYPES = operator.attrgetter("out_dtype", "compute_dtype", "backend")
+_KINDS = tuple(operator.attrgetter(a) for a in ("out_dtype", "compute_dtype", "backend"))
 _FILE = operator.attrgetter("file")
 
 
-def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dict[int, int],
-                   fno_eq: dict[Path, int]) -> tuple[array, list[tuple[int, int, str]]]:
+def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dict[int, int], fno_eq: dict[Path, int],
+                   indexes: dict[str, CheckpointIndex]) -> tuple[array, list[tuple[int, int, str]]]:
     """The digest's input columns: every input's file number, row by row (base first, -1 for none), and the
     (tensor, input, name) of each input whose name is not the output name. Where every tensor has the same
-    number of sources and a base everywhere or nowhere, column by column in C; else row by row."""
+    number of sources and a base everywhere or nowhere, column by column in C (a column that is a model's own
+    tensors in its order: from its index's file counts and names); else row by row."""
     n_src = len(srcs[0]) if srcs else 0
     has_base = bases.count(None) == 0
     if srcs and (has_base or bases.count(None) == len(bases)) and all(len(s) == n_src for s in srcs):
         cols = ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src)]
-        ids = [list(map(fno.get, map(id, map(_FILE, c)), itertools.repeat(-2))) for c in cols]
+        index_of = {id(f): ix for ix in indexes.values() for f in ix.files}
+        ids, col_names = [], []
+        for c in cols:
+            ix = index_of.get(id(c[0].file))
+            known = ix.neighbours if ix is not None else None
+            if known is not None and known[0] == c and ix.file_counts is not None:  # identity: one C call
+                ids.append(list(itertools.chain.from_iterable(
+                    [fno.get(id(f), -2)] * n for f, n in zip(ix.files, ix.file_counts))))
+                col_names.append(list(ix.tensors))  # its names are its keys
+            else:
+                ids.append(list(map(fno.get, map(id, map(_FILE, c)), itertools.repeat(-2))))
+                col_names.append(None)
         if not has_base:
             ids.insert(0, [-1] * len(names))
-        files = array("q", itertools.chain.from_iterable(zip(*ids)))
+        if all(x.count(x[0]) == len(x) for x in ids):  # each model in one file: one row, repeated
+            files = array("q", [x[0] for x in ids]) * len(names)
+        else:
+            files = array("q", itertools.chain.from_iterable(zip(*ids)))
         if -2 not in files:
             off = 0 if has_base else 1
             renamed = []
-            for k, c in enumerate(cols):
-                got = list(map(_NAME, c))
+            for k, (c, got) in enumerate(zip(cols, col_names)):
+                got = got if got is not None else list(map(_NAME, c))
                 if got != names:
                     renamed += [(i, k + off, x) for i, (x, y) in enumerate(zip(got, names)) if x != y]
             return files, sorted(renamed)

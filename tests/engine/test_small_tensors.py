@@ -232,6 +232,97 @@ def test_batches_equal_the_tensor_by_tensor_rule(moe_family, qwen_family, method
         assert batches(q, True, False) == _batches_tensor_by_tensor(q, True, False)
 
 
+def _digest_by_rows(plan_) -> str:
+    """``MergePlan.digest``'s bytes taken one Python step per tensor and input (its definition: the plan's own takes
+    them column by column)."""
+    import dataclasses
+    import hashlib
+    import json
+    from array import array
+
+    from fastmerge._version import __version__
+
+    h = hashlib.sha256()
+
+    def put(obj) -> None:
+        h.update(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+        h.update(b"\n")
+
+    o = plan_.options
+    put({"version": __version__, "config": plan_.config.to_dict(), "device": plan_.device, "seed": o.seed,
+         "compat": o.mergekit_compat, "shard_size": o.out_shard_size, "out_layers": plan_.out_layers})
+    fno_eq: dict = {}
+    for key, ix in sorted(plan_.indexes.items()):
+        put({"model": key, "fmt": ix.fmt, "files": [[f.name, f.stat().st_size if f.exists() else -1] for f in ix.files]})
+        for f in ix.files:
+            fno_eq.setdefault(f, len(fno_eq))
+        put({"headers": ix.header_sha256, "tensors": len(ix.tensors)})
+    ts = plan_.tensors
+
+    def table(values) -> None:
+        nums: dict = {}
+        rows = array("q", [nums.setdefault(v, len(nums)) for v in values])
+        h.update(repr(list(nums)).encode())
+        h.update(rows.tobytes())
+        h.update(b"\n")
+
+    names = [t.name for t in ts]
+    h.update("\0".join(names).encode())
+    h.update(array("q", map(len, names)).tobytes())
+    table([t.shape for t in ts])
+    table([(t.out_dtype, t.compute_dtype, t.backend) for t in ts])
+    ins = [(t.base, *t.sources) for t in ts]
+    table([len(r) for r in ins])
+    h.update(array("q", [-1 if x is None else fno_eq[x.file] for row in ins for x in row]).tobytes())
+    h.update(repr([(i, k, x.name) for i, row in enumerate(ins) for k, x in enumerate(row)
+                   if x is not None and x.name != names[i]]).encode())
+    ptable: dict = {}
+    pid: dict = {}
+    for q in {id(t.params): t.params for t in ts}.values():
+        d = vars(q) if hasattr(q, "__dict__") else dataclasses.asdict(q)
+        pid[id(q)] = ptable.setdefault(json.dumps(d, sort_keys=True, separators=(",", ":"), default=str), len(ptable))
+    h.update("\n".join(ptable).encode())
+    h.update(array("q", [pid[id(t.params)] for t in ts]).tobytes())
+    for t in ts:
+        if t.input_transform is not None:
+            for f in dataclasses.fields(t.input_transform):
+                v = getattr(t.input_transform, f.name)
+                for a in (v if isinstance(v, list) else [v]):
+                    h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
+    for sh in plan_.shards:
+        h.update(sh.header_bytes())
+    return h.hexdigest()
+
+
+def test_digest_equals_its_definition_row_by_row(moe_family, qwen_family, tmp_path):
+    """The plan digest, taken column by column, hashes the bytes its row-by-row definition does: whole models in
+    several shards of mixed dtypes (base or none), slices (inputs renamed), FP8 inputs (input transforms), inputs
+    whose Paths are equal but not the index's own objects, and a base on some tensors only."""
+    import dataclasses
+
+    base, fts = moe_family
+    sliced = {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.3},
+              "slices": [{"sources": [{"model": str(base), "layer_range": [1, 3]}, {"model": str(fts[0]), "layer_range": [1, 3]}]}]}
+    fbase, ffts = make_family(tmp_path / "fp8", DeepSeekV3Shape(hidden=128, layers=2, first_k_dense=1, intermediate=128,
+                                                                 moe_intermediate=128, experts=4, heads=2, q_lora_rank=128,
+                                                                 kv_lora_rank=128, qk_nope=64, qk_rope=64, v_head=64, vocab=256),
+                              n_finetunes=2, fp8_block=(128, 128), shard_bytes=300_000)
+    fp8 = {"merge_method": "ties", "base_model": str(fbase), "dtype": "bfloat16",
+           "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in ffts]}
+    plans = [plan(_doc(moe_family, m), out_shard_size="30KB", progress=False) for m in ("linear", "ties")]
+    plans += [plan(_doc(qwen_family, "ties"), progress=False), plan(sliced, progress=False), plan(fp8, progress=False)]
+    assert len({len(p.shards) for p in plans}) > 1 and any(t.input_transform is not None for t in plans[-1].tensors)
+    assert any(x.name != t.name for t in plans[3].tensors for x in t.sources)  # slices: inputs renamed
+    for p in plans:
+        assert p.digest() == _digest_by_rows(p)
+    p = plans[1]
+    ts = [dataclasses.replace(t, sources=[dataclasses.replace(x, file=Path(str(x.file))) for x in t.sources])
+          if i % 7 == 0 else t for i, t in enumerate(p.tensors)]
+    ts = [dataclasses.replace(t, base=None) if i % 5 == 0 else t for i, t in enumerate(ts)]
+    q = dataclasses.replace(p, tensors=ts)
+    assert q.digest() == _digest_by_rows(q) != p.digest()
+
+
 @pytest.mark.parametrize("method", ["linear", "ties"])
 def test_qwen3_moe_batched_equals_tensor_by_tensor(qwen_family, method, tmp_path, monkeypatch, poisoned_pool):
     base, fts = qwen_family
