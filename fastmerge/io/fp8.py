@@ -128,7 +128,8 @@ class Fp8Index:
         deq: dict[str, Dequant] = {}
         comp: set[str] = set()
         tensors = index.tensors
-        for name, w in tensors.items():
+        fp8_names = tensors.items() if any(map(is_fp8, {t.dtype for t in tensors.values()})) else ()  # most models: none
+        for name, w in fp8_names:
             if not is_fp8(w.dtype):
                 continue
             s = next((tensors[name + suf] for suf in SCALE_SUFFIXES if name + suf in tensors), None)
