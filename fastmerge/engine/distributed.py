@@ -472,14 +472,7 @@ def merge(build: Callable[[], Any], out: str | Path, options: Any, select: Calla
     engine's report (sweep, layerwise) or a ``MergeReport`` with totals over every rank."""
     out = Path(out)
     if not requested():
-        plan = build()
-        engine, _ = select(plan)
-        if engine.name not in SHARDABLE:
-            if plan.options.resume:
-                raise FastMergeError(f"--resume: the {engine.name} engine writes its output(s) in one pass and cannot "
-                                     "resume; rerun without --resume")
-            return engine.run(plan, out)
-        return _run(_One(), plan, engine, out)
+        return _one_process(build(), out, select)
     from ..backends import resolve_device
 
     group = _Group(resolve_device(options.device))
@@ -513,6 +506,20 @@ def merge(build: Callable[[], Any], out: str | Path, options: Any, select: Calla
         return report
     finally:
         group.close(ok)
+
+
+@gc_frozen
+def _one_process(plan: Any, out: Path, select: Any) -> Any:
+    """``merge`` in this process, from the engine's choice on: with the plan's objects (~10 per tensor, 200k for a MoE
+    model, built while the collector was paused) frozen first: the first collection after the build, which
+    ``select`` set off, scanned them all (~20 ms on moe-small)."""
+    engine, _ = select(plan)
+    if engine.name not in SHARDABLE:
+        if plan.options.resume:
+            raise FastMergeError(f"--resume: the {engine.name} engine writes its output(s) in one pass and cannot "
+                                 "resume; rerun without --resume")
+        return engine.run(plan, out)
+    return _run(_One(), plan, engine, out)
 
 
 @gc_frozen
