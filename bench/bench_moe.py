@@ -22,9 +22,10 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 
 Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process, planning included) for
 ties and linear on the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``),
-the merge loop's own time (``MergeReport.wall_s``: reading, kernels, writing), the ratio of the large-tensor
-family's throughput to the small one's (the families alternate within each of the ``--repeat`` rounds; the
-median of the rounds' ratios), the time of ``fastmerge plan``'s work in-process (``build_plan``,
+the merge loop's own time (``MergeReport.wall_s``: from the plan's digest to the commit: reading, kernels,
+writing; its ``gbps`` is the "GB/s of input" a merge's summary prints), the ratio of the large-tensor family's
+throughput to the small one's, in wall time and in the report's GB/s (the families alternate within each of the
+``--repeat`` rounds; the median of the rounds' ratios), the time of ``fastmerge plan``'s work in-process (``build_plan``,
 then the plan's ``digest``) and, with ``--mergekit``, mergekit 0.1.5's wall time on the same configs
 (``mergekit-yaml``, a child process). Times are medians of ``--repeat`` runs.
 """
@@ -195,7 +196,7 @@ def main() -> None:
             cpus.append(time.process_time() - c0)
         print(f"plan {name}: {len(plan.tensors)} tensors, build_plan {statistics.median(builds):.2f} s, "
               f"digest {statistics.median(digests):.2f} s (CPU of both {statistics.median(cpus):.2f} s)", flush=True)
-    rows = {}
+    rows, loops = {}, {}
     for method in a.methods.split(","):
         for engine in ("native", "torch"):
             # the families alternate within each round (the machine's speed drifts over minutes: a ratio of two
@@ -208,6 +209,7 @@ def main() -> None:
                 wall, loop, cpu = (statistics.median(x[k] for x in got) for k in range(3))
                 nbytes, used = got[0][3], got[0][4]
                 rows[(method, name, engine)] = [x[3] / x[0] / 1e9 for x in got]
+                loops[(method, name, engine)] = [x[3] / x[1] / 1e9 for x in got]  # the report's "GB/s of input"
                 print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s, CPU {cpu:6.2f} s)  "
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
             big = rows.get((method, "dense-large", engine))
@@ -216,6 +218,9 @@ def main() -> None:
                 if s and big:
                     per_round = [b / x for b, x in zip(big, s)]
                     print(f"{method} {engine}: dense-large / {name} throughput ratio {statistics.median(per_round):.2f} "
+                          f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
+                    per_round = [b / x for b, x in zip(loops[(method, "dense-large", engine)], loops[(method, name, engine)])]
+                    print(f"{method} {engine}: dense-large / {name} merge report's GB/s ratio {statistics.median(per_round):.2f} "
                           f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
         if a.mergekit:
             for name, (base, fts) in fams.items():
