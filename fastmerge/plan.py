@@ -830,9 +830,10 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     has_base = sl.base is not None
     numels: dict[tuple[int, ...], int] = {}
     append, pid = plans.append, id(params)
-    rows = zip(names, *tables)
+    layers = [None if m is None else int(m[1]) for m in map(LAYER_RE.search, names)]  # layer_index, the search in C
+    rows = zip(names, layers, *tables)
     next(rows)  # the first tensor: add() made it
-    for name, *row in rows:
+    for name, li, *row in rows:
         ref = row[0]
         shape = ref.shape
         numel = numels.get(shape)
@@ -844,7 +845,7 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
                                                                  backend_opt)
         dt = ref.dtype
         append(TensorPlan(name, shape, plain_out or dt, (config_dtype or dt) if compat else None, ref if has_base else None,
-                          row[1:] if has_base else row, params, layer_index(name), got[0], got[1]))
+                          row[1:] if has_base else row, params, li, got[0], got[1]))
     return True
 
 
