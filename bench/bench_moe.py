@@ -18,7 +18,9 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
   (``engine.stream.batches``) and tensor by tensor (``stream.SMALL_NUMEL = 0``), interleaved, same plan.
 - ``--against DIR``: instead, this tree against the fastmerge installed in ``DIR`` (``pip install --target DIR
   <old checkout>``: its own ``_C``) on moe-small and dense-large, each merge a child process timing
-  ``fastmerge.merge`` (planning included), the installs alternated in each round.
+  ``fastmerge.merge`` (planning included), the installs alternated in each round; ``--warm N``: each child
+  merges N + 1 times and keeps the last N (in-process, warm: the merges' own differences, without a fresh
+  process's first-call costs).
 
 Prints GB/s of input (bytes read / wall time of ``fastmerge.merge`` in this process, planning included) for
 ties and linear on the ``native`` engine (torch-free) and the ``torch`` engine (``FASTMERGE_FASTPATH=0``),
@@ -127,39 +129,49 @@ def ab(root: Path, methods: list[str], repeat: int) -> None:
                   f"{med['one by one'][1] / med['runs'][1]:.2f}x, CPU {med['one by one'][2] / med['runs'][2]:.2f}x", flush=True)
 
 
-def against(root: Path, old: str, methods: list[str], repeat: int) -> None:
+def against(root: Path, old: str, methods: list[str], repeat: int, warm: int = 0) -> None:
     """This tree vs the fastmerge installed at ``old`` (a ``pip install --target`` directory) on moe-small and
     dense-large: each merge a child process (``fastmerge.merge`` timed inside it, planning included), the two
-    installs alternated within each round; medians of ``repeat`` rounds, and of the rounds' large/small ratios."""
+    installs alternated within each round; medians of ``repeat`` rounds, and of the rounds' large/small ratios.
+    ``warm`` > 0: each child merges ``warm`` + 1 times in-process and keeps the last ``warm`` (a merge in a fresh
+    process pays first-call costs and a cold allocator, ~0.1 s of noise against changes of a few hundredths), and
+    the merge report's time (``MergeReport.wall_s``) is printed beside the wall time."""
     from ab_inprocess import command
 
     fams = {"moe-small": family(root, "moe-small", SMALL), "dense-large": family(root, "dense-large", LARGE)}
+    runs = warm + 1 if warm else 1
     for method in methods:
         for engine in ("native", "torch"):
-            res: dict[tuple[str, str], list[float]] = {}
+            res: dict[tuple[str, str], list[tuple[float, float]]] = {}
             nbytes: dict[str, int] = {}
             for _ in range(repeat):
                 for name, (base, fts) in fams.items():
                     for side in ("before", "after"):
                         with tempfile.TemporaryDirectory() as tmp:
-                            child = ("import time, fastmerge\n"
-                                     "t = time.perf_counter()\n"
-                                     f"r = fastmerge.merge({config(method, base, fts)!r}, {tmp + '/out'!r}, threads=2, progress=False)\n"
-                                     "print(time.perf_counter() - t, r.bytes_read)\n")
+                            child = ("import shutil, time, fastmerge\n"
+                                     f"for i in range({runs}):\n"
+                                     f"    shutil.rmtree({tmp + '/out'!r}, ignore_errors=True)\n"
+                                     "    t = time.perf_counter()\n"
+                                     f"    r = fastmerge.merge({config(method, base, fts)!r}, {tmp + '/out'!r}, threads=2, progress=False)\n"
+                                     f"    if i >= {runs - (warm or 1)}: print(time.perf_counter() - t, r.wall_s, r.bytes_read)\n")
                             env = {**os.environ, "FASTMERGE_FASTPATH": "1" if engine == "native" else "0"}
                             out = subprocess.run(command(old, child) if side == "before" else [sys.executable, "-c", child],
                                                  capture_output=True, text=True, check=True, cwd=tmp, env=env).stdout
-                            wall, read = out.strip().splitlines()[-1].split()
-                            res.setdefault((name, side), []).append(float(wall))
-                            nbytes[name] = int(read)
+                            for line in out.strip().splitlines()[-(warm or 1):]:
+                                wall, loop, read = line.split()
+                                res.setdefault((name, side), []).append((float(wall), float(loop)))
+                                nbytes[name] = int(read)
             for side in ("before", "after"):
                 small, big = res[("moe-small", side)], res[("dense-large", side)]
-                ratios = [(s / nbytes["moe-small"]) / (b / nbytes["dense-large"]) for s, b in zip(small, big)]
-                print(f"{method:7s} {engine:6s} {side:6s}: moe-small {statistics.median(small):.3f} s, dense-large "
-                      f"{statistics.median(big):.3f} s, large/small throughput {statistics.median(ratios):.2f} (rounds "
-                      f"{', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+                ratios = [(s[0] / nbytes["moe-small"]) / (b[0] / nbytes["dense-large"]) for s, b in zip(small, big)]
+                print(f"{method:7s} {engine:6s} {side:6s}: moe-small {statistics.median(x[0] for x in small):.3f} s "
+                      f"(report {statistics.median(x[1] for x in small):.3f} s), dense-large "
+                      f"{statistics.median(x[0] for x in big):.3f} s (report {statistics.median(x[1] for x in big):.3f} s), "
+                      f"large/small throughput {statistics.median(ratios):.2f} (rounds {', '.join(f'{r:.2f}' for r in ratios)})",
+                      flush=True)
             b, a = res[("moe-small", "before")], res[("moe-small", "after")]
-            print(f"{method:7s} {engine:6s} moe-small before/after: {statistics.median(x / y for x, y in zip(b, a)):.2f}x", flush=True)
+            print(f"{method:7s} {engine:6s} moe-small before/after: wall {statistics.median(x[0] / y[0] for x, y in zip(b, a)):.2f}x, "
+                  f"report {statistics.median(x[1] / y[1] for x, y in zip(b, a)):.2f}x", flush=True)
 
 
 def main() -> None:
@@ -173,12 +185,13 @@ def main() -> None:
     ap.add_argument("--families", default="moe-small,dense-large,moe-fp8")
     ap.add_argument("--ab", action="store_true", help="moe-small with and without the runs of small tensors")
     ap.add_argument("--against", help="a pip install --target directory of another fastmerge: before/after, child processes")
+    ap.add_argument("--warm", type=int, default=0, help="with --against: merges kept per child after one warm-up merge")
     a = ap.parse_args()
     root = Path(a.root).resolve()
     if a.ab:
         return ab(root, a.methods.split(","), a.repeat)
     if a.against:
-        return against(root, a.against, a.methods.split(","), a.repeat)
+        return against(root, a.against, a.methods.split(","), a.repeat, a.warm)
     shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), "moe-real": (REAL, False),
               **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}

@@ -178,3 +178,27 @@ def test_digest_is_stable_and_sensitive(family_bf16, tmp_path):
     doc2 = {**doc, "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.6}} for f in fts]}
     assert make_plan(doc2).digest() != d
     assert Path(base).is_dir()
+
+
+def test_one_process_merge_chooses_its_engine_with_the_plan_frozen(family_bf16, tmp_path, monkeypatch):
+    """A one-process merge freezes the plan's objects (built while the collector was paused) before the engine is
+    chosen, so no collection walks them again (on a 20k-tensor plan the first one cost ~20 ms), and unfreezes them
+    after: nothing stays frozen."""
+    import gc
+
+    import fastmerge.engine as engine
+
+    real, frozen = engine.select, []
+
+    def spy(p):
+        frozen.append(gc.get_freeze_count())
+        return real(p)
+
+    monkeypatch.setattr(engine, "select", spy)
+    base, fts = family_bf16
+    doc = {"merge_method": "ties", "base_model": str(base),
+           "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.5}} for f in fts]}
+    assert gc.get_freeze_count() == 0
+    merge(doc, tmp_path / "out", progress=False)
+    assert frozen and frozen[0] > 1000  # the plan (its TensorPlans, TensorInfos, ...) among them
+    assert gc.get_freeze_count() == 0
