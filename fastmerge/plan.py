@@ -26,7 +26,7 @@ from .config import MergeConfig, ModuleSpec, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
 from .io.arch import MODULES, ModuleLayout, check_architectures, config_doc, modular_architecture, module_layouts, module_of
 from .io.fp8 import Fp8Index, fp8_transform, is_fp8, output_quant_config, requant_for
-from .io.index import CheckpointIndex, TensorInfo
+from .io.index import ITEMSIZE, CheckpointIndex, TensorInfo
 from .io.lora import LoraAdapter, lora_transform, split_ref
 from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, parse_size, plan_shards
 from .methods import MergeMethod
@@ -278,6 +278,22 @@ _NAME, _SHAPE, _BASE, _SOURCES, _PARAMS, _TRANSFORM = (operator.attrgetter(a) fo
     "name", "shape", "base", "sources", "params", "input_transform"))
 _KINDS = tuple(operator.attrgetter(a) for a in ("out_dtype", "compute_dtype", "backend"))
 _FILE = operator.attrgetter("file")
+
+
+_OUT_QUANT, _OUT_DTYPE = operator.attrgetter("out_quant"), operator.attrgetter("out_dtype")
+
+
+def _out_tensors(plans: list[TensorPlan]) -> list[OutTensor]:
+    """Each plan's ``out_tensor``, its ``nbytes`` filled in, made in one pass over the columns and stored where the
+    memo would put them (the memo's two Python calls per tensor, for a 20k-45k tensor MoE model, ~0.6 us each)."""
+    shapes, dtypes = list(map(_SHAPE, plans)), list(map(_OUT_DTYPE, plans))
+    numel = {sh: math.prod(sh) for sh in set(shapes)}
+    outs = list(map(OutTensor, map(_NAME, plans), dtypes, shapes))
+    sizes = map(operator.mul, map(numel.__getitem__, shapes), map(ITEMSIZE.__getitem__, dtypes))
+    for p, o, n in zip(plans, outs, sizes):
+        o.__dict__["nbytes"] = n
+        p.__dict__["out_tensor"] = o
+    return outs
 
 
 def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dict[int, int], fno_eq: dict[Path, int],
@@ -786,11 +802,14 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             offset += sl.length
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
-    outs = []
-    for p in plans:  # an FP8 output's scales right after their weight (same shard when it fits)
-        outs.append(p.out_tensor)
-        if p.out_quant is not None:
-            outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
+    if any(map(_OUT_QUANT, plans)):
+        outs = []
+        for p in plans:  # an FP8 output's scales right after their weight (same shard when it fits)
+            outs.append(p.out_tensor)
+            if p.out_quant is not None:
+                outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
+    else:
+        outs = _out_tensors(plans)
     shards = plan_shards(outs, options.out_shard_size)
     # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
