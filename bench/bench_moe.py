@@ -148,11 +148,12 @@ def against(root: Path, old: str, methods: list[str], repeat: int, warm: int = 0
                 for name, (base, fts) in fams.items():
                     for side in ("before", "after"):
                         with tempfile.TemporaryDirectory() as tmp:
+                            out_dir = tmp + "/out"
                             child = ("import shutil, time, fastmerge\n"
                                      f"for i in range({runs}):\n"
-                                     f"    shutil.rmtree({tmp + '/out'!r}, ignore_errors=True)\n"
+                                     f"    shutil.rmtree({out_dir!r}, ignore_errors=True)\n"
                                      "    t = time.perf_counter()\n"
-                                     f"    r = fastmerge.merge({config(method, base, fts)!r}, {tmp + '/out'!r}, threads=2, progress=False)\n"
+                                     f"    r = fastmerge.merge({config(method, base, fts)!r}, {out_dir!r}, threads=2, progress=False)\n"
                                      f"    if i >= {runs - (warm or 1)}: print(time.perf_counter() - t, r.wall_s, r.bytes_read)\n")
                             env = {**os.environ, "FASTMERGE_FASTPATH": "1" if engine == "native" else "0"}
                             out = subprocess.run(command(old, child) if side == "before" else [sys.executable, "-c", child],
