@@ -26,7 +26,7 @@ from .config import MergeConfig, ModuleSpec, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
 from .io.arch import MODULES, ModuleLayout, check_architectures, config_doc, modular_architecture, module_layouts, module_of
 from .io.fp8 import Fp8Index, fp8_transform, is_fp8, output_quant_config, requant_for
-from .io.index import ITEMSIZE, CheckpointIndex, TensorInfo
+from .io.index import CheckpointIndex, TensorInfo, index_in_own_order, layer_indices
 from .io.lora import LoraAdapter, lora_transform, split_ref
 from .io.writer import DEFAULT_SHARD_BYTES, OutTensor, Shard, parse_size, plan_shards
 from .methods import MergeMethod
@@ -280,22 +280,6 @@ _KINDS = tuple(operator.attrgetter(a) for a in ("out_dtype", "compute_dtype", "b
 _FILE = operator.attrgetter("file")
 
 
-_OUT_QUANT, _OUT_DTYPE = operator.attrgetter("out_quant"), operator.attrgetter("out_dtype")
-
-
-def _out_tensors(plans: list[TensorPlan]) -> list[OutTensor]:
-    """Each plan's ``out_tensor``, its ``nbytes`` filled in, made in one pass over the columns and stored where the
-    memo would put them (the memo's two Python calls per tensor, for a 20k-45k tensor MoE model, ~0.6 us each)."""
-    shapes, dtypes = list(map(_SHAPE, plans)), list(map(_OUT_DTYPE, plans))
-    numel = {sh: math.prod(sh) for sh in set(shapes)}
-    outs = list(map(OutTensor, map(_NAME, plans), dtypes, shapes))
-    sizes = map(operator.mul, map(numel.__getitem__, shapes), map(ITEMSIZE.__getitem__, dtypes))
-    for p, o, n in zip(plans, outs, sizes):
-        o.__dict__["nbytes"] = n
-        p.__dict__["out_tensor"] = o
-    return outs
-
-
 def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dict[int, int], fno_eq: dict[Path, int],
                    indexes: dict[str, CheckpointIndex]) -> tuple[array, list[tuple[int, int, str]]]:
     """The digest's input columns: every input's file number, row by row (base first, -1 for none), and the
@@ -306,12 +290,10 @@ def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dic
     has_base = bases.count(None) == 0
     if srcs and (has_base or bases.count(None) == len(bases)) and all(len(s) == n_src for s in srcs):
         cols = ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src)]
-        index_of = {id(f): ix for ix in indexes.values() for f in ix.files}
         ids, col_names = [], []
         for c in cols:
-            ix = index_of.get(id(c[0].file))
-            known = ix.neighbours if ix is not None else None
-            if known is not None and known[0] == c and ix.file_counts is not None:  # identity: one C call
+            ix = index_in_own_order(c, indexes.values())
+            if ix is not None:
                 ids.append(list(itertools.chain.from_iterable(
                     [fno.get(id(f), -2)] * n for f, n in zip(ix.files, ix.file_counts))))
                 col_names.append(list(ix.tensors))  # its names are its keys
@@ -802,14 +784,11 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             offset += sl.length
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
-    if any(map(_OUT_QUANT, plans)):
-        outs = []
-        for p in plans:  # an FP8 output's scales right after their weight (same shard when it fits)
-            outs.append(p.out_tensor)
-            if p.out_quant is not None:
-                outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
-    else:
-        outs = _out_tensors(plans)
+    outs = []
+    for p in plans:  # an FP8 output's scales right after their weight (same shard when it fits)
+        outs.append(p.out_tensor)
+        if p.out_quant is not None:
+            outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
     shards = plan_shards(outs, options.out_shard_size)
     # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
@@ -849,8 +828,7 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     has_base = sl.base is not None
     numels: dict[tuple[int, ...], int] = {}
     append, pid = plans.append, id(params)
-    layers = [None if m is None else int(m[1]) for m in map(LAYER_RE.search, names)]  # layer_index, the search in C
-    rows = zip(names, layers, *tables)
+    rows = zip(names, layer_indices(names), *tables)
     next(rows)  # the first tensor: add() made it
     for name, li, *row in rows:
         ref = row[0]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from .._lazy import torch_dtype
 from ..backends.base import MergeJob
-from ..io.index import ITEMSIZE
+from ..io.index import ITEMSIZE, index_in_own_order, neighbours_equal
 from ..io.reader import READ_AHEAD, RawReader, RawView
 from .session import MergeReport, RawPool, Session, TorchPool, peak_rss_mb, torch_threads
 
@@ -63,8 +63,7 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     nbytes = list(map(_NBYTES, map(_OUT_TENSOR, ts)))
     dtypes = list(map(_OUT_DTYPE, ts))
     limit = {d: SMALL_NUMEL * ITEMSIZE[d] for d in set(dtypes)}
-    if (set(map(_BACKEND, ts)) == {"native"} and not any(map(_INPUT_TRANSFORM, ts)) and not any(map(_OUT_QUANT, ts))
-            and not any(map(_COMPUTE_DTYPE, ts))):  # all on the native backend, as read
+    if _native_as_read(ts):
         small = list(map(operator.lt, nbytes, map(limit.__getitem__, dtypes)))
     else:
         small = [n < limit[t.out_dtype] and t.backend == "native" and t.input_transform is None
@@ -72,7 +71,7 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     # each condition is first compared as a whole list (one C call: a model of one dtype, read from its files in
     # file order, has every neighbour equal), and element by element only where that fails
     join = list(map(operator.and_, small[1:], small)) if not all(small) else [True] * (len(ts) - 1)
-    _and(join, _neighbours_equal(dtypes))
+    _and(join, neighbours_equal(dtypes))
     if elementwise or segments:
         params = list(map(_PARAMS, ts))
         ids = list(map(id, params))
@@ -99,17 +98,17 @@ _BACKEND, _INPUT_TRANSFORM, _OUT_QUANT, _COMPUTE_DTYPE = (
     operator.attrgetter(a) for a in ("backend", "input_transform", "out_quant", "compute_dtype"))
 
 
+def _native_as_read(ts: Sequence[Any]) -> bool:
+    """Every tensor on the native backend, as read: no compute-dtype cast, re-quantisation or input transform
+    (column by column, in C)."""
+    return (set(map(_BACKEND, ts)) == {"native"} and not any(map(_INPUT_TRANSFORM, ts)) and not any(map(_OUT_QUANT, ts))
+            and not any(map(_COMPUTE_DTYPE, ts)))
+
+
 def _and(acc: list[bool], other: list[bool] | None) -> None:
     """``acc[i] = acc[i] and other[i]``, in place; ``other`` None: all true."""
     if other is not None:
         acc[:] = map(operator.and_, acc, other)
-
-
-def _neighbours_equal(values: list[Any]) -> list[bool] | None:
-    """``values[i + 1] == values[i]`` for each i; None where all are (the common case, found in one C call)."""
-    if values[1:] == values[:-1]:
-        return None
-    return list(map(operator.eq, values[1:], values))
 
 
 def _inputs_adjacent(plan: Any) -> list[bool] | None:
@@ -123,18 +122,16 @@ def _inputs_adjacent(plan: Any) -> list[bool] | None:
         ins = [s if b is None else [b, *s] for b, s in zip(bases, srcs)]
         return [len(a) == len(b) and all(x.end == y.begin and x.dtype == y.dtype and (x.file is y.file or x.file == y.file)
                                          for x, y in zip(a, b)) for a, b in zip(ins, ins[1:])]
-    index_of = {id(f): ix for ix in plan.indexes.values() for f in ix.files}
     out = [True] * (len(ts) - 1)
     for col in ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src.pop())]:
-        ix = index_of.get(id(col[0].file))
-        known = ix.neighbours if ix is not None else None
-        if known is not None and known[0] == col:  # a model's tensors in its own order (identity: one C call)
-            _and(out, known[1])
+        ix = index_in_own_order(col, plan.indexes.values())
+        if ix is not None:  # a model's tensors in its own order: its checked layout says
+            _and(out, ix.neighbours[1])
             continue
         ends, begins = list(map(_END, col)), list(map(_BEGIN, col))
         if ends[:-1] != begins[1:]:
             _and(out, list(map(operator.eq, ends, begins[1:])))
-        _and(out, _neighbours_equal(list(map(_DTYPE, col))))
+        _and(out, neighbours_equal(list(map(_DTYPE, col))))
         files = list(map(_FILE, col))
         if list(map(id, files[1:])) != list(map(id, files[:-1])):  # (Path == is ~1 us: identity first)
             _and(out, [a is b or a == b for a, b in zip(files[1:], files)])
@@ -236,8 +233,7 @@ class RawIO:
             return ["a .bin checkpoint (read through torch.load)"]
         native = BACKENDS["native"]
         ts = plan.tensors
-        if (ts and set(map(_BACKEND, ts)) == {"native"} and not any(map(_COMPUTE_DTYPE, ts)) and not any(map(_OUT_QUANT, ts))
-                and not any(map(_INPUT_TRANSFORM, ts)) and all(srcs := list(map(_SOURCES, ts)))):
+        if ts and _native_as_read(ts) and all(srcs := list(map(_SOURCES, ts))):
             # every tensor as read with one Params, input dtype and output dtype (a MoE model of 20k-45k tensors, found
             # column by column, without a tuple per tensor: those set off collections over the whole plan): one question
             ids, dts, ods = list(map(id, map(_PARAMS, ts))), list(map(_DTYPE, map(_FIRST, srcs))), list(map(_OUT_DTYPE, ts))
