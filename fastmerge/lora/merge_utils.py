@@ -135,7 +135,7 @@ def _agrees_with_torch(dtype: torch.dtype) -> bool:
                 for mode in ("total", "frequency", "weighted_sum"):
                     fast = _native_merge(xs, [_KEEP_ALL] * rows, [float(v) for v in w.tolist()], mode)
                     stacked = torch.stack(xs, dim=0)
-                    ref = _weighted_sum(stacked, w) if mode == "weighted_sum" else _ties_of(stacked, w, mode)
+                    ref = _combine_stacked(stacked, w, mode)
                     if not torch.equal(fast.view(torch.int32), ref.float().view(torch.int32)):
                         got = False
         except Exception:  # noqa: BLE001 - any failure of the probe: the torch code
@@ -202,7 +202,21 @@ def _combine(tensors: Sequence[torch.Tensor], weights, mode: str) -> torch.Tenso
     w = _native_weights(tensors, weights)
     if w is not None:
         return _native_merge(tensors, [_KEEP_ALL] * len(tensors), w, mode)
-    stacked = torch.stack(list(tensors), dim=0)
+    return _combine_stacked(torch.stack(list(tensors), dim=0), weights, mode)
+
+
+def _combine_pruned(tensors: Sequence[torch.Tensor], weights, density: float, topk_ties: bool, mode: str) -> torch.Tensor:
+    """``_combine`` of the magnitude-pruned tensors (``_prune``); natively, the pruning is a threshold and a tie cut
+    per tensor from one read of them all (``_native_pruned``)."""
+    w = _native_weights(tensors, weights)
+    if w is not None:
+        return _native_merge(*_native_pruned(tensors, density, topk_ties), w, mode)
+    return _combine_stacked(torch.stack([_prune(t, density, "magnitude", False, topk_ties) for t in tensors], dim=0),
+                            weights, mode)
+
+
+def _combine_stacked(stacked: torch.Tensor, weights, mode: str) -> torch.Tensor:
+    """The torch code of the merge step: ``_ties_of`` (mode = the sign method) or ``_weighted_sum``."""
     return _weighted_sum(stacked, weights) if mode == "weighted_sum" else _ties_of(stacked, weights, mode)
 
 
@@ -310,10 +324,7 @@ def magnitude_prune(task_tensors: Sequence[torch.Tensor], weights, density: floa
 
 def magnitude_prune_index_ties(task_tensors: Sequence[torch.Tensor], weights, density: float, topk_ties: bool = False) -> torch.Tensor:
     """``magnitude_prune`` with ties at each tensor's threshold cut by index order (``_magnitude_pruning``)."""
-    w = _native_weights(task_tensors, weights)
-    if w is not None:
-        return _native_merge(*_native_pruned(task_tensors, density, topk_ties), w, "weighted_sum")
-    return _weighted_sum(torch.stack([_prune(t, density, "magnitude", False, topk_ties) for t in task_tensors], dim=0), weights)
+    return _combine_pruned(task_tensors, weights, density, topk_ties, "weighted_sum")
 
 
 def _ties_of(stacked: torch.Tensor, weights, majority_sign_method: str) -> torch.Tensor:
@@ -328,11 +339,7 @@ def ties(task_tensors: Sequence[torch.Tensor], weights, density: float, majority
 def ties_index_ties(task_tensors: Sequence[torch.Tensor], weights, density: float, majority_sign_method: str = "total",
                     topk_ties: bool = False) -> torch.Tensor:
     """``ties`` with ties at each tensor's magnitude threshold cut by index order (``_magnitude_pruning``)."""
-    w = _native_weights(task_tensors, weights)
-    if w is not None:
-        return _native_merge(*_native_pruned(task_tensors, density, topk_ties), w, majority_sign_method)
-    stacked = torch.stack([_prune(t, density, "magnitude", False, topk_ties) for t in task_tensors], dim=0)
-    return _ties_of(stacked, weights, majority_sign_method)
+    return _combine_pruned(task_tensors, weights, density, topk_ties, majority_sign_method)
 
 
 def dare_linear(task_tensors: Sequence[torch.Tensor], weights, density: float) -> torch.Tensor:
