@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from fastmerge import _native, plan
 from fastmerge.engine import session, stream
 from fastmerge.engine.stream import RawIO, TorchIO, batches, execute
+from fastmerge.io.index import ITEMSIZE
 from fastmerge.methods import get_method
 from fastmerge.methods.ties import TiesParams
 from fastmerge.testing import DeepSeekV3Shape, Qwen3MoeShape, make_family
@@ -183,7 +184,7 @@ def _batches_tensor_by_tensor(p, elementwise: bool, segments: bool) -> list[list
     units, prev, prev_dtype, prev_params, size = [], None, None, None, 0
     for i, t in enumerate(p.tensors):
         nbytes = t.out_tensor.nbytes
-        small = (nbytes < stream.SMALL_NUMEL * _itemsize(t.out_dtype) and t.backend == "native"
+        small = (nbytes < stream.SMALL_NUMEL * ITEMSIZE[t.out_dtype] and t.backend == "native"
                  and t.input_transform is None and t.out_quant is None and not t.compute_dtype)
         ins = t.sources if t.base is None else [t.base, *t.sources]
         if small:
@@ -200,10 +201,6 @@ def _batches_tensor_by_tensor(p, elementwise: bool, segments: bool) -> list[list
         units.append([i])
         size, prev_dtype, prev_params = nbytes, t.out_dtype, t.params
     return units
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "della"])

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.config import MergeConfig
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.arcee_fusion import SAMPLE_SIZE, ArceeFusionParams, quartiles
 from fastmerge.methods.base import ParamContext
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("arcee_fusion")
@@ -80,9 +80,7 @@ def test_exactly_one_model_besides_the_base():
 
 
 def _runs(backend: str) -> None:
-    reasons = backends.BACKENDS[backend].not_supported_reasons(MergeJob("<tensor>", METHOD, P, False), "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, METHOD, P)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -4,11 +4,11 @@ exact selection with ties, compat's sort order, validation, then every backend a
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.breadcrumbs import BreadcrumbsParams, band, band_compat, band_mask
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 plain = get_method("breadcrumbs").reference
@@ -122,9 +122,7 @@ def test_parameters_validated(kw, match):
 
 def _runs(backend: str, method: str, selection: str, compat: bool) -> None:
     p = params(3, [0.3, 0.5, 0.4], [0.5, 0.3, 1.0], [0.01, 0.1, 0.0], selection=selection, rescale=True, lambda_=1.1)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(MergeJob("<tensor>", get_method(method), p, compat), "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, get_method(method), p, compat)
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])

@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method, rng
 from fastmerge.methods.base import ParamContext
 from fastmerge.methods.dare import DareParams, dare_compat
 from fastmerge.methods.task_arithmetic import TaskArithmeticParams
 from fastmerge.methods.ties import TiesParams
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 linear = get_method("dare_linear").reference
@@ -171,9 +171,7 @@ def test_base_required():
 
 def _runs(backend: str, method: str, compat: bool) -> None:
     p = params(3, [0.3, 0.5, 0.4], [0.5, 0.3, 1.0], lambda_=0.9, seed=11, key=ParamContext("w").key)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(MergeJob("<tensor>", get_method(method), p, compat), "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, get_method(method), p, compat)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])

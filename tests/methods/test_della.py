@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method, rng
 from fastmerge.methods.della import DellaParams, della_compat_probs, della_probs, rank_dtype, row_ranks, to_rows
 from fastmerge.methods.ties import TiesParams
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 della = get_method("della").reference
@@ -177,9 +177,7 @@ def _runs(backend: str, method: str, compat: bool) -> None:
 
     p = params(3, [0.3, 0.5, 0.4], [0.5, 0.3, 1.0], [0.15, 0.1, 0.15], normalize=method == "della", seed=5,
                key=ParamContext("m.w").key)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(MergeJob("<tensor>", get_method(method), p, compat), "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, get_method(method), p, compat)
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])

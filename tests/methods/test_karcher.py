@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.karcher import KarcherParams
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("karcher")
@@ -98,10 +98,7 @@ def test_validation():
 
 
 def _runs(backend: str) -> None:
-    job = MergeJob("<tensor>", METHOD, KarcherParams(), False)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, METHOD, KarcherParams())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

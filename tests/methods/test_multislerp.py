@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.multislerp import MultislerpParams
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("multislerp")
@@ -97,10 +97,7 @@ def test_validation():
 
 
 def _runs(backend: str) -> None:
-    job = MergeJob("<tensor>", METHOD, MultislerpParams((1.0, 1.0)), False)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, METHOD, MultislerpParams((1.0, 1.0)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.ram import RamParams
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 ram = get_method("ram").reference
@@ -105,10 +105,7 @@ def test_parameters_validated():
 
 
 def _runs(backend: str, method: str) -> None:
-    job = MergeJob("<tensor>", get_method(method), RamParams(), False)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, get_method(method), RamParams())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.sce import SceParams, topk_count, variance_mask
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("sce")
@@ -111,10 +111,7 @@ def test_select_topk_validated_and_base_required():
 
 
 def _runs(backend: str, compat: bool = False) -> None:
-    job = MergeJob("<tensor>", METHOD, SceParams(), compat)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, METHOD, SceParams(), compat)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

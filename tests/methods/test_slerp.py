@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fastmerge import backends, merge_tensors
-from fastmerge.backends.base import MergeJob
+from fastmerge import merge_tensors
 from fastmerge.errors import ConfigError
 from fastmerge.methods import get_method
 from fastmerge.methods.slerp import CHUNK, SlerpParams
+from helpers.backend_runs import skip_unless_runs
 from helpers.tolerance import assert_bitwise_equal
 
 METHOD = get_method("slerp")
@@ -115,10 +115,7 @@ def test_validation():
 
 
 def _runs(backend: str) -> None:
-    job = MergeJob("<tensor>", METHOD, SlerpParams(0.5), False)
-    reasons = backends.BACKENDS[backend].not_supported_reasons(job, "cpu")
-    if reasons:
-        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    skip_unless_runs(backend, METHOD, SlerpParams(0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
