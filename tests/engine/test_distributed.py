@@ -202,3 +202,39 @@ def test_one_process_merge_chooses_its_engine_with_the_plan_frozen(family_bf16, 
     merge(doc, tmp_path / "out", progress=False)
     assert frozen and frozen[0] > 1000  # the plan (its TensorPlans, TensorInfos, ...) among them
     assert gc.get_freeze_count() == 0
+
+
+def test_nested_gc_frozen_asks_the_freeze_count_once(monkeypatch):
+    """``gc_frozen`` inside another (``_run`` inside ``_one_process``) leaves the freeze to the outer call and does not
+    ask ``gc.get_freeze_count``, which walks every frozen object (~8 ms once a MoE plan is frozen); the outer call
+    still unfreezes everything, and a freeze the process made itself is left as it was."""
+    import gc
+
+    from fastmerge._memo import gc_frozen
+
+    asked = []
+    real = gc.get_freeze_count
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: asked.append(1) or real())
+    seen = []
+
+    @gc_frozen
+    def inner():
+        seen.append(real())
+
+    @gc_frozen
+    def outer():
+        keep = [[i] for i in range(1000)]  # noqa: F841 (objects that exist when the outer call freezes)
+        inner()
+        seen.append(real())
+
+    assert real() == 0
+    outer()
+    assert len(asked) == 1 and seen[0] > 0 and seen[1] > 0
+    assert real() == 0
+    gc.freeze()  # the process's own freeze: kept by both calls
+    try:
+        n = real()
+        outer()
+        assert real() == n and len(asked) == 2
+    finally:
+        gc.unfreeze()
