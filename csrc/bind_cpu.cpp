@@ -542,5 +542,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("size"), py::arg("path"), py::arg("cls"), py::arg("dtypes"), py::arg("itemsize"),
         "(metadata, [cls] in file order) of a safetensors header's JSON bytes, as fastmerge.io.index._read_header "
         "builds them; None where it declines (any error or unusual JSON: the Python parse then reports it).");
+  m.def("format_safetensors_entries", &cpu::format_safetensors_entries, py::arg("names"), py::arg("dtypes"),
+        py::arg("shapes"), py::arg("nbytes"),
+        "The entries of a safetensors header (after __metadata__) as fastmerge.io.writer writes them, offsets "
+        "accumulated from nbytes; None where a name or dtype needs a JSON escape or a column holds anything else.");
   m.def("build_info", &build_info, "How this module was built (compiler, OpenMP, SIMD clones, versions).");
 }

@@ -390,6 +390,30 @@ class HeaderParser {
   std::unordered_map<std::string, Shape> shapes_;
 };
 
+// A name safetensors' own writer (serde_json) and json.dumps both write as itself between quotes: printable
+// ASCII other than '"' and '\\' (the rule of fastmerge.io.writer._PLAIN_NAMES).
+bool plain_name(const char* s, Py_ssize_t n) {
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c > 0x7e || c == '"' || c == '\\') return false;
+  }
+  return true;
+}
+
+void append_int(std::string& out, int64_t v) {
+  char buf[24];
+  char* e = buf + sizeof(buf);
+  char* p = e;
+  const bool neg = v < 0;
+  uint64_t u = neg ? 0 - static_cast<uint64_t>(v) : static_cast<uint64_t>(v);
+  do {
+    *--p = static_cast<char>('0' + u % 10);
+    u /= 10;
+  } while (u != 0);
+  if (neg) *--p = '-';
+  out.append(p, static_cast<size_t>(e - p));
+}
+
 }  // namespace
 
 py::object parse_safetensors_header(const py::bytes& raw, int64_t data_start, int64_t size, const py::object& path,
@@ -405,6 +429,59 @@ py::object parse_safetensors_header(const py::bytes& raw, int64_t data_start, in
   HeaderParser parser(buf, static_cast<size_t>(n), data_start, size, table);
   if (!parser.parse()) return py::none();
   return parser.result(path, cls);
+}
+
+py::object format_safetensors_entries(const py::list& names, const py::list& dtypes, const py::list& shapes,
+                                      const py::list& nbytes) {
+  const Py_ssize_t n = PyList_GET_SIZE(names.ptr());
+  if (PyList_GET_SIZE(dtypes.ptr()) != n || PyList_GET_SIZE(shapes.ptr()) != n || PyList_GET_SIZE(nbytes.ptr()) != n)
+    throw py::value_error("format_safetensors_entries: columns of different lengths");
+  std::string out;
+  out.reserve(static_cast<size_t>(n) * 96);
+  PyObject* last_shape = nullptr;  // runs of one shape tuple (the plan shares them): its text once per run
+  std::string shape_text;
+  int64_t at = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* name = PyList_GET_ITEM(names.ptr(), i);
+    PyObject* dtype = PyList_GET_ITEM(dtypes.ptr(), i);
+    PyObject* shape = PyList_GET_ITEM(shapes.ptr(), i);
+    Py_ssize_t ln = 0, ld = 0;
+    const char* sn = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &ln) : nullptr;
+    const char* sd = PyUnicode_Check(dtype) ? PyUnicode_AsUTF8AndSize(dtype, &ld) : nullptr;
+    if (sn == nullptr || sd == nullptr) {
+      PyErr_Clear();
+      return py::none();
+    }
+    if (!plain_name(sn, ln) || !plain_name(sd, ld)) return py::none();
+    if (shape != last_shape) {
+      if (!PyTuple_Check(shape)) return py::none();
+      shape_text.clear();
+      for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(shape); ++k) {
+        const int64_t d = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, k));
+        if (d < 0) {  // negative, not an int, or past int64 (-1 with an error set)
+          PyErr_Clear();
+          return py::none();
+        }
+        if (k) shape_text.push_back(',');
+        append_int(shape_text, d);
+      }
+      last_shape = shape;
+    }
+    const int64_t nb = PyLong_AsLongLong(PyList_GET_ITEM(nbytes.ptr(), i));
+    if (nb < 0 || nb > INT64_MAX - at) {
+      PyErr_Clear();
+      return py::none();
+    }
+    out.append(",\"", 2).append(sn, static_cast<size_t>(ln)).append("\":{\"dtype\":\"", 12);
+    out.append(sd, static_cast<size_t>(ld)).append("\",\"shape\":[", 11).append(shape_text);
+    out.append("],\"data_offsets\":[", 18);
+    append_int(out, at);
+    out.push_back(',');
+    at += nb;
+    append_int(out, at);
+    out.append("]}", 2);
+  }
+  return own(PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size())));
 }
 
 }  // namespace cpu

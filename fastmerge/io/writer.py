@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
+from .. import _native
 from .._lazy import torch
 from .._memo import memo
 
@@ -104,20 +105,31 @@ class Shard:
         once over all) are their own JSON; any other name is escaped by json.dumps."""
         ts = self.tensors
         names = list(map(_NAME, ts))
-        plain = _PLAIN_NAMES.fullmatch("".join(names)) is not None
+        st_dtypes = list(map(ST_NAME.__getitem__, map(_DTYPE, ts)))
         shapes = list(map(_SHAPE, ts))
-        text = {sh: ",".join(str(int(d)) for d in sh) for sh in set(shapes)}
-        ends = list(itertools.accumulate(map(_NBYTES, ts)))
-        # the columns taken in C, one f-string per tensor (str.format mapped over them is twice as slow)
-        rows = zip(names if plain else map(json.dumps, names), map(ST_NAME.__getitem__, map(_DTYPE, ts)),
-                   map(text.__getitem__, shapes), [0, *ends[:-1]], ends)
-        q = '"' if plain else ""
-        parts = ['{"__metadata__":{"format":"pt"}',
-                 "".join([f',{q}{n}{q}:{{"dtype":"{d}","shape":[{sh}],"data_offsets":[{a},{b}]}}' for n, d, sh, a, b in rows])]
-        parts.append("}")
-        raw = "".join(parts).encode()
+        sizes = list(map(_NBYTES, ts))
+        # the entries written in C (_C.format_safetensors_entries: ~1 ms for 20k, against ~15 ms for an f-string a
+        # tensor); it declines a name that needs an escape, which ``_entries`` then writes
+        rows = _FORMAT_ENTRIES(names, st_dtypes, shapes, sizes) if _FORMAT_ENTRIES is not None else None
+        raw = b'{"__metadata__":{"format":"pt"}' + (rows if rows is not None else _entries(names, st_dtypes, shapes, sizes)) + b"}"
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors pads
         return len(raw).to_bytes(8, "little") + raw
+
+
+def _entries(names: list[str], st_dtypes: list[str], shapes: list[tuple[int, ...]], sizes: list[int]) -> bytes:
+    """The header's tensor entries, ``,"name":{"dtype":..,"shape":[..],"data_offsets":[a,b]}`` each (what
+    ``_C.format_safetensors_entries`` writes, and any name json.dumps escapes), offsets accumulated from ``sizes``."""
+    plain = _PLAIN_NAMES.fullmatch("".join(names)) is not None
+    text = {sh: ",".join(str(int(d)) for d in sh) for sh in set(shapes)}
+    ends = list(itertools.accumulate(sizes))
+    # the columns taken in C, one f-string per tensor (str.format mapped over them is twice as slow)
+    rows = zip(names if plain else map(json.dumps, names), st_dtypes, map(text.__getitem__, shapes), [0, *ends[:-1]], ends)
+    q = '"' if plain else ""
+    return "".join([f',{q}{n}{q}:{{"dtype":"{d}","shape":[{sh}],"data_offsets":[{a},{b}]}}' for n, d, sh, a, b in rows]).encode()
+
+
+#: the native writer of the header's entries; None without ``_C`` (or a ``_C`` built before it): ``_entries`` alone
+_FORMAT_ENTRIES = getattr(_native._C, "format_safetensors_entries", None) if _native.HAS_CPU_EXT else None
 
 
 def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[Shard]:

@@ -134,3 +134,34 @@ def test_header_text_equals_json_dump(names):
     shard = Shard("model.safetensors", ts)
     assert shard._header_bytes() == _header_by_json(shard)
     assert json.loads(shard._header_bytes()[8:])["__metadata__"] == {"format": "pt"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_header_entries_native_and_python_equal_json_dump(native, monkeypatch):
+    """The entries written by ``_C.format_safetensors_entries`` and by the Python rows (``_entries``) both equal
+    json.dumps of the header, byte for byte: shapes shared in runs and alternating, empty shapes, dimensions and
+    offsets past 2^32, every dtype; the native writer declines a name that needs an escape (one among thousands),
+    and the Python rows then write the shard."""
+    from fastmerge import _native
+    from fastmerge.io import writer
+
+    if native:
+        if not _native.HAS_CPU_EXT:
+            pytest.skip("needs the native extension")
+        assert writer._FORMAT_ENTRIES is not None  # the native path, not the fallback, is what runs
+    else:
+        monkeypatch.setattr(writer, "_FORMAT_ENTRIES", None)
+    rng = random.Random(7)
+    shared = [(32, 64), (64, 32), (), (1 << 33, 3), (5,)]
+    ts = []
+    for i in range(3000):
+        sh = shared[(i // 7) % len(shared)] if i % 11 else tuple(rng.randint(0, 9) for _ in range(rng.randint(0, 4)))
+        ts.append(OutTensor(f"model.layers.{i // 100}.mlp.experts.{i}.w{i % 3}.weight", rng.choice(sorted(ST_NAME)), sh))
+    shard = Shard("model.safetensors", ts)
+    assert shard._header_bytes() == _header_by_json(shard)
+    ts[1234] = OutTensor('odd "name" \\ \u00e9', "bfloat16", (3,))
+    if native:
+        assert writer._FORMAT_ENTRIES([t.name for t in ts], ["BF16"] * len(ts), [t.shape for t in ts],
+                                      [t.nbytes for t in ts]) is None
+    shard = Shard("model.safetensors", ts)
+    assert shard._header_bytes() == _header_by_json(shard)
