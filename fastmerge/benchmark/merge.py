@@ -33,7 +33,7 @@ from .timing import Stats
 
 def floor_once(plan: Any, out_dir: str | Path) -> float:
     """Seconds to read every input tensor of ``plan`` once and write its output bytes once (no compute)."""
-    from ..io.reader import READ_AHEAD, Prefetcher, RawReader
+    from ..io.reader import Prefetcher, RawReader, read_ahead_bytes
     from ..io.writer import ShardWriter
 
     t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def floor_once(plan: Any, out_dir: str | Path) -> float:
         for f in ix.files:
             readers.setdefault(f, r)
     groups = [[(readers[i.file], i) for i in ([t.base] if t.base else []) + list(t.sources)] for t in plan.tensors]
-    pf = Prefetcher(groups, budget_bytes=int(READ_AHEAD * max(t.in_bytes for t in plan.tensors)))
+    pf = Prefetcher(groups, budget_bytes=read_ahead_bytes(max(t.in_bytes for t in plan.tensors)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     w = ShardWriter(out, plan.shards)

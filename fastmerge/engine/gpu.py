@@ -69,7 +69,7 @@ from ..backends import cuda as cb
 from ..backends import triton as tb
 from ..backends.base import MergeJob
 from ..errors import BackendUnavailableError, FastMergeError
-from ..io.reader import ModelReader
+from ..io.reader import ModelReader, read_ahead_bytes
 from ..kernels import interpreting
 from ..plan import MergePlan, TensorPlan
 from .session import MergeReport, Session, WriteThread, peak_rss_mb, torch_threads
@@ -618,7 +618,7 @@ def _execute(plan: MergePlan, out: Path, t0: float, dev_name: str, max_gpu_memor
                      if u.kind in ("batch", "cuda") else plan.tensors[u.tensors[0]].out_tensor.nbytes for u in units), default=1)
     # read-ahead of two whole units: the next one uploads while this one merges
     with Session(plan, out, reader=ModelReader, pool=lambda: _HostPool(dev, out_bytes),
-                 read_ahead_bytes=2 * max(largest, batch_in), desc=f"fastmerge {plan.method.name} (gpu)",
+                 read_ahead_bytes=read_ahead_bytes(max(largest, batch_in), 2), desc=f"fastmerge {plan.method.name} (gpu)",
                  writer_cls=_Writer, order=[i for u in units for i in u.tensors]) as session:
         session.wthread.order = {tp.name: i for i, tp in enumerate(plan.tensors)}
         wthread, pool, prefetch = session, session.pool, session.prefetch

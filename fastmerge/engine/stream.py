@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 from .._lazy import torch_dtype
 from ..backends.base import MergeJob
 from ..io.index import ITEMSIZE, index_in_own_order, neighbours_equal
-from ..io.reader import READ_AHEAD, RawReader, RawView
+from ..io.reader import RawReader, RawView, read_ahead_bytes
 from .session import MergeReport, RawPool, Session, TorchPool, peak_rss_mb, torch_threads
 
 
@@ -425,7 +425,7 @@ def run(plan: Any, out: str | Path, flavour: type[RawIO] | type[TorchIO]) -> Mer
     out_bytes = max((b for _, b in sizes), default=1)
     with torch_threads(plan.options.threads if flavour is TorchIO else 0), \
             Session(plan, out, reader=io.reader, pool=lambda: io.pool(out_bytes), units=units,
-                    read_ahead_bytes=int(READ_AHEAD * largest), desc=f"fastmerge {plan.method.name}") as s:
+                    read_ahead_bytes=read_ahead_bytes(largest), desc=f"fastmerge {plan.method.name}") as s:
         for k, tensors in s.prefetch:
             idx = runs[k]
             ts = time.perf_counter()

@@ -275,6 +275,17 @@ class RawReader:
 #: between two giant adjacent groups; 2.0 kept both giants mapped at once, 1.6x the resident input pages
 #: (peak RSS of task_arithmetic on that family: 594 MB at 2.0).
 READ_AHEAD = 1.25
+#: ... and never less than 32 MiB. Where the largest group is a few MB (a MoE model's runs of small experts, 3-4 MB of
+#: input on bench_moe.py's families), 1.25x it kept the reader one group ahead, in step with the merge, which then
+#: waited on each page-table fill: 0.12 of 0.45 s of a merge of 20k tensors of 16 KB, 0.5 of 1.8 s at 64 KB; at
+#: 32 MiB those waits are 0.002-0.01 s. A bound on memory still: 32 MiB of input pages beyond the group in use.
+READ_AHEAD_MIN = 32 << 20
+
+
+def read_ahead_bytes(largest: int, factor: float = READ_AHEAD) -> int:
+    """The prefetcher's budget for groups of at most ``largest`` bytes: ``factor`` times that, at least
+    ``READ_AHEAD_MIN``."""
+    return max(int(factor * largest), READ_AHEAD_MIN)
 
 
 class Prefetcher:

@@ -575,3 +575,23 @@ def test_ties_small_select_equals_reference(data, selection):
         got = out[a:z]
         same = (got == want) | (got.isnan() & want.isnan())
         assert bool(same.all()), f"segment [{a}, {z}) of {data}: {int((~same).sum())} elements differ"
+
+
+@pytest.mark.parametrize("flavour", ["native", "torch"])
+def test_runs_of_small_tensors_read_ahead_at_least_the_floor(moe_family, flavour, tmp_path, monkeypatch):
+    """The prefetcher of a merge whose largest run is a few MB gets ``READ_AHEAD_MIN`` (32 MiB), not 1.25x that run:
+    one group ahead kept the reader in step with the merge, which waited on every page-table fill (0.12 of 0.45 s of
+    a merge of 20k tensors of 16 KB). A merge of large tensors keeps 1.25x its largest."""
+    from fastmerge.io import reader
+
+    budgets = []
+
+    class Spy(reader.Prefetcher):
+        def __init__(self, groups, budget_bytes):
+            budgets.append(budget_bytes)
+            super().__init__(groups, budget_bytes)
+
+    monkeypatch.setattr(session, "Prefetcher", Spy)
+    execute(plan(_doc(moe_family, "linear"), progress=False), tmp_path / "out", flavour)
+    assert budgets == [reader.READ_AHEAD_MIN] and reader.READ_AHEAD_MIN == 32 << 20
+    assert reader.read_ahead_bytes(100 << 20) == int(reader.READ_AHEAD * (100 << 20))
