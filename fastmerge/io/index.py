@@ -47,6 +47,9 @@ MAX_HEADER_BYTES = 100_000_000
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
 
+_NAME = operator.attrgetter("name")
+
+
 def layer_index(name: str) -> int | None:
     """The layer a tensor name belongs to (``LAYER_RE``), None for non-layer tensors."""
     m = LAYER_RE.search(name)
@@ -317,10 +320,12 @@ class CheckpointIndex:
             fmt = meta.get("format") if isinstance(meta, dict) else None
             if fmt not in (None, "pt", "mlx", "np", "flax", "tf"):
                 raise CheckpointError(f"{f}: safetensors format '{fmt}' is not a tensor checkpoint")
-            for t in infos:
-                if t.name in tensors:
-                    raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
-                tensors[t.name] = t
+            names = list(map(_NAME, infos))
+            if tensors and not tensors.keys().isdisjoint(names):  # (a parse's names are unique within its file)
+                for t in infos:
+                    if t.name in tensors:
+                        raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
+            tensors.update(zip(names, infos))  # in C: a Python step per tensor was ~10 ms of a 3 x 20k-tensor family
         return cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas, file_counts=counts)
 
     @classmethod

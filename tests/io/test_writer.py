@@ -33,6 +33,36 @@ def test_plan_shards_rule():
     assert plan_shards(ts, 10**9)[0].filename == "model.safetensors"
 
 
+def _greedy(sizes: list[int], limit: int) -> list[list[int]]:
+    """The rule tensor by tensor: a shard takes the next tensor while its bytes stay within ``limit``."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if groups and size + n <= limit:
+            groups[-1].append(i)
+            size += n
+        else:
+            groups.append([i])
+            size = n
+    return groups
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_shards_equals_the_rule_tensor_by_tensor(seed):
+    """plan_shards (bisecting the running byte total) cuts exactly where the greedy rule does: empty tensors, tensors
+    larger than a shard, shards filled to the byte, one shard for all."""
+    rng = random.Random(seed)
+    shapes = [(), (0,), (1,), (3, 5), (50,), (7, 7), (300,), (64, 64)]
+    ts = [OutTensor(f"t{i}", rng.choice(sorted(ST_NAME)), rng.choice(shapes)) for i in range(rng.randint(1, 400))]
+    sizes = [t.nbytes for t in ts]
+    for limit in (1, 16, 200, 1000, sum(sizes), sum(sizes) - 1):
+        want = _greedy(sizes, limit)
+        got = [[int(t.name[1:]) for t in s.tensors] for s in plan_shards(ts, limit)]
+        assert got == want, limit
+    assert OutTensor("a", "bfloat16", (3, 5)).nbytes == 30 and OutTensor("a", "float32", ()).nbytes == 4
+    assert OutTensor("a", "bfloat16", (3,)) == OutTensor("a", "bfloat16", (3,))
+
+
 def test_round_trip_and_index(tmp_path):
     ts = _tensors()
     shards = plan_shards(_spec(ts), 200)
