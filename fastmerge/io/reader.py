@@ -1,15 +1,17 @@
 """Streaming reads: read-only CPU views of input tensors, prefetched in file order on a background thread.
 
-Tensors come from the safetensors library (``safe_open``: zero-copy views of a private memory map) or,
-for ``.bin``, from ``torch.load(mmap=True, weights_only=True)``. They are read-only by contract: nothing
+Tensors of a safetensors file are zero-copy views into one read-only mapping of the file per reader
+(``RawReader``: ``PROT_READ``, so a stray write faults instead of changing an input), found from the header
+offsets the index already validated; without ``mmap`` they come from the safetensors library (``safe_open``),
+and for ``.bin`` from ``torch.load(mmap=True, weights_only=True)``. They are read-only by contract: nothing
 here or in any backend writes to them.
 
 Bounded memory: a mapped file page counts in RSS once touched, so merging a model whose shard is 5 GB
 would otherwise grow RSS by 5 GB per model. The prefetcher populates the page tables of the next group
 ahead of use (``MADV_POPULATE_READ``, so the page-fault cost, ~5 GB/s here, overlaps the merge of the
 current group) and drops them after use (``MADV_DONTNEED``: pages of an unmodified file mapping are
-simply re-read from the page cache if ever touched again). Both are applied only to address ranges that
-``/proc/self/maps`` shows belong to the file's own mapping, never to heap memory.
+simply re-read from the page cache if ever touched again). Both are applied only to this reader's own mapping
+or to address ranges that ``/proc/self/maps`` shows belong to the file's mapping, never to heap memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import math
 import mmap
 import os
 import queue
@@ -110,7 +113,10 @@ class ModelReader:
         self._handles: OrderedDict[Path, Any] = OrderedDict()
         self._maps: dict[Path, list[tuple[int, int]]] = {}
         self._ids: dict[Path, tuple[int, int, int] | None] = {}
-        self._raw: RawReader | None = None  # spans: one read-only mapping per file, as the torch-free reader
+        self._raw: RawReader | None = None  # one read-only mapping per file, as the torch-free reader
+        #: safetensors tensors are read through ``_raw`` (``get``); .bin ones, or where no mapping can be made, through
+        #: ``_handle``
+        self._own_map = index.fmt == "safetensors" and RawReader.available()
 
     def _handle(self, file: Path) -> Any:
         h = self._handles.get(file)
@@ -135,16 +141,25 @@ class ModelReader:
         return h
 
     def get(self, info: TensorInfo) -> torch.Tensor:
-        """A read-only CPU view of tensor ``info`` (never write to it); a ``SpanInfo``: a 1-D view of its
-        bytes in a read-only mapping of the file (safetensors' views cannot be joined: each has its own storage)."""
-        if isinstance(info, SpanInfo):
+        """A read-only CPU view of tensor ``info`` (never write to it). From a safetensors file: a view into this
+        reader's own read-only mapping of the file (``RawReader``), a ``SpanInfo`` as one 1-D view of its bytes
+        (safetensors' views cannot be joined: each has its own storage). ``safe_open`` parsed the whole header
+        again on the first read of each file (~15 ms for a MoE shard of 20k entries, per file and merge) and its
+        views' mappings had to be looked up in /proc/self/maps to be populated or dropped."""
+        if self._own_map:
             if self._raw is None:
                 self._raw = RawReader(self.index)
             v = self._raw.get(info)
+            dtype = getattr(torch, info.dtype)
             if v.nbytes == 0:
-                return torch.empty(0, dtype=getattr(torch, info.dtype))
+                return torch.empty(info.shape if not isinstance(info, SpanInfo) else (0,), dtype=dtype)
             buf = (ctypes.c_char * v.nbytes).from_address(v.ptr)  # no copy; PROT_READ: a stray write faults
-            return torch.frombuffer(buf, dtype=torch.uint8).view(getattr(torch, info.dtype))
+            t = torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+            if isinstance(info, SpanInfo):
+                return t
+            if t.numel() != math.prod(info.shape):  # an info that is not this file's header's (the parse checks it)
+                raise CheckpointError(f"{info.file}: tensor '{info.name}' changed shape since the header was read")
+            return t.view(info.shape)
         h = self._handle(info.file)
         try:
             t = h.get_tensor(info.name) if self.index.fmt == "safetensors" else h[info.name]
@@ -157,9 +172,10 @@ class ModelReader:
     def _mapped_range(self, info: TensorInfo, t: torch.Tensor) -> tuple[int, int] | None:
         lo = t.data_ptr()
         hi = lo + t.numel() * t.element_size()
-        if isinstance(info, SpanInfo):  # a view of this reader's own mapping (get): no need to look it up in
-            # /proc/self/maps, which the safetensors views' mappings are not in (~1 ms a read, 2 per input per run)
-            return (lo, hi) if hi > lo else None
+        if self._own_map:  # inside this reader's own mapping of the file (get): no need to look it up in
+            # /proc/self/maps (~1 ms a read, 2 per input per tensor); anything else (heap memory) is never advised
+            m = self._raw._maps.get(info.file) if self._raw is not None else None
+            return (lo, hi) if m is not None and m[0] <= lo < hi <= m[0] + m[1] else None
         maps = self._maps.get(info.file)
         if maps is None or not any(a <= lo and hi <= b for a, b in maps):
             maps = self._maps[info.file] = _file_mappings(self._ids.get(info.file))

@@ -26,6 +26,28 @@ def test_get_matches_safetensors(tmp_path):
         assert torch.equal(r.get(info), sd[name])
 
 
+def test_safetensors_read_through_the_readers_own_mapping(tmp_path, monkeypatch):
+    """Every tensor of a safetensors file (scalars and empty ones too) is a view into the reader's own read-only
+    mapping: no safe_open (it parsed the whole header again per file: ~15 ms for 20k entries) and no scan of
+    /proc/self/maps to populate or drop it."""
+    import safetensors
+
+    from fastmerge.io import reader
+
+    sd = {**random_state(), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3, dtype=torch.bfloat16)}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    r = ModelReader(CheckpointIndex.open(tmp_path))
+    monkeypatch.setattr(safetensors, "safe_open", None)
+    monkeypatch.setattr(reader, "_file_mappings", None)
+    for name, info in r.index.tensors.items():
+        t = r.get(info)
+        r.populate(info, t)
+        assert t.shape == sd[name].shape and t.dtype == sd[name].dtype and torch.equal(t, sd[name])
+        r.drop(info, t)
+        assert torch.equal(t, sd[name])
+    r.close()
+
+
 def test_drop_releases_pages_but_never_data(tmp_path):
     sd, r = _big(tmp_path)
     info = r.index.tensors["t1"]
