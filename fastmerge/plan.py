@@ -288,7 +288,7 @@ def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dic
     tensors in its order: from its index's file counts and names); else row by row."""
     n_src = len(srcs[0]) if srcs else 0
     has_base = bases.count(None) == 0
-    if srcs and (has_base or bases.count(None) == len(bases)) and all(len(s) == n_src for s in srcs):
+    if srcs and (has_base or bases.count(None) == len(bases)) and list(map(len, srcs)).count(n_src) == len(srcs):
         cols = ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src)]
         ids, col_names = [], []
         for c in cols:

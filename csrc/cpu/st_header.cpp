@@ -437,9 +437,10 @@ py::object format_safetensors_entries(const py::list& names, const py::list& dty
   if (PyList_GET_SIZE(dtypes.ptr()) != n || PyList_GET_SIZE(shapes.ptr()) != n || PyList_GET_SIZE(nbytes.ptr()) != n)
     throw py::value_error("format_safetensors_entries: columns of different lengths");
   std::string out;
-  out.reserve(static_cast<size_t>(n) * 96);
-  PyObject* last_shape = nullptr;  // runs of one shape tuple (the plan shares them): its text once per run
-  std::string shape_text;
+  out.reserve(static_cast<size_t>(n) * 128);
+  // the text of each distinct shape tuple object (the plan shares them: a few dozen in 20k tensors, which
+  // alternate - an expert's down, gate and up projections - so a cache of the last one alone missed 2 in 3)
+  std::unordered_map<PyObject*, std::string> shape_texts;
   int64_t at = 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* name = PyList_GET_ITEM(names.ptr(), i);
@@ -453,20 +454,22 @@ py::object format_safetensors_entries(const py::list& names, const py::list& dty
       return py::none();
     }
     if (!plain_name(sn, ln) || !plain_name(sd, ld)) return py::none();
-    if (shape != last_shape) {
+    auto found = shape_texts.find(shape);
+    if (found == shape_texts.end()) {
       if (!PyTuple_Check(shape)) return py::none();
-      shape_text.clear();
+      std::string text;
       for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(shape); ++k) {
         const int64_t d = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, k));
         if (d < 0) {  // negative, not an int, or past int64 (-1 with an error set)
           PyErr_Clear();
           return py::none();
         }
-        if (k) shape_text.push_back(',');
-        append_int(shape_text, d);
+        if (k) text.push_back(',');
+        append_int(text, d);
       }
-      last_shape = shape;
+      found = shape_texts.emplace(shape, std::move(text)).first;  // the lists hold the tuples: pointers stay valid
     }
+    const std::string& shape_text = found->second;
     const int64_t nb = PyLong_AsLongLong(PyList_GET_ITEM(nbytes.ptr(), i));
     if (nb < 0 || nb > INT64_MAX - at) {
       PyErr_Clear();
