@@ -3,6 +3,7 @@
 import dataclasses
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from fastmerge import plan
 from fastmerge.config import MergeConfig, evaluate_setting
 from fastmerge.errors import ConfigError
+from fastmerge.io.index import ITEMSIZE
 from fastmerge.plan import layer_index
 from helpers.checkpoints import write_sharded
 
@@ -216,6 +218,10 @@ def test_lean_whole_model_plan_equals_the_plan_of_add(family_bf16, monkeypatch, 
     calls = _lean_calls(monkeypatch)
     lean = plan(doc, **options)
     assert calls == [case not in ("gradient", "per_tensor")]
+    # each tensor's out_tensor is the very object its shard lists (build_plan fills the memos column by column)
+    shard_outs = [o for s in lean.shards for o in s.tensors]
+    assert len(shard_outs) == len(lean.tensors) and all(t.out_tensor is o for t, o in zip(lean.tensors, shard_outs))
+    assert all(o.nbytes == math.prod(t.shape) * ITEMSIZE[t.out_dtype] for t, o in zip(lean.tensors, shard_outs))
     monkeypatch.setattr(PLAN, "LEAN_WHOLE_MODELS", False)
     _same_plans(lean, plan(doc, **options))
 
