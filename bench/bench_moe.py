@@ -6,6 +6,8 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 
 - ``moe-small``: DeepSeek-V3-shaped with its real expert count (256 routed + 1 shared per MoE layer) and
   tiny dimensions (hidden 64, experts of 32): 27 layers, 20,347 tensors per model of 4 KB each.
+- ``moe-16k``, ``moe-64k``: the same 20,347 tensors per model with experts of 16 KB and 64 KB (hidden 128 and 256):
+  where per-tensor costs stop dominating (1.0 GB and 4.0 GB of input).
 - ``dense-large``: LLaMA-shaped, hidden 1024, 4 layers: 39 tensors per model of 0.5-32 MB.
 - ``moe-real``: Qwen3-30B-A3B's real dimensions (hidden 2048, 128 experts of 2048x768), 1 layer, vocab 8192:
   396 tensors per model, the 384 experts of 3 MB each (what per-tensor overhead costs at a real expert size;
@@ -17,8 +19,9 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 - ``--ab``: instead, on ``moe-small`` only, each merge with the engine's runs of small tensors
   (``engine.stream.batches``) and tensor by tensor (``stream.SMALL_NUMEL = 0``), interleaved, same plan.
 - ``--against DIR``: instead, this tree against the fastmerge installed in ``DIR`` (``pip install --target DIR
-  <old checkout>``: its own ``_C``) on moe-small and dense-large, each merge a child process timing
-  ``fastmerge.merge`` (planning included), the installs alternated in each round; ``--warm N``: each child
+  <old checkout>``: its own ``_C``) on dense-large and the first family of small tensors named in ``--families``
+  (moe-small by default), each merge a child process timing ``fastmerge.merge`` (planning included), the
+  installs alternated in each round; ``--warm N``: each child
   merges N + 1 times and keeps the last N (in-process, warm: the merges' own differences, without a fresh
   process's first-call costs).
 
@@ -53,9 +56,16 @@ SMALL = DeepSeekV3Shape(hidden=64, layers=27, first_k_dense=1, intermediate=96, 
                         heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope=16, qk_rope=8, v_head=16, vocab=512)
 FP8 = DeepSeekV3Shape(hidden=256, layers=4, first_k_dense=1, intermediate=384, moe_intermediate=128, experts=256,
                       heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=64, v_head=64, vocab=1024)
+#: moe-small's 20k tensors at 4x and 16x its bytes (experts of 16 KB and 64 KB): where per-tensor costs stop dominating
+MID16 = DeepSeekV3Shape(hidden=128, layers=27, first_k_dense=1, intermediate=192, moe_intermediate=64, experts=256,
+                        heads=2, q_lora_rank=64, kv_lora_rank=64, qk_nope=32, qk_rope=16, v_head=32, vocab=1024)
+MID64 = DeepSeekV3Shape(hidden=256, layers=27, first_k_dense=1, intermediate=384, moe_intermediate=128, experts=256,
+                        heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=64, v_head=64, vocab=2048)
 LARGE = LlamaShape(hidden=1024, layers=4, intermediate=2816, vocab=16000, heads=8)
 #: Qwen3-30B-A3B's real dimensions (hidden 2048, 128 experts of 768: 3 MB bf16 tensors), 1 of its 48 layers
 REAL = Qwen3MoeShape(layers=1, vocab=8192)
+#: the families of small tensors, by name
+SHAPES = {"moe-small": SMALL, "moe-16k": MID16, "moe-64k": MID64}
 
 
 def family(root: Path, name: str, shape, fp8: bool = False) -> tuple[Path, list[Path]]:
@@ -129,16 +139,17 @@ def ab(root: Path, methods: list[str], repeat: int) -> None:
                   f"{med['one by one'][1] / med['runs'][1]:.2f}x, CPU {med['one by one'][2] / med['runs'][2]:.2f}x", flush=True)
 
 
-def against(root: Path, old: str, methods: list[str], repeat: int, warm: int = 0) -> None:
-    """This tree vs the fastmerge installed at ``old`` (a ``pip install --target`` directory) on moe-small and
-    dense-large: each merge a child process (``fastmerge.merge`` timed inside it, planning included), the two
-    installs alternated within each round; medians of ``repeat`` rounds, and of the rounds' large/small ratios.
+def against(root: Path, old: str, methods: list[str], repeat: int, warm: int = 0, small: str = "moe-small") -> None:
+    """This tree vs the fastmerge installed at ``old`` (a ``pip install --target`` directory) on ``small`` (a family
+    of small tensors: moe-small, moe-16k or moe-64k) and dense-large: each merge a child process (``fastmerge.merge``
+    timed inside it, planning included), the two installs alternated within each round; medians of ``repeat``
+    rounds, and of the rounds' large/small ratios.
     ``warm`` > 0: each child merges ``warm`` + 1 times in-process and keeps the last ``warm`` (a merge in a fresh
     process pays first-call costs and a cold allocator, ~0.1 s of noise against changes of a few hundredths), and
     the merge report's time (``MergeReport.wall_s``) is printed beside the wall time."""
     from ab_inprocess import command
 
-    fams = {"moe-small": family(root, "moe-small", SMALL), "dense-large": family(root, "dense-large", LARGE)}
+    fams = {small: family(root, small, SHAPES[small]), "dense-large": family(root, "dense-large", LARGE)}
     runs = warm + 1 if warm else 1
     for method in methods:
         for engine in ("native", "torch"):
@@ -163,15 +174,15 @@ def against(root: Path, old: str, methods: list[str], repeat: int, warm: int = 0
                                 res.setdefault((name, side), []).append((float(wall), float(loop)))
                                 nbytes[name] = int(read)
             for side in ("before", "after"):
-                small, big = res[("moe-small", side)], res[("dense-large", side)]
-                ratios = [(s[0] / nbytes["moe-small"]) / (b[0] / nbytes["dense-large"]) for s, b in zip(small, big)]
-                print(f"{method:7s} {engine:6s} {side:6s}: moe-small {statistics.median(x[0] for x in small):.3f} s "
-                      f"(report {statistics.median(x[1] for x in small):.3f} s), dense-large "
+                mine, big = res[(small, side)], res[("dense-large", side)]
+                ratios = [(s[0] / nbytes[small]) / (b[0] / nbytes["dense-large"]) for s, b in zip(mine, big)]
+                print(f"{method:7s} {engine:6s} {side:6s}: {small} {statistics.median(x[0] for x in mine):.3f} s "
+                      f"(report {statistics.median(x[1] for x in mine):.3f} s), dense-large "
                       f"{statistics.median(x[0] for x in big):.3f} s (report {statistics.median(x[1] for x in big):.3f} s), "
                       f"large/small throughput {statistics.median(ratios):.2f} (rounds {', '.join(f'{r:.2f}' for r in ratios)})",
                       flush=True)
-            b, a = res[("moe-small", "before")], res[("moe-small", "after")]
-            print(f"{method:7s} {engine:6s} moe-small before/after: wall {statistics.median(x[0] / y[0] for x, y in zip(b, a)):.2f}x, "
+            b, a = res[(small, "before")], res[(small, "after")]
+            print(f"{method:7s} {engine:6s} {small} before/after: wall {statistics.median(x[0] / y[0] for x, y in zip(b, a)):.2f}x, "
                   f"report {statistics.median(x[1] / y[1] for x, y in zip(b, a)):.2f}x", flush=True)
 
 
@@ -192,8 +203,10 @@ def main() -> None:
     if a.ab:
         return ab(root, a.methods.split(","), a.repeat)
     if a.against:
-        return against(root, a.against, a.methods.split(","), a.repeat, a.warm)
-    shapes = {"moe-small": (SMALL, False), "dense-large": (LARGE, False), "moe-real": (REAL, False),
+        small = next((n for n in a.families.split(",") if n in SHAPES), "moe-small")
+        return against(root, a.against, a.methods.split(","), a.repeat, a.warm, small)
+    shapes = {"moe-small": (SMALL, False), "moe-16k": (MID16, False), "moe-64k": (MID64, False), "dense-large": (LARGE, False),
+              "moe-real": (REAL, False),
               **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
     print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model; moe-real: "
@@ -227,7 +240,7 @@ def main() -> None:
                 print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s, CPU {cpu:6.2f} s)  "
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
             big = rows.get((method, "dense-large", engine))
-            for name in ("moe-small", "moe-real"):
+            for name in ("moe-small", "moe-16k", "moe-64k", "moe-real"):
                 s = rows.get((method, name, engine))
                 if s and big:
                     per_round = [b / x for b, x in zip(big, s)]
