@@ -8,7 +8,10 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
   tiny dimensions (hidden 64, experts of 32): 27 layers, 20,347 tensors per model of 4 KB each.
 - ``moe-16k``, ``moe-64k``: the same 20,347 tensors per model with experts of 16 KB and 64 KB (hidden 128 and 256):
   where per-tensor costs stop dominating (1.0 GB and 4.0 GB of input).
-- ``dense-large``: LLaMA-shaped, hidden 1024, 4 layers: 39 tensors per model of 0.5-32 MB.
+- ``dense-large``: LLaMA-shaped, hidden 1024, 4 layers: 39 tensors per model of 0.5-32 MB (505 MB of input).
+- ``dense-bench``: the shape of bench_end_to_end.py's benchmark family (hidden 1024, 8 layers, vocab 32000;
+  75 tensors per model of 2-66 MB): 1.0 GB of input, as moe-16k (a large output pays more of the disk's writeback,
+  so families of equal bytes compare per tensor only).
 - ``moe-real``: Qwen3-30B-A3B's real dimensions (hidden 2048, 128 experts of 2048x768), 1 layer, vocab 8192:
   396 tensors per model, the 384 experts of 3 MB each (what per-tensor overhead costs at a real expert size;
   3.9 GB of input, so only when named in ``--families``).
@@ -62,6 +65,7 @@ MID16 = DeepSeekV3Shape(hidden=128, layers=27, first_k_dense=1, intermediate=192
 MID64 = DeepSeekV3Shape(hidden=256, layers=27, first_k_dense=1, intermediate=384, moe_intermediate=128, experts=256,
                         heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope=64, qk_rope=64, v_head=64, vocab=2048)
 LARGE = LlamaShape(hidden=1024, layers=4, intermediate=2816, vocab=16000, heads=8)
+BENCH = LlamaShape(hidden=1024, layers=8, intermediate=2816, vocab=32000, heads=16)
 #: Qwen3-30B-A3B's real dimensions (hidden 2048, 128 experts of 768: 3 MB bf16 tensors), 1 of its 48 layers
 REAL = Qwen3MoeShape(layers=1, vocab=8192)
 #: the families of small tensors, by name
@@ -206,6 +210,7 @@ def main() -> None:
         small = next((n for n in a.families.split(",") if n in SHAPES), "moe-small")
         return against(root, a.against, a.methods.split(","), a.repeat, a.warm, small)
     shapes = {"moe-small": (SMALL, False), "moe-16k": (MID16, False), "moe-64k": (MID64, False), "dense-large": (LARGE, False),
+              "dense-bench": (BENCH, False),
               "moe-real": (REAL, False),
               **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
@@ -239,16 +244,17 @@ def main() -> None:
                 loops[(method, name, engine)] = [x[3] / x[1] / 1e9 for x in got]  # the report's "GB/s of input"
                 print(f"{method:7s} {name:12s} engine={used:6s} {wall:7.2f} s (merge loop {loop:6.2f} s, CPU {cpu:6.2f} s)  "
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
-            big = rows.get((method, "dense-large", engine))
-            for name in ("moe-small", "moe-16k", "moe-64k", "moe-real"):
-                s = rows.get((method, name, engine))
-                if s and big:
-                    per_round = [b / x for b, x in zip(big, s)]
-                    print(f"{method} {engine}: dense-large / {name} throughput ratio {statistics.median(per_round):.2f} "
-                          f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
-                    per_round = [b / x for b, x in zip(loops[(method, "dense-large", engine)], loops[(method, name, engine)])]
-                    print(f"{method} {engine}: dense-large / {name} merge report's GB/s ratio {statistics.median(per_round):.2f} "
-                          f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
+            for dense in ("dense-large", "dense-bench"):
+                big = rows.get((method, dense, engine))
+                for name in ("moe-small", "moe-16k", "moe-64k", "moe-real"):
+                    s = rows.get((method, name, engine))
+                    if s and big:
+                        per_round = [b / x for b, x in zip(big, s)]
+                        print(f"{method} {engine}: {dense} / {name} throughput ratio {statistics.median(per_round):.2f} "
+                              f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
+                        per_round = [b / x for b, x in zip(loops[(method, dense, engine)], loops[(method, name, engine)])]
+                        print(f"{method} {engine}: {dense} / {name} merge report's GB/s ratio {statistics.median(per_round):.2f} "
+                              f"(rounds: {', '.join(f'{r:.2f}' for r in per_round)})", flush=True)
         if a.mergekit:
             for name, (base, fts) in fams.items():
                 if name in ("moe-small", "dense-large"):
