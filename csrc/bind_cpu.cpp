@@ -19,6 +19,7 @@
 #include "cpu/fp8.h"
 #include "cpu/peft_ties.h"
 #include "cpu/select.h"
+#include "cpu/layer_index.h"
 #include "cpu/st_header.h"
 #include "cpu/xxh64.h"
 #include "fastmerge/common.h"
@@ -546,5 +547,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("shapes"), py::arg("nbytes"),
         "The entries of a safetensors header (after __metadata__) as fastmerge.io.writer writes them, offsets "
         "accumulated from nbytes; None where a name or dtype needs a JSON escape or a column holds anything else.");
+  m.def("layer_indices", &cpu::layer_indices, py::arg("names"), py::arg("fallback"),
+        "fastmerge.io.index.LAYER_RE's layer number of each name (None: no match); names that are not ASCII, or "
+        "with a number of more than 18 digits, through fallback(name).");
   m.def("build_info", &build_info, "How this module was built (compiler, OpenMP, SIMD clones, versions).");
 }

@@ -57,8 +57,10 @@ def layer_index(name: str) -> int | None:
 
 
 def layer_indices(names: list[str]) -> list[int | None]:
-    """``layer_index`` of each name, the search mapped in C (a Python call per name is ~0.5 us of a MoE model's
-    20k-45k)."""
+    """``layer_index`` of each name: in one C loop (``_C.layer_indices``, ~30 ns a name; the regex search and int()
+    were ~0.6 us of each of a MoE model's 20k-45k), else the search mapped over them."""
+    if _NATIVE_LAYERS is not None:
+        return _NATIVE_LAYERS(names if type(names) is list else list(names), layer_index)
     return [None if m is None else int(m[1]) for m in map(LAYER_RE.search, names)]
 
 
@@ -119,6 +121,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo], str]:
     return meta, infos, hashlib.sha256(head + raw).hexdigest()
 
 
+#: the native layer_indices; None without ``_C`` (or a ``_C`` built before it)
+_NATIVE_LAYERS = getattr(_native._C, "layer_indices", None) if _native.HAS_CPU_EXT else None
 #: the native header parse; None without ``_C`` (or a ``_C`` built before it): ``_parse_header`` alone then
 _NATIVE_PARSE = getattr(_native._C, "parse_safetensors_header", None) if _native.HAS_CPU_EXT else None
 

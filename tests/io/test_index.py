@@ -170,3 +170,26 @@ def test_back_to_back_layout_with_an_empty_tensor_is_accepted(tmp_path):
                                               "b": ("BF16", [2], [8, 12])}, 12)
     _, infos = read_safetensors_header(f)
     assert [t.name for t in infos] == ["a", "e", "b"]
+
+
+def test_layer_indices_equal_the_regex_name_by_name():
+    """``layer_indices`` (a C loop where ``_C`` has it) gives what ``LAYER_RE.search`` and int() give for each name:
+    every word of the pattern at the start or after a dot, numbers with leading zeros or past int64, no dot after
+    the number, a word glued to another, non-ASCII names (Python's \\d takes other decimal digits) and MoE names."""
+    import random
+
+    from fastmerge import _native
+    from fastmerge.io import index
+
+    if _native.HAS_CPU_EXT:
+        assert index._NATIVE_LAYERS is not None  # the C loop, not the fallback, is what runs
+    rng = random.Random(3)
+    tokens = ["layers", "layer", "h", "blocks", "block", "xlayers", "hh", "model", "mlp", "0", "7", "12", "007", "",
+              "99999999999999999999", "\u0663", "\u00e9", "-1", "3x"]
+    names = [".".join(rng.choice(tokens) for _ in range(rng.randint(0, 7))) for _ in range(20000)]
+    names += [f"model.layers.{i // 760}.mlp.experts.{i % 256}.up_proj.weight" for i in range(3000)]
+    names += ["transformer.h.0.attn", "gpt_neox.layers.3.x", "encoder.layer.11.out", "blocks.1.2.", "h.1", ""]
+    want = [None if m is None else int(m[1]) for m in map(index.LAYER_RE.search, names)]
+    assert index.layer_indices(names) == want
+    assert sum(w is not None for w in want) > 5000  # the corpus exercises matches, not only misses
+    assert index.layer_indices(tuple(names[:50])) == want[:50]
