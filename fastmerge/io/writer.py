@@ -21,7 +21,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from .. import _native
 from .._lazy import torch
@@ -130,19 +130,24 @@ def _entries(names: list[str], st_dtypes: list[str], shapes: list[tuple[int, ...
 _FORMAT_ENTRIES = getattr(_native._C, "format_safetensors_entries", None) if _native.HAS_CPU_EXT else None
 
 
+def greedy_cuts(ends: list[int], limit: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """Items ``lo``..``hi - 1`` cut greedily into consecutive groups ``[a, b)``: a group takes the next item while its
+    bytes stay within ``limit``, an item larger than that is a group of its own. ``ends``: the running byte total
+    over all items (``ends[i]``: bytes of items 0..i). Found by bisecting ``ends``: a step per group, not per item
+    (20k-45k tensors in a MoE model: the shards of ``plan_shards``, the engine's runs of small tensors)."""
+    a = lo
+    while a < hi:
+        b = max(a + 1, bisect.bisect_right(ends, (ends[a - 1] if a else 0) + limit, a, hi))
+        yield a, b
+        a = b
+
+
 def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[Shard]:
     """Group tensors (in output order) into shards of at most ``max_shard_bytes``; a larger tensor gets
     a shard of its own. Same rule as mergekit's writer, so layouts match."""
-    # greedy, as the rule reads (a shard takes the next tensor while its bytes stay within the limit), found by
-    # bisecting the running byte total: a step per shard, not per tensor (20k-45k in a MoE model)
     tensors = list(tensors)
     ends = list(itertools.accumulate(map(_NBYTES, tensors)))
-    groups: list[list[OutTensor]] = []
-    a = 0
-    while a < len(tensors):
-        b = max(a + 1, bisect.bisect_right(ends, (ends[a - 1] if a else 0) + max_shard_bytes, a))
-        groups.append(tensors[a:b])
-        a = b
+    groups = [tensors[a:b] for a, b in greedy_cuts(ends, max_shard_bytes, 0, len(tensors))]
     n = len(groups)
     if n == 1:
         return [Shard("model.safetensors", groups[0])]
