@@ -73,7 +73,7 @@ def run_demo(cache: Path | None = None, out: Path | None = None, backend: str = 
         vals = []
         for info in srcs:
             if info.file.parent not in readers:
-                readers[info.file.parent] = ModelReader(CheckpointIndex.open(info.file.parent))
+                readers[info.file.parent] = ModelReader(CheckpointIndex.open(info.file.parent), mapped=False)
             r = readers[info.file.parent]
             vals.append(r.get(info))
         ref = p.method.reference(vals[1:], vals[0], tp.params).to(got.dtype)

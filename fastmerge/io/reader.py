@@ -105,9 +105,14 @@ def span(first: TensorInfo, last: TensorInfo) -> TensorInfo:
 
 
 class ModelReader:
-    """Opens one checkpoint's files lazily (a bounded LRU of handles) and returns read-only views."""
+    """Opens one checkpoint's files lazily and returns read-only views.
 
-    def __init__(self, index: CheckpointIndex, max_open: int = 4):
+    ``mapped`` (the engines, whose prefetcher drops each group's pages after use): safetensors files are read
+    through one read-only mapping each, kept until ``close()``. ``mapped=False`` (a caller that reads without
+    dropping, e.g. a soup over many shards): through ``safe_open`` handles, at most ``max_open`` at once, whose views
+    keep their own mapping alive and let it go with the last of them, so a long read holds only recent files."""
+
+    def __init__(self, index: CheckpointIndex, max_open: int = 4, mapped: bool = True):
         self.index = index
         self.max_open = max_open
         self._handles: OrderedDict[Path, Any] = OrderedDict()
@@ -116,7 +121,7 @@ class ModelReader:
         self._raw: RawReader | None = None  # one read-only mapping per file, as the torch-free reader
         #: safetensors tensors are read through ``_raw`` (``get``); .bin ones, or where no mapping can be made, through
         #: ``_handle``
-        self._own_map = index.fmt == "safetensors" and RawReader.available()
+        self._own_map = mapped and index.fmt == "safetensors" and RawReader.available()
 
     def _handle(self, file: Path) -> Any:
         h = self._handles.get(file)
@@ -146,7 +151,7 @@ class ModelReader:
         (safetensors' views cannot be joined: each has its own storage). ``safe_open`` parsed the whole header
         again on the first read of each file (~15 ms for a MoE shard of 20k entries, per file and merge) and its
         views' mappings had to be looked up in /proc/self/maps to be populated or dropped."""
-        if self._own_map:
+        if self._own_map or isinstance(info, SpanInfo):
             if self._raw is None:
                 self._raw = RawReader(self.index)
             v = self._raw.get(info)
@@ -172,7 +177,7 @@ class ModelReader:
     def _mapped_range(self, info: TensorInfo, t: torch.Tensor) -> tuple[int, int] | None:
         lo = t.data_ptr()
         hi = lo + t.numel() * t.element_size()
-        if self._own_map:  # inside this reader's own mapping of the file (get): no need to look it up in
+        if self._own_map or isinstance(info, SpanInfo):  # inside this reader's own mapping of the file (get): no need to look it up in
             # /proc/self/maps (~1 ms a read, 2 per input per tensor); anything else (heap memory) is never advised
             m = self._raw._maps.get(info.file) if self._raw is not None else None
             return (lo, hi) if m is not None and m[0] <= lo < hi <= m[0] + m[1] else None

@@ -61,7 +61,7 @@ class _Source:
 
             index = CheckpointIndex.open(Path(ck))
             self._index = index
-            self._reader = ModelReader(index, max_open=2)
+            self._reader = ModelReader(index, max_open=2, mapped=False)  # reads without dropping pages
             self.meta = {k: (t.shape, torch_dtype(t.dtype)) for k, t in index.tensors.items()}
             self.where = f"{where} ({Path(ck)})"
         else:

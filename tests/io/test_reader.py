@@ -48,6 +48,27 @@ def test_safetensors_read_through_the_readers_own_mapping(tmp_path, monkeypatch)
     r.close()
 
 
+def test_unmapped_reader_reads_through_safe_open_and_spans_through_a_mapping(tmp_path, monkeypatch):
+    """``mapped=False`` (callers that never drop pages): tensors through safe_open handles, at most ``max_open`` open
+    (each view keeps its own mapping); a span is still one view of the reader's own mapping."""
+    from fastmerge.io import reader
+
+    sd = random_state()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    r = ModelReader(CheckpointIndex.open(tmp_path), mapped=False)
+    for name, info in r.index.tensors.items():
+        assert torch.equal(r.get(info), sd[name])
+    assert r._raw is None and len(r._handles) == 1
+    infos = list(r.index.tensors.values())  # file order: back to back
+    first, last = infos[0], infos[1]
+    assert first.dtype == last.dtype and first.end == last.begin
+    span = reader.span(first, last)
+    t = r.get(span)
+    assert torch.equal(t, torch.cat([sd[first.name].reshape(-1), sd[last.name].reshape(-1)]))
+    assert r._mapped_range(span, t) is not None
+    r.close()
+
+
 def test_drop_releases_pages_but_never_data(tmp_path):
     sd, r = _big(tmp_path)
     info = r.index.tensors["t1"]
