@@ -2,8 +2,9 @@
 
 Tensors of a safetensors file are zero-copy views into one read-only mapping of the file per reader
 (``RawReader``: ``PROT_READ``, so a stray write faults instead of changing an input), found from the header
-offsets the index already validated; without ``mmap`` they come from the safetensors library (``safe_open``),
-and for ``.bin`` from ``torch.load(mmap=True, weights_only=True)``. They are read-only by contract: nothing
+offsets the index already validated; for a reader that never drops pages (``ModelReader(mapped=False)``) or
+without ``mmap`` they come from the safetensors library (``safe_open``), and for ``.bin`` from
+``torch.load(mmap=True, weights_only=True)``. They are read-only by contract: nothing
 here or in any backend writes to them.
 
 Bounded memory: a mapped file page counts in RSS once touched, so merging a model whose shard is 5 GB
