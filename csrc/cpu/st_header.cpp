@@ -19,6 +19,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <charconv>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -401,17 +402,9 @@ bool plain_name(const char* s, Py_ssize_t n) {
 }
 
 void append_int(std::string& out, int64_t v) {
-  char buf[24];
-  char* e = buf + sizeof(buf);
-  char* p = e;
-  const bool neg = v < 0;
-  uint64_t u = neg ? 0 - static_cast<uint64_t>(v) : static_cast<uint64_t>(v);
-  do {
-    *--p = static_cast<char>('0' + u % 10);
-    u /= 10;
-  } while (u != 0);
-  if (neg) *--p = '-';
-  out.append(p, static_cast<size_t>(e - p));
+  char buf[24];  // int64's 19 digits and a sign
+  const auto r = std::to_chars(buf, buf + sizeof(buf), v);
+  out.append(buf, static_cast<size_t>(r.ptr - buf));
 }
 
 }  // namespace
