@@ -274,10 +274,12 @@ class MergePlan:
                                    options=dataclasses.replace(self.options, **options))
 
 
+# the columns of the digest, _lean_rest and build_plan, taken with map (the loop in C)
 _NAME, _SHAPE, _BASE, _SOURCES, _PARAMS, _TRANSFORM = (operator.attrgetter(a) for a in (
     "name", "shape", "base", "sources", "params", "input_transform"))
 _KINDS = tuple(operator.attrgetter(a) for a in ("out_dtype", "compute_dtype", "backend"))
-_FILE = operator.attrgetter("file")
+_FILE, _DTYPE, _OUT_DTYPE, _OUT_QUANT = (operator.attrgetter(a) for a in ("file", "dtype", "out_dtype", "out_quant"))
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dict[int, int], fno_eq: dict[Path, int],
@@ -853,10 +855,6 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     plans.extend(map(TensorPlan, names[1:], shape_col, out_dts, compute, refs if has_base else [None] * n, sources,
                      itertools.repeat(params), layer_indices(names[1:]), map(_FIRST, got), map(_SECOND, got)))
     return True
-
-
-_DTYPE, _OUT_DTYPE, _OUT_QUANT = (operator.attrgetter(a) for a in ("dtype", "out_dtype", "out_quant"))
-_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _transform_json(tr: Any) -> dict[str, Any]:

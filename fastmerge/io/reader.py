@@ -180,8 +180,7 @@ class ModelReader:
         hi = lo + t.numel() * t.element_size()
         if self._own_map or isinstance(info, SpanInfo):  # inside this reader's own mapping of the file (get): no need to look it up in
             # /proc/self/maps (~1 ms a read, 2 per input per tensor); anything else (heap memory) is never advised
-            m = self._raw._maps.get(info.file) if self._raw is not None else None
-            return (lo, hi) if m is not None and m[0] <= lo < hi <= m[0] + m[1] else None
+            return (lo, hi) if self._raw is not None and self._raw.holds(info.file, lo, hi) else None
         maps = self._maps.get(info.file)
         if maps is None or not any(a <= lo and hi <= b for a, b in maps):
             maps = self._maps[info.file] = _file_mappings(self._ids.get(info.file))
@@ -272,6 +271,11 @@ class RawReader:
         if info.end > self._maps[info.file][1]:  # the file shrank since its header was read
             raise CheckpointError(f"{info.file}: tensor '{info.name}' lies past the end of the file")
         return RawView(addr + info.begin, info.nbytes, info.dtype, info.numel)
+
+    def holds(self, file: Path, lo: int, hi: int) -> bool:
+        """Whether the addresses ``[lo, hi)`` (not empty) lie in this reader's mapping of ``file``."""
+        m = self._maps.get(file)
+        return m is not None and m[0] <= lo < hi <= m[0] + m[1]
 
     def populate(self, info: TensorInfo, v: RawView) -> None:
         global _populate_ok
