@@ -209,10 +209,8 @@ def main() -> None:
     if a.against:
         small = next((n for n in a.families.split(",") if n in SHAPES), "moe-small")
         return against(root, a.against, a.methods.split(","), a.repeat, a.warm, small)
-    shapes = {"moe-small": (SMALL, False), "moe-16k": (MID16, False), "moe-64k": (MID64, False), "dense-large": (LARGE, False),
-              "dense-bench": (BENCH, False),
-              "moe-real": (REAL, False),
-              **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
+    shapes = {**{n: (sh, False) for n, sh in SHAPES.items()}, "dense-large": (LARGE, False), "dense-bench": (BENCH, False),
+              "moe-real": (REAL, False), **({"moe-fp8": (FP8, True)} if a.fp8 else {})}
     fams = {n: family(root, n, sh, fp8=f) for n, (sh, f) in shapes.items() if n in a.families.split(",")}
     print(f"moe-small: {len(SMALL.tensors())} tensors/model; dense-large: {len(LARGE.tensors())} tensors/model; moe-real: "
           f"{len(REAL.tensors())} tensors/model", flush=True)
@@ -246,7 +244,7 @@ def main() -> None:
                       f"{nbytes / 1e6:8.1f} MB  {nbytes / wall / 1e9:6.3f} GB/s", flush=True)
             for dense in ("dense-large", "dense-bench"):
                 big = rows.get((method, dense, engine))
-                for name in ("moe-small", "moe-16k", "moe-64k", "moe-real"):
+                for name in (*SHAPES, "moe-real"):
                     s = rows.get((method, name, engine))
                     if s and big:
                         per_round = [b / x for b, x in zip(big, s)]

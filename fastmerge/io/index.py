@@ -47,9 +47,6 @@ MAX_HEADER_BYTES = 100_000_000
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
 
-_NAME = operator.attrgetter("name")
-
-
 def layer_index(name: str) -> int | None:
     """The layer a tensor name belongs to (``LAYER_RE``), None for non-layer tensors."""
     m = LAYER_RE.search(name)
@@ -207,7 +204,7 @@ def _check_relative(index_path: Path, shard: str) -> None:
         raise CheckpointError(f"{index_path}: shard path '{shard}' must be relative and stay inside the model folder")
 
 
-_DTYPE = operator.attrgetter("dtype")
+_NAME, _DTYPE = operator.attrgetter("name"), operator.attrgetter("dtype")
 
 
 @dataclasses.dataclass

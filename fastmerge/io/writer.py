@@ -106,7 +106,7 @@ class Shard:
         st_dtypes = list(map(ST_NAME.__getitem__, map(_DTYPE, ts)))
         shapes = list(map(_SHAPE, ts))
         sizes = list(map(_NBYTES, ts))
-        # the entries written in C (_C.format_safetensors_entries: ~1 ms for 20k, against ~15 ms for an f-string a
+        # the entries written in C (_C.format_safetensors_entries: ~5 ms for 20k, against ~13 ms for an f-string a
         # tensor); it declines a name that needs an escape, which ``_entries`` then writes
         rows = _FORMAT_ENTRIES(names, st_dtypes, shapes, sizes) if _FORMAT_ENTRIES is not None else None
         raw = b'{"__metadata__":{"format":"pt"}' + (rows if rows is not None else _entries(names, st_dtypes, shapes, sizes)) + b"}"
