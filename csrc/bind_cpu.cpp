@@ -21,6 +21,7 @@
 #include "cpu/select.h"
 #include "cpu/layer_index.h"
 #include "cpu/st_header.h"
+#include "cpu/instances.h"
 #include "cpu/xxh64.h"
 #include "fastmerge/common.h"
 #include "fastmerge/gta.h"
@@ -547,6 +548,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("shapes"), py::arg("nbytes"),
         "The entries of a safetensors header (after __metadata__) as fastmerge.io.writer writes them, offsets "
         "accumulated from nbytes; None where a name or dtype needs a JSON escape or a column holds anything else.");
+  m.def("instances", &cpu::instances, py::arg("cls"), py::arg("names"), py::arg("columns"), py::arg("n"),
+        "[cls instance i with names[k] = columns[k][i]] for i < n (a column that is not a list: every row's value), "
+        "written into the class's slots, else each instance's __dict__; __init__ is not called.");
   m.def("layer_indices", &cpu::layer_indices, py::arg("names"), py::arg("fallback"),
         "fastmerge.io.index.LAYER_RE's layer number of each name (None: no match); names that are not ASCII, or "
         "with a number of more than 18 digits, through fallback(name).");

@@ -789,7 +789,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     if not any(map(_OUT_QUANT, plans)):
         # every TensorPlan's out_tensor memo filled column by column (the memo's first reads, one Python call each,
         # were ~1 us of a MoE model's 20k-45k tensors); the same objects a read would have made and kept
-        outs = list(map(OutTensor, map(_NAME, plans), map(_OUT_DTYPE, plans), map(_SHAPE, plans)))
+        outs = OutTensor.many(list(map(_NAME, plans)), list(map(_OUT_DTYPE, plans)), list(map(_SHAPE, plans)))
         list(map(operator.setitem, map(vars, plans), itertools.repeat("out_tensor"), outs))
     else:
         outs = []

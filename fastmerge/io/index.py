@@ -68,7 +68,7 @@ def neighbours_equal(values: list[Any]) -> list[bool] | None:
     return list(map(operator.eq, values[1:], values))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives and what it is. ``begin``/``end`` are absolute byte offsets in ``file``."""
 
@@ -138,7 +138,6 @@ def _parse_header(path: Path, raw: bytes, data_start: int, size: int) -> tuple[d
     # (safetensors dtype, shape as written) -> (dtype, shape, bytes): a MoE header repeats a few shapes over
     # 20k-45k entries, each checked once (an unhashable or odd shape takes the checks every time)
     seen: dict[Any, tuple[str, tuple[int, ...], int]] = {}
-    new = object.__new__
     for name, entry in header.items():
         try:
             st_dtype, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -159,10 +158,7 @@ def _parse_header(path: Path, raw: bytes, data_start: int, size: int) -> tuple[d
             raise CheckpointError(
                 f"{path}: truncated file: tensor '{name}' ends at byte {data_start + e}, file has {size}"
             )
-        # TensorInfo's fields set directly: its frozen __init__ (six object.__setattr__) was half this loop
-        t = new(TensorInfo)
-        t.__dict__.update(name=name, file=path, dtype=dtype, shape=shape, begin=data_start + b, end=data_start + e)
-        infos.append(t)
+        infos.append(TensorInfo(name, path, dtype, shape, data_start + b, data_start + e))
     infos.sort(key=lambda t: (t.begin, t.end))
     # the safetensors library's rules: the data section is the tensors back to back, from its first byte
     # to the end of the file - no overlap, no gap, nothing after (it refuses such files; so do we)

@@ -1,0 +1,94 @@
+"""``_memo.instances``: objects of one class made from columns, in C (``_C.instances``) and in Python (its fallback),
+equal to what the class's own ``__init__`` makes, for classes with slots and with a ``__dict__``."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from fastmerge import _memo, _native
+from fastmerge.io.index import TensorInfo
+from fastmerge.io.writer import OutTensor
+from fastmerge.plan import TensorPlan
+
+needs_native = pytest.mark.skipif(not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}")
+
+
+@pytest.fixture(params=["native", "python"])
+def make(request, monkeypatch):
+    if request.param == "native":
+        if not _native.HAS_CPU_EXT:
+            pytest.skip("fastmerge._C not built")
+        assert _memo._INSTANCES is not None
+    else:
+        monkeypatch.setattr(_memo, "_INSTANCES", None)
+    return _memo.instances
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plain:  # a __dict__, frozen
+    a: int
+    b: str
+
+
+def _fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def test_slotted_frozen_class_equals_its_init(make):
+    names, shapes = ["w.0", "w.1", "b"], [(3, 4), (3, 4), (7,)]
+    got = make(TensorInfo, _fields(TensorInfo), (names, "f", "bfloat16", shapes, [8, 32, 56], [32, 56, 70]), 3)
+    want = [TensorInfo(n, "f", "bfloat16", s, b, e) for n, s, b, e in zip(names, shapes, [8, 32, 56], [32, 56, 70])]
+    assert got == want
+    assert [t.shape for t in got][0] is shapes[0]  # the column's own objects, not copies
+    assert not hasattr(got[0], "__dict__")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got[0].name = "x"  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(got[2])) == want[2]
+
+
+def test_out_tensor_many_equals_its_init(make, monkeypatch):
+    monkeypatch.setattr("fastmerge.io.writer.instances", make)
+    names, dtypes, shapes = ["a", "b", "c", "d"], ["bfloat16", "float32", "bfloat16", "float8_e4m3fn"], [(3, 5), (3, 5), (0,), (2, 2)]
+    got = OutTensor.many(names, dtypes, shapes)
+    want = list(map(OutTensor, names, dtypes, shapes))
+    assert got == want
+    assert [t.nbytes for t in got] == [30, 60, 0, 4] == [t.nbytes for t in want]
+    assert OutTensor.many([], [], []) == []
+
+
+def test_dict_class_equals_its_init(make):
+    got = make(_Plain, ("a", "b"), ([1, 2], "x"), 2)
+    assert got == [_Plain(1, "x"), _Plain(2, "x")] and vars(got[1]) == {"a": 2, "b": "x"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got[0].a = 5  # type: ignore[misc]
+
+
+def test_tensor_plan_keeps_its_memo(make):
+    """A class with a ``__dict__`` and a memo: the memo still lands in the instance (``_memo.memo``)."""
+    src = TensorInfo("w", "f", "float32", (2, 3), 0, 24)
+    values = ("w", (2, 3), "float32", None, src, [src], None, 0, "native", {}, None, None)
+    got = make(TensorPlan, _fields(TensorPlan), [[v] for v in values], 1)[0]  # one-row columns (a list is a column)
+    assert got == TensorPlan(*values)
+    assert got.in_bytes == 48 and vars(got)["in_bytes"] == 48
+    assert got.out_tensor == OutTensor("w", "float32", (2, 3))
+
+
+def test_bad_columns(make):
+    with pytest.raises(ValueError):
+        make(_Plain, ("a", "b"), ([1], ["x", "y"]), 2)  # a column shorter than n
+    assert make(_Plain, ("a", "b"), ([1, 2, 3], "x"), 2) == [_Plain(1, "x"), _Plain(2, "x")]  # longer: its first n
+    assert make(_Plain, ("a", "b"), ([], []), 0) == []
+
+
+@needs_native
+def test_native_refuses_what_it_cannot_fill():
+    class NoDict:
+        __slots__ = ("a",)
+
+    with pytest.raises(TypeError):
+        _native._C.instances(NoDict, ("a", "b"), ([1], [2]), 1)  # "b": neither a slot nor a __dict__
+    with pytest.raises(ValueError):
+        _native._C.instances(_Plain, ("a",), ([1], [2]), 1)  # columns and names differ in number
