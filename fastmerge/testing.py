@@ -88,6 +88,38 @@ def _base_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch
     return torch.randn(shape, generator=g) * 0.02
 
 
+class _Coalesced:
+    """A ShardWriter's ``write``, consecutive tensors of less than ``limit`` bytes gathered into one ``write_run``.
+
+    As a download writes a checkpoint (in chunks of MBs), not a file write per tensor: a MoE family's 20k tensors of
+    4-16 KB written one by one took ~40 us each, and left them in the page cache as small folios, whose mapping and
+    dropping cost the merges that read them more per byte (moe-16k: 0.062 against 0.041 s dropping the same pages
+    of a copy written in 64 MB chunks)."""
+
+    def __init__(self, writer: ShardWriter, limit: int = 8 << 20):
+        self.writer, self.limit = writer, limit
+        self.names: list[str] = []
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.numel() * tensor.element_size() >= self.limit:
+            self.flush()
+            self.writer.write(name, tensor)  # (checks dtype and shape; a run's bytes are checked by their sum)
+            return
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        if self.size + len(data) > self.limit:
+            self.flush()
+        self.names.append(name)
+        self.parts.append(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        if self.names:
+            self.writer.write_run(self.names, memoryview(b"".join(self.parts)))
+            self.names, self.parts, self.size = [], [], 0
+
+
 def write_model(
     out: Path, shape: LlamaShape, dtype: str, shard_bytes: int, seed: int, base_seed: int | None = None,
     noise: float = 0.002, tokens: Sequence[str] | None = None, fp8_block: tuple[int, int] | None = None,
@@ -113,7 +145,7 @@ def write_model(
         else:
             layout.append(OutTensor(n, dtype, s))
     shards = plan_shards(layout, shard_bytes)
-    w = ShardWriter(out, shards)
+    w = _Coalesced(ShardWriter(out, shards))
     for k, (name, s) in enumerate(specs):
         if tokens is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
             w.write(name, _token_rows(name, tokens, s, seed, base_seed, noise).to(dt).contiguous())
@@ -133,7 +165,8 @@ def write_model(
             w.write(name + "_scale_inv", scale.contiguous())
             continue
         w.write(name, t.to(dt).contiguous())
-    w.finalize()
+    w.flush()
+    w.writer.finalize()
     cfg = shape.config(dtype)
     if fp8_block is not None:
         cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
