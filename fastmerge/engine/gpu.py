@@ -210,7 +210,7 @@ def _layout(numels: Sequence[int]) -> tuple[list[int], int]:
 
 
 def _elem(dtype: str | torch.dtype) -> int:
-    return torch.empty((), dtype=torch_dtype(dtype) if isinstance(dtype, str) else dtype).element_size()
+    return (torch_dtype(dtype) if isinstance(dtype, str) else dtype).itemsize
 
 
 def _in_dtypes(tp: TensorPlan) -> list[torch.dtype]:

@@ -378,7 +378,7 @@ class _RemapBuffers:
         n = 1
         for d in shape:
             n *= d
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         raw = self._raw.get(k)
         if raw is None or raw.numel() < nbytes:
             raw = self._raw[k] = torch.empty(nbytes, dtype=torch.uint8)
