@@ -80,10 +80,27 @@ def _load(name: str, not_built: str) -> Any:
 #: With 2000, interleaved A/B of the benchmark family's ties merge (bench/RESULTS.md): in-process median
 #: 0.725 -> 0.583 s and 0.827 -> 0.686 s (both orders of the pair). libgomp reads the variable once,
 #: when it loads; it is removed again afterwards, so child processes do not inherit it. A libgomp already
-#: loaded (by torch, imported first) is not affected. Set GOMP_SPINCOUNT or OMP_WAIT_POLICY to choose.
+#: loaded (by torch, imported first) is not affected: _C then shares it, with its spin count (None here; a
+#: moe-16k linear merge ran 0.62-0.73 s so, 0.52-0.62 s with GOMP_SPINCOUNT=2000 set before Python started).
+#: Set GOMP_SPINCOUNT or OMP_WAIT_POLICY to choose.
 OMP_SPINCOUNT: str | None = (
     None if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ else "2000"
 )
+
+
+def _libgomp_loaded() -> bool:
+    """Whether a libgomp is mapped into this process already (Linux; elsewhere: no way to tell, False)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return False
+
+
+#: a libgomp already loaded: it read its settings when it loaded; ours would not reach it
+LIBGOMP_PRELOADED = OMP_SPINCOUNT is not None and _libgomp_loaded()
+if LIBGOMP_PRELOADED:
+    OMP_SPINCOUNT = None
 if OMP_SPINCOUNT is not None:
     os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT
 try:
@@ -137,6 +154,7 @@ def report(verbose: bool = False) -> dict[str, Any]:
         "load_errors": dict(LOAD_ERRORS),
         "build_info": dict(BUILD_INFO),
         "omp_spincount": OMP_SPINCOUNT,
+        "libgomp_preloaded": LIBGOMP_PRELOADED,
     }
     if HAS_CUDA_EXT and _C_cuda is not None:
         try:

@@ -38,7 +38,9 @@ def report() -> dict[str, Any]:
         "native_cuda (_C_cuda)": _native.HAS_CUDA_EXT,
         "cuda_usable": ok if ok else f"no: {why}",
         # what _native gave libgomp while loading _C; not set: the user chose, or no _C was loaded
-        "omp_spincount": _native.OMP_SPINCOUNT or f"not set by fastmerge ({_omp_env()})",
+        "omp_spincount": _native.OMP_SPINCOUNT or (
+            "not set by fastmerge: a libgomp was loaded before it (torch imported first?) and keeps its own; set "
+            "GOMP_SPINCOUNT=2000 before starting Python" if _native.LIBGOMP_PRELOADED else f"not set by fastmerge ({_omp_env()})"),
     }
     r.update({f"build.{k}": v for k, v in (_native.BUILD_INFO or {}).items()})
     r.update({f"load_error.{k}": v for k, v in _native.LOAD_ERRORS.items()})

@@ -39,3 +39,19 @@ def test_user_openmp_settings_are_left_alone(tmp_path, var):
     assert r["applied"] is None and r["report"] is None
     if var == "GOMP_SPINCOUNT":
         assert r["env"] == "123"
+
+
+def test_a_libgomp_loaded_first_is_reported_not_claimed(tmp_path):
+    """torch imported first: its libgomp is loaded, read its settings then, and _C shares it; fastmerge says so
+    (``fastmerge env``) instead of reporting a spin count it did not apply."""
+    e = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env_report = "__import__('fastmerge.env').env.report()['omp_spincount']"
+    code = ("import os, torch\npre = os.path.exists('/proc/self/maps') and 'libgomp' in open('/proc/self/maps').read()\n"
+            + CHILD.replace("_native.report()['omp_spincount']", env_report)
+            .replace("'report':", "'pre': pre, 'preloaded': _native.report()['libgomp_preloaded'], 'report':"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, cwd=tmp_path, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if not r["loaded"] or not r["pre"]:
+        pytest.skip("fastmerge._C not built, or importing torch loads no libgomp here")
+    assert r["preloaded"] is True and r["applied"] is None and r["env"] is None
+    assert "loaded before it" in r["report"]
