@@ -40,8 +40,8 @@ class FieldWriter {
 };
 
 // [cls instance i with names[k] = columns[k][i] for each k]; a column that is not a list is every row's value.
-// Lists shorter than n: ValueError. For a plan's 20k-45k OutTensor / TensorPlan rows of a MoE model, where the
-// dataclass __init__ called per row was ~0.35-0.5 us of Python each.
+// Lists shorter than n: ValueError. For a plan's 20k-45k OutTensor rows of a MoE model, where the dataclass
+// __init__ called per row was ~0.5 us of Python each.
 pybind11::list instances(const pybind11::type& cls, const pybind11::tuple& names, const pybind11::tuple& columns,
                          Py_ssize_t n);
 
