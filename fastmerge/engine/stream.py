@@ -8,9 +8,9 @@ One loop, two I/O flavours:
   ``import torch`` takes 1.2-1.7 s, more than the whole native merge of the 1.3 GB benchmark family
   (bench/RESULTS.md), and adds ~265 MB of RSS. It runs a plan whose every tensor is on the native
   backend, read from safetensors, with no cast or vocabulary remap.
-- ``TorchIO`` (engine ``torch``): torch views of the mapped files (``io.reader.ModelReader``),
-  mergekit_compat's cast to the compute dtype, tokenizer_source's row remap, any CPU backend. It runs
-  every CPU plan.
+- ``TorchIO`` (engine ``torch``): torch views of the mapped files (``io.reader.SpanRawReader``; a run of
+  small tensors, merged by the native kernels only, as the raw view RawIO reads), mergekit_compat's cast
+  to the compute dtype, tokenizer_source's row remap, any CPU backend. It runs every CPU plan.
 
 Peak host memory ≈ the current tensor group + one read-ahead group (1.25x the largest; input pages
 are dropped after use, see io.reader) + two reused output buffers of the largest output tensor. It does
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from .._lazy import torch_dtype
 from ..backends.base import MergeJob
 from ..io.index import ITEMSIZE, index_in_own_order, neighbours_equal
-from ..io.reader import RawReader, RawView, read_ahead_bytes
+from ..io.reader import RawReader, RawView, read_ahead_bytes, torch_view
 from ..io.writer import greedy_cuts
 from .session import MergeReport, RawPool, Session, TorchPool, peak_rss_mb, torch_threads
 
@@ -301,7 +301,7 @@ class TorchIO:
     """Torch flavour: torch views, compute-dtype casts and vocabulary remaps, any CPU backend."""
 
     name = "torch"
-    reader = None  # io.reader.ModelReader, imported with torch
+    reader = None  # io.reader.SpanRawReader, imported with torch
 
     @staticmethod
     def not_supported_reasons(plan: Any) -> list[str]:
@@ -309,27 +309,38 @@ class TorchIO:
 
     def __init__(self, plan: Any):
         from ..backends import BACKENDS
-        from ..io.reader import ModelReader
+        from ..io.reader import SpanRawReader
 
         self.plan, self.backends = plan, BACKENDS
-        self.reader = ModelReader
+        self.reader = SpanRawReader
         self.remap = _RemapBuffers()
+        self._raw_ok: dict[tuple[int, str, str], bool] = {}  # (Params, input dtype, output dtype): raw_reasons empty
 
     def pool(self, nbytes: int) -> TorchPool:
         return TorchPool(nbytes)
 
     def units(self) -> list[list[int]] | None:
         k = self.plan.method.native
-        if not RawReader.available():  # spans are read through a mapping of their own (io.reader.ModelReader)
+        if not RawReader.available():  # spans are read through a mapping of their own (io.reader.SpanRawReader)
             return None
         return batches(self.plan, k is not None and k.elementwise, k is not None and k.segments is not None)
 
     def merge_batch(self, tps: list[Any], spans: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
-        """``RawIO.merge_batch`` on torch views of the spans (``io.reader.ModelReader`` reads a span as one
-        1-D tensor) into a pool tensor; the outputs as (name, view of its shape) pairs."""
+        """``RawIO.merge_batch`` on the spans (raw views: ``io.reader.SpanRawReader``) into a pool tensor, through a
+        raw view of it where the kernel's raw path takes the run, else on torch views of both (a passthrough that
+        converts dtypes or scales: its torch path); the outputs as (name, view of its shape) pairs."""
         offsets = run_offsets(tps)
-        raw, view = pool.take((offsets[-1],), torch_dtype(tps[0].out_dtype))
-        merge_run(self.plan, self.backends["native"], tps, spans, view, offsets)
+        tp0, native = tps[0], self.backends["native"]
+        raw, view = pool.take((offsets[-1],), torch_dtype(tp0.out_dtype))
+        src = tp0.sources[0] if tp0.sources else tp0.base
+        key = (id(tp0.params), src.dtype, tp0.out_dtype)  # every Params stays alive in the plan
+        if key not in self._raw_ok:
+            self._raw_ok[key] = not native.raw_reasons(MergeJob(tp0.name, self.plan.method, tp0.params, False), tp0)
+        if self._raw_ok[key]:
+            out = RawView(view.data_ptr(), offsets[-1] * view.element_size(), tp0.out_dtype, offsets[-1])
+            merge_run(self.plan, native, tps, spans, out, offsets)
+        else:
+            merge_run(self.plan, native, tps, [s if not isinstance(s, RawView) else torch_view(s) for s in spans], view, offsets)
         return raw, RunViews(tps, offsets, lambda a, b, shape: view[a:b].view(shape)), view
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:

@@ -142,12 +142,38 @@ def test_batched_equals_tensor_by_tensor(moe_family, method, out_dtype, tmp_path
     want = _run(p, tmp_path / "one-by-one", monkeypatch, batched=False)
     assert not calls
     assert got == want
-    # the torch flavour: its runs (spans read as torch views) and its tensor-by-tensor loop
+    # the torch flavour: its runs (spans read as raw views, io.reader.SpanRawReader) and its tensor-by-tensor loop
     assert _run(p, tmp_path / "torch", monkeypatch, batched=True, flavour="torch") == want
     assert calls and max(calls) >= 8
     calls.clear()
     assert _run(p, tmp_path / "torch-one", monkeypatch, batched=False, flavour="torch") == want
     assert not calls
+
+
+@pytest.mark.parametrize("params,out_dtype,raw_path", [({}, None, True), ({"scale": 0.5}, None, False),
+                                                       ({}, "float32", False)], ids=["copy", "scaled", "converted"])
+def test_torch_runs_take_the_kernels_raw_or_torch_path(moe_family, params, out_dtype, raw_path, tmp_path, monkeypatch,
+                                                      poisoned_pool):
+    """The torch flavour's runs (spans as raw views) through the kernel's raw path where it takes the run, and through
+    its torch path where it declines (passthrough that scales or converts: RawIO cannot run such a plan), each equal
+    to the tensor-by-tensor loop's bytes."""
+    base, _ = moe_family
+    doc = {"merge_method": "passthrough", "models": [{"model": str(base), "parameters": params}],
+           **({"out_dtype": out_dtype} if out_dtype else {})}
+    p = plan(doc, progress=False)
+    assert bool(RawIO.not_supported_reasons(p)) is not raw_path
+    outs = []
+    run = stream.merge_run
+    monkeypatch.setattr(stream, "merge_run", lambda plan_, native, tps, spans, out, offsets: outs.append(type(out).__name__)
+                        or run(plan_, native, tps, spans, out, offsets))
+    got = _run(p, tmp_path / "runs", monkeypatch, batched=True, flavour="torch")
+    assert outs and set(outs) == ({"RawView"} if raw_path else {"Tensor"})
+    assert got == _run(p, tmp_path / "one", monkeypatch, batched=False, flavour="torch")
+    with safe_open(str(next((tmp_path / "runs").glob("*.safetensors"))), framework="pt") as f, \
+            safe_open(str(next(base.glob("*.safetensors"))), framework="pt") as g:
+        k = next(n for n in f.keys() if "experts.3." in n and n in g.keys())
+        want = (g.get_tensor(k).float() * params.get("scale", 1.0)).to(getattr(torch, out_dtype or "bfloat16"))
+        assert torch.equal(f.get_tensor(k), want)
 
 
 def _counted(fn, calls):

@@ -137,3 +137,28 @@ def test_prefetcher_surfaces_reader_errors(tmp_path):
         assert "changed shape" in str(e)
     pf.close()
     assert not any(t.name == "fastmerge-read" and t.is_alive() for t in threading.enumerate())
+
+
+def test_span_raw_reader_reads_spans_as_raw_views(tmp_path, monkeypatch):
+    """The torch engine's reader (``SpanRawReader``): a span of consecutive tensors is a raw view of its own mapping,
+    over exactly the span's bytes, populated and dropped through that mapping; a single tensor is a torch view."""
+    import ctypes
+
+    from fastmerge.io import reader
+    from fastmerge.io.reader import RawView, SpanRawReader
+
+    sd, _ = _big(tmp_path)
+    r = SpanRawReader(CheckpointIndex.open(tmp_path))
+    infos = list(r.index.tensors.values())  # file order: back to back
+    whole = r.get(reader.span(infos[1], infos[3]))
+    assert isinstance(whole, RawView) and whole.dtype == "float32" and whole.numel == 3 * 300_000
+    got = torch.frombuffer(bytearray(ctypes.string_at(whole.ptr, whole.nbytes)), dtype=torch.float32)
+    assert torch.equal(got, torch.cat([sd["t1"], sd["t2"], sd["t3"]]))
+    advised = []
+    monkeypatch.setattr(reader, "_madvise", lambda a, b, advice: advised.append((a, b, advice)) or True)
+    r.populate(infos[1], whole)
+    r.drop(infos[1], whole)
+    assert [(a, b) for a, b, _ in advised] == [(whole.ptr, whole.ptr + whole.nbytes)] * 2
+    one = r.get(infos[0])
+    assert isinstance(one, torch.Tensor) and torch.equal(one, sd["t0"])
+    r.close()
