@@ -332,16 +332,24 @@ class TorchIO:
         offsets = run_offsets(tps)
         tp0, native = tps[0], self.backends["native"]
         raw, view = pool.take((offsets[-1],), torch_dtype(tp0.out_dtype))
-        src = tp0.sources[0] if tp0.sources else tp0.base
-        key = (id(tp0.params), src.dtype, tp0.out_dtype)  # every Params stays alive in the plan
-        if key not in self._raw_ok:
-            self._raw_ok[key] = not native.raw_reasons(MergeJob(tp0.name, self.plan.method, tp0.params, False), tp0)
-        if self._raw_ok[key]:
+        # the raw path where it takes every tensor: a kernel run per tensor may have a run of several Params (a
+        # passthrough scale gradient: scale 1 a byte copy, any other a multiply on its torch path)
+        if all(map(self._takes_raw, {id(tp.params): tp for tp in tps}.values())):
             out = RawView(view.data_ptr(), offsets[-1] * view.element_size(), tp0.out_dtype, offsets[-1])
             merge_run(self.plan, native, tps, spans, out, offsets)
         else:
             merge_run(self.plan, native, tps, [s if not isinstance(s, RawView) else torch_view(s) for s in spans], view, offsets)
         return raw, RunViews(tps, offsets, lambda a, b, shape: view[a:b].view(shape)), view
+
+    def _takes_raw(self, tp: Any) -> bool:
+        """Whether the native kernel's raw path merges planned tensor ``tp`` (``raw_reasons`` empty), asked once per
+        (Params, input dtype, output dtype): every Params stays alive in the plan."""
+        src = tp.sources[0] if tp.sources else tp.base
+        key = (id(tp.params), src.dtype, tp.out_dtype)
+        got = self._raw_ok.get(key)
+        if got is None:
+            got = self._raw_ok[key] = not self.backends["native"].raw_reasons(MergeJob(tp.name, self.plan.method, tp.params, False), tp)
+        return got
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 

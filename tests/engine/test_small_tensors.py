@@ -151,17 +151,23 @@ def test_batched_equals_tensor_by_tensor(moe_family, method, out_dtype, tmp_path
 
 
 @pytest.mark.parametrize("params,out_dtype,raw_path", [({}, None, True), ({"scale": 0.5}, None, False),
-                                                       ({}, "float32", False)], ids=["copy", "scaled", "converted"])
+                                                       ({}, "float32", False), ({"scale": [0.0, 1.0]}, None, None)],
+                         ids=["copy", "scaled", "converted", "gradient"])
 def test_torch_runs_take_the_kernels_raw_or_torch_path(moe_family, params, out_dtype, raw_path, tmp_path, monkeypatch,
                                                       poisoned_pool):
     """The torch flavour's runs (spans as raw views) through the kernel's raw path where it takes the run, and through
     its torch path where it declines (passthrough that scales or converts: RawIO cannot run such a plan), each equal
-    to the tensor-by-tensor loop's bytes."""
+    to the tensor-by-tensor loop's bytes. ``raw_path`` None: a scale gradient over the layers (0 to 1): passthrough's
+    kernel runs tensor by tensor, so its runs hold several Params, scale 1 (a byte copy) among others (a multiply):
+    the torch path for all of such a run."""
     base, _ = moe_family
     doc = {"merge_method": "passthrough", "models": [{"model": str(base), "parameters": params}],
            **({"out_dtype": out_dtype} if out_dtype else {})}
     p = plan(doc, progress=False)
-    assert bool(RawIO.not_supported_reasons(p)) is not raw_path
+    if raw_path is not None:
+        assert bool(RawIO.not_supported_reasons(p)) is not raw_path
+    else:
+        assert len({id(p.tensors[i].params) for u in _runs(p) for i in u}) > 2  # (not hollow: runs of several Params)
     outs = []
     run = stream.merge_run
     monkeypatch.setattr(stream, "merge_run", lambda plan_, native, tps, spans, out, offsets: outs.append(type(out).__name__)
@@ -169,6 +175,8 @@ def test_torch_runs_take_the_kernels_raw_or_torch_path(moe_family, params, out_d
     got = _run(p, tmp_path / "runs", monkeypatch, batched=True, flavour="torch")
     assert outs and set(outs) == ({"RawView"} if raw_path else {"Tensor"})
     assert got == _run(p, tmp_path / "one", monkeypatch, batched=False, flavour="torch")
+    if raw_path is None:
+        return
     with safe_open(str(next((tmp_path / "runs").glob("*.safetensors"))), framework="pt") as f, \
             safe_open(str(next(base.glob("*.safetensors"))), framework="pt") as g:
         k = next(n for n in f.keys() if "experts.3." in n and n in g.keys())
