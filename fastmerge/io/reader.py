@@ -210,8 +210,10 @@ class ModelReader:
 
 
 def torch_view(v: RawView) -> torch.Tensor:
-    """A 1-D torch view of raw view ``v``'s bytes (at least one), in its dtype: no copy (a read-only mapping stays
-    read-only: a stray write faults)."""
+    """A 1-D torch view of raw view ``v``'s bytes, in its dtype: no copy (a read-only mapping stays read-only: a stray
+    write faults); an empty tensor for no bytes (torch.frombuffer refuses an empty buffer)."""
+    if v.nbytes == 0:
+        return torch.empty(0, dtype=getattr(torch, v.dtype))
     buf = (ctypes.c_char * v.nbytes).from_address(v.ptr)
     return torch.frombuffer(buf, dtype=torch.uint8).view(getattr(torch, v.dtype))
 

@@ -161,4 +161,7 @@ def test_span_raw_reader_reads_spans_as_raw_views(tmp_path, monkeypatch):
     assert [(a, b) for a, b, _ in advised] == [(whole.ptr, whole.ptr + whole.nbytes)] * 2
     one = r.get(infos[0])
     assert isinstance(one, torch.Tensor) and torch.equal(one, sd["t0"])
+    assert torch.equal(reader.torch_view(whole), got)  # the torch path's view of a raw span
+    empty = reader.torch_view(RawView(whole.ptr, 0, "bfloat16", 0))
+    assert empty.dtype == torch.bfloat16 and empty.numel() == 0
     r.close()
