@@ -220,9 +220,11 @@ def test_rss_flat_across_layers(tmp_path, monkeypatch):
     assert rep.mloss_layers == list(range(MEM_SHAPE.layers)) and rep.bytes_read > 70e6
     per_layer = [rss[i] for i in range(MEM_SHAPE.layers)]
     # one layer of the 4 models is 4 × 1.47 MB (bf16): keeping what was read (or merged) would add ≥ 5.9 MB per
-    # layer, 65 MB over the 12; measured here: the layers' peaks stay within ~9 MB of each other (allocator noise)
-    spread = max(per_layer) - min(per_layer)
-    assert spread < 20 * 2**20, f"RSS moved {spread / 2**20:.1f} MB across layers: {[round(v / 2**20) for v in per_layer]}"
+    # layer, ≥ 47 MB between the first four layers' peak and the last four's (8 layers apart). Measured here: 5-11 MB.
+    # (Not the spread of all 12: the allocator's warm-up over the first layers, ~10-15 MB of anonymous memory, and the
+    # mapped file pages' ±7 MB summed to 20.2-27.9 MB in 3 runs of ~10.)
+    growth = max(per_layer[-4:]) - max(per_layer[:4])
+    assert growth < 25 * 2**20, f"RSS grew {growth / 2**20:.1f} MB across layers: {[round(v / 2**20) for v in per_layer]}"
 
 
 # ------------------------------------------------------------------------------------------------
