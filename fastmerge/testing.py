@@ -119,6 +119,10 @@ class _Coalesced:
             self.writer.write_run(self.names, memoryview(b"".join(self.parts)))
             self.names, self.parts, self.size = [], [], 0
 
+    def finalize(self) -> None:
+        self.flush()
+        self.writer.finalize()
+
 
 def write_model(
     out: Path, shape: LlamaShape, dtype: str, shard_bytes: int, seed: int, base_seed: int | None = None,
@@ -165,8 +169,7 @@ def write_model(
             w.write(name + "_scale_inv", scale.contiguous())
             continue
         w.write(name, t.to(dt).contiguous())
-    w.flush()
-    w.writer.finalize()
+    w.finalize()
     cfg = shape.config(dtype)
     if fp8_block is not None:
         cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

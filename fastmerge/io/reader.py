@@ -146,6 +146,12 @@ class ModelReader:
             self._maps.pop(old, None)
         return h
 
+    def _mapping(self) -> RawReader:
+        """This reader's own read-only mapping of its files, made on first use."""
+        if self._raw is None:
+            self._raw = RawReader(self.index)
+        return self._raw
+
     def get(self, info: TensorInfo) -> torch.Tensor:
         """A read-only CPU view of tensor ``info`` (never write to it). From a safetensors file: a view into this
         reader's own read-only mapping of the file (``RawReader``), a ``SpanInfo`` as one 1-D view of its bytes
@@ -153,12 +159,7 @@ class ModelReader:
         again on the first read of each file (~15 ms for a MoE shard of 20k entries, per file and merge) and its
         views' mappings had to be looked up in /proc/self/maps to be populated or dropped."""
         if self._own_map or isinstance(info, SpanInfo):
-            if self._raw is None:
-                self._raw = RawReader(self.index)
-            v = self._raw.get(info)
-            if v.nbytes == 0:
-                return torch.empty(info.shape if not isinstance(info, SpanInfo) else (0,), dtype=getattr(torch, info.dtype))
-            t = torch_view(v)
+            t = torch_view(self._mapping().get(info))
             if isinstance(info, SpanInfo):
                 return t
             if t.numel() != math.prod(info.shape):  # an info that is not this file's header's (the parse checks it)
@@ -225,11 +226,7 @@ class SpanRawReader(ModelReader):
     CPU inside a merge, under the GIL; 960 spans in a 20k-tensor merge), a raw view ~1.4 us."""
 
     def get(self, info: TensorInfo) -> Any:
-        if isinstance(info, SpanInfo):
-            if self._raw is None:
-                self._raw = RawReader(self.index)
-            return self._raw.get(info)
-        return super().get(info)
+        return self._mapping().get(info) if isinstance(info, SpanInfo) else super().get(info)
 
     def populate(self, info: TensorInfo, t: Any) -> None:
         if isinstance(t, RawView):

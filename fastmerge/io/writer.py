@@ -89,7 +89,7 @@ class OutTensor:
         return instances(OutTensor, _FIELDS, (names, dtypes, shapes, list(map(sizes.__getitem__, keys))), len(names))
 
 
-_FIELDS = ("name", "dtype", "shape", "nbytes")
+_FIELDS = tuple(f.name for f in dataclasses.fields(OutTensor))
 
 
 @dataclasses.dataclass
