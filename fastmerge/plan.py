@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backends
-from ._memo import gc_paused, memo
+from ._memo import gc_paused, instances, memo
 from .backends.base import MergeJob
 from .config import MergeConfig, ModuleSpec, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
@@ -69,8 +69,16 @@ def make_options(**options: Any) -> Options:
     return Options(**options)
 
 
-@dataclasses.dataclass
-class TensorPlan:
+class _Memos:
+    """A base without slots: a slotted subclass's instances still get a ``__dict__`` (made at the first write)
+    for the ``memo`` values."""
+
+
+# Fields in slots (a MoE plan makes 20k-45k rows; a row's 12 fields written into a fresh __dict__ each were most
+# of its ~0.6 us), the memos in the __dict__ the base gives. Rows of a whole-model merge come from columns
+# (``_lean_rest``, ``instances``).
+@dataclasses.dataclass(slots=True)
+class TensorPlan(_Memos):
     name: str
     shape: tuple[int, ...]
     out_dtype: str
@@ -209,10 +217,12 @@ class MergePlan:
                      for t in ix.tensors.values()])
 
         # The tensors, hashed column by column (a row per tensor built in Python was ~15 us of a MoE family's 20k-45k;
-        # a repr of each column still ~5 us): names, then each other column as the table of its distinct values and
-        # every tensor's number in it. An input is its file's number, and its name where that differs from the
-        # output name: the file's table above holds its dtype, shape and offsets. Columns are taken with map and
-        # attrgetter (the loop in C: a comprehension per column was ~1 us a tensor, ~0.06 s of a 20k-tensor plan).
+        # a repr of each column still ~5 us): each column as the table of its distinct values and every tensor's
+        # number in it. Names, shapes and output dtypes are not hashed here: the shards' headers, hashed last, hold
+        # them, in plan order (3 columns of 20k: ~6 ms). An input is its file's number, and its name where that
+        # differs from the output name: the file's table above holds its dtype, shape and offsets. Columns are taken
+        # with map and attrgetter (the loop in C: a comprehension per column was ~1 us a tensor, ~0.06 s of a
+        # 20k-tensor plan).
         ts = self.tensors
 
         def table(values: list[Any]) -> None:
@@ -226,10 +236,7 @@ class MergePlan:
             h.update(b"\n")
 
         names = list(map(_NAME, ts))
-        h.update("\0".join(names).encode())
-        h.update(array("q", map(len, names)).tobytes())
-        table(list(map(_SHAPE, ts)))
-        kinds = [list(map(a, ts)) for a in _KINDS]  # out_dtype, compute_dtype, backend: each mostly one value
+        kinds = [list(map(a, ts)) for a in _KINDS]  # compute_dtype, backend: each mostly one value
         table([tuple(k[0] for k in kinds)] * len(ts) if ts and all(k[1:] == k[:-1] for k in kinds) else list(zip(*kinds)))
         bases, srcs = list(map(_BASE, ts)), list(map(_SOURCES, ts))
         table(list(map(operator.add, map(len, srcs), itertools.repeat(1))))
@@ -241,13 +248,14 @@ class MergePlan:
         # each distinct value numbered in a table that a tensor refers to (20k dicts dumped per MoE family were
         # ~0.1 s); numbered by value, so the digest does not depend on which objects are shared
         params = list(map(_PARAMS, ts))
+        ids = list(map(id, params))
         ptable: dict[str, int] = {}
         pid: dict[int, int] = {}
-        for p in dict(zip(map(id, params), params)).values():
+        for p in (params[:1] if ids[1:] == ids[:-1] else dict(zip(ids, params)).values()):
             d = vars(p) if hasattr(p, "__dict__") else dataclasses.asdict(p)
             pid[id(p)] = ptable.setdefault(json.dumps(d, sort_keys=True, separators=(",", ":"), default=str), len(ptable))
         h.update("\n".join(ptable).encode())
-        h.update(array("q", map(pid.__getitem__, map(id, params))).tobytes())
+        h.update(bytes(8 * len(ids)) if len(pid) == 1 else array("q", map(pid.__getitem__, ids)).tobytes())
         transforms = list(map(_TRANSFORM, ts))
         if transforms.count(None) != len(transforms):
             for tr in transforms:
@@ -277,7 +285,8 @@ class MergePlan:
 # the columns of the digest, _lean_rest and build_plan, taken with map (the loop in C)
 _NAME, _SHAPE, _BASE, _SOURCES, _PARAMS, _TRANSFORM = (operator.attrgetter(a) for a in (
     "name", "shape", "base", "sources", "params", "input_transform"))
-_KINDS = tuple(operator.attrgetter(a) for a in ("out_dtype", "compute_dtype", "backend"))
+_PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(TensorPlan))
+_KINDS = tuple(operator.attrgetter(a) for a in ("compute_dtype", "backend"))
 _FILE, _DTYPE, _OUT_DTYPE, _OUT_QUANT = (operator.attrgetter(a) for a in ("file", "dtype", "out_dtype", "out_quant"))
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
@@ -572,12 +581,13 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
 
     adapters: dict[str, LoraAdapter] = {}  # MODEL+ADAPTER references (io.lora), by config path
     by_model: dict[str, CheckpointIndex] = {}
+    headers: dict[Any, Any] = {}  # headers parsed, shared by the models' opens (io.index._read_header)
 
     def open_index(path: str) -> CheckpointIndex:
         if path not in indexes:
             model, lora = split_ref(path)
             if model not in by_model:
-                by_model[model] = CheckpointIndex.open(model)
+                by_model[model] = CheckpointIndex.open(model, headers)
             indexes[path] = by_model[model]
             if lora is not None:
                 adapters[path] = LoraAdapter.open(lora, by_model[model], model)
@@ -749,7 +759,8 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         # whole models: output names = input names, in the reference model's file order (reads stay sequential)
         sl = slices[0]
         n_layers = sl.length
-        names = [n for n in first.index.tensors if n not in companions]  # an FP8 weight's scale: read with its weight
+        # an FP8 weight's scale: read with its weight
+        names = [n for n in first.index.tensors if n not in companions] if companions else list(first.index.tensors)
 
         def add_whole(name: str) -> None:
             li = layer_index(name)
@@ -828,10 +839,10 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
         if len(tab) != len(names) or (m.index is not members[0].index and list(tab) != names):
             return False  # FP8 companions, other names or another order
         tables.append(list(tab.values()))
-    shapes = [x.shape for x in tables[0]]
-    if any([x.shape for x in tab] != shapes for tab in tables[1:]):
+    shapes = list(map(_SHAPE, tables[0]))
+    if any(list(map(_SHAPE, tab)) != shapes for tab in tables[1:]):  # models of one header share the tuples: by identity
         return False
-    if any(is_fp8(d) for d in {x.dtype for x in tables[0]}):
+    if any(is_fp8(d) for d in set(map(_DTYPE, tables[0]))):
         return False
     # Column by column from the second tensor on (the first: add() made it), each column in C (map, zip): a Python
     # step per tensor with its row unpacked and sliced was ~1.8 us of a MoE model's 20k-45k.
@@ -848,12 +859,14 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
             chosen[(pid, compat, numel)] = backends.select(MergeJob(name, method, params, compat, numel=numel), device, backend_opt)
     got = list(map(chosen.__getitem__, zip(itertools.repeat(pid), itertools.repeat(compat), numels)))
     dts = list(map(_DTYPE, refs))
-    out_dts = [plain_out] * n if plain_out else dts
-    compute = ([config_dtype] * n if config_dtype else dts) if compat else [None] * n
+    out_dts = plain_out or dts  # a column that is not a list: every row's value (instances)
+    compute = (config_dtype or dts) if compat else None
     members = tables[1:] if has_base else tables
     sources = list(map(list, zip(*[m[1:] for m in members])))
-    plans.extend(map(TensorPlan, names[1:], shape_col, out_dts, compute, refs if has_base else [None] * n, sources,
-                     itertools.repeat(params), layer_indices(names[1:]), map(_FIRST, got), map(_SECOND, got)))
+    # the rows from their columns in one C call (instances): TensorPlan's __init__ per row was ~0.6 us
+    plans.extend(instances(TensorPlan, _PLAN_FIELDS, (
+        names[1:], shape_col, out_dts, compute, refs if has_base else None, sources, params, layer_indices(names[1:]),
+        list(map(_FIRST, got)), list(map(_SECOND, got)), None, None), n))
     return True
 
 

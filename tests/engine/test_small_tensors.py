@@ -297,11 +297,8 @@ def _digest_by_rows(plan_) -> str:
         h.update(rows.tobytes())
         h.update(b"\n")
 
-    names = [t.name for t in ts]
-    h.update("\0".join(names).encode())
-    h.update(array("q", map(len, names)).tobytes())
-    table([t.shape for t in ts])
-    table([(t.out_dtype, t.compute_dtype, t.backend) for t in ts])
+    names = [t.name for t in ts]  # names, shapes and output dtypes: in the shards' headers (hashed last)
+    table([(t.compute_dtype, t.backend) for t in ts])
     ins = [(t.base, *t.sources) for t in ts]
     table([len(r) for r in ins])
     h.update(array("q", [-1 if x is None else fno_eq[x.file] for row in ins for x in row]).tobytes())
@@ -500,6 +497,18 @@ def test_digest_follows_input_headers_and_parameter_values(tmp_path):
     assert len({id(t.params) for t in unshared.tensors}) == len(p.tensors)
     assert unshared.digest() == d
     assert plan(doc).digest() == d
+    # a name, a shape or an output dtype changed for one tensor: hashed through the shards' headers, which the plan
+    # lays out from its tensors (here laid out again, as build_plan does)
+    from fastmerge.io.writer import plan_shards
+
+    def relaid(ts):
+        return dataclasses.replace(p, tensors=ts, shards=plan_shards([t.out_tensor for t in ts], p.options.out_shard_size))
+
+    assert relaid(list(p.tensors)).digest() == d
+    for change in ({"name": p.tensors[3].name + "_"}, {"shape": (*p.tensors[3].shape, 1)}, {"out_dtype": "float32"}):
+        ts = list(p.tensors)
+        ts[3] = dataclasses.replace(ts[3], **change)
+        assert relaid(ts).digest() != d, change
     # one value changed for one tensor
     other = dataclasses.replace(p, tensors=list(p.tensors))
     other.tensors[5] = dataclasses.replace(p.tensors[5], params=dataclasses.replace(p.tensors[5].params, density=0.25))

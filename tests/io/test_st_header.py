@@ -272,3 +272,50 @@ def test_python_path_without_native(tmp_path, monkeypatch):
     ix = CheckpointIndex.open(base)
     assert {n: t.shape for n, t in ix.tensors.items()} == dict(QWEN.tensors())
     assert {t.dtype for t in ix.tensors.values()} == {"bfloat16"} and len(ix.files) > 1
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_identical_headers_are_parsed_once_per_plan(tmp_path, monkeypatch, native):
+    """Fine-tunes of one model hold byte-identical headers: with one ``shared`` dict across the opens (as
+    ``build_plan`` does) each distinct header is parsed once, and every index equals a plain open of its model
+    (every TensorInfo field, each row holding its own file's Path object), its names and shapes the same objects."""
+    if native and not _native.HAS_CPU_EXT:
+        pytest.skip("fastmerge._C not built")
+    base, fts = make_family(tmp_path / "fam", DEEPSEEK, n_finetunes=2, shard_bytes=20_000)
+    other, _ = make_family(tmp_path / "other", QWEN, n_finetunes=0, shard_bytes=20_000)
+    if not native:
+        monkeypatch.setattr(index, "_NATIVE_PARSE", None)
+    plain = [CheckpointIndex.open(m) for m in (base, *fts, other)]
+    parses = []
+    if native:
+        real = index._NATIVE_PARSE
+        monkeypatch.setattr(index, "_NATIVE_PARSE", lambda raw, *a: parses.append(raw) or real(raw, *a))
+    else:
+        real = index._parse_header
+        monkeypatch.setattr(index, "_parse_header", lambda path, raw, *a: parses.append(raw) or real(path, raw, *a))
+    shared: dict = {}
+    opened = [CheckpointIndex.open(m, shared) for m in (base, *fts, other)]
+    assert len(plain[0].files) > 1  # several shards, each its own header
+    assert len(parses) == len(set(parses)) == len(plain[0].files) + len(plain[3].files)
+    for a, b in zip(opened, plain):
+        assert list(a.tensors.items()) == list(b.tensors.items())  # TensorInfo equality: every field, file included
+        assert (a.files, a.header_sha256, a.file_counts, a.root) == (b.files, b.header_sha256, b.file_counts, b.root)
+        assert {id(t.file) for t in a.tensors.values()} == {id(f) for f in a.files}
+    first, ft2 = opened[0].tensors.values(), opened[2].tensors.values()
+    assert all(x.name is y.name and x.shape is y.shape and x.file is not y.file for x, y in zip(first, ft2))
+
+
+def test_a_shared_header_on_a_file_of_another_size_is_checked_again(tmp_path):
+    """The same header bytes in a file whose data section is cut short: its own error, not the first file's rows."""
+    header, size = _layout([("a", "F32", [3]), ("b", "BF16", [2, 2])])
+    (tmp_path / "good").mkdir()
+    (tmp_path / "cut").mkdir()
+    good = _write(tmp_path / "good" / "model.safetensors", json.dumps(header), size)
+    cut = _write(tmp_path / "cut" / "model.safetensors", json.dumps(header), size - 1)
+    shared: dict = {}
+    assert list(CheckpointIndex.open(good.parent, shared).tensors) == ["a", "b"]
+    with pytest.raises(CheckpointError) as got:
+        CheckpointIndex.open(cut.parent, shared)
+    with pytest.raises(CheckpointError) as alone:
+        CheckpointIndex.open(cut.parent)
+    assert str(got.value) == str(alone.value) and str(got.value).startswith(f"{cut}: ")
