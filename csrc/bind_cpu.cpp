@@ -551,6 +551,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("instances", &cpu::instances, py::arg("cls"), py::arg("names"), py::arg("columns"), py::arg("n"),
         "[cls instance i with names[k] = columns[k][i]] for i < n (a column that is not a list: every row's value), "
         "written into the class's slots, else each instance's __dict__; __init__ is not called.");
+  m.def("replaced", &cpu::replaced, py::arg("cls"), py::arg("names"), py::arg("rows"), py::arg("k"), py::arg("value"),
+        "[a copy of each row with field names[k] = value]: rows exactly of cls, names all slots of cls and set in "
+        "every row; __init__ is not called.");
   m.def("layer_indices", &cpu::layer_indices, py::arg("names"), py::arg("fallback"),
         "fastmerge.io.index.LAYER_RE's layer number of each name (None: no match); names that are not ASCII, or "
         "with a number of more than 18 digits, through fallback(name).");

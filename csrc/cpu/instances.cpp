@@ -1,7 +1,9 @@
 // Instances of a Python class filled field by field from C: a MoE plan makes 20k-45k TensorInfo (one per header
 // entry, cpu/st_header.cpp) and OutTensor rows per model, where a dataclass __init__ run per row costs ~0.35-0.5 us
 // of Python and a __dict__ per instance one more allocation than slots. (TensorPlan, which keeps a __dict__ for
-// its memos, was tried too: 6.9 ms for 20k against 7.3 ms through its __init__, so it keeps the __init__.)
+// its memos, was tried too: 6.9 ms for 20k against 7.3 ms through its __init__; with its fields in slots and the
+// memos in a __dict__ made at the first write it is made here too.) ``replaced``: copies of rows with one field
+// changed (a header byte-identical to one parsed: the TensorInfo rows of another file).
 #include "cpu/instances.h"
 
 #include <structmember.h>
@@ -63,6 +65,34 @@ py::list instances(const py::type& cls, const py::tuple& names, const py::tuple&
   PyObject* row[16];
   for (Py_ssize_t i = 0; i < n; ++i) {
     for (Py_ssize_t j = 0; j < k; ++j) row[j] = is_list[j] ? PyList_GET_ITEM(cols[j], i) : cols[j];
+    PyList_SET_ITEM(out.ptr(), i, writer.make(row).release().ptr());
+  }
+  return out;
+}
+
+py::list replaced(const py::type& cls, const py::tuple& names, const py::list& rows, Py_ssize_t k, const py::object& value) {
+  const Py_ssize_t nf = PyTuple_GET_SIZE(names.ptr());
+  if (nf > 16) throw py::value_error("replaced: at most 16 fields");
+  if (k < 0 || k >= nf) throw py::value_error("replaced: k is not a field's position");
+  PyObject* keys[16];
+  for (Py_ssize_t j = 0; j < nf; ++j) {
+    keys[j] = PyTuple_GET_ITEM(names.ptr(), j);
+    if (!PyUnicode_Check(keys[j])) throw py::type_error("replaced: field names are str");
+  }
+  FieldWriter writer(cls, keys, static_cast<int>(nf));
+  if (!writer.slotted()) throw py::type_error("replaced: the fields are not all slots of the class");
+  const Py_ssize_t n = PyList_GET_SIZE(rows.ptr());
+  GcPause pause;
+  py::list out = own(PyList_New(n));
+  PyObject* row[16];
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* src = PyList_GET_ITEM(rows.ptr(), i);
+    if (Py_TYPE(src) != reinterpret_cast<PyTypeObject*>(cls.ptr())) throw py::type_error("replaced: a row of another class");
+    for (Py_ssize_t j = 0; j < nf; ++j) {
+      row[j] = writer.slot(src, static_cast<int>(j));
+      if (row[j] == nullptr && j != k) throw py::value_error("replaced: a row with an unset field");
+    }
+    row[k] = value.ptr();
     PyList_SET_ITEM(out.ptr(), i, writer.make(row).release().ptr());
   }
   return out;

@@ -1,5 +1,6 @@
 """``_memo.instances``: objects of one class made from columns, in C (``_C.instances``) and in Python (its fallback),
-equal to what the class's own ``__init__`` makes, for classes with slots and with a ``__dict__``."""
+equal to what the class's own ``__init__`` makes, for classes with slots and with a ``__dict__``; ``_memo.replaced``:
+copies of rows with one field changed, in C (``_C.replaced``) and in Python."""
 
 from __future__ import annotations
 
@@ -67,11 +68,12 @@ def test_dict_class_equals_its_init(make):
 
 
 def test_tensor_plan_keeps_its_memo(make):
-    """A class with a ``__dict__`` and a memo: the memo still lands in the instance (``_memo.memo``)."""
+    """Fields in slots and a ``__dict__`` from its base for the memos: the memo still lands in the instance (``_memo.memo``)."""
     src = TensorInfo("w", "f", "float32", (2, 3), 0, 24)
     values = ("w", (2, 3), "float32", None, src, [src], None, 0, "native", {}, None, None)
     got = make(TensorPlan, _fields(TensorPlan), [[v] for v in values], 1)[0]  # one-row columns (a list is a column)
     assert got == TensorPlan(*values)
+    assert "name" in TensorPlan.__slots__ and vars(got) == {}  # its fields in slots, the dict empty until a memo is read
     assert got.in_bytes == 48 and vars(got)["in_bytes"] == 48
     assert got.out_tensor == OutTensor("w", "float32", (2, 3))
 
@@ -92,3 +94,41 @@ def test_native_refuses_what_it_cannot_fill():
         _native._C.instances(NoDict, ("a", "b"), ([1], [2]), 1)  # "b": neither a slot nor a __dict__
     with pytest.raises(ValueError):
         _native._C.instances(_Plain, ("a",), ([1], [2]), 1)  # columns and names differ in number
+
+
+@pytest.fixture(params=["native", "python"])
+def replace_rows(request, monkeypatch):
+    if request.param == "native":
+        if not _native.HAS_CPU_EXT:
+            pytest.skip("fastmerge._C not built")
+        assert _memo._REPLACED is not None
+    else:
+        monkeypatch.setattr(_memo, "_REPLACED", None)
+    return _memo.replaced
+
+
+def test_replaced_rows_equal_dataclasses_replace(replace_rows):
+    rows = [TensorInfo(f"w.{i}", "a.safetensors", "bfloat16", (2, i + 1), 8 + 4 * i, 12 + 4 * i) for i in range(5)]
+    fields = _fields(TensorInfo)
+    got = replace_rows(TensorInfo, fields, rows, fields.index("file"), "b.safetensors")
+    assert got == [dataclasses.replace(r, file="b.safetensors") for r in rows]
+    assert all(g.name is r.name and g.shape is r.shape and g is not r for g, r in zip(got, rows))  # the same values
+    assert rows[0].file == "a.safetensors"  # the rows themselves untouched
+    assert replace_rows(TensorInfo, fields, [], 1, "x") == []
+    out = [OutTensor("a", "bfloat16", (3,))]
+    assert replace_rows(OutTensor, _fields(OutTensor), out, 0, "b")[0] == OutTensor("b", "bfloat16", (3,))
+
+
+@needs_native
+def test_native_replaced_refuses_what_it_cannot_copy():
+    rows = [TensorInfo("w", "f", "float32", (1,), 0, 4)]
+    fields = _fields(TensorInfo)
+    with pytest.raises(ValueError):
+        _native._C.replaced(TensorInfo, fields, rows, len(fields), "g")  # not a field's position
+    with pytest.raises(TypeError):
+        _native._C.replaced(TensorInfo, fields, [OutTensor("w", "float32", (1,))], 1, "g")  # a row of another class
+    with pytest.raises(TypeError):
+        _native._C.replaced(_Plain, ("a", "b"), [_Plain(1, "x")], 0, 2)  # no slots
+    unset = object.__new__(TensorInfo)
+    with pytest.raises(ValueError):
+        _native._C.replaced(TensorInfo, fields, [unset], 1, "g")  # a row with fields never set
