@@ -50,7 +50,7 @@ def merge(config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | P
     with terminate_as_interrupt():  # SIGTERM / SIGHUP unwind like Ctrl-C: the session cleans up
         report = engine.merge(build, out_dir, opts)
     if built and hasattr(report, "shards") and hasattr(report, "out_dtype"):  # the summary names them
-        report.out_dtype = "/".join(sorted({t.out_dtype for t in built[-1].tensors}))
+        report.out_dtype = "/".join(sorted(set(built[-1].columns.out_dtype)))
         report.shards = len(built[-1].shards)
     return report
 

@@ -111,6 +111,39 @@ class TensorPlan(_Memos):
         return OutTensor(self.name, self.out_dtype, self.shape)
 
 
+class PlanColumns:
+    """A plan's tensors column by column: ``columns.out_dtype`` is ``[t.out_dtype for t in tensors]`` (any TensorPlan
+    attribute, its memos too), taken once with ``map`` and ``attrgetter`` (the loop in C: ~1 ms a column of a MoE
+    model's 20k tensors) and then read by each step that asks: the engine's choice and its runs, the digest, the
+    report, which each took the same columns again (~25 ms of a 20k-tensor merge). ``build_plan`` hands over the
+    columns its whole-model path made the rows from. The columns are of the list ``tensors``: a plan's tensor list
+    is not changed in place once built (``MergePlan.columns`` follows a list replaced; ``dataclasses.replace``
+    makes another plan)."""
+
+    def __init__(self, tensors: list[TensorPlan], made: dict[str, list[Any]] | None = None):
+        self.tensors = tensors
+        if made:
+            vars(self).update(made)
+
+    def __getattr__(self, name: str) -> list[Any]:  # a column not taken yet (a column taken is an attribute)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        col = list(map(operator.attrgetter(name), self.tensors))
+        setattr(self, name, col)
+        return col
+
+    @memo
+    def inputs(self) -> list[list[TensorInfo]] | None:
+        """Each model's input of every tensor, as a column (the base's first where every tensor has one), or None
+        where the tensors differ in their number of inputs (or only some have a base)."""
+        bases, srcs = self.base, self.sources
+        n_src = set(map(len, srcs))
+        has_base = bases.count(None) == 0
+        if len(n_src) > 1 or not (has_base or bases.count(None) == len(bases)):
+            return None
+        return ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src.pop() if n_src else 0)]
+
+
 @dataclasses.dataclass
 class MergePlan:
     config: MergeConfig
@@ -136,6 +169,14 @@ class MergePlan:
     @property
     def method(self) -> MergeMethod:
         return self.config.method
+
+    @property
+    def columns(self) -> PlanColumns:
+        """``tensors`` column by column (``PlanColumns``), taken once per tensor list."""
+        got = self.__dict__.get("_columns")
+        if got is None or got.tensors is not self.tensors:
+            got = self.__dict__["_columns"] = PlanColumns(self.tensors)
+        return got
 
     @property
     def in_bytes(self) -> int:
@@ -235,19 +276,23 @@ class MergePlan:
                 h.update(array("q", map(nums.__getitem__, values)).tobytes())
             h.update(b"\n")
 
-        names = list(map(_NAME, ts))
-        kinds = [list(map(a, ts)) for a in _KINDS]  # compute_dtype, backend: each mostly one value
+        cols = self.columns
+        names = cols.name
+        kinds = [cols.compute_dtype, cols.backend]  # each mostly one value
         table([tuple(k[0] for k in kinds)] * len(ts) if ts and all(k[1:] == k[:-1] for k in kinds) else list(zip(*kinds)))
-        bases, srcs = list(map(_BASE, ts)), list(map(_SOURCES, ts))
-        table(list(map(operator.add, map(len, srcs), itertools.repeat(1))))
+        bases, srcs = cols.base, cols.sources
+        if cols.inputs is not None and ts:  # every tensor as many inputs: the same table, without a len() per tensor
+            table([len(srcs[0]) + 1] * len(ts))
+        else:
+            table(list(map(operator.add, map(len, srcs), itertools.repeat(1))))
         fno[id(None)] = -1  # no base
-        files, renamed = _input_columns(names, bases, srcs, fno, fno_eq, self.indexes)
+        files, renamed = _input_columns(names, bases, srcs, cols.inputs, fno, fno_eq, self.indexes)
         h.update(files.tobytes())
         h.update(repr(renamed).encode())
         # Tensors of equal parameters mostly share one Params object (build_plan): each object is dumped once and
         # each distinct value numbered in a table that a tensor refers to (20k dicts dumped per MoE family were
         # ~0.1 s); numbered by value, so the digest does not depend on which objects are shared
-        params = list(map(_PARAMS, ts))
+        params = cols.params
         ids = list(map(id, params))
         ptable: dict[str, int] = {}
         pid: dict[int, int] = {}
@@ -256,7 +301,7 @@ class MergePlan:
             pid[id(p)] = ptable.setdefault(json.dumps(d, sort_keys=True, separators=(",", ":"), default=str), len(ptable))
         h.update("\n".join(ptable).encode())
         h.update(bytes(8 * len(ids)) if len(pid) == 1 else array("q", map(pid.__getitem__, ids)).tobytes())
-        transforms = list(map(_TRANSFORM, ts))
+        transforms = cols.input_transform
         if transforms.count(None) != len(transforms):
             for tr in transforms:
                 if tr is not None:
@@ -282,42 +327,40 @@ class MergePlan:
                                    options=dataclasses.replace(self.options, **options))
 
 
-# the columns of the digest, _lean_rest and build_plan, taken with map (the loop in C)
-_NAME, _SHAPE, _BASE, _SOURCES, _PARAMS, _TRANSFORM = (operator.attrgetter(a) for a in (
-    "name", "shape", "base", "sources", "params", "input_transform"))
+# the columns _lean_rest and the digest take with map (the loop in C) beyond PlanColumns
+_NAME, _SHAPE, _FILE, _DTYPE = (operator.attrgetter(a) for a in ("name", "shape", "file", "dtype"))
 _PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(TensorPlan))
-_KINDS = tuple(operator.attrgetter(a) for a in ("compute_dtype", "backend"))
-_FILE, _DTYPE, _OUT_DTYPE, _OUT_QUANT = (operator.attrgetter(a) for a in ("file", "dtype", "out_dtype", "out_quant"))
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
-def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], fno: dict[int, int], fno_eq: dict[Path, int],
-                   indexes: dict[str, CheckpointIndex]) -> tuple[array, list[tuple[int, int, str]]]:
+def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], inputs: list[list[Any]] | None, fno: dict[int, int],
+                   fno_eq: dict[Path, int], indexes: dict[str, CheckpointIndex]) -> tuple[array, list[tuple[int, int, str]]]:
     """The digest's input columns: every input's file number, row by row (base first, -1 for none), and the
     (tensor, input, name) of each input whose name is not the output name. Where every tensor has the same
-    number of sources and a base everywhere or nowhere, column by column in C (a column that is a model's own
-    tensors in its order: from its index's file counts and names); else row by row."""
-    n_src = len(srcs[0]) if srcs else 0
+    number of sources and a base everywhere or nowhere (``inputs``: ``PlanColumns.inputs``), column by column in C
+    (a column that is a model's own tensors in its order: from its index's file counts and names); else row by row."""
     has_base = bases.count(None) == 0
-    if srcs and (has_base or bases.count(None) == len(bases)) and list(map(len, srcs)).count(n_src) == len(srcs):
-        cols = ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src)]
-        ids, col_names = [], []
+    if srcs and inputs is not None:
+        cols = inputs
+        ids, col_names, missing = [], [], False  # missing: a file not numbered (-2), found per column, not per element
         for c in cols:
             ix = index_in_own_order(c, indexes.values())
             if ix is not None:
-                ids.append(list(itertools.chain.from_iterable(
-                    [fno.get(id(f), -2)] * n for f, n in zip(ix.files, ix.file_counts))))
+                nums = [fno.get(id(f), -2) for f in ix.files]
+                ids.append(list(itertools.chain.from_iterable([x] * n for x, n in zip(nums, ix.file_counts))))
                 col_names.append(list(ix.tensors))  # its names are its keys
             else:
-                ids.append(list(map(fno.get, map(id, map(_FILE, c)), itertools.repeat(-2))))
+                nums = list(map(fno.get, map(id, map(_FILE, c)), itertools.repeat(-2)))
+                ids.append(nums)
                 col_names.append(None)
+            missing = missing or -2 in nums
         if not has_base:
             ids.insert(0, [-1] * len(names))
         if all(x.count(x[0]) == len(x) for x in ids):  # each model in one file: one row, repeated
             files = array("q", [x[0] for x in ids]) * len(names)
         else:
             files = array("q", itertools.chain.from_iterable(zip(*ids)))
-        if -2 not in files:
+        if not missing:
             off = 0 if has_base else 1
             renamed = []
             for k, (c, got) in enumerate(zip(cols, col_names)):
@@ -714,6 +757,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         ))
 
     module_layers: dict[str, list[int]] = {}
+    made = None  # the plan's columns, where the whole-model path made its rows from them (_lean_rest)
     if module_slices is not None:
         # modules, in config order: each one's tensors before its layers (first slice), its layers renumbered from 0
         # across its slices, the tensors after them (last slice), as mergekit's plan_module
@@ -768,8 +812,9 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
 
         if names:  # the first through add(), which resolves the slice's parameters; the rest lean where they may be
             add_whole(names[0])
-        if not (names and _lean_rest(plans, names, sl, method, fixed.get(id(sl)), vocabs or adapters or fp8_family,
-                                     plain_out, config.dtype, compat, chosen, device, options.backend)):
+        made = _lean_rest(plans, names, sl, method, fixed.get(id(sl)), vocabs or adapters or fp8_family, plain_out,
+                          config.dtype, compat, chosen, device, options.backend) if names else None
+        if made is None:
             for name in names[1:]:
                 add_whole(name)
             for m in sl.inputs:
@@ -797,10 +842,11 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             offset += sl.length
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
-    if not any(map(_OUT_QUANT, plans)):
+    cols = PlanColumns(plans, made)
+    if not any(cols.out_quant):
         # every TensorPlan's out_tensor memo filled column by column (the memo's first reads, one Python call each,
         # were ~1 us of a MoE model's 20k-45k tensors); the same objects a read would have made and kept
-        outs = OutTensor.many(list(map(_NAME, plans)), list(map(_OUT_DTYPE, plans)), list(map(_SHAPE, plans)))
+        outs = cols.out_tensor = OutTensor.many(cols.name, cols.out_dtype, cols.shape)
         list(map(operator.setitem, map(vars, plans), itertools.repeat("out_tensor"), outs))
     else:
         outs = []
@@ -812,9 +858,11 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
     # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None
-    return MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards,
-                     tokenizer=vocabs.output if vocabs else None, module_layers=module_layers or None,
-                     fp8={"quantization_config": output_quant_config(fp8_family) if out_fp8 else None} if fp8_family else None)
+    built = MergePlan(config, options, device, indexes, ref_root, n_out_layers, plans, shards,
+                      tokenizer=vocabs.output if vocabs else None, module_layers=module_layers or None,
+                      fp8={"quantization_config": output_quant_config(fp8_family) if out_fp8 else None} if fp8_family else None)
+    vars(built)["_columns"] = cols  # (MergePlan.columns: of this very list)
+    return built
 
 
 #: False: every tensor through ``build_plan``'s ``add`` (tests compare the two)
@@ -823,51 +871,58 @@ LEAN_WHOLE_MODELS = True
 
 def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: MergeMethod, params: Any, transforms: Any,
                plain_out: str | None, config_dtype: str | None, compat: bool, chosen: dict[Any, Any], device: str,
-               backend_opt: Any) -> bool:
+               backend_opt: Any) -> dict[str, list[Any]] | None:
     """The tensors after the first of a whole-model merge whose inputs all list the same tensor names in the same
     order with the same shapes, whose parameters do not vary by tensor (``params``: the slice's one Params) and that
     no input transform touches: appended to ``plans`` exactly as ``add`` would make them, from the input tables
     side by side instead of a name lookup, shape check and parameter step per tensor (a MoE model has 20k-45k:
-    ~2.5 of ~6 us per tensor of ``build_plan`` on moe-small). False (nothing appended): not such a merge, ``add``
-    makes every tensor and reports what differs."""
-    if not LEAN_WHOLE_MODELS or params is None or transforms or plans[-1].params is not params:
-        return False
+    ~2.5 of ~6 us per tensor of ``build_plan`` on moe-small). Returns the plan's columns (``PlanColumns``: the
+    first tensor's value, then the columns the rows were made from; ``inputs``, the members' tables); None
+    (nothing appended): not such a merge, ``add`` makes every tensor and reports what differs."""
+    if not LEAN_WHOLE_MODELS or params is None or transforms or len(plans) != 1 or plans[-1].params is not params:
+        return None
     members = ([sl.base] if sl.base else []) + sl.inputs
     tables = []
     for m in members:
         tab = m.index.tensors
         if len(tab) != len(names) or (m.index is not members[0].index and list(tab) != names):
-            return False  # FP8 companions, other names or another order
+            return None  # FP8 companions, other names or another order
         tables.append(list(tab.values()))
     shapes = list(map(_SHAPE, tables[0]))
     if any(list(map(_SHAPE, tab)) != shapes for tab in tables[1:]):  # models of one header share the tuples: by identity
-        return False
+        return None
     if any(is_fp8(d) for d in set(map(_DTYPE, tables[0]))):
-        return False
+        return None
     # Column by column from the second tensor on (the first: add() made it), each column in C (map, zip): a Python
     # step per tensor with its row unpacked and sliced was ~1.8 us of a MoE model's 20k-45k.
     has_base = sl.base is not None
     pid, n = id(params), len(names) - 1
     refs = tables[0][1:]  # each tensor's first member: its shape and dtype are every member's (checked above)
     shape_col = shapes[1:]
-    numel_of = {sh: math.prod(sh) for sh in set(shape_col)}
-    numels = list(map(numel_of.__getitem__, shape_col))
-    # the backend per distinct size, asked (if not cached) with the name of the first tensor of that size
-    first_named = dict(zip(reversed(numels), reversed(names[1:])))
-    for numel, name in first_named.items():
-        if (pid, compat, numel) not in chosen:
-            chosen[(pid, compat, numel)] = backends.select(MergeJob(name, method, params, compat, numel=numel), device, backend_opt)
-    got = list(map(chosen.__getitem__, zip(itertools.repeat(pid), itertools.repeat(compat), numels)))
+    # the backend per distinct size, asked (if not cached) with the name of the first tensor of that size; looked up by
+    # shape object (the rows of a header share them; a tuple's hash is computed anew at each lookup, an id's is not:
+    # 20k (Params, compat, numel) keys were ~3 ms)
+    ids = list(map(id, shape_col))
+    first_at = dict(zip(reversed(ids), range(n - 1, -1, -1)))  # each shape object's first row
+    by_shape = {}
+    for k, i in sorted(first_at.items(), key=_SECOND):
+        key = (pid, compat, math.prod(shape_col[i]))
+        if key not in chosen:
+            chosen[key] = backends.select(MergeJob(names[1 + i], method, params, compat, numel=key[2]), device, backend_opt)
+        by_shape[k] = chosen[key]
+    got = list(map(by_shape.__getitem__, ids))
     dts = list(map(_DTYPE, refs))
-    out_dts = plain_out or dts  # a column that is not a list: every row's value (instances)
-    compute = (config_dtype or dts) if compat else None
     members = tables[1:] if has_base else tables
-    sources = list(map(list, zip(*[m[1:] for m in members])))
     # the rows from their columns in one C call (instances): TensorPlan's __init__ per row was ~0.6 us
-    plans.extend(instances(TensorPlan, _PLAN_FIELDS, (
-        names[1:], shape_col, out_dts, compute, refs if has_base else None, sources, params, layer_indices(names[1:]),
-        list(map(_FIRST, got)), list(map(_SECOND, got)), None, None), n))
-    return True
+    compute = ([config_dtype] * n if config_dtype else dts) if compat else [None] * n
+    cols = dict(zip(_PLAN_FIELDS, (
+        names[1:], shape_col, [plain_out] * n if plain_out else dts, compute, refs if has_base else [None] * n,
+        list(map(list, zip(*[m[1:] for m in members]))), [params] * n, layer_indices(names[1:]),
+        list(map(_FIRST, got)), list(map(_SECOND, got)), [None] * n, [None] * n)))
+    plans.extend(instances(TensorPlan, _PLAN_FIELDS, tuple(cols.values()), n))
+    first = plans[0]
+    # each member's table is its input column whole (the first tensor's too: add() took it from the same table)
+    return {**{k: [getattr(first, k), *col] for k, col in cols.items()}, "inputs": tables}
 
 
 def _transform_json(tr: Any) -> dict[str, Any]:

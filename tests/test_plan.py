@@ -217,7 +217,15 @@ def test_lean_whole_model_plan_equals_the_plan_of_add(family_bf16, monkeypatch, 
         doc["merge_method"] = "dare_ties"
     calls = _lean_calls(monkeypatch)
     lean = plan(doc, **options)
-    assert calls == [case not in ("gradient", "per_tensor")]
+    assert [c is not None for c in calls] == [case not in ("gradient", "per_tensor")]
+    # the columns the plan hands over (PlanColumns) are its rows' own, field by field
+    fields = [f.name for f in dataclasses.fields(PLAN.TensorPlan)] + ["out_tensor"]
+    made = vars(lean.columns)
+    assert set(fields) <= set(made) if calls[0] is not None else "compute_dtype" not in made
+    for f in fields:
+        assert getattr(lean.columns, f) == [getattr(t, f) for t in lean.tensors], f
+    assert all(a is b for a, b in zip(lean.columns.params, [t.params for t in lean.tensors]))
+    assert lean.columns.inputs == PLAN.PlanColumns(lean.tensors).inputs is not None
     # each tensor's out_tensor is the very object its shard lists (build_plan fills the memos column by column)
     shard_outs = [o for s in lean.shards for o in s.tensors]
     assert len(shard_outs) == len(lean.tensors) and all(t.out_tensor is o for t, o in zip(lean.tensors, shard_outs))
@@ -247,7 +255,7 @@ def test_lean_plan_falls_back_to_add_on_other_orders_and_shapes(tmp_path, monkey
            "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in (base, other)]}
     calls = _lean_calls(monkeypatch)
     got = plan(doc)
-    assert calls == [False]
+    assert calls == [None]
     monkeypatch.setattr(PLAN, "LEAN_WHOLE_MODELS", False)
     _same_plans(got, plan(doc))
     monkeypatch.setattr(PLAN, "LEAN_WHOLE_MODELS", True)
@@ -255,3 +263,20 @@ def test_lean_plan_falls_back_to_add_on_other_orders_and_shapes(tmp_path, monkey
     doc["models"][1]["model"] = str(bad)
     with pytest.raises(ShapeMismatchError, match=r"model.norm.weight.*\[6\].*\[5\]"):
         plan(doc)
+
+
+def test_plan_columns_follow_the_tensor_list(family_bf16):
+    """``MergePlan.columns``: each column taken once from the plan's tensor list and kept; another list (a plan
+    replaced, or its list reassigned) gets columns of its own."""
+    base, fts = family_bf16
+    p = plan({"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in [base, *fts]]})
+    cols = p.columns
+    assert cols is p.columns and cols.out_dtype is p.columns.out_dtype  # taken once
+    assert cols.name == [t.name for t in p.tensors] and cols.in_bytes == [t.in_bytes for t in p.tensors]  # memos too
+    assert cols.inputs == [[t.sources[k] for t in p.tensors] for k in range(1 + len(fts))]  # no base: the sources, model by model
+    q = dataclasses.replace(p, tensors=p.tensors[:3])
+    assert q.columns.name == [t.name for t in p.tensors[:3]]
+    p.tensors = list(reversed(p.tensors))
+    assert p.columns is not cols and p.columns.name == list(reversed(cols.name))
+    with pytest.raises(AttributeError):
+        cols.no_such_field  # noqa: B018

@@ -61,10 +61,11 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     # Whether tensor i may join tensor i - 1's run, taken column by column (map and attrgetter: the loop in C;
     # a Python step per tensor, ~1.7 us, was ~0.035 s of a 20k-tensor merge). Equal neighbours make an equal
     # run: a run's members all have its first one's output dtype and parameters.
-    nbytes = list(map(_NBYTES, map(_OUT_TENSOR, ts)))
-    dtypes = list(map(_OUT_DTYPE, ts))
+    cols = plan.columns  # (plan.PlanColumns: taken once, shared with the engine's choice and the digest)
+    nbytes = list(map(_NBYTES, cols.out_tensor))
+    dtypes = cols.out_dtype
     limit = {d: SMALL_NUMEL * ITEMSIZE[d] for d in set(dtypes)}
-    if _native_as_read(ts):
+    if _native_as_read(cols):
         small = list(map(operator.lt, nbytes, map(limit.__getitem__, dtypes)))
     else:
         small = [n < limit[t.out_dtype] and t.backend == "native" and t.input_transform is None
@@ -74,7 +75,7 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     join = list(map(operator.and_, small[1:], small)) if not all(small) else [True] * (len(ts) - 1)
     _and(join, neighbours_equal(dtypes))
     if elementwise or segments:
-        params = list(map(_PARAMS, ts))
+        params = cols.params
         ids = list(map(id, params))
         if ids[1:] != ids[:-1]:
             _and(join, [a is b or a == b for a, b in zip(params[1:], params)])
@@ -87,19 +88,16 @@ def batches(plan: Any, elementwise: bool, segments: bool) -> list[list[int]]:
     return [list(range(a, b)) for lo, hi in zip(starts, starts[1:]) for a, b in greedy_cuts(ends, BATCH_BYTES, lo, hi)]
 
 
-_NBYTES, _OUT_TENSOR, _OUT_DTYPE, _PARAMS = (operator.attrgetter(a) for a in ("nbytes", "out_tensor", "out_dtype", "params"))
-_BASE, _SOURCES, _BEGIN, _END = (operator.attrgetter(a) for a in ("base", "sources", "begin", "end"))
+_NBYTES, _BEGIN, _END = (operator.attrgetter(a) for a in ("nbytes", "begin", "end"))
 _DTYPE, _FILE, _SHAPE, _NAME = (operator.attrgetter(a) for a in ("dtype", "file", "shape", "name"))
 _FIRST = operator.itemgetter(0)
-_BACKEND, _INPUT_TRANSFORM, _OUT_QUANT, _COMPUTE_DTYPE = (
-    operator.attrgetter(a) for a in ("backend", "input_transform", "out_quant", "compute_dtype"))
 
 
-def _native_as_read(ts: Sequence[Any]) -> bool:
+def _native_as_read(cols: Any) -> bool:
     """Every tensor on the native backend, as read: no compute-dtype cast, re-quantisation or input transform
-    (column by column, in C)."""
-    return (set(map(_BACKEND, ts)) == {"native"} and not any(map(_INPUT_TRANSFORM, ts)) and not any(map(_OUT_QUANT, ts))
-            and not any(map(_COMPUTE_DTYPE, ts)))
+    (``cols``: the plan's ``PlanColumns``)."""
+    return (set(cols.backend) == {"native"} and not any(cols.input_transform) and not any(cols.out_quant)
+            and not any(cols.compute_dtype))
 
 
 def _and(acc: list[bool], other: list[bool] | None) -> None:
@@ -111,16 +109,14 @@ def _and(acc: list[bool], other: list[bool] | None) -> None:
 def _inputs_adjacent(plan: Any) -> list[bool] | None:
     """For each tensor after the first: whether each of its inputs starts where the previous tensor's input of
     the same model ends, in the same file and dtype (and both have as many inputs); None: all do."""
-    ts = plan.tensors
-    bases, srcs = list(map(_BASE, ts)), list(map(_SOURCES, ts))
-    n_src = set(map(len, srcs))
-    has_base = bases.count(None) == 0
-    if len(n_src) != 1 or not (has_base or bases.count(None) == len(bases)):  # inputs that differ in number
-        ins = [s if b is None else [b, *s] for b, s in zip(bases, srcs)]
+    ts, cols = plan.tensors, plan.columns
+    inputs = cols.inputs
+    if inputs is None:  # inputs that differ in number
+        ins = [s if b is None else [b, *s] for b, s in zip(cols.base, cols.sources)]
         return [len(a) == len(b) and all(x.end == y.begin and x.dtype == y.dtype and (x.file is y.file or x.file == y.file)
                                          for x, y in zip(a, b)) for a, b in zip(ins, ins[1:])]
     out = [True] * (len(ts) - 1)
-    for col in ([bases] if has_base else []) + [list(map(operator.itemgetter(k), srcs)) for k in range(n_src.pop())]:
+    for col in inputs:
         ix = index_in_own_order(col, plan.indexes.values())
         if ix is not None:  # a model's tensors in its own order: its checked layout says
             _and(out, ix.neighbours[1])
@@ -229,11 +225,11 @@ class RawIO:
         if any(ix.fmt != "safetensors" for ix in plan.indexes.values()):
             return ["a .bin checkpoint (read through torch.load)"]
         native = BACKENDS["native"]
-        ts = plan.tensors
-        if ts and _native_as_read(ts) and all(srcs := list(map(_SOURCES, ts))):
+        ts, cols = plan.tensors, plan.columns
+        if ts and _native_as_read(cols) and all(srcs := cols.sources):
             # every tensor as read with one Params, input dtype and output dtype (a MoE model of 20k-45k tensors, found
             # column by column, without a tuple per tensor: those set off collections over the whole plan): one question
-            ids, dts, ods = list(map(id, map(_PARAMS, ts))), list(map(_DTYPE, map(_FIRST, srcs))), list(map(_OUT_DTYPE, ts))
+            ids, dts, ods = list(map(id, cols.params)), list(map(_DTYPE, map(_FIRST, srcs))), cols.out_dtype
             if ids[1:] == ids[:-1] and dts[1:] == dts[:-1] and ods[1:] == ods[:-1]:
                 why = native.raw_reasons(MergeJob(ts[0].name, plan.method, ts[0].params, False), ts[0])
                 return [f"tensor '{ts[0].name}': {why[0]}"] if why else []
