@@ -323,8 +323,11 @@ class MergePlan:
         else:
             names = {t.name for s in shards for t in s.tensors}
             tensors = [t for t in self.tensors if t.name in names]
-        return dataclasses.replace(self, tensors=tensors, shards=shards, part=part,
-                                   options=dataclasses.replace(self.options, **options))
+        sub = dataclasses.replace(self, tensors=tensors, shards=shards, part=part,
+                                  options=dataclasses.replace(self.options, **options))
+        if tensors is self.tensors and "_columns" in vars(self):  # the same list: the columns taken (or made) already
+            vars(sub)["_columns"] = vars(self)["_columns"]
+        return sub
 
 
 # the columns _lean_rest and the digest take with map (the loop in C) beyond PlanColumns

@@ -274,6 +274,8 @@ def test_plan_columns_follow_the_tensor_list(family_bf16):
     assert cols is p.columns and cols.out_dtype is p.columns.out_dtype  # taken once
     assert cols.name == [t.name for t in p.tensors] and cols.in_bytes == [t.in_bytes for t in p.tensors]  # memos too
     assert cols.inputs == [[t.sources[k] for t in p.tensors] for k in range(1 + len(fts))]  # no base: the sources, model by model
+    assert p.restricted([s.filename for s in p.shards]).columns is cols  # all of it: the same list, the same columns
+    assert p.restricted([p.shards[0].filename]).columns.name == [t.name for t in p.shards[0].tensors]
     q = dataclasses.replace(p, tensors=p.tensors[:3])
     assert q.columns.name == [t.name for t in p.tensors[:3]]
     p.tensors = list(reversed(p.tensors))
