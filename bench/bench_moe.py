@@ -21,6 +21,9 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 - ``--families``: run only these (comma-separated names of the above).
 - ``--ab``: instead, on ``moe-small`` only, each merge with the engine's runs of small tensors
   (``engine.stream.batches``) and tensor by tensor (``stream.SMALL_NUMEL = 0``), interleaved, same plan.
+- ``--planning``: instead, the steps before a merge's first byte on the families of small tensors named in
+  ``--families``, no I/O: ``build_plan``, the engine's choice, the digest, the engine's runs (medians of 7 plans in a
+  child process, ``--repeat`` children); with ``--against DIR``, the install in DIR and this tree alternating.
 - ``--against DIR``: instead, this tree against the fastmerge installed in ``DIR`` (``pip install --target DIR
   <old checkout>``: its own ``_C``) on dense-large and the first family of small tensors named in ``--families``
   (moe-small by default), each merge a child process timing ``fastmerge.merge`` (planning included), the
@@ -41,6 +44,7 @@ then the plan's ``digest``) and, with ``--mergekit``, mergekit 0.1.5's wall time
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -190,6 +194,67 @@ def against(root: Path, old: str, methods: list[str], repeat: int, warm: int = 0
                   f"report {statistics.median(x[1] / y[1] for x, y in zip(b, a)):.2f}x", flush=True)
 
 
+#: ``--planning``'s child: the steps before a merge's first byte, timed in-process (no reading or writing), the medians
+#: of ``runs`` plans in ms; the plan's columns taken as a merge takes them (the engine's choice first, then the digest)
+_PLANNING_CHILD = """
+import gc, json, statistics, sys, time
+import fastmerge, fastmerge.engine as engine
+from fastmerge.config import load_config
+from fastmerge.engine import stream
+from fastmerge.plan import build_plan, make_options
+doc, runs = json.loads(sys.argv[1]), int(sys.argv[2])
+rows = []
+for i in range(runs + 1):
+    cfg = load_config(doc)
+    gc.collect()
+    t0 = time.perf_counter()
+    p = build_plan(cfg, make_options(progress=False))
+    t1 = time.perf_counter()
+    gc.freeze()  # as a merge does once the plan is built (engine.distributed)
+    engine.select(p)
+    t2 = time.perf_counter()
+    p.digest()
+    t3 = time.perf_counter()
+    k = p.method.native
+    stream.batches(p, k is not None and k.elementwise, k is not None and k.segments is not None)
+    t4 = time.perf_counter()
+    gc.unfreeze()
+    if i:  # the first: imports and a cold allocator
+        rows.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
+    del p
+print(json.dumps([statistics.median(r[k] for r in rows) * 1000 for k in range(5)]))
+"""
+
+
+def planning(root: Path, families: list[str], methods: list[str], repeat: int, old: str | None) -> None:
+    """The planning steps alone on the families of small tensors (``--planning``): ``build_plan``, the engine's choice,
+    the digest and the engine's runs, each a median over 7 plans in a child process; with ``--against DIR``, this
+    tree and the install in DIR alternating, ``repeat`` children each."""
+    from ab_inprocess import command
+
+    sides = {"this tree": [sys.executable, "-c", _PLANNING_CHILD]}
+    if old:
+        sides = {"before": command(old, _PLANNING_CHILD), "after": sides["this tree"]}
+    for name in [n for n in families if n in SHAPES]:
+        base, fts = family(root, name, SHAPES[name])
+        for method in methods:
+            got: dict[str, list[list[float]]] = {side: [] for side in sides}
+            for _ in range(repeat):
+                for side, argv in sides.items():
+                    out = subprocess.run([*argv, json.dumps(config(method, base, fts)), "7"], capture_output=True, text=True,
+                                         check=True, env={**os.environ, "FASTMERGE_FASTPATH": "1"}).stdout
+                    got[side].append(json.loads(out.strip().splitlines()[-1]))
+            for side, rows in got.items():
+                med = [statistics.median(r[k] for r in rows) for k in range(5)]
+                print(f"planning {name:9s} {method:7s} {side:9s}: build_plan {med[0]:6.1f} ms, engine choice {med[1]:5.1f} ms, "
+                      f"digest {med[2]:5.1f} ms, runs {med[3]:5.1f} ms; all {med[4]:6.1f} ms "
+                      f"({med[4] * 1000 / len(SHAPES[name].tensors()):.2f} us a tensor)", flush=True)
+            if old:
+                ratio = [b[4] / a[4] for b, a in zip(got["before"], got["after"])]
+                print(f"planning {name:9s} {method:7s} before/after: {statistics.median(ratio):.2f}x "
+                      f"(rounds {', '.join(f'{r:.2f}' for r in ratio)})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "fastmerge-moe"))
@@ -202,8 +267,12 @@ def main() -> None:
     ap.add_argument("--ab", action="store_true", help="moe-small with and without the runs of small tensors")
     ap.add_argument("--against", help="a pip install --target directory of another fastmerge: before/after, child processes")
     ap.add_argument("--warm", type=int, default=0, help="with --against: merges kept per child after one warm-up merge")
+    ap.add_argument("--planning", action="store_true",
+                    help="the planning steps alone (no I/O) on the families of small tensors; with --against, before/after")
     a = ap.parse_args()
     root = Path(a.root).resolve()
+    if a.planning:
+        return planning(root, a.families.split(","), a.methods.split(","), a.repeat, a.against)
     if a.ab:
         return ab(root, a.methods.split(","), a.repeat)
     if a.against:
