@@ -273,6 +273,7 @@ class RawReader:
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self._maps: dict[Path, tuple[int, int]] = {}  # file -> (address, length)
+        self._held: tuple[int, int] | None = None  # pages released by drop, not yet dropped (DROP_BATCH)
 
     @staticmethod
     def available() -> bool:
@@ -317,13 +318,30 @@ class RawReader:
     def drop(self, info: TensorInfo, v: RawView) -> None:
         # _madvise rounds the start down to a page, so the partial pages at both ends go too: harmless,
         # an unmodified page of a shared file mapping is re-read from the page cache if touched again.
-        _madvise(v.ptr, v.ptr + v.nbytes, _MADV_DONTNEED)
+        # A range that continues the last one dropped joins it, dropped at DROP_BATCH bytes: a run of small tensors
+        # reads ~1 MB a model, and each call's page-table teardown interrupts the other core (an IPI, costly on a VM)
+        lo, hi = v.ptr, v.ptr + v.nbytes
+        held = self._held
+        if held is not None and held[1] == lo:
+            lo = held[0]
+        elif held is not None:
+            _madvise(held[0], held[1], _MADV_DONTNEED)
+        if hi - lo >= DROP_BATCH:
+            _madvise(lo, hi, _MADV_DONTNEED)
+            self._held = None
+        else:
+            self._held = (lo, hi)
 
     def close(self) -> None:
+        self._held = None  # (unmapped below, pages and all)
         for addr, length in self._maps.values():
             _libc.munmap(addr, max(length, 1))
         self._maps.clear()
 
+
+#: ``RawReader.drop``: consecutive released ranges of one model are dropped together once they reach this many bytes
+#: (a model's pages mapped beyond the read-ahead: at most this much).
+DROP_BATCH = 8 << 20
 
 #: Read-ahead budget, as a multiple of the largest tensor group. 1.25: while the largest group (the
 #: embedding or lm_head of every model: 4 x 65.5 MB on the bf16 benchmark family) is merged, a normal

@@ -156,6 +156,7 @@ def test_span_raw_reader_reads_spans_as_raw_views(tmp_path, monkeypatch):
     assert torch.equal(got, torch.cat([sd["t1"], sd["t2"], sd["t3"]]))
     advised = []
     monkeypatch.setattr(reader, "_madvise", lambda a, b, advice: advised.append((a, b, advice)) or True)
+    monkeypatch.setattr(reader, "DROP_BATCH", 0)  # each drop at once (test_raw_drops_of_consecutive_ranges_are_joined)
     r.populate(infos[1], whole)
     r.drop(infos[1], whole)
     assert [(a, b) for a, b, _ in advised] == [(whole.ptr, whole.ptr + whole.nbytes)] * 2
@@ -165,3 +166,39 @@ def test_span_raw_reader_reads_spans_as_raw_views(tmp_path, monkeypatch):
     empty = reader.torch_view(RawView(whole.ptr, 0, "bfloat16", 0))
     assert empty.dtype == torch.bfloat16 and empty.numel() == 0
     r.close()
+
+
+def test_raw_drops_of_consecutive_ranges_are_joined(tmp_path, monkeypatch):
+    """``RawReader.drop``: a released range that continues the last one joins it, and the joined range is dropped in one
+    call once it reaches ``DROP_BATCH`` bytes; a range elsewhere drops what was held first; close unmaps what is
+    still held. Every page released is dropped once, and the file's bytes read back unchanged."""
+    import ctypes
+
+    from fastmerge.io import reader
+    from fastmerge.io.reader import RawReader
+
+    sd, _ = _big(tmp_path)
+    r = RawReader(CheckpointIndex.open(tmp_path))
+    infos = list(r.index.tensors.values())  # t0..t3, back to back, 1.2 MB each
+    views = [r.get(i) for i in infos]
+    assert all(a.ptr + a.nbytes == b.ptr for a, b in zip(views, views[1:]))
+    dropped = []
+    real = reader._madvise
+    monkeypatch.setattr(reader, "_madvise", lambda a, b, advice: dropped.append((a, b)) or real(a, b, advice))
+    monkeypatch.setattr(reader, "DROP_BATCH", int(2.5 * infos[0].nbytes))
+    r.drop(infos[0], views[0])
+    r.drop(infos[1], views[1])
+    assert dropped == []  # 2 x 1.2 MB held
+    r.drop(infos[2], views[2])
+    assert dropped == [(views[0].ptr, views[2].ptr + views[2].nbytes)]  # one call for the three
+    r.drop(infos[3], views[3])
+    r.drop(infos[0], views[0])  # not where the last one ended: t3 dropped, t0 held
+    assert dropped[1:] == [(views[3].ptr, views[3].ptr + views[3].nbytes)]
+    for info, v in zip(infos, views):  # the pages come back from the page cache
+        got = torch.frombuffer(bytearray(ctypes.string_at(v.ptr, v.nbytes)), dtype=torch.float32)
+        assert torch.equal(got, sd[info.name])
+    monkeypatch.setattr(reader, "DROP_BATCH", 0)
+    r.drop(infos[1], views[1])  # continues t0: joined, and at DROP_BATCH 0 dropped at once
+    assert dropped[2:] == [(views[0].ptr, views[1].ptr + views[1].nbytes)]
+    r.close()
+    assert len(dropped) == 3 and r._held is None
