@@ -206,6 +206,18 @@ def _part(v: Any, a: int, b: int) -> Any:
     return RawView(v.ptr + a * size, (b - a) * size, v.dtype, b - a)
 
 
+def _raw_reasons(plan: Any, native: Any, tp: Any, asked: dict[tuple[int, str, str], list[str]]) -> list[str]:
+    """Why the native kernel's raw path cannot merge planned tensor ``tp`` (``raw_reasons``; empty: it can), asked once
+    per (Params, input dtype, output dtype) and kept in ``asked``: every Params stays alive in the plan, and a MoE
+    model of 20k-45k tensors has a few such keys."""
+    src = tp.sources[0] if tp.sources else tp.base
+    key = (id(tp.params), src.dtype, tp.out_dtype)
+    why = asked.get(key)
+    if why is None:
+        why = asked[key] = native.raw_reasons(MergeJob(tp.name, plan.method, tp.params, False), tp)
+    return why
+
+
 class RawIO:
     """Torch-free flavour: mapped inputs, anonymous-memory outputs, ``run_raw``."""
 
@@ -233,7 +245,7 @@ class RawIO:
             if ids[1:] == ids[:-1] and dts[1:] == dts[:-1] and ods[1:] == ods[:-1]:
                 why = native.raw_reasons(MergeJob(ts[0].name, plan.method, ts[0].params, False), ts[0])
                 return [f"tensor '{ts[0].name}': {why[0]}"] if why else []
-        asked: set[tuple[int, str, str]] = set()  # (Params, input dtype, output dtype) asked already: a MoE model has a few
+        asked: dict[tuple[int, str, str], list[str]] = {}  # raw_why's answers: a MoE model asks a few questions
         for t in ts:
             if t.compute_dtype:
                 return ["mergekit_compat casts inputs to the compute dtype"]
@@ -247,12 +259,7 @@ class RawIO:
                     return [f"tensor '{t.name}' has {getattr(t.input_transform, 'describe', 'a vocabulary remap')}"]
                 if raw_why():
                     return [f"tensor '{t.name}': {raw_why()[0]}"]
-            src = t.sources[0] if t.sources else t.base
-            key = (id(t.params), src.dtype, t.out_dtype)  # every Params stays alive in the plan
-            if key in asked:
-                continue
-            asked.add(key)
-            why = native.raw_reasons(MergeJob(t.name, plan.method, t.params, False), t)
+            why = _raw_reasons(plan, native, t, asked)
             if why:
                 return [f"tensor '{t.name}': {why[0]}"]
         return []
@@ -310,7 +317,7 @@ class TorchIO:
         self.plan, self.backends = plan, BACKENDS
         self.reader = SpanRawReader
         self.remap = _RemapBuffers()
-        self._raw_ok: dict[tuple[int, str, str], bool] = {}  # (Params, input dtype, output dtype): raw_reasons empty
+        self._raw_ok: dict[tuple[int, str, str], list[str]] = {}  # _raw_reasons' answers
 
     def pool(self, nbytes: int) -> TorchPool:
         return TorchPool(nbytes)
@@ -340,12 +347,7 @@ class TorchIO:
     def _takes_raw(self, tp: Any) -> bool:
         """Whether the native kernel's raw path merges planned tensor ``tp`` (``raw_reasons`` empty), asked once per
         (Params, input dtype, output dtype): every Params stays alive in the plan."""
-        src = tp.sources[0] if tp.sources else tp.base
-        key = (id(tp.params), src.dtype, tp.out_dtype)
-        got = self._raw_ok.get(key)
-        if got is None:
-            got = self._raw_ok[key] = not self.backends["native"].raw_reasons(MergeJob(tp.name, self.plan.method, tp.params, False), tp)
-        return got
+        return not _raw_reasons(self.plan, self.backends["native"], tp, self._raw_ok)
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 
