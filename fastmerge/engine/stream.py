@@ -238,14 +238,14 @@ class RawIO:
             return ["a .bin checkpoint (read through torch.load)"]
         native = BACKENDS["native"]
         ts, cols = plan.tensors, plan.columns
+        asked: dict[tuple[int, str, str], list[str]] = {}  # _raw_reasons' answers: a MoE model asks a few questions
         if ts and _native_as_read(cols) and all(srcs := cols.sources):
             # every tensor as read with one Params, input dtype and output dtype (a MoE model of 20k-45k tensors, found
             # column by column, without a tuple per tensor: those set off collections over the whole plan): one question
             ids, dts, ods = list(map(id, cols.params)), list(map(_DTYPE, map(_FIRST, srcs))), cols.out_dtype
             if ids[1:] == ids[:-1] and dts[1:] == dts[:-1] and ods[1:] == ods[:-1]:
-                why = native.raw_reasons(MergeJob(ts[0].name, plan.method, ts[0].params, False), ts[0])
+                why = _raw_reasons(plan, native, ts[0], asked)
                 return [f"tensor '{ts[0].name}': {why[0]}"] if why else []
-        asked: dict[tuple[int, str, str], list[str]] = {}  # raw_why's answers: a MoE model asks a few questions
         for t in ts:
             if t.compute_dtype:
                 return ["mergekit_compat casts inputs to the compute dtype"]
@@ -317,7 +317,7 @@ class TorchIO:
         self.plan, self.backends = plan, BACKENDS
         self.reader = SpanRawReader
         self.remap = _RemapBuffers()
-        self._raw_ok: dict[tuple[int, str, str], list[str]] = {}  # _raw_reasons' answers
+        self._raw_asked: dict[tuple[int, str, str], list[str]] = {}  # _raw_reasons' answers
 
     def pool(self, nbytes: int) -> TorchPool:
         return TorchPool(nbytes)
@@ -347,7 +347,7 @@ class TorchIO:
     def _takes_raw(self, tp: Any) -> bool:
         """Whether the native kernel's raw path merges planned tensor ``tp`` (``raw_reasons`` empty), asked once per
         (Params, input dtype, output dtype): every Params stays alive in the plan."""
-        return not _raw_reasons(self.plan, self.backends["native"], tp, self._raw_ok)
+        return not _raw_reasons(self.plan, self.backends["native"], tp, self._raw_asked)
 
     def merge(self, tp: Any, tensors: list[Any], pool: TorchPool) -> tuple[Any, Any, str]:
 

@@ -17,14 +17,20 @@ from fastmerge.plan import TensorPlan
 needs_native = pytest.mark.skipif(not _native.HAS_CPU_EXT, reason=f"fastmerge._C not built: {_native.LOAD_ERRORS.get('_C')}")
 
 
-@pytest.fixture(params=["native", "python"])
-def make(request, monkeypatch):
+def _native_or_python(request, monkeypatch, native_attr: str) -> None:
+    """The lane ``request.param`` names: the C function ``_memo.<native_attr>`` (which a built ``_C`` provides), or
+    the Python fallback with it set to None."""
     if request.param == "native":
         if not _native.HAS_CPU_EXT:
             pytest.skip("fastmerge._C not built")
-        assert _memo._INSTANCES is not None
+        assert getattr(_memo, native_attr) is not None
     else:
-        monkeypatch.setattr(_memo, "_INSTANCES", None)
+        monkeypatch.setattr(_memo, native_attr, None)
+
+
+@pytest.fixture(params=["native", "python"])
+def make(request, monkeypatch):
+    _native_or_python(request, monkeypatch, "_INSTANCES")
     return _memo.instances
 
 
@@ -98,12 +104,7 @@ def test_native_refuses_what_it_cannot_fill():
 
 @pytest.fixture(params=["native", "python"])
 def replace_rows(request, monkeypatch):
-    if request.param == "native":
-        if not _native.HAS_CPU_EXT:
-            pytest.skip("fastmerge._C not built")
-        assert _memo._REPLACED is not None
-    else:
-        monkeypatch.setattr(_memo, "_REPLACED", None)
+    _native_or_python(request, monkeypatch, "_REPLACED")
     return _memo.replaced
 
 
