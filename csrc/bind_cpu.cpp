@@ -544,13 +544,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("size"), py::arg("path"), py::arg("cls"), py::arg("dtypes"), py::arg("itemsize"),
         "(metadata, [cls] in file order) of a safetensors header's JSON bytes, as fastmerge.io.index._read_header "
         "builds them; None where it declines (any error or unusual JSON: the Python parse then reports it).");
-  m.def("format_safetensors_entries", &cpu::format_safetensors_entries, py::arg("names"), py::arg("dtypes"),
-        py::arg("shapes"), py::arg("nbytes"),
-        "The entries of a safetensors header (after __metadata__) as fastmerge.io.writer writes them, offsets "
-        "accumulated from nbytes; None where a name or dtype needs a JSON escape or a column holds anything else.");
-  m.def("instances", &cpu::instances, py::arg("cls"), py::arg("names"), py::arg("columns"), py::arg("n"),
-        "[cls instance i with names[k] = columns[k][i]] for i < n (a column that is not a list: every row's value), "
+  m.def("safetensors_header", &cpu::safetensors_header, py::arg("rows"), py::arg("st_names"), py::arg("head"),
+        "A safetensors shard's header (length, head, one entry per OutTensor row, closing brace, padding) as "
+        "fastmerge.io.writer writes it; None where a row, name or dtype needs the Python writer.");
+  m.def("instances", &cpu::instances, py::arg("cls"), py::arg("names"), py::arg("columns"), py::arg("n"), py::arg("start") = 0,
+        "[cls instance i with names[k] = columns[k][start + i]] for i < n (a column that is not a list: every row's value), "
         "written into the class's slots, else each instance's __dict__; __init__ is not called.");
+  m.def("mapped_by_identity", &cpu::mapped_by_identity, py::arg("values"), py::arg("fn"),
+        "[fn(values[i], i)], fn called once per distinct object (by identity, at its first index), its answer shared.");
+  m.def("transposed", &cpu::transposed, py::arg("columns"), py::arg("start"),
+        "[[c[i] for c in columns] for i from start]: lists of equal length.");
   m.def("replaced", &cpu::replaced, py::arg("cls"), py::arg("names"), py::arg("rows"), py::arg("k"), py::arg("value"),
         "[a copy of each row with field names[k] = value]: rows exactly of cls, names all slots of cls and set in "
         "every row; __init__ is not called.");

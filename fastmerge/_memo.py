@@ -87,8 +87,8 @@ def gc_frozen(fn: Callable[..., T]) -> Callable[..., T]:
 _frozen_depth = 0
 
 
-def instances(cls: type[T], fields: tuple[str, ...], columns: Sequence[Any], n: int) -> list[T]:
-    """``n`` new ``cls`` objects, object i with ``fields[k]`` set to ``columns[k][i]`` (a column that is not a list:
+def instances(cls: type[T], fields: tuple[str, ...], columns: Sequence[Any], n: int, start: int = 0) -> list[T]:
+    """``n`` new ``cls`` objects, object i with ``fields[k]`` set to ``columns[k][start + i]`` (a column that is not a list:
     every object's value), ``__init__`` not called: what a dataclass's ``__init__`` would store, for a caller that
     has computed every field (defaults and ``init=False`` fields included).
 
@@ -97,8 +97,8 @@ def instances(cls: type[T], fields: tuple[str, ...], columns: Sequence[Any], n: 
     ~2 ms for 20k). A class with a ``__dict__`` gains little (TensorPlan: 7.3 -> 6.9 ms). Without ``_C``, one
     ``object.__setattr__`` per field."""
     if _INSTANCES is not None:
-        return _INSTANCES(cls, tuple(fields), tuple(columns), n)
-    cols = [c if type(c) is list else itertools.repeat(c) for c in columns]
+        return _INSTANCES(cls, tuple(fields), tuple(columns), n, start)
+    cols = [itertools.islice(c, start, None) if type(c) is list else itertools.repeat(c) for c in columns]
     out = []
     new, put = object.__new__, object.__setattr__
     for row in itertools.islice(zip(*cols), n):
@@ -107,7 +107,7 @@ def instances(cls: type[T], fields: tuple[str, ...], columns: Sequence[Any], n: 
             put(obj, f, v)
         out.append(obj)
     if len(out) < n:
-        raise ValueError("instances: a column shorter than n")
+        raise ValueError("instances: a column shorter than start + n")
     return out
 
 
@@ -122,6 +122,29 @@ def replaced(cls: type[T], fields: tuple[str, ...], rows: list[T], k: int, value
     return instances(cls, fields, cols, len(rows))
 
 
+def mapped_by_identity(values: list[Any], fn: Callable[[Any, int], T]) -> list[T]:
+    """``[fn(v, i) for i, v in enumerate(values)]`` with ``fn`` called once per distinct object (by identity, at its
+    first index) and its answer shared by the other places of that object. A MoE plan's 20k-45k rows share a few
+    dozen shape tuples: each shape's backend and byte size asked once (``_C.mapped_by_identity``, a loop in C; else
+    dicts keyed by ``id``)."""
+    if _MAPPED is not None:
+        return _MAPPED(values, fn)
+    ids = list(map(id, values))
+    first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1)))  # each object's first index
+    got = {k: fn(values[i], i) for k, i in sorted(first.items(), key=operator.itemgetter(1))}
+    return list(map(got.__getitem__, ids))
+
+
+def transposed(columns: list[list[Any]], start: int = 0) -> list[list[Any]]:
+    """``[[c[i] for c in columns] for i in range(start, n)]``: columns of equal length ``n`` turned into a list per
+    row (a planned tensor's sources from its models' input columns; ``_C.transposed``, without a tuple per row)."""
+    if _TRANSPOSED is not None:
+        return _TRANSPOSED(columns, start)
+    if len({len(c) for c in columns}) > 1:
+        raise ValueError("transposed: columns of different lengths")
+    return list(map(list, zip(*[c[start:] for c in columns]))) if columns else []
+
+
 def _native(name: str) -> Any:
     from . import _native
 
@@ -129,3 +152,4 @@ def _native(name: str) -> Any:
 
 
 _INSTANCES, _REPLACED = _native("instances"), _native("replaced")
+_MAPPED, _TRANSPOSED = _native("mapped_by_identity"), _native("transposed")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backends
-from ._memo import gc_paused, instances, memo
+from ._memo import gc_paused, instances, mapped_by_identity, memo, transposed
 from .backends.base import MergeJob
 from .config import MergeConfig, ModuleSpec, evaluate_setting
 from .errors import CheckpointError, ConfigError, OutputError, ShapeMismatchError
@@ -70,8 +70,11 @@ def make_options(**options: Any) -> Options:
 
 
 class _Memos:
-    """A base without slots: a slotted subclass's instances still get a ``__dict__`` (made at the first write)
-    for the ``memo`` values."""
+    """A base with a ``__dict__`` (made at the first write) for a slotted subclass's ``memo`` values, and a slot for
+    its output tensor (``TensorPlan.out_tensor``: every row of a plan gets one as it is built, and a ``__dict__``
+    per row for it was 20k-45k more objects of a MoE plan)."""
+
+    __slots__ = ("_out", "__dict__")
 
 
 # Fields in slots (a MoE plan makes 20k-45k rows; a row's 12 fields written into a fresh __dict__ each were most
@@ -106,9 +109,14 @@ class TensorPlan(_Memos):
             n += s.end - s.begin
         return n
 
-    @memo
+    @property
     def out_tensor(self) -> OutTensor:
-        return OutTensor(self.name, self.out_dtype, self.shape)
+        """The output tensor (name, out_dtype, shape), made once: ``build_plan`` sets every row's from a column."""
+        try:
+            return self._out
+        except AttributeError:
+            out = self._out = OutTensor(self.name, self.out_dtype, self.shape)
+            return out
 
 
 class PlanColumns:
@@ -333,7 +341,7 @@ class MergePlan:
 # the columns _lean_rest and the digest take with map (the loop in C) beyond PlanColumns
 _NAME, _SHAPE, _FILE, _DTYPE = (operator.attrgetter(a) for a in ("name", "shape", "file", "dtype"))
 _PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(TensorPlan))
-_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_SET_OUT = _Memos._out.__set__  # (a row's output tensor, set in C over a column with map)
 
 
 def _input_columns(names: list[str], bases: list[Any], srcs: list[Any], inputs: list[list[Any]] | None, fno: dict[int, int],
@@ -846,11 +854,13 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
     cols = PlanColumns(plans, made)
-    if not any(cols.out_quant):
-        # every TensorPlan's out_tensor memo filled column by column (the memo's first reads, one Python call each,
-        # were ~1 us of a MoE model's 20k-45k tensors); the same objects a read would have made and kept
+    if made is not None:  # (_lean_rest made every row's output tensor, and no FP8 output)
+        outs = cols.out_tensor
+    elif not any(cols.out_quant):
+        # every TensorPlan's output tensor set column by column (a first read of each, one Python call, was ~1 us of a
+        # MoE model's 20k-45k tensors); the same objects a read would have made and kept
         outs = cols.out_tensor = OutTensor.many(cols.name, cols.out_dtype, cols.shape)
-        list(map(operator.setitem, map(vars, plans), itertools.repeat("out_tensor"), outs))
+        list(map(_SET_OUT, plans, outs))
     else:
         outs = []
         for p in plans:  # an FP8 output's scales right after their weight (same shard when it fits)
@@ -885,47 +895,52 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     if not LEAN_WHOLE_MODELS or params is None or transforms or len(plans) != 1 or plans[-1].params is not params:
         return None
     members = ([sl.base] if sl.base else []) + sl.inputs
+    first_ix = members[0].index
     tables = []
     for m in members:
         tab = m.index.tensors
-        if len(tab) != len(names) or (m.index is not members[0].index and list(tab) != names):
+        # (a model whose headers are the first's byte for byte has its names, order and shapes: not compared again)
+        if len(tab) != len(names) or (not m.index.same_layout(first_ix) and list(tab) != names):
             return None  # FP8 companions, other names or another order
         tables.append(list(tab.values()))
+    if any(map(is_fp8, first_ix.dtypes)):
+        return None
     shapes = list(map(_SHAPE, tables[0]))
-    if any(list(map(_SHAPE, tab)) != shapes for tab in tables[1:]):  # models of one header share the tuples: by identity
+    # models of one header share the tuples: by identity
+    if any(list(map(_SHAPE, tab)) != shapes for m, tab in zip(members[1:], tables[1:]) if not m.index.same_layout(first_ix)):
         return None
-    if any(is_fp8(d) for d in set(map(_DTYPE, tables[0]))):
-        return None
-    # Column by column from the second tensor on (the first: add() made it), each column in C (map, zip): a Python
-    # step per tensor with its row unpacked and sliced was ~1.8 us of a MoE model's 20k-45k.
+    # Column by column, each in C (map, zip, instances): a Python step per tensor with its row unpacked and sliced was
+    # ~1.8 us of a MoE model's 20k-45k. The columns are of every tensor; the rows are made from the second on (the
+    # first: add() made it, of the same values), and the first row's own objects then stand at 0 in each column.
     has_base = sl.base is not None
-    pid, n = id(params), len(names) - 1
-    refs = tables[0][1:]  # each tensor's first member: its shape and dtype are every member's (checked above)
-    shape_col = shapes[1:]
-    # the backend per distinct size, asked (if not cached) with the name of the first tensor of that size; looked up by
-    # shape object (the rows of a header share them; a tuple's hash is computed anew at each lookup, an id's is not:
-    # 20k (Params, compat, numel) keys were ~3 ms)
-    ids = list(map(id, shape_col))
-    first_at = dict(zip(reversed(ids), range(n - 1, -1, -1)))  # each shape object's first row
-    by_shape = {}
-    for k, i in sorted(first_at.items(), key=_SECOND):
-        key = (pid, compat, math.prod(shape_col[i]))
+    n = len(names)
+    refs = tables[0]  # each tensor's first member: its shape and dtype are every member's (checked above)
+    # the backend per distinct shape object (the rows of a header share them), asked (if not cached) with the name of the
+    # first tensor of that shape
+    def backend_of(shape: tuple[int, ...], i: int) -> tuple[str, dict[str, list[str]]]:
+        key = (id(params), compat, math.prod(shape))
         if key not in chosen:
-            chosen[key] = backends.select(MergeJob(names[1 + i], method, params, compat, numel=key[2]), device, backend_opt)
-        by_shape[k] = chosen[key]
-    got = list(map(by_shape.__getitem__, ids))
+            chosen[key] = backends.select(MergeJob(names[i], method, params, compat, numel=key[2]), device, backend_opt)
+        return chosen[key]
+
+    backend = mapped_by_identity(shapes, lambda shape, i: backend_of(shape, i)[0])
+    skipped = mapped_by_identity(shapes, lambda shape, i: backend_of(shape, i)[1])
     dts = list(map(_DTYPE, refs))
-    members = tables[1:] if has_base else tables
-    # the rows from their columns in one C call (instances): TensorPlan's __init__ per row was ~0.6 us
+    out_dtypes = [plain_out] * n if plain_out else dts
+    outs = OutTensor.many(names, out_dtypes, shapes)
     compute = ([config_dtype] * n if config_dtype else dts) if compat else [None] * n
     cols = dict(zip(_PLAN_FIELDS, (
-        names[1:], shape_col, [plain_out] * n if plain_out else dts, compute, refs if has_base else [None] * n,
-        list(map(list, zip(*[m[1:] for m in members]))), [params] * n, layer_indices(names[1:]),
-        list(map(_FIRST, got)), list(map(_SECOND, got)), [None] * n, [None] * n)))
-    plans.extend(instances(TensorPlan, _PLAN_FIELDS, tuple(cols.values()), n))
+        names, shapes, out_dtypes, compute, refs if has_base else [None] * n,
+        transposed(tables[1:] if has_base else tables), [params] * n, layer_indices(names),
+        backend, skipped, [None] * n, [None] * n)))
+    # the rows from their columns in one C call (instances): TensorPlan's __init__ per row was ~0.6 us
+    plans.extend(instances(TensorPlan, (*_PLAN_FIELDS, "_out"), (*cols.values(), outs), n - 1, 1))
     first = plans[0]
+    _SET_OUT(first, outs[0])
+    for k, col in cols.items():
+        col[0] = getattr(first, k)
     # each member's table is its input column whole (the first tensor's too: add() took it from the same table)
-    return {**{k: [getattr(first, k), *col] for k, col in cols.items()}, "inputs": tables}
+    return {**cols, "out_tensor": outs, "inputs": tables}
 
 
 def _transform_json(tr: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@
 #include <structmember.h>
 
 #include <string>
+#include <unordered_map>
 
 namespace py = pybind11;
 
@@ -44,10 +45,10 @@ py::object FieldWriter::make(PyObject* const* values) const {
   return t;
 }
 
-py::list instances(const py::type& cls, const py::tuple& names, const py::tuple& columns, Py_ssize_t n) {
+py::list instances(const py::type& cls, const py::tuple& names, const py::tuple& columns, Py_ssize_t n, Py_ssize_t start) {
   const Py_ssize_t k = PyTuple_GET_SIZE(names.ptr());
   if (PyTuple_GET_SIZE(columns.ptr()) != k) throw py::value_error("instances: one column per name");
-  if (n < 0) throw py::value_error("instances: n < 0");
+  if (n < 0 || start < 0) throw py::value_error("instances: n < 0 or start < 0");
   PyObject* keys[16];
   PyObject* cols[16];
   bool is_list[16];
@@ -57,14 +58,14 @@ py::list instances(const py::type& cls, const py::tuple& names, const py::tuple&
     if (!PyUnicode_Check(keys[j])) throw py::type_error("instances: field names are str");
     cols[j] = PyTuple_GET_ITEM(columns.ptr(), j);
     is_list[j] = PyList_CheckExact(cols[j]);
-    if (is_list[j] && PyList_GET_SIZE(cols[j]) < n) throw py::value_error("instances: a column shorter than n");
+    if (is_list[j] && PyList_GET_SIZE(cols[j]) < start + n) throw py::value_error("instances: a column shorter than start + n");
   }
   FieldWriter writer(cls, keys, static_cast<int>(k));
   GcPause pause;
   py::list out = own(PyList_New(n));
   PyObject* row[16];
   for (Py_ssize_t i = 0; i < n; ++i) {
-    for (Py_ssize_t j = 0; j < k; ++j) row[j] = is_list[j] ? PyList_GET_ITEM(cols[j], i) : cols[j];
+    for (Py_ssize_t j = 0; j < k; ++j) row[j] = is_list[j] ? PyList_GET_ITEM(cols[j], start + i) : cols[j];
     PyList_SET_ITEM(out.ptr(), i, writer.make(row).release().ptr());
   }
   return out;
@@ -94,6 +95,54 @@ py::list replaced(const py::type& cls, const py::tuple& names, const py::list& r
     }
     row[k] = value.ptr();
     PyList_SET_ITEM(out.ptr(), i, writer.make(row).release().ptr());
+  }
+  return out;
+}
+
+py::list mapped_by_identity(const py::list& values, const py::object& fn) {
+  const Py_ssize_t n = PyList_GET_SIZE(values.ptr());
+  std::unordered_map<PyObject*, PyObject*> answers;  // borrowed keys (values holds them), owned answers (out holds them)
+  py::list out = own(PyList_New(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* v = PyList_GET_ITEM(values.ptr(), i);
+    auto found = answers.find(v);
+    if (found == answers.end()) {
+      // fn may run Python that changes `values`: the list is read again after it (its length too)
+      py::object got = fn(py::reinterpret_borrow<py::object>(v), i);
+      if (PyList_GET_SIZE(values.ptr()) != n || PyList_GET_ITEM(values.ptr(), i) != v)
+        throw py::value_error("mapped_by_identity: the list changed");
+      found = answers.emplace(v, got.ptr()).first;
+      PyList_SET_ITEM(out.ptr(), i, got.release().ptr());
+      continue;
+    }
+    Py_INCREF(found->second);
+    PyList_SET_ITEM(out.ptr(), i, found->second);
+  }
+  return out;
+}
+
+py::list transposed(const py::list& columns, Py_ssize_t start) {
+  const Py_ssize_t k = PyList_GET_SIZE(columns.ptr());
+  Py_ssize_t n = -1;
+  for (Py_ssize_t j = 0; j < k; ++j) {
+    PyObject* c = PyList_GET_ITEM(columns.ptr(), j);
+    if (!PyList_CheckExact(c)) throw py::type_error("transposed: columns are lists");
+    if (n >= 0 && PyList_GET_SIZE(c) != n) throw py::value_error("transposed: columns of different lengths");
+    n = PyList_GET_SIZE(c);
+  }
+  if (n < 0) n = 0;
+  if (start < 0 || start > n) throw py::value_error("transposed: start outside the columns");
+  GcPause pause;
+  py::list out = own(PyList_New(n - start));
+  for (Py_ssize_t i = start; i < n; ++i) {
+    PyObject* row = PyList_New(k);
+    if (row == nullptr) throw py::error_already_set();
+    for (Py_ssize_t j = 0; j < k; ++j) {
+      PyObject* v = PyList_GET_ITEM(PyList_GET_ITEM(columns.ptr(), j), i);
+      Py_INCREF(v);
+      PyList_SET_ITEM(row, j, v);
+    }
+    PyList_SET_ITEM(out.ptr(), i - start, row);
   }
   return out;
 }

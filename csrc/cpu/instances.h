@@ -44,17 +44,26 @@ class FieldWriter {
   pybind11::object empty_;
 };
 
-// [cls instance i with names[k] = columns[k][i] for each k]; a column that is not a list is every row's value.
-// Lists shorter than n: ValueError. For a plan's 20k-45k OutTensor rows of a MoE model, where the dataclass
+// [cls instance i with names[k] = columns[k][start + i] for each k, i < n]; a column that is not a list is every
+// row's value. Lists shorter than start + n: ValueError. For a plan's 20k-45k OutTensor rows of a MoE model, where the dataclass
 // __init__ called per row was ~0.5 us of Python each.
 pybind11::list instances(const pybind11::type& cls, const pybind11::tuple& names, const pybind11::tuple& columns,
-                         Py_ssize_t n);
+                         Py_ssize_t n, Py_ssize_t start);
 
 // [a copy of rows[i] with field names[k] = value]: rows all exactly of cls, whose fields names are all slots, each set
 // (ValueError otherwise). A header byte-identical to one parsed already: its 20k-45k TensorInfo rows with
 // another file, without a column per field taken in Python first (~1 ms each).
 pybind11::list replaced(const pybind11::type& cls, const pybind11::tuple& names, const pybind11::list& rows,
                         Py_ssize_t k, const pybind11::object& value);
+
+// [fn(values[i], i) for each i], fn called once per distinct object of values (by identity: its first index i), its
+// answer shared by the others. A MoE plan's 20k-45k rows share a few dozen shape tuples: the backend and the byte
+// size of each shape, asked once, mapped over the rows (three passes over dicts keyed by id() were ~4 ms).
+pybind11::list mapped_by_identity(const pybind11::list& values, const pybind11::object& fn);
+
+// [[columns[0][i], columns[1][i], ...] for i from start]: the lists of equal length (ValueError otherwise). Each
+// planned tensor's sources (one list per tensor) from its models' input columns, without a tuple per row.
+pybind11::list transposed(const pybind11::list& columns, Py_ssize_t start);
 
 }  // namespace cpu
 }  // namespace fastmerge

@@ -404,59 +404,88 @@ py::object parse_safetensors_header(const py::bytes& raw, int64_t data_start, in
   return parser.result(path, cls);
 }
 
-py::object format_safetensors_entries(const py::list& names, const py::list& dtypes, const py::list& shapes,
-                                      const py::list& nbytes) {
-  const Py_ssize_t n = PyList_GET_SIZE(names.ptr());
-  if (PyList_GET_SIZE(dtypes.ptr()) != n || PyList_GET_SIZE(shapes.ptr()) != n || PyList_GET_SIZE(nbytes.ptr()) != n)
-    throw py::value_error("format_safetensors_entries: columns of different lengths");
-  std::string out;
-  out.reserve(static_cast<size_t>(n) * 128);
-  // the text of each distinct shape tuple object (the plan shares them: a few dozen in 20k tensors, which
-  // alternate - an expert's down, gate and up projections - so a cache of the last one alone missed 2 in 3)
-  std::unordered_map<PyObject*, std::string> shape_texts;
-  int64_t at = 0;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* name = PyList_GET_ITEM(names.ptr(), i);
-    PyObject* dtype = PyList_GET_ITEM(dtypes.ptr(), i);
-    PyObject* shape = PyList_GET_ITEM(shapes.ptr(), i);
-    Py_ssize_t ln = 0, ld = 0;
-    const char* sn = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &ln) : nullptr;
-    const char* sd = PyUnicode_Check(dtype) ? PyUnicode_AsUTF8AndSize(dtype, &ld) : nullptr;
-    if (sn == nullptr || sd == nullptr) {
-      PyErr_Clear();
-      return py::none();
-    }
-    if (!plain_name(sn, ln) || !plain_name(sd, ld)) return py::none();
-    auto found = shape_texts.find(shape);
-    if (found == shape_texts.end()) {
-      if (!PyTuple_Check(shape)) return py::none();
-      std::string text;
-      for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(shape); ++k) {
-        const int64_t d = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, k));
-        if (d < 0) {  // negative, not an int, or past int64 (-1 with an error set)
+py::object safetensors_header(const py::list& rows, const py::dict& st_names, const py::bytes& head) {
+  const Py_ssize_t n = PyList_GET_SIZE(rows.ptr());
+  static PyObject* const keys[4] = {PyUnicode_InternFromString("name"), PyUnicode_InternFromString("dtype"),
+                                    PyUnicode_InternFromString("shape"), PyUnicode_InternFromString("nbytes")};
+  for (PyObject* k : keys)
+    if (k == nullptr) throw py::error_already_set();
+  char* hb = nullptr;
+  Py_ssize_t hn = 0;
+  if (PyBytes_AsStringAndSize(head.ptr(), &hb, &hn) < 0) throw py::error_already_set();
+  std::string out(8, '\0');  // the length, written last
+  out.reserve(static_cast<size_t>(n) * 128 + static_cast<size_t>(hn) + 16);
+  out.append(hb, static_cast<size_t>(hn));
+  if (n) {
+    PyTypeObject* type = Py_TYPE(PyList_GET_ITEM(rows.ptr(), 0));
+    FieldWriter fields(py::reinterpret_borrow<py::type>(reinterpret_cast<PyObject*>(type)), keys, 4);
+    if (!fields.slotted()) return py::none();
+    // the text of each distinct shape tuple object (the plan shares them: a few dozen in 20k tensors, which
+    // alternate - an expert's down, gate and up projections - so a cache of the last one alone missed 2 in 3),
+    // and the safetensors name of each dtype str object
+    std::unordered_map<PyObject*, std::string> shape_texts;
+    std::unordered_map<PyObject*, std::string_view> st_of;
+    int64_t at = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* row = PyList_GET_ITEM(rows.ptr(), i);
+      if (Py_TYPE(row) != type) return py::none();
+      PyObject* name = fields.slot(row, 0);
+      PyObject* dtype = fields.slot(row, 1);
+      PyObject* shape = fields.slot(row, 2);
+      PyObject* nbytes = fields.slot(row, 3);
+      if (name == nullptr || dtype == nullptr || shape == nullptr || nbytes == nullptr) return py::none();
+      Py_ssize_t ln = 0;
+      const char* sn = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &ln) : nullptr;
+      if (sn == nullptr) {
+        PyErr_Clear();
+        return py::none();
+      }
+      if (!plain_name(sn, ln)) return py::none();
+      auto st = st_of.find(dtype);
+      if (st == st_of.end()) {
+        PyObject* got = PyDict_GetItemWithError(st_names.ptr(), dtype);  // borrowed; the dict holds it
+        Py_ssize_t ld = 0;
+        const char* sd = got != nullptr && PyUnicode_Check(got) ? PyUnicode_AsUTF8AndSize(got, &ld) : nullptr;
+        if (sd == nullptr || !plain_name(sd, ld)) {
           PyErr_Clear();
           return py::none();
         }
-        if (k) text.push_back(',');
-        append_int(text, d);
+        st = st_of.emplace(dtype, std::string_view(sd, static_cast<size_t>(ld))).first;
       }
-      found = shape_texts.emplace(shape, std::move(text)).first;  // the lists hold the tuples: pointers stay valid
+      auto found = shape_texts.find(shape);
+      if (found == shape_texts.end()) {
+        if (!PyTuple_Check(shape)) return py::none();
+        std::string text;
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(shape); ++k) {
+          const int64_t d = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, k));
+          if (d < 0) {  // negative, not an int, or past int64 (-1 with an error set)
+            PyErr_Clear();
+            return py::none();
+          }
+          if (k) text.push_back(',');
+          append_int(text, d);
+        }
+        found = shape_texts.emplace(shape, std::move(text)).first;  // the rows hold the tuples: pointers stay valid
+      }
+      const int64_t nb = PyLong_AsLongLong(nbytes);
+      if (nb < 0 || nb > INT64_MAX - at) {
+        PyErr_Clear();
+        return py::none();
+      }
+      out.append(",\"", 2).append(sn, static_cast<size_t>(ln)).append("\":{\"dtype\":\"", 12);
+      out.append(st->second).append("\",\"shape\":[", 11).append(found->second);
+      out.append("],\"data_offsets\":[", 18);
+      append_int(out, at);
+      out.push_back(',');
+      at += nb;
+      append_int(out, at);
+      out.append("]}", 2);
     }
-    const std::string& shape_text = found->second;
-    const int64_t nb = PyLong_AsLongLong(PyList_GET_ITEM(nbytes.ptr(), i));
-    if (nb < 0 || nb > INT64_MAX - at) {
-      PyErr_Clear();
-      return py::none();
-    }
-    out.append(",\"", 2).append(sn, static_cast<size_t>(ln)).append("\":{\"dtype\":\"", 12);
-    out.append(sd, static_cast<size_t>(ld)).append("\",\"shape\":[", 11).append(shape_text);
-    out.append("],\"data_offsets\":[", 18);
-    append_int(out, at);
-    out.push_back(',');
-    at += nb;
-    append_int(out, at);
-    out.append("]}", 2);
   }
+  out.push_back('}');
+  out.append((8 - (out.size() - 8) % 8) % 8, ' ');  // the data section 8-byte aligned, as safetensors pads
+  uint64_t len = out.size() - 8;
+  for (int k = 0; k < 8; ++k) out[static_cast<size_t>(k)] = static_cast<char>((len >> (8 * k)) & 0xFF);  // little-endian
   return own(PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size())));
 }
 

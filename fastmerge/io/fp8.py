@@ -128,7 +128,7 @@ class Fp8Index:
         deq: dict[str, Dequant] = {}
         comp: set[str] = set()
         tensors = index.tensors
-        fp8_names = tensors.items() if any(map(is_fp8, {t.dtype for t in tensors.values()})) else ()  # most models: none
+        fp8_names = tensors.items() if any(map(is_fp8, index.dtypes)) else ()  # most models: none
         for name, w in fp8_names:
             if not is_fp8(w.dtype):
                 continue

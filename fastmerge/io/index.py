@@ -237,15 +237,33 @@ class CheckpointIndex:
     #: safetensors: how many tensors each file holds, in ``files`` order. The parse checked that a file's tensors
     #: lie back to back, no gap, in ``tensors``' order (``neighbours``); None where nothing checked it
     file_counts: list[int] | None = None
+    #: the first index opened for the same plan whose files' headers are byte-identical to these, file by file
+    #: (fine-tunes saved by one writer): the same names, dtypes, shapes and offsets in the same order, so what
+    #: follows from those alone (``dtypes``, the adjacency of ``neighbours``, a plan's name and shape checks) is
+    #: taken from it rather than again over 20k-45k tensors; None: this is the first (or not safetensors)
+    twin: CheckpointIndex | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    @memo
+    def dtypes(self) -> frozenset[str]:
+        """The dtypes of the tensors (a twin's: the same)."""
+        if self.twin is not None:
+            return self.twin.dtypes
+        return frozenset(map(_DTYPE, self.tensors.values()))
+
+    def same_layout(self, other: CheckpointIndex) -> bool:
+        """Whether ``other``'s files have headers byte-identical to these, file by file (twins, or the same index)."""
+        return other is self or (self.twin or self) is (other.twin or other)
 
     @memo
     def neighbours(self) -> tuple[list[TensorInfo], list[bool] | None] | None:
         """(``tensors``' values, and for each after the first whether it starts where the one before ends, in the
         same file and dtype: None where all do), from the parsed layout without a step per tensor (a MoE model
-        has 20k-45k); None for an index whose layout no parse checked."""
+        has 20k-45k); None for an index whose layout no parse checked. A twin's adjacency is the same."""
         if self.file_counts is None or sum(self.file_counts) != len(self.tensors):
             return None
         values = list(self.tensors.values())
+        if self.twin is not None and self.twin.neighbours is not None:
+            return values, self.twin.neighbours[1]
         adjacent = neighbours_equal(list(map(_DTYPE, values)))
         ends = list(itertools.accumulate(self.file_counts))[:-1]
         if ends:
@@ -259,7 +277,8 @@ class CheckpointIndex:
     def open(cls, path: str | os.PathLike[str], shared: dict[Any, Any] | None = None) -> "CheckpointIndex":
         """The checkpoint at ``path`` (a folder, a ``.safetensors`` / ``.bin`` file or an ``.index.json``).
         ``shared``: a dict kept across the opens of one plan's models, which then parse a safetensors header
-        byte-identical to one seen before only once (``_read_header``)."""
+        byte-identical to one seen before only once (``_read_header``), and know a model whose headers all are
+        another's (``twin``)."""
         p = Path(path)
         if not p.exists():
             raise CheckpointError(f"{p}: model path not found (fastmerge reads local checkpoints only; nothing is downloaded)")
@@ -346,7 +365,12 @@ class CheckpointIndex:
                     if t.name in tensors:
                         raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
             tensors.update(zip(names, infos))  # in C: a Python step per tensor was ~10 ms of a 3 x 20k-tensor family
-        return cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas, file_counts=counts)
+        ck = cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas, file_counts=counts)
+        if shared is not None:  # the first index of this plan with these headers is the twin of the later ones
+            first = shared.setdefault(("index", *shas), ck)
+            if first is not ck:
+                ck.twin = first
+        return ck
 
     @classmethod
     def _from_bin(cls, root: Path, files: list[Path]) -> "CheckpointIndex":

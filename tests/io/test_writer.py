@@ -168,7 +168,7 @@ def test_header_text_equals_json_dump(names):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_header_entries_native_and_python_equal_json_dump(native, monkeypatch):
-    """The entries written by ``_C.format_safetensors_entries`` and by the Python rows (``_entries``) both equal
+    """The header written by ``_C.safetensors_header`` and by the Python rows (``_entries``) both equal
     json.dumps of the header, byte for byte: shapes shared in runs and alternating, empty shapes, dimensions and
     offsets past 2^32, every dtype; the native writer declines a name that needs an escape (one among thousands),
     and the Python rows then write the shard."""
@@ -178,9 +178,9 @@ def test_header_entries_native_and_python_equal_json_dump(native, monkeypatch):
     if native:
         if not _native.HAS_CPU_EXT:
             pytest.skip("needs the native extension")
-        assert writer._FORMAT_ENTRIES is not None  # the native path, not the fallback, is what runs
+        assert writer._NATIVE_HEADER is not None  # the native path, not the fallback, is what runs
     else:
-        monkeypatch.setattr(writer, "_FORMAT_ENTRIES", None)
+        monkeypatch.setattr(writer, "_NATIVE_HEADER", None)
     rng = random.Random(7)
     shared = [(32, 64), (64, 32), (), (1 << 33, 3), (5,)]
     ts = []
@@ -191,7 +191,25 @@ def test_header_entries_native_and_python_equal_json_dump(native, monkeypatch):
     assert shard._header_bytes() == _header_by_json(shard)
     ts[1234] = OutTensor('odd "name" \\ \u00e9', "bfloat16", (3,))
     if native:
-        assert writer._FORMAT_ENTRIES([t.name for t in ts], ["BF16"] * len(ts), [t.shape for t in ts],
-                                      [t.nbytes for t in ts]) is None
+        assert writer._NATIVE_HEADER(ts, writer.ST_NAME, writer._HEAD) is None
     shard = Shard("model.safetensors", ts)
     assert shard._header_bytes() == _header_by_json(shard)
+
+
+def test_native_header_of_no_rows_and_of_rows_it_declines():
+    """``_C.safetensors_header``: a shard of no tensors is the JSON dump's header too; rows that are not all of the
+    first row's slotted class, or a dtype it has no safetensors name for, are declined (None), never written wrong."""
+    from fastmerge import _native
+    from fastmerge.io import writer
+
+    if not _native.HAS_CPU_EXT:
+        pytest.skip("needs the native extension")
+    assert writer._NATIVE_HEADER([], writer.ST_NAME, writer._HEAD) == _header_by_json(Shard("model.safetensors", []))
+    ts = [OutTensor("a", "bfloat16", (2, 3)), OutTensor("b", "float32", (4,))]
+    assert writer._NATIVE_HEADER(ts, writer.ST_NAME, writer._HEAD) == _header_by_json(Shard("model.safetensors", ts))
+
+    class Other:
+        name, dtype, shape, nbytes = "c", "bfloat16", (1,), 2
+
+    assert writer._NATIVE_HEADER([*ts, Other()], writer.ST_NAME, writer._HEAD) is None
+    assert writer._NATIVE_HEADER(ts, {"float32": "F32"}, writer._HEAD) is None  # no name for bfloat16
