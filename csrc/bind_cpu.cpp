@@ -556,7 +556,7 @@ PYBIND11_MODULE(_C, m) {
         "[[c[i] for c in columns] for i from start]: lists of equal length.");
   m.def("replaced", &cpu::replaced, py::arg("cls"), py::arg("names"), py::arg("rows"), py::arg("k"), py::arg("value"),
         "[a copy of each row with field names[k] = value]: rows exactly of cls, names all slots of cls and set in "
-        "every row; __init__ is not called.");
+        "every row; __init__ is not called. rows a dict: the same keys, each with its row's copy.");
   m.def("layer_indices", &cpu::layer_indices, py::arg("names"), py::arg("fallback"),
         "fastmerge.io.index.LAYER_RE's layer number of each name (None: no match); names that are not ASCII, or "
         "with a number of more than 18 digits, through fallback(name).");

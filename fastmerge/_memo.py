@@ -111,15 +111,18 @@ def instances(cls: type[T], fields: tuple[str, ...], columns: Sequence[Any], n: 
     return out
 
 
-def replaced(cls: type[T], fields: tuple[str, ...], rows: list[T], k: int, value: Any) -> list[T]:
+def replaced(cls: type[T], fields: tuple[str, ...], rows: list[T] | dict[Any, T], k: int, value: Any) -> Any:
     """[a copy of each of ``rows`` with ``fields[k]`` set to ``value``], ``__init__`` not called: ``rows`` all exactly
-    of ``cls``, ``fields`` every field of a slotted dataclass. In C where ``fastmerge._C`` is built
-    (``_C.replaced``, ~0.1 us a row: the TensorInfo rows of a header byte-identical to one parsed, 20k-45k per
-    model); without it, through ``instances`` from the rows' columns."""
+    of ``cls``, ``fields`` every field of a slotted dataclass; ``rows`` a dict: a dict of its keys, in its order, each
+    with its row's copy. In C where ``fastmerge._C`` is built (``_C.replaced``, ~0.1 us a row: the TensorInfo rows of a
+    header byte-identical to one parsed, 20k-45k per model, and the table of them by name); without it, through
+    ``instances`` from the rows' columns."""
     if _REPLACED is not None:
         return _REPLACED(cls, tuple(fields), rows, k, value)
-    cols = [value if j == k else list(map(operator.attrgetter(f), rows)) for j, f in enumerate(fields)]
-    return instances(cls, fields, cols, len(rows))
+    values = list(rows.values()) if type(rows) is dict else rows
+    cols = [value if j == k else list(map(operator.attrgetter(f), values)) for j, f in enumerate(fields)]
+    made = instances(cls, fields, cols, len(values))
+    return dict(zip(rows, made)) if type(rows) is dict else made
 
 
 def mapped_by_identity(values: list[Any], fn: Callable[[Any, int], T]) -> list[T]:

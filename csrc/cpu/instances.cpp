@@ -71,7 +71,7 @@ py::list instances(const py::type& cls, const py::tuple& names, const py::tuple&
   return out;
 }
 
-py::list replaced(const py::type& cls, const py::tuple& names, const py::list& rows, Py_ssize_t k, const py::object& value) {
+py::object replaced(const py::type& cls, const py::tuple& names, const py::object& rows, Py_ssize_t k, const py::object& value) {
   const Py_ssize_t nf = PyTuple_GET_SIZE(names.ptr());
   if (nf > 16) throw py::value_error("replaced: at most 16 fields");
   if (k < 0 || k >= nf) throw py::value_error("replaced: k is not a field's position");
@@ -82,20 +82,33 @@ py::list replaced(const py::type& cls, const py::tuple& names, const py::list& r
   }
   FieldWriter writer(cls, keys, static_cast<int>(nf));
   if (!writer.slotted()) throw py::type_error("replaced: the fields are not all slots of the class");
-  const Py_ssize_t n = PyList_GET_SIZE(rows.ptr());
+  const bool keyed = PyDict_CheckExact(rows.ptr());
+  if (!keyed && !PyList_CheckExact(rows.ptr())) throw py::type_error("replaced: rows are a list or a dict");
+  const Py_ssize_t n = keyed ? PyDict_GET_SIZE(rows.ptr()) : PyList_GET_SIZE(rows.ptr());
   GcPause pause;
-  py::list out = own(PyList_New(n));
+  py::object out = own(keyed ? _PyDict_NewPresized(n) : PyList_New(n));
   PyObject* row[16];
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* src = PyList_GET_ITEM(rows.ptr(), i);
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *key = nullptr, *src = nullptr;
+  Py_hash_t hash = 0;
+  // a dict: its keys in its order, each with its copied row (the key's hash as the source dict keeps it)
+  while (keyed ? _PyDict_Next(rows.ptr(), &pos, &key, &src, &hash) : i < n) {
+    if (!keyed) src = PyList_GET_ITEM(rows.ptr(), i);
     if (Py_TYPE(src) != reinterpret_cast<PyTypeObject*>(cls.ptr())) throw py::type_error("replaced: a row of another class");
     for (Py_ssize_t j = 0; j < nf; ++j) {
       row[j] = writer.slot(src, static_cast<int>(j));
       if (row[j] == nullptr && j != k) throw py::value_error("replaced: a row with an unset field");
     }
     row[k] = value.ptr();
-    PyList_SET_ITEM(out.ptr(), i, writer.make(row).release().ptr());
+    py::object made = writer.make(row);
+    if (keyed) {
+      if (_PyDict_SetItem_KnownHash(out.ptr(), key, made.ptr(), hash) < 0) throw py::error_already_set();
+    } else {
+      PyList_SET_ITEM(out.ptr(), i, made.release().ptr());
+    }
+    ++i;
   }
+  if (keyed && PyDict_GET_SIZE(rows.ptr()) != n) throw py::value_error("replaced: the dict changed");
   return out;
 }
 

@@ -52,9 +52,10 @@ pybind11::list instances(const pybind11::type& cls, const pybind11::tuple& names
 
 // [a copy of rows[i] with field names[k] = value]: rows all exactly of cls, whose fields names are all slots, each set
 // (ValueError otherwise). A header byte-identical to one parsed already: its 20k-45k TensorInfo rows with
-// another file, without a column per field taken in Python first (~1 ms each).
-pybind11::list replaced(const pybind11::type& cls, const pybind11::tuple& names, const pybind11::list& rows,
-                        Py_ssize_t k, const pybind11::object& value);
+// another file, without a column per field taken in Python first (~1 ms each). `rows` a dict: a dict of the same
+// keys, in the same order, each with its row's copy (the table by name, without hashing a name again).
+pybind11::object replaced(const pybind11::type& cls, const pybind11::tuple& names, const pybind11::object& rows,
+                          Py_ssize_t k, const pybind11::object& value);
 
 // [fn(values[i], i) for each i], fn called once per distinct object of values (by identity: its first index i), its
 // answer shared by the others. A MoE plan's 20k-45k rows share a few dozen shape tuples: the backend and the byte

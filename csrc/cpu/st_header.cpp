@@ -200,7 +200,7 @@ struct Shape {
 class HeaderParser {
  public:
   HeaderParser(const char* raw, size_t n, int64_t data_start, int64_t size, std::vector<Dtype>& dtypes)
-      : js_(raw, n), data_start_(data_start), size_(size), dtypes_(dtypes), names_(own(PySet_New(nullptr))) {}
+      : js_(raw, n), data_start_(data_start), size_(size), dtypes_(dtypes) {}
 
   // false: declined
   bool parse() {
@@ -233,13 +233,20 @@ class HeaderParser {
     GcPause pause;
     FieldWriter writer(cls, keys, 6);  // TensorInfo's slots
     py::object list = own(PyList_New(static_cast<Py_ssize_t>(order_.size())));
+    // the rows by name too, in file order: the checkpoint's table (a set of the names for the duplicate check, and
+    // the table built from them after, hashed and inserted each name twice)
+    py::object by_name = own(PyDict_New());
     for (size_t k = 0; k < order_.size(); ++k) {
       const Entry& e = entries_[order_[k]];
       py::object b = own(PyLong_FromLongLong(e.begin)), en = own(PyLong_FromLongLong(e.end));
       PyObject* vals[6] = {e.name.ptr(), path.ptr(), dtypes_[e.dtype].name.ptr(), e.shape, b.ptr(), en.ptr()};
-      PyList_SET_ITEM(list.ptr(), static_cast<Py_ssize_t>(k), writer.make(vals).release().ptr());
+      PyObject* row = writer.make(vals).release().ptr();
+      PyList_SET_ITEM(list.ptr(), static_cast<Py_ssize_t>(k), row);
+      if (PyDict_SetItem(by_name.ptr(), e.name.ptr(), row) < 0) throw py::error_already_set();
+      if (PyDict_GET_SIZE(by_name.ptr()) != static_cast<Py_ssize_t>(k) + 1)
+        return py::none();  // a duplicate name: json.loads keeps the last, the Python loop decides
     }
-    return py::make_tuple(meta_, list);
+    return py::make_tuple(meta_, list, by_name);
   }
 
  private:
@@ -266,9 +273,6 @@ class HeaderParser {
     Entry e;
     e.name = utf8_str(key);
     if (!e.name) return false;
-    const Py_ssize_t before = PySet_GET_SIZE(names_.ptr());
-    if (PySet_Add(names_.ptr(), e.name.ptr()) < 0) throw py::error_already_set();
-    if (PySet_GET_SIZE(names_.ptr()) == before) return false;  // a duplicate name: json.loads keeps the last
 
     int dtype = -1;
     bool has_shape = false, has_offsets = false;
@@ -358,7 +362,6 @@ class HeaderParser {
   Json js_;
   const int64_t data_start_, size_;
   std::vector<Dtype>& dtypes_;
-  py::object names_;  // a set: duplicates are declined
   py::object meta_;
   std::vector<Entry> entries_;
   std::vector<uint32_t> order_;

@@ -8,9 +8,9 @@
 namespace fastmerge {
 namespace cpu {
 
-// (metadata dict, [TensorInfo] sorted by (begin, end)) of the JSON header `raw` of a safetensors file of
-// `size` bytes whose data section starts at byte `data_start`, exactly as _read_header's Python loop builds
-// them; None where it declines (any error, or JSON it does not take: the Python loop then raises its message).
+// (metadata dict, [TensorInfo] sorted by (begin, end), {name: TensorInfo} in that order) of the JSON header `raw` of
+// a safetensors file of `size` bytes whose data section starts at byte `data_start`, exactly as _read_header's
+// Python loop builds them; None where it declines (a duplicate name among them) (any error, or JSON it does not take: the Python loop then raises its message).
 // `dtypes` / `itemsize`: io.index.ST_DTYPES / ITEMSIZE. Holds the GIL (it builds Python objects throughout).
 pybind11::object parse_safetensors_header(const pybind11::bytes& raw, int64_t data_start, int64_t size,
                                           const pybind11::object& path, const pybind11::type& cls,

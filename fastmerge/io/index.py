@@ -93,13 +93,14 @@ _INFO_FIELDS = tuple(f.name for f in dataclasses.fields(TensorInfo))
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     """Parse and validate one safetensors header; tensors returned in file (offset) order."""
-    meta, infos, _ = _read_header(path)
-    return meta, infos
+    meta, by_name, _ = _read_header(path)
+    return meta, list(by_name.values())
 
 
-def _read_header(path: Path, shared: dict[Any, Any] | None = None) -> tuple[dict[str, Any], list[TensorInfo], str]:
-    """``read_safetensors_header``, and the sha256 (hex) of the header's raw bytes (length included): the
-    plan digest hashes it instead of the parsed table (3 x 20k rows of JSON for a MoE family).
+def _read_header(path: Path, shared: dict[Any, Any] | None = None) -> tuple[dict[str, Any], dict[str, TensorInfo], str]:
+    """``read_safetensors_header``'s tensors by name (in file order), and the sha256 (hex) of the header's raw bytes
+    (length included): the plan digest hashes it instead of the parsed table (3 x 20k rows of JSON for a MoE family).
+    The table returned may be kept by the caller, never changed.
 
     The native parse (``_C.parse_safetensors_header``) runs first; it declines anything it does not take
     (every error among them), and ``_parse_header`` then parses the same bytes and raises its message.
@@ -125,17 +126,22 @@ def _read_header(path: Path, shared: dict[Any, Any] | None = None) -> tuple[dict
     # a header seen before: by its length and the file's size, then its bytes compared (~0.1 ms for 2.4 MB, a
     # sha256 ~1.6 ms: the equal header's is reused)
     same_size = shared.setdefault((n, size), []) if shared is not None else []
-    for seen, sha, meta, infos in same_size:
+    for seen, sha, meta, by_name in same_size:
         if seen == raw:
-            return dict(meta), replaced(TensorInfo, _INFO_FIELDS, infos, _INFO_FIELDS.index("file"), path), sha
+            return dict(meta), replaced(TensorInfo, _INFO_FIELDS, by_name, _INFO_FIELDS.index("file"), path), sha
     h = hashlib.sha256(head)
     h.update(raw)
     sha = h.hexdigest()
-    # 20,347 entries (bench_moe.py's moe-small): ~0.15 s of CPU in the Python parse, ~0.011 s in the native one
+    # 20,347 entries (bench_moe.py's moe-small): ~0.15 s of CPU in the Python parse, ~0.01 s in the native one, which
+    # makes the table by name as it goes
     parsed = _NATIVE_PARSE(raw, 8 + n, size, path, TensorInfo, ST_DTYPES, ITEMSIZE) if _NATIVE_PARSE else None
-    meta, infos = parsed if parsed is not None else _parse_header(path, raw, 8 + n, size)
-    same_size.append((raw, sha, dict(meta), infos))
-    return meta, infos, sha
+    if parsed is not None:
+        meta, _, by_name = parsed
+    else:
+        meta, infos = _parse_header(path, raw, 8 + n, size)
+        by_name = dict(zip(map(_NAME, infos), infos))  # (json.loads kept one entry per name)
+    same_size.append((raw, sha, dict(meta), by_name))
+    return meta, by_name, sha
 
 
 #: the native layer_indices; None without ``_C`` (or a ``_C`` built before it)
@@ -353,18 +359,20 @@ class CheckpointIndex:
         tensors: dict[str, TensorInfo] = {}
         shas, counts = [], []
         for f in files:
-            meta, infos, sha = _read_header(f, shared)
+            meta, by_name, sha = _read_header(f, shared)
             shas.append(sha)
-            counts.append(len(infos))
+            counts.append(len(by_name))
             fmt = meta.get("format") if isinstance(meta, dict) else None
             if fmt not in (None, "pt", "mlx", "np", "flax", "tf"):
                 raise CheckpointError(f"{f}: safetensors format '{fmt}' is not a tensor checkpoint")
-            names = list(map(_NAME, infos))
-            if tensors and not tensors.keys().isdisjoint(names):  # (a parse's names are unique within its file)
-                for t in infos:
-                    if t.name in tensors:
-                        raise CheckpointError(f"{f}: tensor '{t.name}' is also in {tensors[t.name].file.name}")
-            tensors.update(zip(names, infos))  # in C: a Python step per tensor was ~10 ms of a 3 x 20k-tensor family
+            if len(files) == 1:  # the parse's own table (kept, never changed: shared with later parses of its header)
+                tensors = by_name
+                break
+            if tensors and not tensors.keys().isdisjoint(by_name):  # (a parse's names are unique within its file)
+                for name in by_name:
+                    if name in tensors:
+                        raise CheckpointError(f"{f}: tensor '{name}' is also in {tensors[name].file.name}")
+            tensors.update(by_name)  # dict to dict, in C (the names' hashes kept)
         ck = cls(root=root, files=files, tensors=tensors, fmt="safetensors", header_sha256=shas, file_counts=counts)
         if shared is not None:  # the first index of this plan with these headers is the twin of the later ones
             first = shared.setdefault(("index", *shas), ck)

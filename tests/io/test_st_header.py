@@ -52,8 +52,11 @@ def _parse_both(path: Path):
 def _assert_same(path: Path) -> list[TensorInfo]:
     native, (meta, infos) = _parse_both(path)
     assert native is not None, f"{path.name}: the native parse declined a valid header"
-    nmeta, ninfos = native
+    nmeta, ninfos, nby_name = native
     assert type(nmeta) is dict and nmeta == meta
+    # the table by name: the same row objects, in file order
+    assert type(nby_name) is dict and list(nby_name) == [t.name for t in ninfos]
+    assert all(a is b for a, b in zip(nby_name.values(), ninfos))
     assert [t.name for t in ninfos] == [t.name for t in infos]
     shapes: dict = {}
     for a, b in zip(ninfos, infos):
@@ -178,8 +181,8 @@ def test_declined_then_python(tmp_path, case):
     p = _write(tmp_path / "m.safetensors", text, size)
     native, expected = _parse_both(p)
     assert native is None
-    meta, infos, _ = index._read_header(p)
-    assert (meta, infos) == expected
+    meta, by_name, _ = index._read_header(p)
+    assert (meta, list(by_name.values())) == expected and list(by_name) == [t.name for t in expected[1]]
 
 
 _A = '"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'

@@ -84,6 +84,29 @@ def test_tensor_plan_keeps_its_memo(make):
     assert got.out_tensor == OutTensor("w", "float32", (2, 3))
 
 
+def test_rows_from_a_start(make):
+    """``start``: the rows of columns[k][start:start + n], the columns themselves not copied or changed."""
+    cols = ([1, 2, 3, 4], ["w", "x", "y", "z"])
+    assert make(_Plain, ("a", "b"), cols, 2, 1) == [_Plain(2, "x"), _Plain(3, "y")]
+    assert make(_Plain, ("a", "b"), (cols[0], "k"), 1, 3) == [_Plain(4, "k")]
+    assert make(_Plain, ("a", "b"), cols, 0, 4) == []
+    with pytest.raises(ValueError):
+        make(_Plain, ("a", "b"), cols, 2, 3)  # past the end
+    assert cols == ([1, 2, 3, 4], ["w", "x", "y", "z"])
+
+
+def test_tensor_plan_output_tensor_in_its_slot(make):
+    """``out_tensor``: made on first read and kept in the row's slot (no ``__dict__``), or set through ``instances``."""
+    src = TensorInfo("w", "f", "float32", (2, 3), 0, 24)
+    values = ("w", (2, 3), "float32", None, src, [src], None, 0, "native", {}, None, None)
+    row = make(TensorPlan, _fields(TensorPlan), [[v] for v in values], 1)[0]
+    first = row.out_tensor
+    assert first == OutTensor("w", "float32", (2, 3)) and row.out_tensor is first and vars(row) == {}
+    given = OutTensor("w", "float32", (2, 3))
+    row2 = make(TensorPlan, (*_fields(TensorPlan), "_out"), [*([v] for v in values), [given]], 1)[0]
+    assert row2.out_tensor is given and row2 == row
+
+
 def test_bad_columns(make):
     with pytest.raises(ValueError):
         make(_Plain, ("a", "b"), ([1], ["x", "y"]), 2)  # a column shorter than n
@@ -133,3 +156,59 @@ def test_native_replaced_refuses_what_it_cannot_copy():
     unset = object.__new__(TensorInfo)
     with pytest.raises(ValueError):
         _native._C.replaced(TensorInfo, fields, [unset], 1, "g")  # a row with fields never set
+
+
+def test_replaced_table_by_name(replace_rows):
+    """Rows given as a dict: a dict of the same keys in the same order, each with its row's copy."""
+    rows = {f"w.{i}": TensorInfo(f"w.{i}", "a.safetensors", "bfloat16", (2, i + 1), 8 + 4 * i, 12 + 4 * i) for i in (3, 1, 2)}
+    fields = _fields(TensorInfo)
+    got = replace_rows(TensorInfo, fields, rows, fields.index("file"), "b.safetensors")
+    assert type(got) is dict and list(got) == ["w.3", "w.1", "w.2"]
+    assert got == {k: dataclasses.replace(r, file="b.safetensors") for k, r in rows.items()}
+    assert all(got[k] is not r and got[k].shape is r.shape for k, r in rows.items())
+    assert replace_rows(TensorInfo, fields, {}, 1, "x") == {}
+
+
+@pytest.fixture(params=["native", "python"])
+def by_identity(request, monkeypatch):
+    _native_or_python(request, monkeypatch, "_MAPPED")
+    return _memo.mapped_by_identity
+
+
+def test_mapped_by_identity_asks_once_per_object(by_identity):
+    a, b, c = tuple([2, 3]), tuple([2, 3]), (5,)  # a and b equal, not the same object
+    asked = []
+
+    def fn(v, i):
+        asked.append((v, i))
+        return [len(asked)]  # a new object per question
+
+    got = by_identity([a, c, a, b, c, a], fn)
+    assert asked == [(a, 0), (c, 1), (b, 3)]  # in order of first appearance, with its index
+    assert got == [[1], [2], [1], [3], [2], [1]] and got[0] is got[2] is got[5] and got[1] is got[4]
+    assert by_identity([], fn) == []
+
+
+def test_mapped_by_identity_passes_errors_on(by_identity):
+    def fn(v, i):
+        raise KeyError(v)
+
+    with pytest.raises(KeyError):
+        by_identity([1, 2], fn)
+
+
+@pytest.fixture(params=["native", "python"])
+def transpose(request, monkeypatch):
+    _native_or_python(request, monkeypatch, "_TRANSPOSED")
+    return _memo.transposed
+
+
+def test_transposed_rows(transpose):
+    cols = [[1, 2, 3], ["a", "b", "c"]]
+    assert transpose(cols) == [[1, "a"], [2, "b"], [3, "c"]]
+    assert transpose(cols, 2) == [[3, "c"]] and transpose(cols, 3) == []
+    rows = transpose(cols)
+    assert rows[0] is not rows[1] and all(type(r) is list for r in rows)  # a list of its own per row
+    assert transpose([]) == [] and transpose([[]]) == []
+    with pytest.raises(ValueError):
+        transpose([[1, 2], [1]])
