@@ -128,10 +128,31 @@ class PlanColumns:
     is not changed in place once built (``MergePlan.columns`` follows a list replaced; ``dataclasses.replace``
     makes another plan)."""
 
-    def __init__(self, tensors: list[TensorPlan], made: dict[str, list[Any]] | None = None):
+    #: ``one``'s answer for a column not known to hold one value
+    VARIES: Any = type("Varies", (), {"__repr__": lambda self: "VARIES", "__slots__": ()})()
+
+    def __init__(self, tensors: list[TensorPlan], made: dict[str, list[Any]] | None = None, one: dict[str, Any] | None = None):
         self.tensors = tensors
         if made:
             vars(self).update(made)
+        self._one = one or {}
+
+    def one(self, name: str) -> Any:
+        """The value every row of column ``name`` holds, where the plan's builder knows it (``_lean_rest``: a whole-model
+        merge's one Params, no transform, ...), else ``VARIES`` (nothing is computed: a caller then reads the column).
+        The steps that ask whether a column holds one value (the engine's choice and runs, the digest) then skip a pass
+        over 20k-45k rows."""
+        return self._one.get(name, self.VARIES)
+
+    @memo
+    def out_nbytes(self) -> list[int]:
+        """Each output tensor's bytes."""
+        return list(map(operator.attrgetter("nbytes"), self.out_tensor))
+
+    @memo
+    def in_dtype(self) -> list[str]:
+        """Each tensor's first source's dtype (the base's where it has no sources)."""
+        return [(s[0] if s else b).dtype for b, s in zip(self.base, self.sources)]
 
     def __getattr__(self, name: str) -> list[Any]:  # a column not taken yet (a column taken is an attribute)
         if name.startswith("__"):
@@ -301,14 +322,15 @@ class MergePlan:
         # each distinct value numbered in a table that a tensor refers to (20k dicts dumped per MoE family were
         # ~0.1 s); numbered by value, so the digest does not depend on which objects are shared
         params = cols.params
-        ids = list(map(id, params))
+        one = cols.one("params") is not cols.VARIES  # (known as the plan was built: the ids not taken)
+        ids = [] if one else list(map(id, params))
         ptable: dict[str, int] = {}
         pid: dict[int, int] = {}
-        for p in (params[:1] if ids[1:] == ids[:-1] else dict(zip(ids, params)).values()):
+        for p in (params[:1] if one or ids[1:] == ids[:-1] else dict(zip(ids, params)).values()):
             d = vars(p) if hasattr(p, "__dict__") else dataclasses.asdict(p)
             pid[id(p)] = ptable.setdefault(json.dumps(d, sort_keys=True, separators=(",", ":"), default=str), len(ptable))
         h.update("\n".join(ptable).encode())
-        h.update(bytes(8 * len(ids)) if len(pid) == 1 else array("q", map(pid.__getitem__, ids)).tobytes())
+        h.update(bytes(8 * len(params)) if len(pid) <= 1 else array("q", map(pid.__getitem__, ids)).tobytes())
         transforms = cols.input_transform
         if transforms.count(None) != len(transforms):
             for tr in transforms:
@@ -853,7 +875,8 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             offset += sl.length
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
-    cols = PlanColumns(plans, made)
+    one = made.pop("_one") if made is not None else None
+    cols = PlanColumns(plans, made, one)
     if made is not None:  # (_lean_rest made every row's output tensor, and no FP8 output)
         outs = cols.out_tensor
     elif not any(cols.out_quant):
@@ -923,11 +946,17 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
             chosen[key] = backends.select(MergeJob(names[i], method, params, compat, numel=key[2]), device, backend_opt)
         return chosen[key]
 
-    backend = mapped_by_identity(shapes, lambda shape, i: backend_of(shape, i)[0])
+    backends_seen = set()  # of the distinct shapes
+
+    def backend_name(shape: tuple[int, ...], i: int) -> str:
+        backends_seen.add(backend_of(shape, i)[0])
+        return backend_of(shape, i)[0]
+
+    backend = mapped_by_identity(shapes, backend_name)
     skipped = mapped_by_identity(shapes, lambda shape, i: backend_of(shape, i)[1])
     dts = list(map(_DTYPE, refs))
     out_dtypes = [plain_out] * n if plain_out else dts
-    outs = OutTensor.many(names, out_dtypes, shapes)
+    outs, out_nbytes = OutTensor.many(names, out_dtypes, shapes, sizes=True)
     compute = ([config_dtype] * n if config_dtype else dts) if compat else [None] * n
     cols = dict(zip(_PLAN_FIELDS, (
         names, shapes, out_dtypes, compute, refs if has_base else [None] * n,
@@ -939,8 +968,16 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     _SET_OUT(first, outs[0])
     for k, col in cols.items():
         col[0] = getattr(first, k)
+    # the columns known to hold one value (PlanColumns.one): the input dtype where every model is one header of one dtype
+    one_dtype = next(iter(first_ix.dtypes)) if len(first_ix.dtypes) == 1 else PlanColumns.VARIES
+    twins = all(m.index.same_layout(first_ix) for m in members)
+    known = {"params": params, "input_transform": None, "out_quant": None, "out_dtype": plain_out or one_dtype,
+             "compute_dtype": (config_dtype or one_dtype) if compat else None, "in_dtype": one_dtype if twins else PlanColumns.VARIES}
+    if len(backends_seen) == 1:
+        known["backend"] = next(iter(backends_seen))
     # each member's table is its input column whole (the first tensor's too: add() took it from the same table)
-    return {**cols, "out_tensor": outs, "inputs": tables}
+    return {**cols, "out_tensor": outs, "out_nbytes": out_nbytes, "inputs": tables,
+            "_one": {k: v for k, v in known.items() if v is not PlanColumns.VARIES}}
 
 
 def _transform_json(tr: Any) -> dict[str, Any]:

@@ -226,6 +226,26 @@ def test_lean_whole_model_plan_equals_the_plan_of_add(family_bf16, monkeypatch, 
         assert getattr(lean.columns, f) == [getattr(t, f) for t in lean.tensors], f
     assert all(a is b for a, b in zip(lean.columns.params, [t.params for t in lean.tensors]))
     assert lean.columns.inputs == PLAN.PlanColumns(lean.tensors).inputs is not None
+    fresh = PLAN.PlanColumns(lean.tensors)  # columns taken from the rows, nothing known
+    assert fresh.out_nbytes == lean.columns.out_nbytes and fresh.in_dtype == lean.columns.in_dtype
+    # each column the plan knows holds one value (PlanColumns.one) holds it in every row; a plain whole-model merge
+    # knows its parameters, transforms, output and input dtypes (the family: one header of one dtype)
+    known = {k: lean.columns.one(k) for k in fields + ["in_dtype"] if lean.columns.one(k) is not PLAN.PlanColumns.VARIES}
+    for k, v in known.items():
+        assert all(x is v or x == v for x in getattr(fresh, k)), k
+    if calls[0] is not None:
+        assert {"params", "input_transform", "out_quant", "out_dtype", "in_dtype", "backend", "compute_dtype"} <= set(known)
+    else:
+        assert known == {} and fresh.one("params") is PLAN.PlanColumns.VARIES
+    # the engine's choice, its runs and the digest are the same with what the plan knows and with the columns alone
+    from fastmerge.engine import stream
+
+    kern = lean.method.native
+    asked = lambda: (stream.batches(lean, kern is not None and kern.elementwise, kern is not None and kern.segments is not None),  # noqa: E731
+                     stream.RawIO.not_supported_reasons(lean), lean.digest())
+    with_known = asked()
+    vars(lean).pop("_columns")
+    assert asked() == with_known and lean.columns.one("params") is PLAN.PlanColumns.VARIES
     # each tensor's out_tensor is the very object its shard lists (build_plan fills the memos column by column)
     shard_outs = [o for s in lean.shards for o in s.tensors]
     assert len(shard_outs) == len(lean.tensors) and all(t.out_tensor is o for t, o in zip(lean.tensors, shard_outs))

@@ -320,8 +320,8 @@ class Session:
         self.outputs: list[Output] = list(outputs)
         self._reader_cls, self._make_pool, self._read_ahead = reader, pool, read_ahead_bytes
         self._desc, self._sources_only, self._writer_cls = desc, sources_only, writer_cls
-        self.order = list(range(len(plan.tensors))) if order is None else list(order)
-        self.units = None if units is None else [list(u) for u in units]
+        self.units = None if units is None else list(units)  # (ranges, or lists of consecutive indices)
+        self.order = list(range(len(plan.tensors))) if order is None and units is None else list(order or ())
         self._progress = progress
         self.prefetch: _OrderedPrefetch | None = None
         self.wthread: WriteThread | None = None

@@ -80,18 +80,19 @@ class OutTensor:
         put(self, "nbytes", math.prod(shape) * ITEMSIZE[dtype])
 
     @staticmethod
-    def many(names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]]) -> list[OutTensor]:
+    def many(names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]], sizes: bool = False) -> Any:
         """``list(map(OutTensor, names, dtypes, shapes))``, made from the columns at once (``_memo.instances``: a
         plan of a MoE model makes 20k-45k; ~0.5 us each through ``__init__``). Each distinct (dtype, shape)'s
-        byte size computed once: a model has a few dozen."""
+        byte size computed once: a model has a few dozen. ``sizes``: (the rows, their byte sizes)."""
         if dtypes[1:] == dtypes[:-1] and dtypes:  # one dtype: sizes by shape object (a plan shares them)
             size = ITEMSIZE[dtypes[0]]
             nbytes = mapped_by_identity(shapes, lambda shape, i: math.prod(shape) * size)
         else:
             keys = list(zip(dtypes, shapes))
-            sizes = {k: math.prod(k[1]) * ITEMSIZE[k[0]] for k in set(keys)}
-            nbytes = list(map(sizes.__getitem__, keys))
-        return instances(OutTensor, _FIELDS, (names, dtypes, shapes, nbytes), len(names))
+            by_key = {k: math.prod(k[1]) * ITEMSIZE[k[0]] for k in set(keys)}
+            nbytes = list(map(by_key.__getitem__, keys))
+        rows = instances(OutTensor, _FIELDS, (names, dtypes, shapes, nbytes), len(names))
+        return (rows, nbytes) if sizes else rows
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(OutTensor))

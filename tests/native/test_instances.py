@@ -212,3 +212,11 @@ def test_transposed_rows(transpose):
     assert transpose([]) == [] and transpose([[]]) == []
     with pytest.raises(ValueError):
         transpose([[1, 2], [1]])
+
+
+def test_out_tensor_many_with_sizes():
+    """``sizes=True``: the rows and their byte sizes (one dtype, and several)."""
+    rows, sizes = OutTensor.many(["a", "b"], ["bfloat16", "bfloat16"], [(3, 5), (2,)], sizes=True)
+    assert rows == [OutTensor("a", "bfloat16", (3, 5)), OutTensor("b", "bfloat16", (2,))] and sizes == [30, 4]
+    rows, sizes = OutTensor.many(["a", "b"], ["float32", "bfloat16"], [(3, 5), (3, 5)], sizes=True)
+    assert sizes == [60, 30] == [t.nbytes for t in rows]
