@@ -20,6 +20,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <climits>
 #include <cstdint>
@@ -235,7 +236,7 @@ class HeaderParser {
     py::object list = own(PyList_New(static_cast<Py_ssize_t>(order_.size())));
     // the rows by name too, in file order: the checkpoint's table (a set of the names for the duplicate check, and
     // the table built from them after, hashed and inserted each name twice)
-    py::object by_name = own(PyDict_New());
+    py::object by_name = own(_PyDict_NewPresized(static_cast<Py_ssize_t>(order_.size())));  // no resize as it fills
     for (size_t k = 0; k < order_.size(); ++k) {
       const Entry& e = entries_[order_[k]];
       py::object b = own(PyLong_FromLongLong(e.begin)), en = own(PyLong_FromLongLong(e.end));
@@ -308,14 +309,23 @@ class HeaderParser {
     } while (js_.eat(','));
     if (!js_.eat('}') || dtype < 0 || !has_shape || !has_offsets) return false;
 
-    // entries come in runs of one shape (an expert's 3 matrices, 256 experts a layer): the previous one first
-    if (last_ == nullptr || dtype != last_dtype_ || dims_ != last_dims_) {
-      last_ = shape(dtype);
-      if (last_ == nullptr) return false;
-      last_dtype_ = dtype;
-      last_dims_ = dims_;
+    // entries come in runs of a few shapes (an expert's 3 matrices, 256 experts a layer): the last few first, then
+    // the cache (its key built and hashed was most of an entry's shape step where the shapes alternate)
+    const Shape* s = nullptr;
+    for (const Recent& r : recent_) {
+      if (r.shape != nullptr && r.dtype == dtype && r.dims == dims_) {
+        s = r.shape;
+        break;
+      }
     }
-    const Shape* s = last_;
+    if (s == nullptr) {
+      s = shape(dtype);
+      if (s == nullptr) return false;
+      Recent& slot = recent_[next_recent_++ % recent_.size()];
+      slot.shape = s;
+      slot.dtype = dtype;
+      slot.dims = dims_;
+    }
     if (en < b || en - b != s->nbytes || data_start_ + en > size_) return false;
     e.shape = s->tuple.ptr();
     e.dtype = dtype;
@@ -347,10 +357,12 @@ class HeaderParser {
   bool layout() {
     order_.resize(entries_.size());
     for (size_t i = 0; i < order_.size(); ++i) order_[i] = static_cast<uint32_t>(i);
-    std::stable_sort(order_.begin(), order_.end(), [this](uint32_t x, uint32_t y) {
+    const auto before = [this](uint32_t x, uint32_t y) {
       const Entry &a = entries_[x], &b = entries_[y];
       return a.begin < b.begin || (a.begin == b.begin && a.end < b.end);
-    });
+    };
+    // writers list the entries in file order (one check instead of a merge sort of 20k-45k)
+    if (!std::is_sorted(order_.begin(), order_.end(), before)) std::stable_sort(order_.begin(), order_.end(), before);
     int64_t pos = data_start_;
     for (uint32_t i : order_) {
       if (entries_[i].begin != pos) return false;
@@ -367,9 +379,13 @@ class HeaderParser {
   std::vector<uint32_t> order_;
   std::vector<int64_t> dims_;
   std::string key_;
-  const Shape* last_ = nullptr;  // unordered_map nodes do not move
-  int last_dtype_ = -1;
-  std::vector<int64_t> last_dims_;
+  struct Recent {
+    const Shape* shape = nullptr;  // unordered_map nodes do not move
+    int dtype = -1;
+    std::vector<int64_t> dims;
+  };
+  std::array<Recent, 4> recent_;  // the shapes seen last, replaced in turn
+  size_t next_recent_ = 0;
   // the shape cache grows by (dtype, shape) seen: a few dozen in a MoE header of 20k entries
   std::unordered_map<std::string, Shape> shapes_;
 };
