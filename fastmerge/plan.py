@@ -890,7 +890,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             outs.append(p.out_tensor)
             if p.out_quant is not None:
                 outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
-    shards = plan_shards(outs, options.out_shard_size)
+    shards = plan_shards(outs, options.out_shard_size, cols.out_nbytes if made is not None else None)
     # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None

@@ -432,18 +432,27 @@ py::object safetensors_header(const py::list& rows, const py::dict& st_names, co
   char* hb = nullptr;
   Py_ssize_t hn = 0;
   if (PyBytes_AsStringAndSize(head.ptr(), &hb, &hn) < 0) throw py::error_already_set();
-  std::string out(8, '\0');  // the length, written last
-  out.reserve(static_cast<size_t>(n) * 128 + static_cast<size_t>(hn) + 16);
-  out.append(hb, static_cast<size_t>(hn));
+  // Two passes: each row's pieces found and the exact size summed, then the bytes written in place into the bytes
+  // object (a std::string grown piece by piece and copied out after was ~2x the time for 20k rows).
+  struct Piece {
+    const char* name;
+    size_t name_len;
+    const std::string_view* st;
+    const std::string* shape;
+    int64_t begin, end;
+  };
+  std::vector<Piece> pieces(static_cast<size_t>(n));
+  // the text of each distinct shape tuple object (the plan shares them: a few dozen in 20k tensors, which
+  // alternate - an expert's down, gate and up projections), and the safetensors name of each dtype str object
+  std::unordered_map<PyObject*, std::string> shape_texts;
+  std::unordered_map<PyObject*, std::string_view> st_of;
+  static constexpr size_t kFixed = 2 + 12 + 11 + 18 + 1 + 2;  // the entry's text around its variable parts
+  size_t total = 8 + static_cast<size_t>(hn) + 1;  // length, head, closing brace
+  char digits[24];
   if (n) {
     PyTypeObject* type = Py_TYPE(PyList_GET_ITEM(rows.ptr(), 0));
     FieldWriter fields(py::reinterpret_borrow<py::type>(reinterpret_cast<PyObject*>(type)), keys, 4);
     if (!fields.slotted()) return py::none();
-    // the text of each distinct shape tuple object (the plan shares them: a few dozen in 20k tensors, which
-    // alternate - an expert's down, gate and up projections - so a cache of the last one alone missed 2 in 3),
-    // and the safetensors name of each dtype str object
-    std::unordered_map<PyObject*, std::string> shape_texts;
-    std::unordered_map<PyObject*, std::string_view> st_of;
     int64_t at = 0;
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* row = PyList_GET_ITEM(rows.ptr(), i);
@@ -453,13 +462,15 @@ py::object safetensors_header(const py::list& rows, const py::dict& st_names, co
       PyObject* shape = fields.slot(row, 2);
       PyObject* nbytes = fields.slot(row, 3);
       if (name == nullptr || dtype == nullptr || shape == nullptr || nbytes == nullptr) return py::none();
+      Piece& pc = pieces[static_cast<size_t>(i)];
       Py_ssize_t ln = 0;
-      const char* sn = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &ln) : nullptr;
-      if (sn == nullptr) {
+      pc.name = PyUnicode_Check(name) ? PyUnicode_AsUTF8AndSize(name, &ln) : nullptr;  // the str's own buffer
+      if (pc.name == nullptr) {
         PyErr_Clear();
         return py::none();
       }
-      if (!plain_name(sn, ln)) return py::none();
+      if (!plain_name(pc.name, ln)) return py::none();
+      pc.name_len = static_cast<size_t>(ln);
       auto st = st_of.find(dtype);
       if (st == st_of.end()) {
         PyObject* got = PyDict_GetItemWithError(st_names.ptr(), dtype);  // borrowed; the dict holds it
@@ -471,6 +482,7 @@ py::object safetensors_header(const py::list& rows, const py::dict& st_names, co
         }
         st = st_of.emplace(dtype, std::string_view(sd, static_cast<size_t>(ld))).first;
       }
+      pc.st = &st->second;  // (unordered_map nodes do not move)
       auto found = shape_texts.find(shape);
       if (found == shape_texts.end()) {
         if (!PyTuple_Check(shape)) return py::none();
@@ -486,26 +498,50 @@ py::object safetensors_header(const py::list& rows, const py::dict& st_names, co
         }
         found = shape_texts.emplace(shape, std::move(text)).first;  // the rows hold the tuples: pointers stay valid
       }
+      pc.shape = &found->second;
       const int64_t nb = PyLong_AsLongLong(nbytes);
       if (nb < 0 || nb > INT64_MAX - at) {
         PyErr_Clear();
         return py::none();
       }
-      out.append(",\"", 2).append(sn, static_cast<size_t>(ln)).append("\":{\"dtype\":\"", 12);
-      out.append(st->second).append("\",\"shape\":[", 11).append(found->second);
-      out.append("],\"data_offsets\":[", 18);
-      append_int(out, at);
-      out.push_back(',');
+      pc.begin = at;
       at += nb;
-      append_int(out, at);
-      out.append("]}", 2);
+      pc.end = at;
+      total += kFixed + pc.name_len + pc.st->size() + pc.shape->size() +
+               static_cast<size_t>(std::to_chars(digits, digits + sizeof(digits), pc.begin).ptr - digits) +
+               static_cast<size_t>(std::to_chars(digits, digits + sizeof(digits), pc.end).ptr - digits);
     }
   }
-  out.push_back('}');
-  out.append((8 - (out.size() - 8) % 8) % 8, ' ');  // the data section 8-byte aligned, as safetensors pads
-  uint64_t len = out.size() - 8;
-  for (int k = 0; k < 8; ++k) out[static_cast<size_t>(k)] = static_cast<char>((len >> (8 * k)) & 0xFF);  // little-endian
-  return own(PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size())));
+  const size_t pad = (8 - (total - 8) % 8) % 8;  // the data section 8-byte aligned, as safetensors pads
+  total += pad;
+  py::object out = own(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total)));
+  char* w = PyBytes_AS_STRING(out.ptr());
+  const uint64_t len = total - 8;
+  for (int k = 0; k < 8; ++k) w[k] = static_cast<char>((len >> (8 * k)) & 0xFF);  // little-endian
+  w += 8;
+  const auto put = [&w](const char* src, size_t m) {
+    std::memcpy(w, src, m);
+    w += m;
+  };
+  put(hb, static_cast<size_t>(hn));
+  for (const Piece& pc : pieces) {
+    put(",\"", 2);
+    put(pc.name, pc.name_len);
+    put("\":{\"dtype\":\"", 12);
+    put(pc.st->data(), pc.st->size());
+    put("\",\"shape\":[", 11);
+    put(pc.shape->data(), pc.shape->size());
+    put("],\"data_offsets\":[", 18);
+    w = std::to_chars(w, w + 20, pc.begin).ptr;
+    *w++ = ',';
+    w = std::to_chars(w, w + 20, pc.end).ptr;
+    put("]}", 2);
+  }
+  *w++ = '}';
+  std::memset(w, ' ', pad);
+  w += pad;
+  if (w != PyBytes_AS_STRING(out.ptr()) + total) throw std::logic_error("safetensors_header: size miscounted");
+  return out;
 }
 
 }  // namespace cpu

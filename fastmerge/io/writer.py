@@ -164,11 +164,12 @@ def greedy_cuts(ends: list[int], limit: int, lo: int, hi: int) -> Iterator[tuple
         a = b
 
 
-def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[Shard]:
+def plan_shards(tensors: Sequence[OutTensor], max_shard_bytes: int, nbytes: Sequence[int] | None = None) -> list[Shard]:
     """Group tensors (in output order) into shards of at most ``max_shard_bytes``; a larger tensor gets
-    a shard of its own. Same rule as mergekit's writer, so layouts match."""
+    a shard of its own. Same rule as mergekit's writer, so layouts match. ``nbytes``: the tensors' byte sizes,
+    where the caller has them as a column."""
     tensors = list(tensors)
-    ends = list(itertools.accumulate(map(_NBYTES, tensors)))
+    ends = list(itertools.accumulate(map(_NBYTES, tensors) if nbytes is None else nbytes))
     groups = [tensors[a:b] for a, b in greedy_cuts(ends, max_shard_bytes, 0, len(tensors))]
     n = len(groups)
     if n == 1:
