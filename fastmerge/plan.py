@@ -340,7 +340,7 @@ class MergePlan:
                         for a in (v if isinstance(v, list) else [v]):
                             h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
         for s in self.shards:
-            h.update(s.header_bytes())
+            h.update(s.header_sha256().encode())  # (kept by the shard: its manifest line and the resume check ask too)
         return h.hexdigest()
 
     def restricted(self, filenames: Any, part: Any = None, **options: Any) -> "MergePlan":

@@ -35,7 +35,6 @@ torch-free).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -395,7 +394,7 @@ def _verify(tmp: Path, shard: Any, claim: dict[str, Any]) -> str | None:
     f = tmp / shard.filename
     head = shard.header_bytes()
     size = len(head) + sum(t.nbytes for t in shard.tensors)
-    if claim.get("header_sha256") != hashlib.sha256(head).hexdigest() or claim.get("size") != size:
+    if claim.get("header_sha256") != shard.header_sha256() or claim.get("size") != size:
         return "another layout"
     try:
         if f.stat().st_size != size:

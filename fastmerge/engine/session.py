@@ -181,11 +181,10 @@ class Part:
         self._die_after = int(die) if die else None
 
     def record(self, shard: Shard, size: int, checksum: str) -> None:
-        import hashlib
         import json
 
         line = {"digest": self.digest, "shard": shard.filename, "size": size, "hash": checksum,
-                "header_sha256": hashlib.sha256(shard.header_bytes()).hexdigest()}
+                "header_sha256": shard.header_sha256()}
         with open(self.manifest, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
         self.completed += 1

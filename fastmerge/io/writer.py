@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -105,6 +106,8 @@ class Shard:
     #: header_bytes' last result, for this list at this length: a run asks for it up to 5 times per shard (digest,
     #: manifest, writer, resume check, commit), and a shard of 20k tensors takes ~70 ms to dump each time
     _head: tuple[list[OutTensor], int, bytes] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    #: header_sha256's last result, for the header bytes object it hashed
+    _sha: tuple[bytes, str] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def header_bytes(self) -> bytes:
         memo = self._head
@@ -113,6 +116,17 @@ class Shard:
         head = self._header_bytes()
         self._head = (self.tensors, len(self.tensors), head)
         return head
+
+    def header_sha256(self) -> str:
+        """sha256 (hex) of ``header_bytes()``, kept with it: the plan digest, the manifest line of a finished shard and
+        the resume check each ask (~1.6 ms each for a 20k-tensor shard's 2.4 MB)."""
+        head = self.header_bytes()
+        memo = self._sha
+        if memo is not None and memo[0] is head:
+            return memo[1]
+        sha = hashlib.sha256(head).hexdigest()
+        self._sha = (head, sha)
+        return sha
 
     def _header_bytes(self) -> bytes:
         """The header as ``json.dumps({"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...},

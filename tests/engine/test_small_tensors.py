@@ -318,7 +318,7 @@ def _digest_by_rows(plan_) -> str:
                 for a in (v if isinstance(v, list) else [v]):
                     h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
     for sh in plan_.shards:
-        h.update(sh.header_bytes())
+        h.update(hashlib.sha256(sh.header_bytes()).hexdigest().encode())
     return h.hexdigest()
 
 
@@ -537,6 +537,13 @@ def test_shard_header_bytes_cached_for_its_tensor_list():
     assert s.header_bytes() == Shard("x", ts[:3])._header_bytes() != h
     s.tensors.append(ts[4])  # the same list, grown
     assert s.header_bytes() == Shard("x", [*ts[:3], ts[4]])._header_bytes()
+    # its sha256, kept with it and taken again when the header changes
+    import hashlib
+
+    sha = s.header_sha256()
+    assert sha == hashlib.sha256(s.header_bytes()).hexdigest() and s.header_sha256() is sha
+    s.tensors = ts[:2]
+    assert s.header_sha256() == hashlib.sha256(Shard("x", ts[:2])._header_bytes()).hexdigest() != sha
 
 
 @pytest.mark.parametrize("flavour", ["memoryview", "torch"])
