@@ -913,8 +913,9 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     no input transform touches: appended to ``plans`` exactly as ``add`` would make them, from the input tables
     side by side instead of a name lookup, shape check and parameter step per tensor (a MoE model has 20k-45k:
     ~2.5 of ~6 us per tensor of ``build_plan`` on moe-small). Returns the plan's columns (``PlanColumns``: the
-    first tensor's value, then the columns the rows were made from; ``inputs``, the members' tables); None
-    (nothing appended): not such a merge, ``add`` makes every tensor and reports what differs."""
+    columns the rows were made from, the first row's own values at 0; ``out_tensor`` and ``out_nbytes``; ``inputs``,
+    the members' tables; ``_one``, the columns known to hold one value, for ``PlanColumns.one``); None (nothing
+    appended): not such a merge, ``add`` makes every tensor and reports what differs."""
     if not LEAN_WHOLE_MODELS or params is None or transforms or len(plans) != 1 or plans[-1].params is not params:
         return None
     members = ([sl.base] if sl.base else []) + sl.inputs
@@ -949,8 +950,9 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     backends_seen = set()  # of the distinct shapes
 
     def backend_name(shape: tuple[int, ...], i: int) -> str:
-        backends_seen.add(backend_of(shape, i)[0])
-        return backend_of(shape, i)[0]
+        name = backend_of(shape, i)[0]
+        backends_seen.add(name)
+        return name
 
     backend = mapped_by_identity(shapes, backend_name)
     skipped = mapped_by_identity(shapes, lambda shape, i: backend_of(shape, i)[1])
