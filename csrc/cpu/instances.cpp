@@ -86,13 +86,13 @@ py::object replaced(const py::type& cls, const py::tuple& names, const py::objec
   if (!keyed && !PyList_CheckExact(rows.ptr())) throw py::type_error("replaced: rows are a list or a dict");
   const Py_ssize_t n = keyed ? PyDict_GET_SIZE(rows.ptr()) : PyList_GET_SIZE(rows.ptr());
   GcPause pause;
-  py::object out = own(keyed ? _PyDict_NewPresized(n) : PyList_New(n));
+  py::object out = own(keyed ? dict_presized(n) : PyList_New(n));
   PyObject* row[16];
   Py_ssize_t pos = 0, i = 0;
   PyObject *key = nullptr, *src = nullptr;
   Py_hash_t hash = 0;
   // a dict: its keys in its order, each with its copied row (the key's hash as the source dict keeps it)
-  while (keyed ? _PyDict_Next(rows.ptr(), &pos, &key, &src, &hash) : i < n) {
+  while (keyed ? dict_next(rows.ptr(), &pos, &key, &src, &hash) : i < n) {
     if (!keyed) src = PyList_GET_ITEM(rows.ptr(), i);
     if (Py_TYPE(src) != reinterpret_cast<PyTypeObject*>(cls.ptr())) throw py::type_error("replaced: a row of another class");
     for (Py_ssize_t j = 0; j < nf; ++j) {
@@ -102,7 +102,7 @@ py::object replaced(const py::type& cls, const py::tuple& names, const py::objec
     row[k] = value.ptr();
     py::object made = writer.make(row);
     if (keyed) {
-      if (_PyDict_SetItem_KnownHash(out.ptr(), key, made.ptr(), hash) < 0) throw py::error_already_set();
+      if (dict_set_with_hash(out.ptr(), key, made.ptr(), hash) < 0) throw py::error_already_set();
     } else {
       PyList_SET_ITEM(out.ptr(), i, made.release().ptr());
     }

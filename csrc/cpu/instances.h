@@ -13,6 +13,33 @@ inline pybind11::object own(PyObject* o) {
   return pybind11::reinterpret_steal<pybind11::object>(o);
 }
 
+// CPython's private dict calls where this build's headers export them (3.10-3.12): a table presized, walked with its
+// keys' hashes and filled with them (no rehash of 20k-45k names); the public calls elsewhere.
+inline PyObject* dict_presized(Py_ssize_t n) {
+#if PY_VERSION_HEX < 0x030D0000
+  return _PyDict_NewPresized(n);
+#else
+  (void)n;
+  return PyDict_New();
+#endif
+}
+inline int dict_next(PyObject* d, Py_ssize_t* pos, PyObject** key, PyObject** value, Py_hash_t* hash) {
+#if PY_VERSION_HEX < 0x030D0000
+  return _PyDict_Next(d, pos, key, value, hash);
+#else
+  *hash = -1;
+  return PyDict_Next(d, pos, key, value);
+#endif
+}
+inline int dict_set_with_hash(PyObject* d, PyObject* key, PyObject* value, Py_hash_t hash) {
+#if PY_VERSION_HEX < 0x030D0000
+  return _PyDict_SetItem_KnownHash(d, key, value, hash);
+#else
+  (void)hash;
+  return PyDict_SetItem(d, key, value);
+#endif
+}
+
 // The cyclic garbage collector off for a scope (as it was before, after it): tens of thousands of new container
 // objects would start collections of the young generation, none of which can free anything they make.
 struct GcPause {

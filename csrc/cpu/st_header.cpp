@@ -236,7 +236,7 @@ class HeaderParser {
     py::object list = own(PyList_New(static_cast<Py_ssize_t>(order_.size())));
     // the rows by name too, in file order: the checkpoint's table (a set of the names for the duplicate check, and
     // the table built from them after, hashed and inserted each name twice)
-    py::object by_name = own(_PyDict_NewPresized(static_cast<Py_ssize_t>(order_.size())));  // no resize as it fills
+    py::object by_name = own(dict_presized(static_cast<Py_ssize_t>(order_.size())));  // no resize as it fills
     for (size_t k = 0; k < order_.size(); ++k) {
       const Entry& e = entries_[order_[k]];
       py::object b = own(PyLong_FromLongLong(e.begin)), en = own(PyLong_FromLongLong(e.end));
