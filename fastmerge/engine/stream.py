@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .._lazy import torch_dtype
+from .._memo import mapped_by_identity
 from ..backends.base import MergeJob
 from ..io.index import ITEMSIZE, index_in_own_order, neighbours_equal
 from ..io.reader import RawReader, RawView, read_ahead_bytes, torch_view
@@ -153,8 +154,13 @@ def unit_bytes(tensors: Sequence[Any], unit: Sequence[int]) -> tuple[int, int]:
 
 
 def run_offsets(tps: list[Any]) -> list[int]:
-    """Where each tensor of a run starts in the packed buffers, in elements, and where the last ends."""
-    return list(itertools.accumulate(map(math.prod, map(_SHAPE, tps)), initial=0))
+    """Where each tensor of a run starts in the packed buffers, in elements, and where the last ends (each distinct
+    shape object's size taken once: a run of 250 experts has 3; ``math.prod`` per tensor was ~2.8 ms of 20k)."""
+    return list(itertools.accumulate(mapped_by_identity(list(map(_SHAPE, tps)), _numel), initial=0))
+
+
+def _numel(shape: tuple[int, ...], i: int) -> int:
+    return math.prod(shape)
 
 
 def merge_run(plan: Any, native: Any, tps: list[Any], spans: list[Any], out: Any, offsets: list[int]) -> None:
