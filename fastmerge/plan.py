@@ -333,10 +333,14 @@ class MergePlan:
         h.update(bytes(8 * len(params)) if len(pid) <= 1 else array("q", map(pid.__getitem__, ids)).tobytes())
         transforms = cols.input_transform
         if transforms.count(None) != len(transforms):
+            names_of: dict[type, list[str]] = {}  # each transform class's fields (dataclasses.fields per tensor: ~2.4 us)
             for tr in transforms:
                 if tr is not None:
-                    for f in dataclasses.fields(tr):
-                        v = getattr(tr, f.name)
+                    fields = names_of.get(type(tr))
+                    if fields is None:
+                        fields = names_of[type(tr)] = [f.name for f in dataclasses.fields(tr)]
+                    for name in fields:
+                        v = getattr(tr, name)
                         for a in (v if isinstance(v, list) else [v]):
                             h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
         for s in self.shards:

@@ -361,3 +361,37 @@ def test_gpu_engine_refuses_fp8_outputs(fam):
     _, base, fts = fam
     plan = fastmerge.plan(cfg("ties", base, fts, out_dtype="float8_e4m3fn"))
     assert fastmerge.engine._fp8_reasons(plan, "gpu") == ["FP8 outputs are re-quantised by the CPU streaming engine only"]
+
+
+def test_fp8_index_of_a_twin_equals_its_own_pairing(fam, tmp_path, monkeypatch):
+    """A fine-tune whose headers are byte-identical to the base's (a twin, ``CheckpointIndex.twin``) takes the base's
+    pairing and classification with its own rows: the same Fp8Index as its own parse gives; and with another
+    quantization config it is classified on its own (here: 64x64 blocks, which its scales do not fit)."""
+    import shutil
+
+    from fastmerge.io.index import CheckpointIndex
+
+    _, base, fts = fam
+    headers: dict = {}
+    a, b = CheckpointIndex.open(base, headers), CheckpointIndex.open(fts[0], headers)
+    assert b.twin is a and a.twin is None
+    fp8.Fp8Index.of(a)
+    with monkeypatch.context() as m:  # the twin classifies nothing itself
+        m.setattr(fp8, "_classify", lambda *args: pytest.fail("a twin's scales classified again"))
+        got = fp8.Fp8Index.of(b)
+    want = fp8.Fp8Index.of(CheckpointIndex.open(fts[0]))  # opened alone: no twin, its own classification
+    assert got is not fp8.Fp8Index.of(a) and (got.quant, got.block, got.companions) == (want.quant, want.block, want.companions)
+    assert got.dequant.keys() == want.dequant.keys() and len(got.dequant) > 10
+    for name, d in got.dequant.items():
+        w = want.dequant[name]
+        assert (d.kind, d.block, d.weight, d.scale) == (w.kind, w.block, w.weight, w.scale)
+        assert d.weight is b.tensors[name] and d.weight.file.parent == fts[0]  # this model's own rows
+    other = tmp_path / "other"
+    shutil.copytree(fts[0], other)
+    doc = json.loads((other / "config.json").read_text())
+    doc["quantization_config"]["weight_block_size"] = [64, 64]
+    (other / "config.json").write_text(json.dumps(doc))
+    c = CheckpointIndex.open(other, headers)
+    assert c.twin is a
+    with pytest.raises(ShapeMismatchError):
+        fp8.Fp8Index.of(c)
