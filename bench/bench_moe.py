@@ -21,8 +21,8 @@ Families (``fastmerge.testing``, generated once under ``--root``; base + 2 fine-
 - ``--families``: run only these (comma-separated names of the above).
 - ``--ab``: instead, on ``moe-small`` only, each merge with the engine's runs of small tensors
   (``engine.stream.batches``) and tensor by tensor (``stream.SMALL_NUMEL = 0``), interleaved, same plan.
-- ``--planning``: instead, the steps before a merge's first byte on the families of small tensors named in
-  ``--families``, no I/O: ``build_plan``, the engine's choice, the digest, the engine's runs (medians of 7 plans in a
+- ``--planning``: instead, the steps before a merge's first byte on the families of small tensors (and
+  ``moe-fp8``) named in ``--families``, no I/O: ``build_plan``, the engine's choice, the digest, the engine's runs (medians of 7 plans in a
   child process, ``--repeat`` children); with ``--against DIR``, the install in DIR and this tree alternating.
 - ``--against DIR``: instead, this tree against the fastmerge installed in ``DIR`` (``pip install --target DIR
   <old checkout>``: its own ``_C``) on dense-large and the first family of small tensors named in ``--families``
@@ -235,8 +235,9 @@ def planning(root: Path, families: list[str], methods: list[str], repeat: int, o
     sides = {"this tree": [sys.executable, "-c", _PLANNING_CHILD]}
     if old:
         sides = {"before": command(old, _PLANNING_CHILD), "after": sides["this tree"]}
-    for name in [n for n in families if n in SHAPES]:
-        base, fts = family(root, name, SHAPES[name])
+    shapes = {**{n: (sh, False) for n, sh in SHAPES.items()}, "moe-fp8": (FP8, True)}
+    for name in [n for n in families if n in shapes]:
+        base, fts = family(root, name, shapes[name][0], fp8=shapes[name][1])
         for method in methods:
             got: dict[str, list[list[float]]] = {side: [] for side in sides}
             for _ in range(repeat):
@@ -248,7 +249,7 @@ def planning(root: Path, families: list[str], methods: list[str], repeat: int, o
                 med = [statistics.median(r[k] for r in rows) for k in range(5)]
                 print(f"planning {name:9s} {method:7s} {side:9s}: build_plan {med[0]:6.1f} ms, engine choice {med[1]:5.1f} ms, "
                       f"digest {med[2]:5.1f} ms, runs {med[3]:5.1f} ms; all {med[4]:6.1f} ms "
-                      f"({med[4] * 1000 / len(SHAPES[name].tensors()):.2f} us a tensor)", flush=True)
+                      f"({med[4] * 1000 / len(shapes[name][0].tensors()):.2f} us a tensor)", flush=True)
             if old:
                 ratio = [b[4] / a[4] for b, a in zip(got["before"], got["after"])]
                 print(f"planning {name:9s} {method:7s} before/after: {statistics.median(ratio):.2f}x "
