@@ -794,7 +794,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
         ))
 
     module_layers: dict[str, list[int]] = {}
-    made = None  # the plan's columns, where the whole-model path made its rows from them (_lean_rest)
+    lean = None  # the plan's columns, where the whole-model path made its rows from them (_lean_rest)
     if module_slices is not None:
         # modules, in config order: each one's tensors before its layers (first slice), its layers renumbered from 0
         # across its slices, the tensors after them (last slice), as mergekit's plan_module
@@ -849,9 +849,9 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
 
         if names:  # the first through add(), which resolves the slice's parameters; the rest lean where they may be
             add_whole(names[0])
-        made = _lean_rest(plans, names, sl, method, fixed.get(id(sl)), vocabs or adapters or fp8_family, plain_out,
+        lean = _lean_rest(plans, names, sl, method, fixed.get(id(sl)), vocabs or adapters or fp8_family, plain_out,
                           config.dtype, compat, chosen, device, options.backend) if names else None
-        if made is None:
+        if lean is None:
             for name in names[1:]:
                 add_whole(name)
             for m in sl.inputs:
@@ -879,9 +879,8 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             offset += sl.length
         for n in [n for n in last.index.tensors if layer_index(n) is None and not PRE_RE.search(n) and n not in companions]:
             add(n, slices[-1], None, 0.0)
-    one = made.pop("_one") if made is not None else None
-    cols = PlanColumns(plans, made, one)
-    if made is not None:  # (_lean_rest made every row's output tensor, and no FP8 output)
+    cols = lean if lean is not None else PlanColumns(plans)
+    if lean is not None:  # (_lean_rest made every row's output tensor, and no FP8 output)
         outs = cols.out_tensor
     elif not any(cols.out_quant):
         # every TensorPlan's output tensor set column by column (a first read of each, one Python call, was ~1 us of a
@@ -894,7 +893,7 @@ def build_plan(config: MergeConfig, options: Options | None = None, out: str | P
             outs.append(p.out_tensor)
             if p.out_quant is not None:
                 outs.append(OutTensor(p.out_quant.scale_name, "float32", p.out_quant.scale_shape))
-    shards = plan_shards(outs, options.out_shard_size, cols.out_nbytes if made is not None else None)
+    shards = plan_shards(outs, options.out_shard_size, cols.out_nbytes if lean is not None else None)
     # config.json: mergekit's is the base model's (also for methods that ignore the base), else the first model's
     ref_root = indexes[config.base_model].root if config.base_model in indexes else first.index.root
     n_out_layers = sum(s.length for s in slices) if sliced else None
@@ -911,15 +910,15 @@ LEAN_WHOLE_MODELS = True
 
 def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: MergeMethod, params: Any, transforms: Any,
                plain_out: str | None, config_dtype: str | None, compat: bool, chosen: dict[Any, Any], device: str,
-               backend_opt: Any) -> dict[str, list[Any]] | None:
+               backend_opt: Any) -> PlanColumns | None:
     """The tensors after the first of a whole-model merge whose inputs all list the same tensor names in the same
     order with the same shapes, whose parameters do not vary by tensor (``params``: the slice's one Params) and that
     no input transform touches: appended to ``plans`` exactly as ``add`` would make them, from the input tables
     side by side instead of a name lookup, shape check and parameter step per tensor (a MoE model has 20k-45k:
-    ~2.5 of ~6 us per tensor of ``build_plan`` on moe-small). Returns the plan's columns (``PlanColumns``: the
-    columns the rows were made from, the first row's own values at 0; ``out_tensor`` and ``out_nbytes``; ``inputs``,
-    the members' tables; ``_one``, the columns known to hold one value, for ``PlanColumns.one``); None (nothing
-    appended): not such a merge, ``add`` makes every tensor and reports what differs."""
+    ~2.5 of ~6 us per tensor of ``build_plan`` on moe-small). Returns the plan's ``PlanColumns``: the columns the rows
+    were made from (the first row's own values at 0), ``out_tensor`` and ``out_nbytes``, ``inputs`` (the members'
+    tables) and what it knows of them (``one``); None (nothing appended): not such a merge, ``add`` makes every
+    tensor and reports what differs."""
     if not LEAN_WHOLE_MODELS or params is None or transforms or len(plans) != 1 or plans[-1].params is not params:
         return None
     members = ([sl.base] if sl.base else []) + sl.inputs
@@ -982,8 +981,8 @@ def _lean_rest(plans: list[TensorPlan], names: list[str], sl: _Slice, method: Me
     if len(backends_seen) == 1:
         known["backend"] = next(iter(backends_seen))
     # each member's table is its input column whole (the first tensor's too: add() took it from the same table)
-    return {**cols, "out_tensor": outs, "out_nbytes": out_nbytes, "inputs": tables,
-            "_one": {k: v for k, v in known.items() if v is not PlanColumns.VARIES}}
+    return PlanColumns(plans, {**cols, "out_tensor": outs, "out_nbytes": out_nbytes, "inputs": tables},
+                       {k: v for k, v in known.items() if v is not PlanColumns.VARIES})
 
 
 def _transform_json(tr: Any) -> dict[str, Any]:
